@@ -1,0 +1,101 @@
+//! `ferry.admin.v1.AdminService` over gRPC.
+
+use ferry_proto::admin as pb;
+use ferry_proto::admin::admin_service_server::AdminService;
+use tonic::{Request, Response, Status};
+
+use crate::{Admin, Error};
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::BadRequest(m) => Status::invalid_argument(m),
+            Error::NotFound(m) => Status::not_found(m),
+            Error::Conflict(m) => Status::already_exists(m),
+            Error::Unavailable(m) => Status::unavailable(m),
+            Error::Internal(m) => Status::internal(m),
+        }
+    }
+}
+
+/// The gRPC face of [`Admin`].
+pub struct AdminGrpc(pub Admin);
+
+type Reply<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl AdminService for AdminGrpc {
+    async fn get_version(&self, _: Request<pb::GetVersionRequest>) -> Reply<pb::VersionInfo> {
+        Ok(Response::new(self.0.version()))
+    }
+
+    async fn register_deployment(
+        &self,
+        r: Request<pb::RegisterDeploymentRequest>,
+    ) -> Reply<pb::RegisterDeploymentResponse> {
+        Ok(Response::new(self.0.register_deployment(r.into_inner()).await?))
+    }
+
+    async fn list_deployments(&self, _: Request<pb::ListDeploymentsRequest>) -> Reply<pb::ListDeploymentsResponse> {
+        Ok(Response::new(self.0.list_deployments()))
+    }
+
+    async fn get_deployment(&self, r: Request<pb::GetDeploymentRequest>) -> Reply<pb::Deployment> {
+        Ok(Response::new(self.0.get_deployment(&r.into_inner().id)?))
+    }
+
+    async fn remove_deployment(&self, r: Request<pb::RemoveDeploymentRequest>) -> Reply<pb::RemoveDeploymentResponse> {
+        self.0.remove_deployment(&r.into_inner().id).await?;
+        Ok(Response::new(pb::RemoveDeploymentResponse {}))
+    }
+
+    async fn list_services(&self, _: Request<pb::ListServicesRequest>) -> Reply<pb::ListServicesResponse> {
+        Ok(Response::new(self.0.list_services()))
+    }
+
+    async fn get_service(&self, r: Request<pb::GetServiceRequest>) -> Reply<pb::Service> {
+        Ok(Response::new(self.0.get_service(&r.into_inner().name)?))
+    }
+
+    async fn create_subscription(&self, r: Request<pb::CreateSubscriptionRequest>) -> Reply<pb::Subscription> {
+        Ok(Response::new(self.0.create_subscription(r.into_inner()).await?))
+    }
+
+    async fn list_subscriptions(
+        &self,
+        r: Request<pb::ListSubscriptionsRequest>,
+    ) -> Reply<pb::ListSubscriptionsResponse> {
+        Ok(Response::new(self.0.list_subscriptions(r.get_ref())))
+    }
+
+    async fn get_subscription(&self, r: Request<pb::GetSubscriptionRequest>) -> Reply<pb::Subscription> {
+        Ok(Response::new(self.0.get_subscription(&r.into_inner().id)?))
+    }
+
+    async fn delete_subscription(
+        &self,
+        r: Request<pb::DeleteSubscriptionRequest>,
+    ) -> Reply<pb::DeleteSubscriptionResponse> {
+        self.0.delete_subscription(&r.into_inner().id).await?;
+        Ok(Response::new(pb::DeleteSubscriptionResponse {}))
+    }
+
+    async fn list_kafka_clusters(
+        &self,
+        _: Request<pb::ListKafkaClustersRequest>,
+    ) -> Reply<pb::ListKafkaClustersResponse> {
+        Ok(Response::new(self.0.list_kafka_clusters()))
+    }
+
+    async fn get_kafka_cluster(&self, r: Request<pb::GetKafkaClusterRequest>) -> Reply<pb::KafkaCluster> {
+        Ok(Response::new(self.0.get_kafka_cluster(&r.into_inner().name)?))
+    }
+
+    async fn list_invocations(&self, r: Request<pb::ListInvocationsRequest>) -> Reply<pb::ListInvocationsResponse> {
+        Ok(Response::new(self.0.list_invocations(r.get_ref())?))
+    }
+
+    async fn get_invocation(&self, r: Request<pb::GetInvocationRequest>) -> Reply<pb::Invocation> {
+        Ok(Response::new(self.0.get_invocation(&r.into_inner().id)?))
+    }
+}

@@ -1,0 +1,441 @@
+//! The admin operations, shared by the gRPC service and the REST gateway.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ferry_ingress::ClusterOptions;
+use ferry_invoker::Discovery;
+use ferry_log::partitioner::partition_of;
+use ferry_log::state::{Completion, Invocation, MetadataState, RegisteredService};
+use ferry_log::wire::v1::{Command, Deployment, MetadataCommand, MetadataResponse, Response, Source, Subscription};
+use ferry_log::{LogNode, PartitionId, METADATA_GROUP};
+use ferry_proto::admin as pb;
+use rdkafka::consumer::BaseConsumer;
+
+use crate::Error;
+
+/// Admin API versions this node serves, as `/version` reports them.
+pub const MIN_ADMIN_API_VERSION: u32 = 1;
+pub const MAX_ADMIN_API_VERSION: u32 = 1;
+
+const DEFAULT_PAGE: u32 = 100;
+const MAX_PAGE: u32 = 10_000;
+
+/// The admin API of a node; cheap to clone.
+#[derive(Clone)]
+pub struct Admin {
+    log: LogNode,
+    discovery: Discovery,
+    clusters: Arc<Vec<ClusterOptions>>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn timestamp(ms: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+fn new_id(prefix: &str) -> String {
+    format!("{prefix}_{}", ulid::Ulid::new())
+}
+
+fn service_to_proto(service: &RegisteredService) -> pb::Service {
+    pb::Service {
+        name: service.def.name.clone(),
+        ty: service.def.ty.as_str().to_owned(),
+        deployment_id: service.deployment_id.clone(),
+        revision: service.revision,
+        public: true,
+        handlers: service
+            .def
+            .handlers
+            .iter()
+            .map(|h| pb::Handler { name: h.name.clone(), ty: h.ty.as_str().to_owned() })
+            .collect(),
+    }
+}
+
+fn deployment_to_proto(d: &Deployment, metadata: &MetadataState) -> pb::Deployment {
+    pb::Deployment {
+        id: d.id.clone(),
+        uri: d.uri.clone(),
+        protocol_type: d.protocol_mode.as_str().to_owned(),
+        http_version: if d.http2 { "HTTP/2.0" } else { "HTTP/1.1" }.to_owned(),
+        created_at: timestamp(d.created_at_ms),
+        min_protocol_version: d.min_protocol_version,
+        max_protocol_version: d.max_protocol_version,
+        services: d
+            .services
+            .iter()
+            .map(|s| pb::ServiceRevision {
+                name: s.name.clone(),
+                revision: metadata.services.get(&s.name).map_or(0, |r| r.revision),
+            })
+            .collect(),
+        additional_headers: d.additional_headers.clone().into_iter().collect(),
+    }
+}
+
+fn subscription_to_proto(s: &Subscription) -> pb::Subscription {
+    pb::Subscription {
+        id: s.id.clone(),
+        source: s.source(),
+        sink: s.sink(),
+        options: s.options.clone().into_iter().collect(),
+    }
+}
+
+fn invocation_to_proto(inv: &Invocation, partition: PartitionId) -> pb::Invocation {
+    let (completion_result, completion_failure) = match &inv.completion {
+        Some(Completion::Success(_)) => ("success", String::new()),
+        Some(Completion::Failure { code, message }) => ("failure", format!("[{code}] {message}")),
+        None => ("", String::new()),
+    };
+    let (invoked_by, source) = match &inv.source {
+        Source::Kafka(k) => (
+            "subscription",
+            Some(pb::KafkaSource {
+                subscription_id: k.subscription.clone(),
+                topic: k.topic.clone(),
+                partition: k.partition,
+                offset: k.offset,
+                timestamp_ms: k.timestamp_ms.unwrap_or(0),
+            }),
+        ),
+        Source::Ingress => ("ingress", None),
+    };
+    pb::Invocation {
+        id: inv.id.clone(),
+        target: inv.target.to_string(),
+        target_service_name: inv.target.service.clone(),
+        target_service_key: inv.target.key.clone().unwrap_or_default(),
+        target_handler_name: inv.target.handler.clone(),
+        target_service_ty: inv.target.service_ty.as_str().to_owned(),
+        status: inv.status.as_str().to_owned(),
+        partition,
+        created_at: timestamp(inv.created_at_ms),
+        modified_at: timestamp(inv.modified_at_ms),
+        invoked_by: invoked_by.to_owned(),
+        source,
+        attempts: inv.attempts,
+        last_failure: inv.last_failure.clone().unwrap_or_default(),
+        completion_result: completion_result.to_owned(),
+        completion_failure,
+        headers: inv.all_headers().into_iter().collect(),
+        payload_size: inv.payload.len() as u64,
+    }
+}
+
+/// Splits `<scheme>://<a>/<b>` into (a, b).
+fn parse_uri<'a>(value: &'a str, scheme: &str, what: &str) -> Result<(&'a str, &'a str), Error> {
+    let rest = value.strip_prefix(scheme).and_then(|r| r.strip_prefix("://")).ok_or_else(|| {
+        Error::BadRequest(format!("{what} {value:?} must look like {scheme}://<{}>", expected_parts(scheme)))
+    })?;
+    match rest.split_once('/') {
+        Some((a, b)) if !a.is_empty() && !b.is_empty() && !b.contains('/') => Ok((a, b)),
+        _ => Err(Error::BadRequest(format!("{what} {value:?} must look like {scheme}://<{}>", expected_parts(scheme)))),
+    }
+}
+
+fn expected_parts(scheme: &str) -> &'static str {
+    if scheme == "kafka" {
+        "cluster>/<topic"
+    } else {
+        "service>/<handler"
+    }
+}
+
+impl Admin {
+    pub fn new(log: LogNode, discovery: Discovery, clusters: Vec<ClusterOptions>) -> Self {
+        Admin { log, discovery, clusters: Arc::new(clusters) }
+    }
+
+    async fn propose_metadata(&self, command: MetadataCommand) -> Result<MetadataResponse, Error> {
+        match self.log.propose(METADATA_GROUP, Command::Metadata(command)).await? {
+            Response::Metadata(response) => Ok(response),
+            other => Err(Error::Internal(format!("unexpected response {other:?}"))),
+        }
+    }
+
+    pub fn version(&self) -> pb::VersionInfo {
+        pb::VersionInfo {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            min_admin_api_version: MIN_ADMIN_API_VERSION,
+            max_admin_api_version: MAX_ADMIN_API_VERSION,
+            features: vec!["kafka-ingress".to_owned()],
+        }
+    }
+
+    pub async fn register_deployment(
+        &self,
+        request: pb::RegisterDeploymentRequest,
+    ) -> Result<pb::RegisterDeploymentResponse, Error> {
+        if request.uri.is_empty() {
+            return Err(Error::BadRequest("uri is required".to_owned()));
+        }
+        let headers: BTreeMap<String, String> = request.additional_headers.into_iter().collect();
+        let discovered = self
+            .discovery
+            .discover(&request.uri, &headers, request.use_http_11)
+            .await
+            .map_err(|e| Error::BadRequest(e.to_string()))?;
+        let existing = self.log.read_metadata(|m| {
+            m.deployments.values().find(|d| d.uri.trim_end_matches('/') == request.uri.trim_end_matches('/')).cloned()
+        });
+        let force = request.force.unwrap_or(true);
+        let id = match existing {
+            Some(d) if !force => {
+                return Err(Error::Conflict(format!(
+                    "deployment {} already serves {}; pass force to replace it",
+                    d.id, d.uri
+                )))
+            }
+            Some(d) => d.id,
+            None => new_id("dp"),
+        };
+        // A service may change deployments but not its kind.
+        self.log.read_metadata(|m| {
+            for def in &discovered.services {
+                if let Some(registered) = m.services.get(&def.name) {
+                    if registered.def.ty != def.ty {
+                        return Err(Error::Conflict(format!(
+                            "service {} is registered as {}, the deployment serves it as {}",
+                            def.name,
+                            registered.def.ty.as_str(),
+                            def.ty.as_str()
+                        )));
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        let deployment = Deployment {
+            id: id.clone(),
+            uri: request.uri,
+            protocol_mode: discovered.protocol_mode,
+            http2: discovered.http2,
+            min_protocol_version: discovered.min_protocol_version,
+            max_protocol_version: discovered.max_protocol_version,
+            additional_headers: headers,
+            services: discovered.services,
+            created_at_ms: now_ms(),
+        };
+        let (min, max) = (deployment.min_protocol_version, deployment.max_protocol_version);
+        let names: Vec<String> = deployment.services.iter().map(|s| s.name.clone()).collect();
+        match self.propose_metadata(MetadataCommand::PutDeployment(deployment)).await? {
+            MetadataResponse::Done => {}
+            other => return Err(Error::Conflict(format!("{other:?}"))),
+        }
+        let services =
+            self.log.read_metadata(|m| names.iter().filter_map(|n| m.services.get(n)).map(service_to_proto).collect());
+        Ok(pb::RegisterDeploymentResponse { id, services, min_protocol_version: min, max_protocol_version: max })
+    }
+
+    pub fn list_deployments(&self) -> pb::ListDeploymentsResponse {
+        self.log.read_metadata(|m| pb::ListDeploymentsResponse {
+            deployments: m.deployments.values().map(|d| deployment_to_proto(d, m)).collect(),
+        })
+    }
+
+    pub fn get_deployment(&self, id: &str) -> Result<pb::Deployment, Error> {
+        self.log
+            .read_metadata(|m| m.deployments.get(id).map(|d| deployment_to_proto(d, m)))
+            .ok_or_else(|| Error::NotFound(format!("deployment {id} not found")))
+    }
+
+    pub async fn remove_deployment(&self, id: &str) -> Result<(), Error> {
+        match self.propose_metadata(MetadataCommand::RemoveDeployment { id: id.to_owned() }).await? {
+            MetadataResponse::Done => Ok(()),
+            MetadataResponse::NotFound => Err(Error::NotFound(format!("deployment {id} not found"))),
+            MetadataResponse::Conflict(message) => Err(Error::Conflict(message)),
+        }
+    }
+
+    pub fn list_services(&self) -> pb::ListServicesResponse {
+        self.log.read_metadata(|m| pb::ListServicesResponse {
+            services: m.services.values().map(service_to_proto).collect(),
+        })
+    }
+
+    pub fn get_service(&self, name: &str) -> Result<pb::Service, Error> {
+        self.log
+            .read_metadata(|m| m.services.get(name).map(service_to_proto))
+            .ok_or_else(|| Error::NotFound(format!("service {name} not found")))
+    }
+
+    fn cluster(&self, name: &str) -> Result<&ClusterOptions, Error> {
+        self.clusters.iter().find(|c| c.name == name).ok_or_else(|| {
+            let known: Vec<&str> = self.clusters.iter().map(|c| c.name.as_str()).collect();
+            Error::BadRequest(format!("unknown Kafka cluster {name:?}; configured clusters: [{}]", known.join(", ")))
+        })
+    }
+
+    pub async fn create_subscription(&self, request: pb::CreateSubscriptionRequest) -> Result<pb::Subscription, Error> {
+        let (cluster_name, topic) = parse_uri(&request.source, "kafka", "source")?;
+        let (service, handler) = parse_uri(&request.sink, "service", "sink")?;
+        let cluster = self.cluster(cluster_name)?;
+        self.log.read_metadata(|m| match m.services.get(service) {
+            None => Err(Error::BadRequest(format!("sink {}: unknown service {service}", request.sink))),
+            Some(s) if s.def.handler(handler).is_none() => {
+                Err(Error::BadRequest(format!("sink {}: service {service} has no handler {handler}", request.sink)))
+            }
+            Some(_) => Ok(()),
+        })?;
+        let id = new_id("sub");
+        let mut options: BTreeMap<String, String> = request.options.into_iter().collect();
+        options.entry("group.id".to_owned()).or_insert_with(|| id.clone());
+        let subscription = Subscription {
+            id,
+            cluster: cluster_name.to_owned(),
+            topic: topic.to_owned(),
+            service: service.to_owned(),
+            handler: handler.to_owned(),
+            options,
+            created_at_ms: now_ms(),
+        };
+        // librdkafka checks every option name and value when a client is made.
+        let config = ferry_ingress::kafka::consumer_config(cluster, &subscription, "ferry-admin-validation");
+        config.create::<BaseConsumer>().map_err(|e| Error::BadRequest(format!("invalid subscription options: {e}")))?;
+        match self.propose_metadata(MetadataCommand::PutSubscription(subscription.clone())).await? {
+            MetadataResponse::Done => Ok(subscription_to_proto(&subscription)),
+            other => Err(Error::Conflict(format!("{other:?}"))),
+        }
+    }
+
+    pub fn list_subscriptions(&self, request: &pb::ListSubscriptionsRequest) -> pb::ListSubscriptionsResponse {
+        self.log.read_metadata(|m| pb::ListSubscriptionsResponse {
+            subscriptions: m
+                .subscriptions
+                .values()
+                .filter(|s| request.sink.is_empty() || s.sink() == request.sink)
+                .filter(|s| request.source.is_empty() || s.source() == request.source)
+                .map(subscription_to_proto)
+                .collect(),
+        })
+    }
+
+    pub fn get_subscription(&self, id: &str) -> Result<pb::Subscription, Error> {
+        self.log
+            .read_metadata(|m| m.subscriptions.get(id).map(subscription_to_proto))
+            .ok_or_else(|| Error::NotFound(format!("subscription {id} not found")))
+    }
+
+    pub async fn delete_subscription(&self, id: &str) -> Result<(), Error> {
+        match self.propose_metadata(MetadataCommand::RemoveSubscription { id: id.to_owned() }).await? {
+            MetadataResponse::Done => Ok(()),
+            MetadataResponse::NotFound => Err(Error::NotFound(format!("subscription {id} not found"))),
+            MetadataResponse::Conflict(message) => Err(Error::Conflict(message)),
+        }
+    }
+
+    fn cluster_to_proto(cluster: &ClusterOptions) -> pb::KafkaCluster {
+        pb::KafkaCluster {
+            name: cluster.name.clone(),
+            brokers: cluster.brokers.clone(),
+            properties: cluster.redacted_properties().into_iter().collect(),
+        }
+    }
+
+    pub fn list_kafka_clusters(&self) -> pb::ListKafkaClustersResponse {
+        pb::ListKafkaClustersResponse { clusters: self.clusters.iter().map(Self::cluster_to_proto).collect() }
+    }
+
+    pub fn get_kafka_cluster(&self, name: &str) -> Result<pb::KafkaCluster, Error> {
+        self.clusters
+            .iter()
+            .find(|c| c.name == name)
+            .map(Self::cluster_to_proto)
+            .ok_or_else(|| Error::NotFound(format!("Kafka cluster {name} not found")))
+    }
+
+    /// The partition an invocation id belongs to, from its partition key.
+    fn partition_of_id(&self, id: &str) -> Option<PartitionId> {
+        let hex = id.strip_prefix("inv_")?;
+        if hex.len() != 32 {
+            return None;
+        }
+        let key = u64::from_str_radix(&hex[..16], 16).ok()?;
+        Some(partition_of(key, self.log.partitions()))
+    }
+
+    pub fn get_invocation(&self, id: &str) -> Result<pb::Invocation, Error> {
+        let not_found = || Error::NotFound(format!("invocation {id} not found"));
+        let partition = self.partition_of_id(id).ok_or_else(not_found)?;
+        self.log
+            .read_partition(partition, |p| p.invocation(id).map(|inv| invocation_to_proto(inv, partition)))?
+            .ok_or_else(not_found)
+    }
+
+    /// Invocations in id order (which is partition order), filtered, one page at a time.
+    pub fn list_invocations(&self, request: &pb::ListInvocationsRequest) -> Result<pb::ListInvocationsResponse, Error> {
+        const STATUSES: [&str; 5] = ["pending", "ready", "running", "backing-off", "completed"];
+        if !request.status.is_empty() && !STATUSES.contains(&request.status.as_str()) {
+            return Err(Error::BadRequest(format!(
+                "unknown status {:?}; expected one of {}",
+                request.status,
+                STATUSES.join(", ")
+            )));
+        }
+        let limit = match request.limit {
+            0 => DEFAULT_PAGE,
+            n => n.min(MAX_PAGE),
+        } as usize;
+        let (first_partition, after) = if request.page_token.is_empty() {
+            (0, None)
+        } else {
+            let partition = self
+                .partition_of_id(&request.page_token)
+                .ok_or_else(|| Error::BadRequest(format!("invalid page_token {:?}", request.page_token)))?;
+            (partition, Some(request.page_token.as_str()))
+        };
+        let (service, handler) = match request.target.split_once('/') {
+            Some((s, h)) => (s, Some(h)),
+            None => (request.target.as_str(), None),
+        };
+        let matches = |inv: &Invocation| {
+            (request.status.is_empty() || inv.status.as_str() == request.status)
+                && (service.is_empty() || inv.target.service == service)
+                && handler.is_none_or(|h| inv.target.handler == h)
+                && (request.subscription.is_empty()
+                    || matches!(&inv.source, Source::Kafka(k) if k.subscription == request.subscription))
+        };
+        let mut invocations = Vec::new();
+        let mut more = false;
+        for partition in first_partition..self.log.partitions() {
+            let after = if partition == first_partition { after } else { None };
+            self.log.read_partition(partition, |p| {
+                for inv in p.invocations_after(after).filter(|inv| matches(inv)) {
+                    if invocations.len() == limit {
+                        more = true;
+                        return;
+                    }
+                    invocations.push(invocation_to_proto(inv, partition));
+                }
+            })?;
+            if more {
+                break;
+            }
+        }
+        let next_page_token =
+            if more { invocations.last().map(|i| i.id.clone()).unwrap_or_default() } else { String::new() };
+        Ok(pb::ListInvocationsResponse { invocations, next_page_token })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris_parse_or_explain() {
+        assert_eq!(parse_uri("kafka://c/t", "kafka", "source").unwrap(), ("c", "t"));
+        assert_eq!(parse_uri("service://S/h", "service", "sink").unwrap(), ("S", "h"));
+        for bad in ["kafka:/c/t", "http://c/t", "kafka://c", "kafka:///t", "kafka://c/", "kafka://c/t/x"] {
+            let err = parse_uri(bad, "kafka", "source").unwrap_err().to_string();
+            assert!(err.contains("kafka://<cluster>/<topic>"), "{bad}: {err}");
+        }
+    }
+}

@@ -1,0 +1,402 @@
+//! Test deployment for Ferry's end-to-end tests.
+//!
+//! A small Restate service deployment, built with the Rust `restate-sdk`, that
+//! Ferry registers as a deployment during its end-to-end and chaos tests. It
+//! exposes:
+//!
+//! * `Sink/handle` (service): accepts any payload (any content type, or none),
+//!   and records the invocation id plus the request headers it sees (e.g. the
+//!   Kafka metadata headers) to `$FERRY_TEST_RECORD_DIR/sink.jsonl`.
+//! * `Counter` (virtual object): exclusive `add` counts calls and checks the
+//!   per-key ordering of `{"seq": N}` payloads; shared `get` returns the
+//!   counters as JSON.
+//! * `Flow` (workflow): `run` returns a string, shared `status` reports progress.
+//! * `Flaky/run` (service): appends a line to
+//!   `$FERRY_TEST_RECORD_DIR/flaky.jsonl` inside `ctx.run` (a journaled side
+//!   effect), then fails with a retryable error for the first few attempts so
+//!   retries and journal replay can be verified.
+//!
+//! Every attempt of `Sink/handle` and `Flaky/run` is also recorded (outside of
+//! any journaled action) to `sink.jsonl` / `flaky-attempts.jsonl`, so tests can
+//! tell attempts apart from journaled side effects. Each record is one JSON
+//! object per line.
+//!
+//! Usage: `ferry-test-handlers [--port PORT]` (or env `PORT`, default 9080).
+//! Listens on 127.0.0.1 and speaks HTTP/2 prior knowledge only. Once the
+//! listener is bound, prints `ferry-test-handlers listening on 127.0.0.1:PORT`
+//! to stdout (useful with `--port 0`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use clap::Parser;
+use restate_sdk::prelude::*;
+use restate_sdk::serde::{InputMetadata, OutputMetadata, PayloadMetadata};
+use serde_json::{json, Value};
+
+/// Environment variable naming the directory where handlers record calls.
+const RECORD_DIR_ENV: &str = "FERRY_TEST_RECORD_DIR";
+/// Environment variable with the default number of failing `Flaky/run` attempts.
+const FLAKY_FAILURES_ENV: &str = "FERRY_TEST_FLAKY_FAILURES";
+/// Default number of attempts `Flaky/run` fails before succeeding.
+const DEFAULT_FLAKY_FAILURES: u64 = 1;
+
+const SINK_FILE: &str = "sink.jsonl";
+const FLAKY_FILE: &str = "flaky.jsonl";
+const FLAKY_ATTEMPTS_FILE: &str = "flaky-attempts.jsonl";
+
+const STATE_COUNT: &str = "count";
+const STATE_LAST_SEQ: &str = "last_seq";
+const STATE_OUT_OF_ORDER: &str = "out_of_order";
+const STATE_DUPLICATES: &str = "duplicates";
+const STATE_FLOW_STATUS: &str = "status";
+
+#[derive(Debug, Parser)]
+#[command(name = "ferry-test-handlers", about = "Restate test handlers for Ferry")]
+struct Args {
+    /// TCP port to listen on (127.0.0.1). Use 0 for an ephemeral port.
+    #[arg(long, env = "PORT", default_value_t = 9080)]
+    port: u16,
+}
+
+// ---------------------------------------------------------------------------
+// Payload type accepting arbitrary bytes
+// ---------------------------------------------------------------------------
+
+/// Raw handler input: any bytes, any content type, and the body may be absent.
+///
+/// Unlike `Vec<u8>` / `Bytes` (which the SDK declares as `*/*` but *required*),
+/// this advertises `required: false`, so Kafka records with an empty value and
+/// requests without a content-type are accepted as well.
+#[derive(Debug, Clone, Default)]
+struct AnyPayload(Bytes);
+
+impl AnyPayload {
+    fn as_json(&self) -> Option<Value> {
+        serde_json::from_slice(&self.0).ok()
+    }
+
+    fn lossy_text(&self) -> String {
+        String::from_utf8_lossy(&self.0).into_owned()
+    }
+}
+
+impl restate_sdk::serde::Deserialize for AnyPayload {
+    type Error = std::convert::Infallible;
+
+    fn deserialize(bytes: &mut Bytes) -> Result<Self, Self::Error> {
+        Ok(Self(bytes.clone()))
+    }
+}
+
+impl restate_sdk::serde::Serialize for AnyPayload {
+    type Error = std::convert::Infallible;
+
+    fn serialize(&self) -> Result<Bytes, Self::Error> {
+        Ok(self.0.clone())
+    }
+}
+
+impl PayloadMetadata for AnyPayload {
+    fn json_schema() -> Option<Value> {
+        None
+    }
+
+    fn input_metadata() -> InputMetadata {
+        InputMetadata { accept_content_type: "*/*", is_required: false }
+    }
+
+    fn output_metadata() -> OutputMetadata {
+        OutputMetadata { content_type: "application/octet-stream", set_content_type_if_empty: false }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Recording helpers
+// ---------------------------------------------------------------------------
+
+fn record_dir() -> Option<PathBuf> {
+    std::env::var_os(RECORD_DIR_ENV).filter(|v| !v.is_empty()).map(PathBuf::from)
+}
+
+/// Appends `record` as one JSON line to `file` in the record directory, if set.
+///
+/// The line is written with a single `write_all` on an `O_APPEND` file so that
+/// concurrent invocations don't interleave their lines.
+fn append_record(file: &str, record: &Value) -> anyhow::Result<()> {
+    let Some(dir) = record_dir() else {
+        return Ok(());
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating record dir {}", dir.display()))?;
+    let path = dir.join(file);
+    let mut line = serde_json::to_vec(record)?;
+    line.push(b'\n');
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    f.write_all(&line).with_context(|| format!("appending to {}", path.display()))?;
+    Ok(())
+}
+
+/// Request headers as a sorted JSON object (`name -> value`). Names are
+/// lower-cased by the SDK; repeated names are joined as an array.
+fn headers_json(headers: &HeaderMap) -> Value {
+    let mut out: BTreeMap<String, Value> = BTreeMap::new();
+    for name in headers.keys() {
+        let values: Vec<Value> = headers.get_all(name).iter().map(|v| Value::String(v.clone())).collect();
+        let value =
+            if values.len() == 1 { values.into_iter().next().unwrap_or(Value::Null) } else { Value::Array(values) };
+        out.insert(name.as_str().to_owned(), value);
+    }
+    json!(out)
+}
+
+fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------
+// Sink
+// ---------------------------------------------------------------------------
+
+struct Sink;
+
+#[restate_sdk::service]
+impl Sink {
+    /// Records the invocation id, headers and payload of every attempt.
+    #[handler]
+    async fn handle(&self, ctx: Context<'_>, payload: AnyPayload) -> Result<(), HandlerError> {
+        let record = json!({
+            "invocation_id": ctx.invocation_id(),
+            "headers": headers_json(ctx.headers()),
+            "payload_len": payload.0.len(),
+            "payload": payload.lossy_text(),
+            "ts_ms": unix_millis(),
+        });
+        tracing::debug!(invocation_id = ctx.invocation_id(), "Sink/handle");
+        append_record(SINK_FILE, &record)?;
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Counter
+// ---------------------------------------------------------------------------
+
+struct Counter;
+
+/// Extracts `seq` from a `{"seq": N}` JSON payload.
+fn payload_seq(payload: &AnyPayload) -> Option<i64> {
+    payload.as_json()?.get("seq")?.as_i64()
+}
+
+#[restate_sdk::object]
+impl Counter {
+    /// Increments `count`. If the payload is `{"seq": N}`, stores `last_seq`
+    /// and increments `out_of_order` when `N <= last_seq` (of which
+    /// `duplicates` counts the `N == last_seq` cases). Returns the new count.
+    #[handler]
+    async fn add(&self, ctx: ObjectContext<'_>, payload: AnyPayload) -> Result<u64, HandlerError> {
+        let count = ctx.get::<u64>(STATE_COUNT).await?.unwrap_or(0) + 1;
+        ctx.set(STATE_COUNT, count);
+
+        if let Some(seq) = payload_seq(&payload) {
+            if let Some(last) = ctx.get::<i64>(STATE_LAST_SEQ).await? {
+                if seq <= last {
+                    let ooo = ctx.get::<u64>(STATE_OUT_OF_ORDER).await?.unwrap_or(0) + 1;
+                    ctx.set(STATE_OUT_OF_ORDER, ooo);
+                    tracing::warn!(key = ctx.key(), seq, last, "Counter/add: out-of-order seq");
+                }
+                if seq == last {
+                    let dups = ctx.get::<u64>(STATE_DUPLICATES).await?.unwrap_or(0) + 1;
+                    ctx.set(STATE_DUPLICATES, dups);
+                }
+            }
+            ctx.set(STATE_LAST_SEQ, seq);
+        }
+        Ok(count)
+    }
+
+    /// Returns `{"count": u64, "last_seq": i64|null, "out_of_order": u64, "duplicates": u64}`.
+    #[handler]
+    async fn get(&self, ctx: SharedObjectContext<'_>) -> Result<Json<Value>, HandlerError> {
+        let count = ctx.get::<u64>(STATE_COUNT).await?.unwrap_or(0);
+        let last_seq = ctx.get::<i64>(STATE_LAST_SEQ).await?;
+        let out_of_order = ctx.get::<u64>(STATE_OUT_OF_ORDER).await?.unwrap_or(0);
+        let duplicates = ctx.get::<u64>(STATE_DUPLICATES).await?.unwrap_or(0);
+        Ok(Json(json!({
+            "count": count,
+            "last_seq": last_seq,
+            "out_of_order": out_of_order,
+            "duplicates": duplicates,
+        })))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Flow
+// ---------------------------------------------------------------------------
+
+struct Flow;
+
+#[restate_sdk::workflow]
+impl Flow {
+    /// Runs the workflow: records progress in state `status` and returns
+    /// `"flow <key> done (<n> input bytes)"`.
+    #[handler]
+    async fn run(&self, ctx: WorkflowContext<'_>, input: AnyPayload) -> Result<String, HandlerError> {
+        ctx.set(STATE_FLOW_STATUS, "running".to_owned());
+        let input_len = input.0.len() as u64;
+        let step: u64 = ctx.run(|| async move { Ok(input_len) }).name("step").await?;
+        ctx.set(STATE_FLOW_STATUS, "done".to_owned());
+        Ok(format!("flow {} done ({step} input bytes)", ctx.key()))
+    }
+
+    /// Returns the workflow status: `"pending"`, `"running"` or `"done"`.
+    #[handler]
+    async fn status(&self, ctx: SharedWorkflowContext<'_>) -> Result<String, HandlerError> {
+        Ok(ctx.get::<String>(STATE_FLOW_STATUS).await?.unwrap_or_else(|| "pending".to_owned()))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Flaky
+// ---------------------------------------------------------------------------
+
+/// Attempts seen per invocation id, in this process.
+#[derive(Default)]
+struct Flaky {
+    attempts: Mutex<HashMap<String, u64>>,
+}
+
+impl Flaky {
+    fn next_attempt(&self, invocation_id: &str) -> u64 {
+        let mut attempts = self.attempts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = attempts.entry(invocation_id.to_owned()).or_insert(0);
+        *n += 1;
+        *n
+    }
+}
+
+/// Number of attempts to fail: `{"fail_attempts": N}` in the payload, else env
+/// `FERRY_TEST_FLAKY_FAILURES`, else [`DEFAULT_FLAKY_FAILURES`].
+fn flaky_failures(payload: &AnyPayload) -> u64 {
+    payload
+        .as_json()
+        .and_then(|v| v.get("fail_attempts").and_then(Value::as_u64))
+        .or_else(|| std::env::var(FLAKY_FAILURES_ENV).ok().and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(DEFAULT_FLAKY_FAILURES)
+}
+
+#[restate_sdk::service]
+impl Flaky {
+    /// Appends one line to `flaky.jsonl` inside `ctx.run` (journaled, so it
+    /// must appear once per invocation even across retries), records every
+    /// attempt to `flaky-attempts.jsonl`, and fails with a retryable error on
+    /// the first `fail_attempts` attempts (counted in-process). Returns
+    /// `"ok after <n> attempts"`.
+    #[handler]
+    async fn run(&self, ctx: Context<'_>, payload: AnyPayload) -> Result<String, HandlerError> {
+        let invocation_id = ctx.invocation_id().to_owned();
+        let attempt = self.next_attempt(&invocation_id);
+        append_record(
+            FLAKY_ATTEMPTS_FILE,
+            &json!({
+                "invocation_id": invocation_id,
+                "attempt": attempt,
+                "ts_ms": unix_millis(),
+            }),
+        )?;
+
+        let side_effect_id = invocation_id.clone();
+        let payload_text = payload.lossy_text();
+        let written_at: u64 = ctx
+            .run(|| async move {
+                let ts = unix_millis();
+                append_record(
+                    FLAKY_FILE,
+                    &json!({
+                        "invocation_id": side_effect_id,
+                        "attempt": attempt,
+                        "payload": payload_text,
+                        "ts_ms": ts,
+                    }),
+                )?;
+                Ok(ts)
+            })
+            .name("append")
+            .await?;
+
+        let failures = flaky_failures(&payload);
+        if attempt <= failures {
+            tracing::info!(%invocation_id, attempt, failures, "Flaky/run: failing on purpose");
+            // A plain string error (not anyhow) keeps the protocol ErrorMessage free of backtraces.
+            let msg = format!(
+                "Flaky/run: attempt {attempt} of {invocation_id} fails on purpose ({failures} failing attempts)"
+            );
+            return Err(HandlerError::from(msg));
+        }
+        Ok(format!("ok after {attempt} attempts (side effect at {written_at})"))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// main
+// ---------------------------------------------------------------------------
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+
+    let args = Args::parse();
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, args.port));
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+    let local = listener.local_addr()?;
+
+    let endpoint = Endpoint::builder().bind(Sink).bind(Counter).bind(Flow).bind(Flaky::default()).build();
+
+    println!("ferry-test-handlers listening on {local}");
+    std::io::stdout().flush()?;
+
+    HttpServer::new(endpoint).serve_with_cancel(listener, shutdown_signal()).await;
+    Ok(())
+}

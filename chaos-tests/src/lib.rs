@@ -1,0 +1,316 @@
+//! A harness for process-level tests: a tansu broker, the Restate SDK test
+//! handlers and `ferry-server` nodes, each a real process on loopback that the
+//! test can kill with SIGKILL and start again. Every process is killed when
+//! its handle is dropped.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// The directory cargo puts this workspace's binaries in.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>
+    exe.parent().and_then(Path::parent).expect("target dir").to_owned()
+}
+
+fn binary(name: &str) -> Result<PathBuf> {
+    let path = bin_dir().join(name);
+    if !path.exists() {
+        bail!("{} is missing: build it first (cargo build --workspace --bins)", path.display());
+    }
+    Ok(path)
+}
+
+async fn wait_for_port(port: u16, timeout: Duration) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        if tokio::time::Instant::now() > deadline {
+            bail!("nothing listens on 127.0.0.1:{port} after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// A tansu broker with in-memory storage.
+pub struct Broker {
+    child: Child,
+    pub port: u16,
+}
+
+impl Broker {
+    pub async fn start() -> Result<Broker> {
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new("tansu")
+            .args(["broker", "--storage-engine", "memory://tansu/", "--listener-url", &url])
+            .args(["--advertised-listener-url", &url])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start tansu (install it with scripts/broker.sh install)")?;
+        wait_for_port(port, Duration::from_secs(30)).await?;
+        Ok(Broker { child, port })
+    }
+
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.start_kill();
+    }
+
+    fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", self.bootstrap());
+        config
+    }
+
+    pub async fn create_topic(&self, name: &str, partitions: i32) -> Result<()> {
+        let admin: AdminClient<DefaultClientContext> = self.client_config().create()?;
+        let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+        for result in admin.create_topics([&topic], &AdminOptions::new()).await? {
+            result.map_err(|(topic, e)| anyhow::anyhow!("create topic {topic}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    pub fn producer(&self) -> Result<FutureProducer> {
+        Ok(self.client_config().set("linger.ms", "5").set("message.timeout.ms", "60000").create()?)
+    }
+}
+
+/// A record to produce.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub headers: Vec<(String, String)>,
+}
+
+/// Produces `records` to `topic` and returns the (partition, offset) of each.
+pub async fn produce(producer: &FutureProducer, topic: &str, records: &[Record]) -> Result<Vec<(i32, i64)>> {
+    let sends = records.iter().map(|r| {
+        let mut headers = OwnedHeaders::new();
+        for (k, v) in &r.headers {
+            headers = headers.insert(Header { key: k, value: Some(v.as_bytes()) });
+        }
+        let mut record = FutureRecord::<[u8], [u8]>::to(topic).payload(&r.payload).headers(headers);
+        if let Some(key) = &r.key {
+            record = record.key(key);
+        }
+        producer.send(record, Duration::from_secs(60))
+    });
+    let mut delivered = Vec::with_capacity(records.len());
+    for result in futures::future::join_all(sends).await {
+        let delivery = result.map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
+        delivered.push((delivery.partition, delivery.offset));
+    }
+    Ok(delivered)
+}
+
+/// The test handlers (Rust `restate-sdk`).
+pub struct Handlers {
+    _child: Child,
+    pub uri: String,
+    pub record_dir: tempfile::TempDir,
+}
+
+impl Handlers {
+    pub async fn start() -> Result<Handlers> {
+        let record_dir = tempfile::tempdir()?;
+        let mut child = Command::new(binary("ferry-test-handlers")?)
+            .args(["--port", "0"])
+            .env("FERRY_TEST_RECORD_DIR", record_dir.path())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .context("test handlers did not start")??
+            .context("test handlers exited")?;
+        let address = line.rsplit(' ').next().context("listening line")?.to_owned();
+        Ok(Handlers { _child: child, uri: format!("http://{address}"), record_dir })
+    }
+}
+
+/// One `ferry-server` process and its ports.
+pub struct Node {
+    child: Option<Child>,
+    pub base_dir: PathBuf,
+    pub admin_port: u16,
+    pub node_port: u16,
+    env: BTreeMap<String, String>,
+    pub http: reqwest::Client,
+}
+
+impl Node {
+    /// Starts a node whose one Kafka cluster, `my-cluster`, is `broker`.
+    pub async fn start(base_dir: &Path, broker: &Broker) -> Result<Node> {
+        let mut env = BTreeMap::new();
+        env.insert(
+            "FERRY_INGRESS__KAFKA_CLUSTERS".to_owned(),
+            format!(r#"[{{name="my-cluster",brokers=["PLAINTEXT://{}"]}}]"#, broker.bootstrap()),
+        );
+        Self::start_with(base_dir, env).await
+    }
+
+    pub async fn start_with(base_dir: &Path, env: BTreeMap<String, String>) -> Result<Node> {
+        let mut node = Node {
+            child: None,
+            base_dir: base_dir.to_owned(),
+            admin_port: free_port(),
+            node_port: free_port(),
+            env,
+            http: reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?,
+        };
+        node.spawn().await?;
+        Ok(node)
+    }
+
+    async fn spawn(&mut self) -> Result<()> {
+        std::fs::create_dir_all(&self.base_dir)?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.base_dir.join("node.log"))?;
+        let child = Command::new(binary("ferry-server")?)
+            .arg("--base-dir")
+            .arg(&self.base_dir)
+            .args(["--bind-address", &format!("127.0.0.1:{}", self.node_port)])
+            .args(["--admin-bind-address", &format!("127.0.0.1:{}", self.admin_port)])
+            .args(["--ingress-bind-address", &format!("127.0.0.1:{}", free_port())])
+            .envs(&self.env)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()?;
+        self.child = Some(child);
+        self.wait_healthy(Duration::from_secs(60)).await
+    }
+
+    pub async fn wait_healthy(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("ferry-server exited with {status}; log:\n{}", self.log_tail());
+            }
+            if let Ok(r) = self.http.get(self.url("/health")).send().await {
+                if r.status().is_success() {
+                    return Ok(());
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("ferry-server not healthy after {timeout:?}; log:\n{}", self.log_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.base_dir.join("node.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub async fn terminate(&mut self) -> Result<std::process::ExitStatus> {
+        let mut child = self.child.take().context("node is not running")?;
+        let pid = child.id().context("pid")?;
+        Command::new("kill").args(["-TERM", &pid.to_string()]).status().await?;
+        Ok(tokio::time::timeout(Duration::from_secs(30), child.wait()).await.context("no exit after SIGTERM")??)
+    }
+
+    pub async fn restart(&mut self) -> Result<()> {
+        self.kill().await;
+        self.spawn().await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin_port)
+    }
+
+    /// Calls the admin REST API: (status, JSON body or Null).
+    pub async fn admin(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<(u16, Value)> {
+        let mut request = self.http.request(method, self.url(path));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await?;
+        let status = response.status().as_u16();
+        let bytes = response.bytes().await?;
+        let value = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes)? };
+        Ok((status, value))
+    }
+
+    pub async fn get(&self, path: &str) -> Result<Value> {
+        let (status, body) = self.admin(reqwest::Method::GET, path, None).await?;
+        if status != 200 {
+            bail!("GET {path}: {status} {body}");
+        }
+        Ok(body)
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Result<(u16, Value)> {
+        self.admin(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    /// Every invocation, page by page.
+    pub async fn invocations(&self, query: &str) -> Result<Vec<Value>> {
+        let mut all = Vec::new();
+        let mut token = String::new();
+        loop {
+            let page = self.get(&format!("/invocations?limit=5000&page_token={token}&{query}")).await?;
+            all.extend(page["invocations"].as_array().cloned().unwrap_or_default());
+            token = page["next_page_token"].as_str().unwrap_or_default().to_owned();
+            if token.is_empty() {
+                return Ok(all);
+            }
+        }
+    }
+}
+
+/// Polls `check` until it returns `Some` or `timeout` passes.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await? {
+            return Ok(value);
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -1,0 +1,281 @@
+//! One real node, a real broker (tansu) and real Restate SDK handlers.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use ferry_chaos_tests::{eventually, produce, Broker, Handlers, Node, Record};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+const SUBSCRIBE_COUNTER: &str = "service://Counter/add";
+
+async fn setup() -> Result<(Broker, Handlers, tempfile::TempDir, Node)> {
+    let broker = Broker::start().await?;
+    let handlers = Handlers::start().await?;
+    let dir = tempfile::tempdir()?;
+    let node = Node::start(&dir.path().join("node"), &broker).await?;
+    let (status, body) = node.post("/deployments", json!({ "uri": handlers.uri })).await?;
+    assert_eq!(status, 201, "{body}");
+    Ok((broker, handlers, dir, node))
+}
+
+async fn subscribe(node: &Node, topic: &str, sink: &str) -> Result<String> {
+    let (status, body) = node
+        .post(
+            "/subscriptions",
+            json!({ "source": format!("kafka://my-cluster/{topic}"), "sink": sink,
+                    "options": { "auto.offset.reset": "earliest" } }),
+        )
+        .await?;
+    assert_eq!(status, 201, "{body}");
+    Ok(body["id"].as_str().context("subscription id")?.to_owned())
+}
+
+/// Everything the metadata group holds, as the admin API shows it.
+async fn snapshot(node: &Node) -> Result<(Value, Value, Value)> {
+    Ok((node.get("/deployments").await?, node.get("/services").await?, node.get("/subscriptions").await?))
+}
+
+fn header<'a>(invocation: &'a Value, name: &str) -> Option<&'a str> {
+    invocation["headers"][name].as_str()
+}
+
+/// (partition, offset) -> invocation, failing on any offset seen twice.
+fn by_offset(invocations: &[Value]) -> BTreeMap<(i64, i64), Value> {
+    let mut map = BTreeMap::new();
+    for inv in invocations {
+        let key = (inv["source"]["partition"].as_i64().unwrap(), inv["source"]["offset"].as_i64().unwrap());
+        if let Some(previous) = map.insert(key, inv.clone()) {
+            panic!("offset {key:?} has two invocations: {previous} and {inv}");
+        }
+    }
+    map
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registers_a_rust_sdk_deployment_and_rejects_bad_requests() -> Result<()> {
+    let (broker, handlers, _dir, mut node) = setup().await?;
+
+    let deployments = node.get("/deployments").await?;
+    let deployment = &deployments["deployments"][0];
+    assert!(deployment["id"].as_str().unwrap().starts_with("dp_"), "{deployment}");
+    assert_eq!(deployment["uri"], handlers.uri.as_str());
+    assert_eq!(deployment["http_version"], "HTTP/2.0", "the Rust SDK speaks h2c only");
+    assert_eq!(deployment["min_protocol_version"], 5);
+
+    let counter = node.get("/services/Counter").await?;
+    assert_eq!(counter["ty"], "VirtualObject");
+    let handler_types: BTreeMap<String, String> = counter["handlers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| (h["name"].as_str().unwrap().to_owned(), h["ty"].as_str().unwrap().to_owned()))
+        .collect();
+    assert_eq!(handler_types["add"], "Exclusive");
+    assert_eq!(handler_types["get"], "Shared");
+    let flow = node.get("/services/Flow").await?;
+    assert_eq!(flow["ty"], "Workflow");
+    assert_eq!(node.get("/services/Sink").await?["ty"], "Service");
+
+    // Exactly the command from Restate's Kafka documentation.
+    let (status, sub) = node
+        .post(
+            "/subscriptions",
+            json!({"source": "kafka://my-cluster/my-topic", "sink": "service://Counter/add",
+                   "options": {"auto.offset.reset": "earliest"}}),
+        )
+        .await?;
+    assert_eq!(status, 201, "{sub}");
+    let sub_id = sub["id"].as_str().unwrap().to_owned();
+    assert!(sub_id.starts_with("sub_"));
+    assert_eq!(sub["options"]["group.id"], sub_id.as_str());
+    assert_eq!(sub["options"]["auto.offset.reset"], "earliest");
+
+    let clusters = node.get("/kafka-clusters").await?;
+    assert_eq!(clusters["clusters"][0]["name"], "my-cluster");
+
+    let before = snapshot(&node).await?;
+
+    let unreachable = format!("http://127.0.0.1:{}", ferry_chaos_tests::free_port());
+    let not_a_deployment = node.url("");
+    let bad_posts: Vec<(&str, Value, u16, &str)> = vec![
+        ("/subscriptions", json!({"source": "http://my-cluster/t", "sink": SUBSCRIBE_COUNTER}), 400, "kafka://"),
+        ("/subscriptions", json!({"source": "kafka://nope/t", "sink": SUBSCRIBE_COUNTER}), 400, "my-cluster"),
+        ("/subscriptions", json!({"source": "kafka://my-cluster/t", "sink": "http://Counter/add"}), 400, "service://"),
+        ("/subscriptions", json!({"source": "kafka://my-cluster/t", "sink": "service://Nope/add"}), 400, "Nope"),
+        ("/subscriptions", json!({"source": "kafka://my-cluster/t", "sink": "service://Counter/nope"}), 400, "nope"),
+        (
+            "/subscriptions",
+            json!({"source": "kafka://my-cluster/t", "sink": SUBSCRIBE_COUNTER, "options": {"no.such.property": "1"}}),
+            400,
+            "no.such.property",
+        ),
+        ("/deployments", json!({"uri": unreachable}), 400, "cannot reach"),
+        ("/deployments", json!({"uri": "not a uri"}), 400, "invalid deployment uri"),
+        ("/deployments", json!({"uri": not_a_deployment}), 400, "404"),
+        ("/deployments", json!({}), 400, "uri"),
+    ];
+    for (path, body, expected, mentions) in bad_posts {
+        let (status, answer) = node.post(path, body.clone()).await?;
+        assert_eq!(status, expected, "POST {path} {body}: {answer}");
+        let message = answer["message"].as_str().unwrap_or_default();
+        assert!(message.contains(mentions), "POST {path} {body}: message {message:?} should mention {mentions:?}");
+    }
+    for path in ["/subscriptions", "/deployments"] {
+        let response =
+            node.http.post(node.url(path)).header("content-type", "application/json").body("{not json").send().await?;
+        assert_eq!(response.status(), 400, "malformed JSON to {path}");
+        let answer: Value = response.json().await?;
+        assert!(answer["message"].as_str().is_some_and(|m| !m.is_empty()), "{answer}");
+    }
+    for (method, path) in [
+        (Method::GET, "/subscriptions/sub_nope"),
+        (Method::DELETE, "/subscriptions/sub_nope"),
+        (Method::GET, "/deployments/dp_nope"),
+        (Method::DELETE, "/deployments/dp_nope"),
+        (Method::GET, "/services/Nope"),
+        (Method::GET, "/kafka-clusters/nope"),
+        (Method::GET, "/invocations/inv_nope"),
+        (Method::GET, "/invocations/inv_00000000000000000000000000000000"),
+    ] {
+        let (status, answer) = node.admin(method.clone(), path, None).await?;
+        assert_eq!(status, 404, "{method} {path}: {answer}");
+        assert!(answer["message"].is_string(), "{answer}");
+    }
+    let (status, _) = node.admin(Method::GET, "/invocations?status=bogus", None).await?;
+    assert_eq!(status, 400);
+    assert_eq!(snapshot(&node).await?, before, "bad requests changed metadata");
+
+    let filtered = node.get("/subscriptions?sink=service://Counter/add").await?;
+    assert_eq!(filtered["subscriptions"].as_array().unwrap().len(), 1);
+    let filtered = node.get("/subscriptions?source=kafka://my-cluster/other").await?;
+    assert_eq!(filtered["subscriptions"].as_array().unwrap().len(), 0);
+
+    // Metadata lives in the metadata group and survives a restart.
+    let status = node.terminate().await?;
+    assert!(status.success(), "SIGTERM exit: {status}");
+    node.restart().await?;
+    assert_eq!(snapshot(&node).await?, before);
+
+    let (status, _) = node.admin(Method::DELETE, &format!("/subscriptions/{sub_id}"), None).await?;
+    assert_eq!(status, 202);
+    assert_eq!(node.admin(Method::GET, &format!("/subscriptions/{sub_id}"), None).await?.0, 404);
+    drop(broker);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_record_becomes_exactly_one_invocation() -> Result<()> {
+    const N: usize = 10_000;
+    const KEYS: usize = 500;
+    let (broker, _handlers, _dir, node) = setup().await?;
+    broker.create_topic("orders", 4).await?;
+    let object_sub = subscribe(&node, "orders", SUBSCRIBE_COUNTER).await?;
+    let service_sub = subscribe(&node, "orders", "service://Sink/handle").await?;
+
+    let records: Vec<Record> = (0..N)
+        .map(|i| Record {
+            key: Some(format!("key-{}", i % KEYS).into_bytes()),
+            payload: json!({ "seq": i }).to_string().into_bytes(),
+            headers: vec![("record".to_owned(), i.to_string())],
+        })
+        .collect();
+    let producer = broker.producer()?;
+    let offsets = produce(&producer, "orders", &records).await?;
+    let produced: HashMap<(i64, i64), usize> =
+        offsets.iter().enumerate().map(|(i, &(p, o))| ((p as i64, o), i)).collect();
+    assert_eq!(produced.len(), N);
+
+    for (sub, keyed) in [(&object_sub, true), (&service_sub, false)] {
+        let invocations = eventually(Duration::from_secs(180), "every record to be invoked", || async {
+            let all = node.invocations(&format!("subscription={sub}")).await?;
+            Ok((all.len() >= N).then_some(all))
+        })
+        .await?;
+        assert_eq!(invocations.len(), N, "subscription {sub}");
+        let invocations = by_offset(&invocations);
+        let mut first_per_key = BTreeMap::new();
+        for (&(partition, offset), inv) in &invocations {
+            let i =
+                *produced.get(&(partition, offset)).unwrap_or_else(|| panic!("unknown offset {partition}/{offset}"));
+            let key = format!("key-{}", i % KEYS);
+            assert_eq!(header(inv, "record"), Some(i.to_string().as_str()), "{inv}");
+            assert_eq!(header(inv, "kafka.offset"), Some(offset.to_string().as_str()));
+            assert_eq!(header(inv, "kafka.partition"), Some(partition.to_string().as_str()));
+            assert_eq!(header(inv, "kafka.topic"), Some("orders"));
+            assert_eq!(header(inv, "kafka.key"), Some(key.as_str()));
+            assert_eq!(header(inv, "restate.subscription.id"), Some(sub.as_str()));
+            assert!(header(inv, "kafka.timestamp").is_some_and(|t| t.parse::<i64>().is_ok()), "{inv}");
+            assert_eq!(inv["source"]["subscription_id"], sub.as_str());
+            assert_eq!(inv["invoked_by"], "subscription");
+            assert_eq!(inv["payload_size"], records[i].payload.len() as u64);
+            if keyed {
+                assert_eq!(inv["target"], format!("Counter/{key}/add"));
+                assert_eq!(inv["target_service_key"], key.as_str());
+                // Records of one key are all on one Kafka partition: the first
+                // in offset order may run, the others wait in its inbox.
+                let first = first_per_key.entry(key).or_insert(offset) == &offset;
+                assert_eq!(inv["status"], if first { "ready" } else { "pending" }, "{inv}");
+            } else {
+                assert_eq!(inv["target"], "Sink/handle");
+                assert_eq!(inv["target_service_key"], "");
+                assert_eq!(inv["status"], "ready");
+            }
+            let id = inv["id"].as_str().unwrap();
+            assert_eq!(&node.get(&format!("/invocations/{id}")).await?, inv);
+        }
+        assert!(!keyed || first_per_key.len() == KEYS);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undeliverable_records_fail_without_blocking_their_partition() -> Result<()> {
+    let (broker, _handlers, _dir, node) = setup().await?;
+    broker.create_topic("mixed", 1).await?;
+    let sub = subscribe(&node, "mixed", SUBSCRIBE_COUNTER).await?;
+    let record = |key: Option<&[u8]>| Record { key: key.map(<[u8]>::to_vec), payload: b"{}".to_vec(), headers: vec![] };
+    let producer = broker.producer()?;
+    produce(&producer, "mixed", &[record(Some(b"a")), record(Some(&[0xff, 0xfe])), record(None), record(Some(b"b"))])
+        .await?;
+    let invocations = eventually(Duration::from_secs(60), "4 invocations", || async {
+        let all = node.invocations(&format!("subscription={sub}")).await?;
+        Ok((all.len() >= 4).then_some(all))
+    })
+    .await?;
+    let invocations = by_offset(&invocations);
+    let status = |offset: i64| {
+        let inv = &invocations[&(0, offset)];
+        (inv["status"].as_str().unwrap().to_owned(), inv["completion_failure"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(status(0).0, "ready");
+    assert_eq!(status(1).0, "completed");
+    assert!(status(1).1.contains("UTF-8"), "{:?}", status(1));
+    assert_eq!(invocations[&(0, 1)]["completion_result"], "failure");
+    assert_eq!(status(2).0, "completed");
+    assert!(status(2).1.contains("no key"), "{:?}", status(2));
+    assert_eq!(status(3).0, "ready", "records after undeliverable ones still flow");
+
+    // A sink whose handler is gone: records fail at once, in order.
+    let deployment = node.get("/deployments").await?["deployments"][0]["id"].as_str().unwrap().to_owned();
+    let (status_code, _) = node.admin(Method::DELETE, &format!("/deployments/{deployment}"), None).await?;
+    assert_eq!(status_code, 202);
+    produce(&producer, "mixed", &[record(Some(b"c"))]).await?;
+    let gone = eventually(Duration::from_secs(60), "the fifth invocation", || async {
+        let all = node.invocations(&format!("subscription={sub}")).await?;
+        Ok(all.into_iter().find(|inv| inv["source"]["offset"] == 4))
+    })
+    .await?;
+    assert_eq!(gone["status"], "completed");
+    assert!(gone["completion_failure"].as_str().unwrap().contains("not registered"), "{gone}");
+
+    let metrics = node.http.get(format!("http://127.0.0.1:{}/metrics", node.node_port)).send().await?.text().await?;
+    let undeliverable: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("ferry_ingress_records_undeliverable_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(undeliverable, 3.0, "{metrics}");
+    Ok(())
+}

@@ -1,0 +1,534 @@
+//! Kafka consumers for subscriptions.
+//!
+//! The [`KafkaIngress`] controller follows the subscriptions in the metadata
+//! group and runs one consumer for each on this node. Every assigned Kafka
+//! partition gets its own task, which batches records into one Raft entry per
+//! target partition. Per (Kafka partition, target partition) there is at most
+//! one append in flight, retried until it commits: the appends that commit for
+//! one target partition are always a prefix, in offset order, of what was sent
+//! there, so the dedup rule "drop sequence numbers at or below the last one"
+//! never drops a record that was not appended.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use ferry_log::partitioner::kafka_producer_id;
+use ferry_log::wire::v1::{Command, Invoke, Response, Subscription};
+use ferry_log::{partition_group, LogNode, PartitionId};
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientContext, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::record::{self, Origin, Record, Sink};
+use crate::Error;
+
+/// A Kafka cluster from the configuration (`[[ingress.kafka-clusters]]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ClusterOptions {
+    pub name: String,
+    /// `[PROTOCOL://]host:port`, e.g. `PLAINTEXT://127.0.0.1:9092`.
+    pub brokers: Vec<String>,
+    /// Any other librdkafka property, passed through to every consumer.
+    #[serde(flatten)]
+    pub properties: BTreeMap<String, PropertyValue>,
+}
+
+/// A librdkafka property value as written in TOML.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PropertyValue {
+    String(String),
+    Integer(i64),
+    Bool(bool),
+}
+
+impl std::fmt::Display for PropertyValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PropertyValue::String(s) => f.write_str(s),
+            PropertyValue::Integer(i) => write!(f, "{i}"),
+            PropertyValue::Bool(b) => write!(f, "{b}"),
+        }
+    }
+}
+
+const PROTOCOLS: [&str; 4] = ["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"];
+
+impl ClusterOptions {
+    /// Checks the name and every broker address.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.name.is_empty() || self.name.contains('/') {
+            return Err(format!("name {:?} must be non-empty and contain no '/'", self.name));
+        }
+        if self.brokers.is_empty() {
+            return Err("brokers must list at least one broker".to_owned());
+        }
+        for broker in &self.brokers {
+            let address = match broker.split_once("://") {
+                Some((protocol, address)) => {
+                    if !PROTOCOLS.iter().any(|p| p.eq_ignore_ascii_case(protocol)) {
+                        return Err(format!(
+                            "broker {broker:?}: unknown protocol {protocol:?} (expected one of {})",
+                            PROTOCOLS.join(", ")
+                        ));
+                    }
+                    address
+                }
+                None => broker.as_str(),
+            };
+            let valid = match address.rsplit_once(':') {
+                Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0),
+                None => false,
+            };
+            if !valid {
+                return Err(format!("broker {broker:?} is not [PROTOCOL://]host:port"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Properties with secret values hidden, for display.
+    pub fn redacted_properties(&self) -> BTreeMap<String, String> {
+        self.properties
+            .iter()
+            .map(|(k, v)| {
+                let secret = ["password", "secret", "token", "key"].iter().any(|s| k.to_ascii_lowercase().contains(s));
+                (k.clone(), if secret { "***".to_owned() } else { v.to_string() })
+            })
+            .collect()
+    }
+}
+
+/// Tuning of the Kafka ingress (`[ingress]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
+pub struct Options {
+    /// Most records taken from a Kafka partition at once.
+    pub batch_records_max: usize,
+    /// Most records of one Kafka partition read but not yet committed in Raft.
+    pub buffer_records_max: usize,
+    pub retry_delay_ms_initial: u64,
+    pub retry_delay_ms_max: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            batch_records_max: 1024,
+            buffer_records_max: 8192,
+            retry_delay_ms_initial: 50,
+            retry_delay_ms_max: 5_000,
+        }
+    }
+}
+
+impl Options {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.batch_records_max == 0 || self.buffer_records_max < self.batch_records_max {
+            return Err("batch-records-max must be positive and at most buffer-records-max".to_owned());
+        }
+        if self.retry_delay_ms_initial == 0 || self.retry_delay_ms_max < self.retry_delay_ms_initial {
+            return Err("retry-delay-ms-initial must be positive and at most retry-delay-ms-max".to_owned());
+        }
+        Ok(())
+    }
+
+    fn backoff(&self) -> Backoff {
+        Backoff::new(self.retry_delay_ms_initial, self.retry_delay_ms_max)
+    }
+}
+
+struct Backoff {
+    next_ms: u64,
+    initial_ms: u64,
+    max_ms: u64,
+}
+
+impl Backoff {
+    fn new(initial_ms: u64, max_ms: u64) -> Self {
+        Backoff { next_ms: initial_ms, initial_ms, max_ms }
+    }
+
+    fn next(&mut self) -> Duration {
+        let delay = self.next_ms;
+        self.next_ms = (delay * 2).min(self.max_ms);
+        Duration::from_millis(delay)
+    }
+
+    fn reset(&mut self) {
+        self.next_ms = self.initial_ms;
+    }
+}
+
+/// Builds the librdkafka configuration of a subscription's consumer.
+pub fn consumer_config(cluster: &ClusterOptions, subscription: &Subscription, client_id: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", cluster.brokers.join(","));
+    config.set("client.id", client_id);
+    for (k, v) in &cluster.properties {
+        config.set(k, v.to_string());
+    }
+    for (k, v) in &subscription.options {
+        config.set(k, v);
+    }
+    config.set("group.id", subscription.group_id());
+    // Offsets are stored by Ferry once appended, then committed periodically.
+    config.set("enable.auto.commit", "true");
+    config.set("enable.auto.offset.store", "false");
+    config
+}
+
+/// Runs the consumers of every subscription on this node.
+pub struct KafkaIngress {
+    log: LogNode,
+    clusters: Arc<Vec<ClusterOptions>>,
+    options: Options,
+}
+
+impl KafkaIngress {
+    pub fn new(log: LogNode, clusters: Vec<ClusterOptions>, options: Options) -> Self {
+        KafkaIngress { log, clusters: Arc::new(clusters), options }
+    }
+
+    /// Follows the subscriptions until `cancel` fires, then stops every consumer.
+    pub async fn run(self, cancel: CancellationToken) {
+        let tracker = TaskTracker::new();
+        let mut changes = self.log.metadata_changes();
+        let mut running: HashMap<String, CancellationToken> = HashMap::new();
+        loop {
+            let desired = self.log.read_metadata(|m| m.subscriptions.clone());
+            running.retain(|id, token| {
+                let keep = desired.contains_key(id);
+                if !keep {
+                    info!(subscription = %id, "subscription deleted, stopping its consumer");
+                    token.cancel();
+                }
+                keep
+            });
+            for (id, subscription) in desired {
+                if running.contains_key(&id) {
+                    continue;
+                }
+                let token = cancel.child_token();
+                running.insert(id, token.clone());
+                let worker = SubscriptionWorker {
+                    log: self.log.clone(),
+                    clusters: self.clusters.clone(),
+                    options: self.options.clone(),
+                    subscription,
+                };
+                tracker.spawn(worker.run(token));
+            }
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { break },
+                _ = cancel.cancelled() => break,
+            }
+        }
+        for token in running.values() {
+            token.cancel();
+        }
+        tracker.close();
+        tracker.wait().await;
+    }
+}
+
+struct ConsumerLog {
+    subscription: String,
+}
+
+impl ClientContext for ConsumerLog {}
+
+impl ConsumerContext for ConsumerLog {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => info!(subscription = %self.subscription, "assigned {}", describe(tpl)),
+            Rebalance::Revoke(tpl) => info!(subscription = %self.subscription, "revoked {}", describe(tpl)),
+            Rebalance::Error(e) => warn!(subscription = %self.subscription, "rebalance failed: {e}"),
+        }
+    }
+
+    fn commit_callback(&self, result: rdkafka::error::KafkaResult<()>, offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => debug!(subscription = %self.subscription, "committed {}", describe(offsets)),
+            Err(e) => warn!(subscription = %self.subscription, "offset commit failed: {e}"),
+        }
+    }
+}
+
+fn describe(tpl: &TopicPartitionList) -> String {
+    let parts: Vec<String> =
+        tpl.elements().iter().map(|e| format!("{}/{}@{:?}", e.topic(), e.partition(), e.offset())).collect();
+    parts.join(", ")
+}
+
+type KafkaConsumer = StreamConsumer<ConsumerLog>;
+
+struct SubscriptionWorker {
+    log: LogNode,
+    clusters: Arc<Vec<ClusterOptions>>,
+    options: Options,
+    subscription: Subscription,
+}
+
+impl SubscriptionWorker {
+    fn create_consumer(&self) -> Result<KafkaConsumer, Error> {
+        let sub = &self.subscription;
+        let cluster = self.clusters.iter().find(|c| c.name == sub.cluster).ok_or_else(|| Error::UnknownCluster {
+            name: sub.cluster.clone(),
+            known: self.clusters.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", "),
+        })?;
+        let client_id = format!("ferry-{}-{}", self.log.node_id(), sub.id);
+        let consumer: KafkaConsumer = consumer_config(cluster, sub, &client_id)
+            .create_with_context(ConsumerLog { subscription: sub.id.clone() })
+            .map_err(|source| Error::Consumer { subscription: sub.id.clone(), source })?;
+        consumer.subscribe(&[&sub.topic]).map_err(|source| Error::Consumer { subscription: sub.id.clone(), source })?;
+        Ok(consumer)
+    }
+
+    async fn run(self, cancel: CancellationToken) {
+        let sub = &self.subscription;
+        let mut backoff = self.options.backoff();
+        let consumer = loop {
+            match self.create_consumer() {
+                Ok(consumer) => break Arc::new(consumer),
+                Err(e) => {
+                    let delay = backoff.next();
+                    warn!(subscription = %sub.id, "{e}; retrying in {delay:?}");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => continue,
+                        _ = cancel.cancelled() => return,
+                    }
+                }
+            }
+        };
+        info!(subscription = %sub.id, source = %sub.source(), sink = %sub.sink(), group = sub.group_id(), "consuming");
+        let workers = TaskTracker::new();
+        let mut partitions: HashMap<i32, mpsc::Sender<Record>> = HashMap::new();
+        let labels = [("subscription", sub.id.clone())];
+        backoff.reset();
+        loop {
+            let message = tokio::select! {
+                message = consumer.recv() => message,
+                _ = cancel.cancelled() => break,
+            };
+            let message = match message {
+                Ok(message) => message,
+                Err(e) => {
+                    let delay = backoff.next();
+                    warn!(subscription = %sub.id, topic = %sub.topic, "Kafka consumer error: {e}; retrying in {delay:?}");
+                    metrics::counter!("ferry_ingress_consumer_errors_total", &labels).increment(1);
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => continue,
+                        _ = cancel.cancelled() => break,
+                    }
+                }
+            };
+            backoff.reset();
+            let partition = message.partition();
+            let record = Record {
+                offset: message.offset(),
+                key: message.key().map(Bytes::copy_from_slice),
+                payload: message.payload().map(Bytes::copy_from_slice).unwrap_or_default(),
+                headers: message
+                    .headers()
+                    .map(|headers| {
+                        headers
+                            .iter()
+                            .map(|h| {
+                                (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                timestamp_ms: message.timestamp().to_millis(),
+            };
+            drop(message);
+            metrics::counter!("ferry_ingress_records_consumed_total", &labels).increment(1);
+            let tx = partitions.entry(partition).or_insert_with(|| {
+                let (tx, rx) = mpsc::channel(self.options.batch_records_max);
+                let worker = PartitionWorker {
+                    log: self.log.clone(),
+                    consumer: consumer.clone(),
+                    subscription: sub.clone(),
+                    origin: Origin {
+                        subscription: sub.id.clone(),
+                        topic: sub.topic.clone(),
+                        partition,
+                        producer: kafka_producer_id(&sub.id, sub.group_id(), &sub.topic, partition),
+                    },
+                    options: self.options.clone(),
+                    labels: labels.clone(),
+                };
+                workers.spawn(worker.run(rx, cancel.clone()));
+                tx
+            });
+            if tx.send(record).await.is_err() {
+                break;
+            }
+        }
+        drop(partitions);
+        workers.close();
+        workers.wait().await;
+        let consumer = consumer.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+                debug!("final offset commit: {e}");
+            }
+            consumer.unsubscribe();
+        })
+        .await;
+        info!(subscription = %sub.id, "consumer stopped");
+    }
+}
+
+/// Records of one target partition waiting for their turn to be appended.
+#[derive(Default)]
+struct Lane {
+    invokes: Vec<Invoke>,
+    offsets: Vec<i64>,
+    busy: bool,
+}
+
+struct PartitionWorker {
+    log: LogNode,
+    consumer: Arc<KafkaConsumer>,
+    subscription: Subscription,
+    origin: Origin,
+    options: Options,
+    labels: [(&'static str, String); 1],
+}
+
+type Appended = (PartitionId, Vec<i64>, Response);
+
+impl PartitionWorker {
+    async fn run(self, mut rx: mpsc::Receiver<Record>, cancel: CancellationToken) {
+        let partitions = self.log.partitions();
+        let mut lanes: HashMap<PartitionId, Lane> = HashMap::new();
+        let mut in_flight = FuturesUnordered::new();
+        // Offsets read but not yet committed in Raft.
+        let mut pending: BTreeSet<i64> = BTreeSet::new();
+        let mut buffered = 0usize;
+        let mut highest_read: Option<i64> = None;
+        let mut stored: Option<i64> = None;
+        let mut batch = Vec::with_capacity(self.options.batch_records_max);
+        let mut closed = false;
+        loop {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return,
+                appended = in_flight.next(), if !in_flight.is_empty() => {
+                    let Some((partition, offsets, response)): Option<Appended> = appended else { continue };
+                    let (created, deduplicated) = match response {
+                        Response::Invoked { created, deduplicated } => (created, deduplicated),
+                        other => panic!("unexpected response to an invoke batch: {other:?}"),
+                    };
+                    metrics::counter!("ferry_ingress_records_appended_total", &self.labels).increment(created as u64);
+                    metrics::counter!("ferry_ingress_records_deduplicated_total", &self.labels).increment(deduplicated as u64);
+                    buffered -= offsets.len();
+                    for offset in &offsets {
+                        pending.remove(offset);
+                    }
+                    let lane = lanes.get_mut(&partition).expect("lane of an append");
+                    lane.busy = false;
+                    if !lane.invokes.is_empty() {
+                        in_flight.push(self.append(partition, lane));
+                    }
+                    stored = self.store_progress(&pending, highest_read, stored);
+                }
+                received = rx.recv_many(&mut batch, self.options.batch_records_max),
+                    if !closed && buffered < self.options.buffer_records_max => {
+                    if received == 0 {
+                        closed = true;
+                        if in_flight.is_empty() {
+                            return;
+                        }
+                        continue;
+                    }
+                    let sink = self.log.read_metadata(|m| Sink::resolve(m, &self.subscription));
+                    if sink.resolved.is_none() {
+                        warn!(subscription = %self.subscription.id, "sink {} is not registered; records fail", self.subscription.sink());
+                    }
+                    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+                    for record in batch.drain(..) {
+                        let offset = record.offset;
+                        highest_read = highest_read.max(Some(offset));
+                        pending.insert(offset);
+                        buffered += 1;
+                        let (partition, invoke) = record::invoke(&self.origin, &sink, record, partitions, now_ms);
+                        if let Some(reason) = &invoke.failure {
+                            debug!(subscription = %self.origin.subscription, topic = %self.origin.topic,
+                                partition = self.origin.partition, offset, "undeliverable record: {reason}");
+                            metrics::counter!("ferry_ingress_records_undeliverable_total", &self.labels).increment(1);
+                        }
+                        let lane = lanes.entry(partition).or_default();
+                        lane.invokes.push(invoke);
+                        lane.offsets.push(offset);
+                    }
+                    for (&partition, lane) in lanes.iter_mut() {
+                        if !lane.busy && !lane.invokes.is_empty() {
+                            in_flight.push(self.append(partition, lane));
+                        }
+                    }
+                }
+            }
+            if closed && in_flight.is_empty() {
+                return;
+            }
+        }
+    }
+
+    /// Appends everything queued in `lane`, retrying until it commits.
+    fn append(&self, partition: PartitionId, lane: &mut Lane) -> impl std::future::Future<Output = Appended> {
+        lane.busy = true;
+        let batch = Arc::new(std::mem::take(&mut lane.invokes));
+        let offsets = std::mem::take(&mut lane.offsets);
+        let log = self.log.clone();
+        let mut backoff = self.options.backoff();
+        let origin = self.origin.clone();
+        async move {
+            loop {
+                match log.propose(partition_group(partition), Command::Invoke(batch.clone())).await {
+                    Ok(response) => return (partition, offsets, response),
+                    Err(e) => {
+                        let delay = backoff.next();
+                        warn!(subscription = %origin.subscription, topic = %origin.topic, partition = origin.partition,
+                            offset = offsets[0], "append to partition {partition} failed: {e}; retrying in {delay:?}");
+                        tokio::time::sleep(delay).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stores the highest offset below which everything is committed in Raft,
+    /// so that the next auto-commit hands it to Kafka. Never moves backwards.
+    fn store_progress(&self, pending: &BTreeSet<i64>, highest_read: Option<i64>, stored: Option<i64>) -> Option<i64> {
+        let done = match pending.first() {
+            Some(&lowest) => lowest - 1,
+            None => match highest_read {
+                Some(h) => h,
+                None => return stored,
+            },
+        };
+        if stored.is_some_and(|s| done <= s) || done < 0 {
+            return stored;
+        }
+        // librdkafka commits the stored offset + 1: the next record to read.
+        if let Err(e) = self.consumer.store_offset(&self.origin.topic, self.origin.partition, done) {
+            debug!(subscription = %self.origin.subscription, partition = self.origin.partition, "store offset {done}: {e}");
+            return stored;
+        }
+        Some(done)
+    }
+}

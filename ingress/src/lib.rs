@@ -1,0 +1,22 @@
+//! Ingress: turns Kafka records into invocations in the partition log.
+//!
+//! [`kafka::KafkaIngress`] runs one consumer per subscription on this node, in
+//! the subscription's consumer group, and one task per assigned Kafka
+//! partition. A record's offset is stored for commit only once it and every
+//! earlier offset of its partition are committed in Raft.
+
+pub mod kafka;
+pub mod record;
+
+pub use kafka::{ClusterOptions, KafkaIngress, Options};
+
+/// Errors of the ingress.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("unknown Kafka cluster {name}; configured clusters: {known}")]
+    UnknownCluster { name: String, known: String },
+    #[error("subscription {subscription}: cannot create a Kafka consumer: {source}")]
+    Consumer { subscription: String, source: rdkafka::error::KafkaError },
+    #[error("invalid Kafka cluster {name}: {reason}")]
+    InvalidCluster { name: String, reason: String },
+}

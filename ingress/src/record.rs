@@ -1,0 +1,166 @@
+//! Turns a Kafka record into an invoke command: target, dedup information and
+//! the partition that owns it. Pure, so it is tested without a broker.
+
+use bytes::Bytes;
+use ferry_log::partitioner::{key_hash, partition_of, producer_seq_hash};
+use ferry_log::state::MetadataState;
+use ferry_log::wire::v1::{Dedup, HandlerType, Invoke, KafkaSource, ServiceType, Source, Subscription, Target};
+use ferry_log::PartitionId;
+
+/// A record read from Kafka, copied once out of librdkafka's buffer.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub offset: i64,
+    pub key: Option<Bytes>,
+    pub payload: Bytes,
+    pub headers: Vec<(String, String)>,
+    pub timestamp_ms: Option<i64>,
+}
+
+/// Where a subscription's records go, resolved from metadata once per batch.
+#[derive(Debug, Clone)]
+pub struct Sink {
+    pub service: String,
+    pub handler: String,
+    /// `None` when the service or handler is not registered (any more).
+    pub resolved: Option<(ServiceType, HandlerType)>,
+}
+
+impl Sink {
+    pub fn resolve(metadata: &MetadataState, subscription: &Subscription) -> Sink {
+        let resolved = metadata
+            .services
+            .get(&subscription.service)
+            .and_then(|s| s.def.handler(&subscription.handler).map(|h| (s.def.ty, h.ty)));
+        Sink { service: subscription.service.clone(), handler: subscription.handler.clone(), resolved }
+    }
+}
+
+/// The fixed part of every record of one Kafka partition.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    pub subscription: String,
+    pub topic: String,
+    pub partition: i32,
+    pub producer: u64,
+}
+
+/// Builds the invoke command of `record`, stamped with `now_ms`, and the
+/// partition it belongs to. A record that cannot be delivered still yields an
+/// invocation, created failed, so that it never blocks its Kafka partition.
+pub fn invoke(origin: &Origin, sink: &Sink, record: Record, partitions: u32, now_ms: u64) -> (PartitionId, Invoke) {
+    let seq = record.offset as u64;
+    let unkeyed = producer_seq_hash(origin.producer, seq);
+    let (service_ty, handler_ty, key, failure) = match sink.resolved {
+        None => (
+            ServiceType::Service,
+            HandlerType::Shared,
+            None,
+            Some(format!("handler {}/{} is not registered", sink.service, sink.handler)),
+        ),
+        Some((service_ty, handler_ty)) if service_ty.is_keyed() => match record.key.as_deref().map(std::str::from_utf8)
+        {
+            Some(Ok(key)) => (service_ty, handler_ty, Some(key.to_owned()), None),
+            Some(Err(e)) => (
+                service_ty,
+                handler_ty,
+                None,
+                Some(format!("record key is not valid UTF-8 ({e}); {} needs a string key", sink.service)),
+            ),
+            None => (service_ty, handler_ty, None, Some(format!("record has no key; {} needs one", sink.service))),
+        },
+        Some((service_ty, handler_ty)) => (service_ty, handler_ty, None, None),
+    };
+    let partition_key = match &key {
+        Some(key) => key_hash(&sink.service, key),
+        None => unkeyed,
+    };
+    // The unique part is a hash of (producer, offset): a re-read record gets
+    // the same id as its first copy.
+    let id = format!("inv_{partition_key:016x}{:016x}", xxhash_rust::xxh3::xxh3_64(&unkeyed.to_le_bytes()));
+    let invoke = Invoke {
+        id,
+        target: Target { service: sink.service.clone(), handler: sink.handler.clone(), key, service_ty, handler_ty },
+        payload: record.payload,
+        headers: record.headers,
+        source: Source::Kafka(KafkaSource {
+            subscription: origin.subscription.clone(),
+            topic: origin.topic.clone(),
+            partition: origin.partition,
+            offset: record.offset,
+            timestamp_ms: record.timestamp_ms,
+            key: record.key,
+        }),
+        dedup: Some(Dedup { producer: origin.producer, seq }),
+        created_at_ms: now_ms,
+        failure,
+    };
+    (partition_of(partition_key, partitions), invoke)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn origin() -> Origin {
+        Origin { subscription: "sub_1".into(), topic: "t".into(), partition: 2, producer: 99 }
+    }
+
+    fn record(offset: i64, key: Option<&[u8]>) -> Record {
+        Record {
+            offset,
+            key: key.map(Bytes::copy_from_slice),
+            payload: Bytes::from_static(b"{}"),
+            headers: vec![("h".into(), "v".into())],
+            timestamp_ms: Some(5),
+        }
+    }
+
+    fn sink(resolved: Option<(ServiceType, HandlerType)>) -> Sink {
+        Sink { service: "Counter".into(), handler: "add".into(), resolved }
+    }
+
+    #[test]
+    fn keyed_sinks_route_by_key_and_services_spread_by_offset() {
+        let object = sink(Some((ServiceType::VirtualObject, HandlerType::Exclusive)));
+        let (p1, a) = invoke(&origin(), &object, record(1, Some(b"alice")), 16, 0);
+        let (p2, b) = invoke(&origin(), &object, record(2, Some(b"alice")), 16, 0);
+        assert_eq!(p1, p2, "one key, one partition");
+        assert_eq!(a.target.key.as_deref(), Some("alice"));
+        assert_ne!(a.id, b.id);
+        assert!(a.failure.is_none());
+
+        let service = sink(Some((ServiceType::Service, HandlerType::Shared)));
+        let spread: std::collections::BTreeSet<_> =
+            (0..64).map(|o| invoke(&origin(), &service, record(o, Some(b"alice")), 16, 0).0).collect();
+        assert!(spread.len() > 8, "service records spread over partitions: {spread:?}");
+        let (_, s) = invoke(&origin(), &service, record(3, Some(b"alice")), 16, 0);
+        assert_eq!(s.target.key, None);
+    }
+
+    #[test]
+    fn ids_are_stable_and_carry_the_partition_key() {
+        let service = sink(Some((ServiceType::Service, HandlerType::Shared)));
+        let (p, a) = invoke(&origin(), &service, record(7, None), 16, 0);
+        let (_, again) = invoke(&origin(), &service, record(7, None), 16, 123);
+        assert_eq!(a.id, again.id);
+        assert_eq!(a.dedup, Some(Dedup { producer: 99, seq: 7 }));
+        let pkey = u64::from_str_radix(&a.id[4..20], 16).unwrap();
+        assert_eq!(partition_of(pkey, 16), p);
+    }
+
+    #[test]
+    fn undeliverable_records_fail_with_a_reason() {
+        let object = sink(Some((ServiceType::VirtualObject, HandlerType::Exclusive)));
+        let (_, bad_key) = invoke(&origin(), &object, record(1, Some(&[0xff, 0xfe])), 16, 0);
+        assert!(bad_key.failure.as_deref().unwrap().contains("UTF-8"));
+        let (_, no_key) = invoke(&origin(), &object, record(2, None), 16, 0);
+        assert!(no_key.failure.as_deref().unwrap().contains("no key"));
+        let (_, gone) = invoke(&origin(), &sink(None), record(3, Some(b"k")), 16, 0);
+        assert!(gone.failure.as_deref().unwrap().contains("not registered"));
+        // All still carry their dedup information and source offset.
+        for (i, inv) in [bad_key, no_key, gone].iter().enumerate() {
+            assert_eq!(inv.dedup.unwrap().seq, i as u64 + 1);
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! Talks to deployments: services written with a Restate SDK behind an HTTP
+//! endpoint. [`discovery`] asks a deployment what it serves.
+
+pub mod discovery;
+
+pub use discovery::{Discovered, Discovery};
+
+/// Errors of talking to a deployment.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot reach deployment {uri}: {reason}")]
+    Unreachable { uri: String, reason: String },
+    #[error("deployment {uri} answered discovery with status {status}: {body}")]
+    BadStatus { uri: String, status: u16, body: String },
+    #[error("deployment {uri} sent an invalid endpoint manifest: {reason}")]
+    InvalidManifest { uri: String, reason: String },
+    #[error("invalid deployment uri {uri}: {reason}")]
+    InvalidUri { uri: String, reason: String },
+}

@@ -1,0 +1,78 @@
+//! The replicated partition log.
+//!
+//! Every partition of the key space is one openraft group; cluster metadata
+//! (deployments, services, subscriptions) is one more group. All groups of a
+//! node share one sled `Db`, one flusher (group commit) and one gRPC channel per
+//! peer. Applying an entry is deterministic: no clocks, randomness or I/O happen
+//! inside [`state`]; the proposer stamps times and ids into the entry.
+
+// openraft's storage traits fix `StorageError` (a large type) as the error of
+// every storage call; boxing it here would only add allocations.
+#![allow(clippy::result_large_err)]
+
+pub mod network;
+pub mod node;
+pub mod partitioner;
+pub mod state;
+pub mod storage;
+pub mod wire;
+
+pub use node::{LogNode, Options};
+
+// `declare_raft_types!` names the default snapshot type unqualified.
+use std::io::Cursor;
+pub use wire::v1::{Command, Response};
+
+/// A node of the cluster.
+pub type NodeId = u64;
+
+/// A Raft group: [`METADATA_GROUP`] or a partition's group (`partition + 1`).
+pub type GroupId = u32;
+
+/// A partition of the key space.
+pub type PartitionId = u32;
+
+/// The group that holds cluster metadata.
+pub const METADATA_GROUP: GroupId = 0;
+
+/// The Raft group that replicates a partition.
+pub fn partition_group(partition: PartitionId) -> GroupId {
+    partition + 1
+}
+
+openraft::declare_raft_types!(
+    /// The openraft types of every Ferry group.
+    pub TypeConfig:
+        D = Command,
+        R = Response,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
+
+/// Errors of the log.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("storage: {0}")]
+    Storage(#[from] sled::Error),
+    #[error("raft storage: {0}")]
+    RaftStorage(#[from] openraft::StorageError<NodeId>),
+    #[error("raft group {group} is shut down")]
+    Fatal { group: GroupId },
+    #[error("raft group {group} has no leader on this node (leader: {leader:?})")]
+    NotLeader { group: GroupId, leader: Option<NodeId> },
+    #[error("raft group {group}: {message}")]
+    Write { group: GroupId, message: String },
+    #[error("this node was created with {stored} partitions, the configuration says {configured}")]
+    PartitionCountChanged { stored: u32, configured: u32 },
+    #[error("decode: {0}")]
+    Decode(String),
+    #[error("unknown group {0}")]
+    UnknownGroup(GroupId),
+}
+
+impl Error {
+    /// Whether retrying the same call later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Error::NotLeader { .. } | Error::Write { .. })
+    }
+}

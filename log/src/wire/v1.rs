@@ -1,0 +1,250 @@
+//! Version 1 of the log-entry format: the commands proposed to a group and the
+//! responses of applying them. Fields are only ever added in a new version.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// A command proposed to a Raft group.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Command {
+    /// Create invocations in a partition, dropping duplicates. Many records
+    /// share one entry; the batch is shared so a proposer can retry it
+    /// without copying.
+    Invoke(Arc<Vec<Invoke>>),
+    /// Change cluster metadata (metadata group only).
+    Metadata(MetadataCommand),
+}
+
+/// The result of applying a [`Command`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// A membership or blank entry.
+    Empty,
+    Invoked {
+        created: u32,
+        deduplicated: u32,
+    },
+    Metadata(MetadataResponse),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetadataResponse {
+    Done,
+    NotFound,
+    Conflict(String),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum MetadataCommand {
+    /// Register a deployment and the services it serves (replacing older
+    /// revisions of those services).
+    PutDeployment(Deployment),
+    RemoveDeployment {
+        id: String,
+    },
+    PutSubscription(Subscription),
+    RemoveSubscription {
+        id: String,
+    },
+}
+
+/// A request to run one handler.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Invoke {
+    /// `inv_` + 16 hex digits of partition key + 16 hex digits of a unique part.
+    pub id: String,
+    pub target: Target,
+    pub payload: Bytes,
+    /// The request's own headers (for Kafka: the record's headers).
+    pub headers: Vec<(String, String)>,
+    pub source: Source,
+    /// When set, the invocation is created only if `seq` is above the last
+    /// sequence number stored for `producer` in this partition.
+    pub dedup: Option<Dedup>,
+    /// Stamped by the proposer.
+    pub created_at_ms: u64,
+    /// The record cannot be delivered: the invocation is created completed
+    /// with this failure, so that it does not hold up its Kafka partition.
+    pub failure: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dedup {
+    pub producer: u64,
+    pub seq: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Target {
+    pub service: String,
+    pub handler: String,
+    /// The Virtual Object or Workflow key; `None` for Services.
+    pub key: Option<String>,
+    pub service_ty: ServiceType,
+    pub handler_ty: HandlerType,
+}
+
+impl Target {
+    /// Whether invocations of this target queue behind each other per key.
+    pub fn is_exclusive(&self) -> bool {
+        self.key.is_some() && matches!(self.handler_ty, HandlerType::Exclusive | HandlerType::Workflow)
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.key {
+            Some(key) => write!(f, "{}/{}/{}", self.service, key, self.handler),
+            None => write!(f, "{}/{}", self.service, self.handler),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Source {
+    Kafka(KafkaSource),
+    Ingress,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KafkaSource {
+    pub subscription: String,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub timestamp_ms: Option<i64>,
+    pub key: Option<Bytes>,
+}
+
+impl KafkaSource {
+    /// The Kafka metadata headers every invocation from a record receives,
+    /// derived here rather than stored with each record.
+    pub fn metadata_headers(&self) -> [(&'static str, String); 6] {
+        [
+            ("restate.subscription.id", self.subscription.clone()),
+            ("kafka.topic", self.topic.clone()),
+            ("kafka.partition", self.partition.to_string()),
+            ("kafka.offset", self.offset.to_string()),
+            ("kafka.timestamp", self.timestamp_ms.map(|t| t.to_string()).unwrap_or_default()),
+            ("kafka.key", self.key.as_deref().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default()),
+        ]
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServiceType {
+    Service,
+    VirtualObject,
+    Workflow,
+}
+
+impl ServiceType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceType::Service => "Service",
+            ServiceType::VirtualObject => "VirtualObject",
+            ServiceType::Workflow => "Workflow",
+        }
+    }
+
+    pub fn is_keyed(self) -> bool {
+        !matches!(self, ServiceType::Service)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HandlerType {
+    Exclusive,
+    Shared,
+    Workflow,
+}
+
+impl HandlerType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandlerType::Exclusive => "Exclusive",
+            HandlerType::Shared => "Shared",
+            HandlerType::Workflow => "Workflow",
+        }
+    }
+}
+
+/// An HTTP endpoint serving services written with a Restate SDK.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deployment {
+    /// `dp_...`
+    pub id: String,
+    pub uri: String,
+    pub protocol_mode: ProtocolMode,
+    pub http2: bool,
+    pub min_protocol_version: u32,
+    pub max_protocol_version: u32,
+    pub additional_headers: BTreeMap<String, String>,
+    pub services: Vec<ServiceDef>,
+    pub created_at_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ProtocolMode {
+    RequestResponse,
+    BidiStream,
+}
+
+impl ProtocolMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProtocolMode::RequestResponse => "REQUEST_RESPONSE",
+            ProtocolMode::BidiStream => "BIDI_STREAM",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceDef {
+    pub name: String,
+    pub ty: ServiceType,
+    pub handlers: Vec<HandlerDef>,
+}
+
+impl ServiceDef {
+    pub fn handler(&self, name: &str) -> Option<&HandlerDef> {
+        self.handlers.iter().find(|h| h.name == name)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandlerDef {
+    pub name: String,
+    pub ty: HandlerType,
+}
+
+/// `kafka://<cluster>/<topic>` -> `service://<service>/<handler>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subscription {
+    /// `sub_...`
+    pub id: String,
+    pub cluster: String,
+    pub topic: String,
+    pub service: String,
+    pub handler: String,
+    /// librdkafka options, including the resolved `group.id`.
+    pub options: BTreeMap<String, String>,
+    pub created_at_ms: u64,
+}
+
+impl Subscription {
+    pub fn source(&self) -> String {
+        format!("kafka://{}/{}", self.cluster, self.topic)
+    }
+
+    pub fn sink(&self) -> String {
+        format!("service://{}/{}", self.service, self.handler)
+    }
+
+    pub fn group_id(&self) -> &str {
+        self.options.get("group.id").map(String::as_str).unwrap_or(&self.id)
+    }
+}

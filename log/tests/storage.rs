@@ -1,0 +1,102 @@
+//! The sled store against openraft's storage contract, and a node's log
+//! surviving a restart.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use ferry_log::storage::{self, Flusher, LogStore, StateMachineStore};
+use ferry_log::wire::v1::{Command, Dedup, HandlerType, Invoke, Response, ServiceType, Source, Target};
+use ferry_log::{partition_group, LogNode, NodeId, Options, TypeConfig};
+use openraft::testing::{StoreBuilder, Suite};
+use openraft::StorageError;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+struct SledBuilder;
+
+impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> for SledBuilder {
+    async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError<NodeId>> {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let flusher = Flusher::start(db.clone(), 64, &TaskTracker::new(), CancellationToken::new());
+        let (log, sm) = storage::open(&db, 1, flusher).unwrap();
+        Ok((dir, log, sm))
+    }
+}
+
+#[test]
+fn sled_store_passes_openraft_suite() {
+    if let Err(e) = Suite::test_all(SledBuilder) {
+        panic!("storage suite failed: {e}");
+    }
+}
+
+fn invoke(i: u64) -> Invoke {
+    Invoke {
+        id: format!("inv_{i:032x}"),
+        target: Target {
+            service: "S".to_owned(),
+            handler: "h".to_owned(),
+            key: None,
+            service_ty: ServiceType::Service,
+            handler_ty: HandlerType::Shared,
+        },
+        payload: Bytes::from(format!("payload-{i}")),
+        headers: vec![],
+        source: Source::Ingress,
+        dedup: Some(Dedup { producer: 42, seq: i }),
+        created_at_ms: 1,
+        failure: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_invocations_survive_a_restart_and_stay_deduplicated() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = Options::single_node(dir.path().to_owned(), 2);
+    options.advertised_address = "127.0.0.1:1".to_owned();
+    // Snapshot often, so that the restart covers snapshot + log replay.
+    options.snapshot_entries_since_last = 10;
+    options.entries_kept_after_snapshot = 2;
+
+    for round in 0..2u64 {
+        let tracker = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        let node = LogNode::open(options.clone(), &tracker, cancel.clone()).await.unwrap();
+        node.wait_for_leadership(Duration::from_secs(10)).await.unwrap();
+        // The second round re-sends everything: all of it is dropped as duplicates.
+        for i in 0..50u64 {
+            let r = node.propose(partition_group(0), Command::Invoke(vec![invoke(i)].into())).await.unwrap();
+            let expected = if round == 0 {
+                Response::Invoked { created: 1, deduplicated: 0 }
+            } else {
+                Response::Invoked { created: 0, deduplicated: 1 }
+            };
+            assert_eq!(r, expected, "round {round}, record {i}");
+        }
+        let count = node.read_partition(0, |p| p.invocation_count()).unwrap();
+        assert_eq!(count, 50);
+        assert_eq!(node.read_partition(0, |p| p.last_seq(42)).unwrap(), Some(49));
+        node.shutdown().await;
+        cancel.cancel();
+        tracker.close();
+        tracker.wait().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_count_is_fixed_at_creation() {
+    let dir = tempfile::tempdir().unwrap();
+    let tracker = TaskTracker::new();
+    let cancel = CancellationToken::new();
+    let options = Options::single_node(dir.path().to_owned(), 2);
+    let node = LogNode::open(options.clone(), &tracker, cancel.clone()).await.unwrap();
+    node.wait_for_leadership(Duration::from_secs(10)).await.unwrap();
+    node.shutdown().await;
+    drop(node);
+    cancel.cancel();
+    tracker.close();
+    tracker.wait().await;
+    let err = LogNode::open(Options { partitions: 3, ..options }, &tracker, cancel.clone()).await.err().unwrap();
+    assert!(err.to_string().contains("created with 2 partitions"), "{err}");
+}

@@ -1,0 +1,353 @@
+//! Configuration: built-in defaults, then a TOML file (`--config-file` or
+//! `FERRY_CONFIG`), then `FERRY_` environment variables with `__` between
+//! levels, then command-line flags; validated before anything starts.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use ferry_ingress::ClusterOptions;
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// Environment variables with the `FERRY_` prefix that are not configuration keys.
+const NON_CONFIG_ENV: [&str; 2] = ["config", "admin_address"];
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
+pub struct Config {
+    /// This node's id in the cluster.
+    pub node_id: u64,
+    /// Where the node keeps its data.
+    pub base_dir: PathBuf,
+    /// Node-to-node gRPC and `/metrics`.
+    pub bind_address: SocketAddr,
+    /// The address peers use to reach `bind-address`; derived from it by default.
+    pub advertised_address: Option<String>,
+    /// Partitions of the key space; fixed when the cluster is created.
+    pub partitions: u32,
+    pub admin: AdminConfig,
+    pub ingress: IngressConfig,
+    pub raft: RaftConfig,
+    pub log: LogConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_id: 1,
+            base_dir: PathBuf::from("ferry-data"),
+            bind_address: "0.0.0.0:5122".parse().expect("valid default"),
+            advertised_address: None,
+            partitions: 8,
+            admin: AdminConfig::default(),
+            ingress: IngressConfig::default(),
+            raft: RaftConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
+pub struct AdminConfig {
+    pub bind_address: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig { bind_address: "0.0.0.0:9070".parse().expect("valid default") }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
+pub struct IngressConfig {
+    /// HTTP ingress (invocations over HTTP).
+    pub bind_address: SocketAddr,
+    pub kafka_clusters: Vec<ClusterOptions>,
+    pub kafka: ferry_ingress::Options,
+}
+
+impl Default for IngressConfig {
+    fn default() -> Self {
+        IngressConfig {
+            bind_address: "0.0.0.0:8080".parse().expect("valid default"),
+            kafka_clusters: Vec::new(),
+            kafka: ferry_ingress::Options::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
+pub struct RaftConfig {
+    pub heartbeat_interval_ms: u64,
+    pub election_timeout_ms_min: u64,
+    pub election_timeout_ms_max: u64,
+    /// Build a snapshot of a group after this many applied entries.
+    pub snapshot_entries_since_last: u64,
+    /// Entries kept after a snapshot for followers that lag a little.
+    pub entries_kept_after_snapshot: u64,
+    /// Most appends waiting for one flush to disk.
+    pub flush_queue_max: usize,
+    /// sled's page cache.
+    pub cache_bytes: u64,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        let defaults = ferry_log::Options::single_node(PathBuf::new(), 1);
+        RaftConfig {
+            heartbeat_interval_ms: defaults.heartbeat_interval_ms,
+            election_timeout_ms_min: defaults.election_timeout_min_ms,
+            election_timeout_ms_max: defaults.election_timeout_max_ms,
+            snapshot_entries_since_last: defaults.snapshot_entries_since_last,
+            entries_kept_after_snapshot: defaults.entries_kept_after_snapshot,
+            flush_queue_max: defaults.flush_queue_max,
+            cache_bytes: defaults.cache_bytes,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `tracing` filter directives, e.g. `info,ferry_log=debug`.
+    pub filter: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { filter: "info,openraft=warn".to_owned(), format: LogFormat::Text }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Values given as command-line flags; they override everything else.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub base_dir: Option<PathBuf>,
+    pub node_id: Option<u64>,
+    pub bind_address: Option<String>,
+    pub advertised_address: Option<String>,
+    pub admin_bind_address: Option<String>,
+    pub ingress_bind_address: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("configuration file {0} does not exist")]
+    MissingFile(PathBuf),
+    #[error("invalid configuration: {0}")]
+    Parse(#[from] Box<figment::Error>),
+    #[error("invalid configuration: {key}: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+impl Config {
+    /// Loads the configuration from every source, in order of precedence.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, Error> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(Error::MissingFile(file.to_owned()));
+            }
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment = figment.merge(
+            Env::prefixed("FERRY_")
+                .ignore(&NON_CONFIG_ENV)
+                .map(|key| key.as_str().replace("__", ".").replace('_', "-").into()),
+        );
+        let flags: [(&str, Option<String>); 6] = [
+            ("base-dir", overrides.base_dir.as_ref().map(|p| p.display().to_string())),
+            ("node-id", overrides.node_id.map(|n| n.to_string())),
+            ("bind-address", overrides.bind_address.clone()),
+            ("advertised-address", overrides.advertised_address.clone()),
+            ("admin.bind-address", overrides.admin_bind_address.clone()),
+            ("ingress.bind-address", overrides.ingress_bind_address.clone()),
+        ];
+        for (key, value) in flags {
+            if let Some(value) = value {
+                // Numbers given as flags parse like any other value.
+                let value: figment::value::Value = value.parse().unwrap_or_else(|_| value.into());
+                figment = figment.merge(Serialized::default(key, value));
+            }
+        }
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what types alone cannot.
+    pub fn validate(&self) -> Result<(), Error> {
+        let invalid = |key: &str, reason: String| Err(Error::Invalid { key: key.to_owned(), reason });
+        if self.node_id == 0 {
+            return invalid("node-id", "must be positive".to_owned());
+        }
+        if !(1..=1024).contains(&self.partitions) {
+            return invalid("partitions", format!("{} is not between 1 and 1024", self.partitions));
+        }
+        for (i, cluster) in self.ingress.kafka_clusters.iter().enumerate() {
+            if let Err(reason) = cluster.validate() {
+                return invalid(&format!("ingress.kafka-clusters[{i}]"), reason);
+            }
+            if self.ingress.kafka_clusters[..i].iter().any(|c| c.name == cluster.name) {
+                return invalid(&format!("ingress.kafka-clusters[{i}]"), format!("duplicate name {:?}", cluster.name));
+            }
+        }
+        if let Err(reason) = self.ingress.kafka.validate() {
+            return invalid("ingress.kafka", reason);
+        }
+        let raft = &self.raft;
+        if raft.heartbeat_interval_ms == 0 || raft.election_timeout_ms_min <= raft.heartbeat_interval_ms {
+            return invalid("raft.election-timeout-ms-min", "must be above raft.heartbeat-interval-ms".to_owned());
+        }
+        if raft.election_timeout_ms_max <= raft.election_timeout_ms_min {
+            return invalid("raft.election-timeout-ms-max", "must be above raft.election-timeout-ms-min".to_owned());
+        }
+        if raft.flush_queue_max == 0 || raft.snapshot_entries_since_last == 0 {
+            return invalid("raft", "flush-queue-max and snapshot-entries-since-last must be positive".to_owned());
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
+            return invalid("log.filter", e.to_string());
+        }
+        Ok(())
+    }
+
+    /// The address peers reach this node at.
+    pub fn advertised_address(&self) -> String {
+        match &self.advertised_address {
+            Some(address) => address.clone(),
+            None if self.bind_address.ip().is_unspecified() => format!("127.0.0.1:{}", self.bind_address.port()),
+            None => self.bind_address.to_string(),
+        }
+    }
+
+    pub fn log_options(&self) -> ferry_log::Options {
+        ferry_log::Options {
+            node_id: self.node_id,
+            advertised_address: self.advertised_address(),
+            data_dir: self.base_dir.clone(),
+            partitions: self.partitions,
+            heartbeat_interval_ms: self.raft.heartbeat_interval_ms,
+            election_timeout_min_ms: self.raft.election_timeout_ms_min,
+            election_timeout_max_ms: self.raft.election_timeout_ms_max,
+            snapshot_entries_since_last: self.raft.snapshot_entries_since_last,
+            entries_kept_after_snapshot: self.raft.entries_kept_after_snapshot,
+            flush_queue_max: self.raft.flush_queue_max,
+            cache_bytes: self.raft.cache_bytes,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn clear_env() {
+        for (key, _) in std::env::vars() {
+            if key.starts_with("FERRY_") {
+                std::env::remove_var(key);
+            }
+        }
+    }
+
+    fn write(dir: &tempfile::TempDir, text: &str) -> PathBuf {
+        let path = dir.path().join("ferry.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn defaults_run_a_single_node() {
+        clear_env();
+        let config = Config::load(None, &Overrides::default()).unwrap();
+        assert_eq!(config, Config::default());
+        assert_eq!(config.admin.bind_address.port(), 9070);
+        assert_eq!(config.ingress.bind_address.port(), 8080);
+        assert_eq!(config.bind_address.port(), 5122);
+        assert_eq!(config.advertised_address(), "127.0.0.1:5122");
+    }
+
+    #[test]
+    fn precedence_is_file_then_env_then_flags() {
+        clear_env();
+        let dir = tempfile::tempdir().unwrap();
+        let file = write(
+            &dir,
+            r#"
+            base-dir = "/from/file"
+            partitions = 4
+            [admin]
+            bind-address = "127.0.0.1:1001"
+            [[ingress.kafka-clusters]]
+            name = "my-cluster"
+            brokers = ["PLAINTEXT://127.0.0.1:9092"]
+            "sasl.username" = "me"
+            "session.timeout.ms" = 6000
+            "#,
+        );
+        std::env::set_var("FERRY_ADMIN__BIND_ADDRESS", "127.0.0.1:1002");
+        std::env::set_var("FERRY_PARTITIONS", "16");
+        let overrides = Overrides { admin_bind_address: Some("127.0.0.1:1003".into()), ..Default::default() };
+        let config = Config::load(Some(&file), &overrides).unwrap();
+        assert_eq!(config.base_dir, PathBuf::from("/from/file"));
+        assert_eq!(config.partitions, 16);
+        assert_eq!(config.admin.bind_address.to_string(), "127.0.0.1:1003");
+        let cluster = &config.ingress.kafka_clusters[0];
+        assert_eq!(cluster.name, "my-cluster");
+        assert_eq!(cluster.properties["sasl.username"].to_string(), "me");
+        assert_eq!(cluster.properties["session.timeout.ms"].to_string(), "6000");
+        clear_env();
+    }
+
+    #[test]
+    fn kafka_clusters_from_one_environment_variable() {
+        clear_env();
+        std::env::set_var("FERRY_INGRESS__KAFKA_CLUSTERS", r#"[{name="c",brokers=["PLAINTEXT://127.0.0.1:9092"]}]"#);
+        std::env::set_var("FERRY_CONFIG", "ignored-here");
+        std::env::set_var("FERRY_ADMIN_ADDRESS", "ignored-too");
+        let config = Config::load(None, &Overrides::default()).unwrap();
+        assert_eq!(config.ingress.kafka_clusters.len(), 1);
+        assert_eq!(config.ingress.kafka_clusters[0].brokers, vec!["PLAINTEXT://127.0.0.1:9092".to_owned()]);
+        clear_env();
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        clear_env();
+        let dir = tempfile::tempdir().unwrap();
+        let unknown = write(&dir, "[admin]\nbind-adress = \"127.0.0.1:1\"\n");
+        let err = Config::load(Some(&unknown), &Overrides::default()).unwrap_err().to_string();
+        assert!(err.contains("bind-adress"), "{err}");
+
+        let bad_broker = write(&dir, "[[ingress.kafka-clusters]]\nname = \"c\"\nbrokers = [\"PLAINTEXT://nohost\"]\n");
+        let err = Config::load(Some(&bad_broker), &Overrides::default()).unwrap_err().to_string();
+        assert!(err.contains("ingress.kafka-clusters[0]") && err.contains("nohost"), "{err}");
+
+        let bad_protocol = write(&dir, "[[ingress.kafka-clusters]]\nname = \"c\"\nbrokers = [\"HTTP://h:1\"]\n");
+        let err = Config::load(Some(&bad_protocol), &Overrides::default()).unwrap_err().to_string();
+        assert!(err.contains("unknown protocol"), "{err}");
+
+        let bad_address = write(&dir, "bind-address = \"nope\"\n");
+        let err = Config::load(Some(&bad_address), &Overrides::default()).unwrap_err().to_string();
+        assert!(err.contains("bind-address") || err.contains("bind_address"), "{err}");
+
+        std::env::set_var("FERRY_NOT_A_KEY", "1");
+        let err = Config::load(None, &Overrides::default()).unwrap_err().to_string();
+        assert!(err.contains("not-a-key"), "{err}");
+        clear_env();
+
+        let err = Config::load(Some(Path::new("/no/such/ferry.toml")), &Overrides::default()).unwrap_err();
+        assert!(matches!(err, Error::MissingFile(_)));
+    }
+}

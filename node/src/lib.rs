@@ -1,0 +1,95 @@
+//! The Ferry server: wires the log, the admin API and the Kafka ingress of one
+//! node together, and shuts them down in order.
+
+pub mod config;
+
+use std::time::Duration;
+
+use anyhow::Context;
+use ferry_admin::Admin;
+use ferry_ingress::KafkaIngress;
+use ferry_invoker::Discovery;
+use ferry_log::LogNode;
+use ferry_proto::cluster::node_service_server::NodeServiceServer;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info};
+
+pub use config::Config;
+
+async fn bind(what: &str, address: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(address).await.with_context(|| format!("cannot bind {what} {address}"))
+}
+
+/// Runs a node until `shutdown` fires. Stops, in order: Kafka consumers (their
+/// last offsets committed), the admin API, the node port, then the Raft groups.
+pub async fn run(config: Config, metrics: PrometheusHandle, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let node_listener = bind("bind-address", config.bind_address).await?;
+    let admin_listener = bind("admin.bind-address", config.admin.bind_address).await?;
+
+    let log_tasks = TaskTracker::new();
+    let log_cancel = CancellationToken::new();
+    let log = LogNode::open(config.log_options(), &log_tasks, log_cancel.clone())
+        .await
+        .with_context(|| format!("cannot open the log in {}", config.base_dir.display()))?;
+
+    let servers = TaskTracker::new();
+    let servers_cancel = CancellationToken::new();
+    let node_service = NodeServiceServer::new(log.node_server())
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
+    let node_app = tonic::service::Routes::new(node_service)
+        .into_axum_router()
+        .route("/metrics", axum::routing::get(move || std::future::ready(metrics.render())));
+    let cancel = servers_cancel.clone();
+    let failed = shutdown.clone();
+    servers.spawn(async move {
+        if let Err(e) = axum::serve(node_listener, node_app).with_graceful_shutdown(cancel.cancelled_owned()).await {
+            error!("node server failed: {e}");
+            failed.cancel();
+        }
+    });
+
+    log.wait_for_leadership(Duration::from_secs(30)).await.context("raft groups elected no leader")?;
+
+    let admin = Admin::new(log.clone(), Discovery::default(), config.ingress.kafka_clusters.clone());
+    let cancel = servers_cancel.clone();
+    let failed = shutdown.clone();
+    servers.spawn(async move {
+        if let Err(e) = ferry_admin::server::serve(admin_listener, admin, cancel).await {
+            error!("admin server failed: {e}");
+            failed.cancel();
+        }
+    });
+
+    let ingress_cancel = CancellationToken::new();
+    let ingress = KafkaIngress::new(log.clone(), config.ingress.kafka_clusters.clone(), config.ingress.kafka.clone());
+    let ingress_task = tokio::spawn(ingress.run(ingress_cancel.clone()));
+
+    info!(
+        node_id = config.node_id,
+        admin = %config.admin.bind_address,
+        node = %config.bind_address,
+        partitions = config.partitions,
+        base_dir = %config.base_dir.display(),
+        "ferry is ready"
+    );
+
+    shutdown.cancelled().await;
+    info!("shutting down");
+    ingress_cancel.cancel();
+    if let Err(e) = ingress_task.await {
+        error!("kafka ingress ended abnormally: {e}");
+    }
+    servers_cancel.cancel();
+    servers.close();
+    servers.wait().await;
+    log.shutdown().await;
+    log_cancel.cancel();
+    log_tasks.close();
+    log_tasks.wait().await;
+    info!("stopped");
+    Ok(())
+}

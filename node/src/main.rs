@@ -1,0 +1,118 @@
+//! `ferry-server`: runs one Ferry node.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use ferry_node::config::{Config, LogFormat, Overrides};
+use tokio_util::sync::CancellationToken;
+
+/// Runs a Ferry node. With no configuration at all it serves a single-node
+/// cluster: admin API on :9070, node port on :5122, data in ./ferry-data.
+#[derive(Parser, Debug)]
+#[command(name = "ferry-server", version)]
+struct Cli {
+    /// A TOML configuration file.
+    #[arg(long, env = "FERRY_CONFIG")]
+    config_file: Option<PathBuf>,
+    /// Where the node keeps its data (`base-dir`).
+    #[arg(long)]
+    base_dir: Option<PathBuf>,
+    /// This node's id (`node-id`).
+    #[arg(long)]
+    node_id: Option<u64>,
+    /// Node-to-node gRPC and /metrics (`bind-address`).
+    #[arg(long)]
+    bind_address: Option<String>,
+    /// The address peers reach this node at (`advertised-address`).
+    #[arg(long)]
+    advertised_address: Option<String>,
+    /// The admin API (`admin.bind-address`).
+    #[arg(long)]
+    admin_bind_address: Option<String>,
+    /// The HTTP ingress (`ingress.bind-address`).
+    #[arg(long)]
+    ingress_bind_address: Option<String>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    dump_config: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let overrides = Overrides {
+        base_dir: cli.base_dir,
+        node_id: cli.node_id,
+        bind_address: cli.bind_address,
+        advertised_address: cli.advertised_address,
+        admin_bind_address: cli.admin_bind_address,
+        ingress_bind_address: cli.ingress_bind_address,
+    };
+    let config = match Config::load(cli.config_file.as_deref(), &overrides) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("ferry-server: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.dump_config {
+        match toml_string(&config) {
+            Ok(text) => {
+                print!("{text}");
+                return ExitCode::SUCCESS;
+            }
+            Err(e) => {
+                eprintln!("ferry-server: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    init_tracing(&config);
+    let metrics = match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
+        Ok(handle) => handle,
+        Err(e) => {
+            eprintln!("ferry-server: cannot install the metrics recorder: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let result = runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        let signals = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            signals.cancel();
+        });
+        ferry_node::run(config, metrics, shutdown).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("ferry-server: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn toml_string(config: &Config) -> Result<String, String> {
+    toml::to_string(config).map_err(|e| e.to_string())
+}
+
+fn init_tracing(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.filter).expect("validated filter");
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+}

@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# Kafka-compatible test broker (tansu 0.6, in-memory storage) for Ferry's end-to-end tests.
+#
+# Usage:
+#   scripts/broker.sh install          install tansu 0.6.x if missing; prints the binary's path
+#   scripts/broker.sh start            start a broker on 127.0.0.1 (port $BROKER_PORT or a free one);
+#                                      prints "BROKER=127.0.0.1:PORT", "PID=<pid>" and "LOG=<file>"
+#   scripts/broker.sh stop PID         stop a broker started by `start`
+#
+# Environment:
+#   BROKER_PORT           port to listen on (default: a free loopback port)
+#   BROKER_LOG            log file (default: ${TMPDIR:-/tmp}/ferry-tansu-PORT.log)
+#   BROKER_CLUSTER_ID     Kafka cluster id (default: ferry_test)
+#   BROKER_START_TIMEOUT  seconds to wait for the port (default: 30)
+#
+# The broker is in-memory: everything is lost when it stops. Topics are auto-created
+# on first metadata/produce request with 1 partition only; create multi-partition
+# topics explicitly (e.g. `tansu topic create NAME --partitions 4 --broker tcp://127.0.0.1:PORT`).
+set -euo pipefail
+
+TANSU_VERSION_REQ='^0.6'
+
+die() { echo "broker.sh: $*" >&2; exit 1; }
+
+tansu_ok() {
+    command -v tansu >/dev/null 2>&1 || return 1
+    # `tansu --version` prints e.g. "tansu 0.6.0"
+    tansu --version 2>/dev/null | grep -Eq '^tansu 0\.6\.[0-9]+'
+}
+
+cmd_install() {
+    export PATH="$HOME/.cargo/bin:$PATH"
+    if ! tansu_ok; then
+        echo "broker.sh: installing tansu $TANSU_VERSION_REQ (this takes several minutes)..." >&2
+        cargo install --locked tansu --version "$TANSU_VERSION_REQ" --features dynostore >&2
+        tansu_ok || die "tansu still not usable after install"
+    fi
+    command -v tansu
+}
+
+free_port() {
+    python3 - <<'EOF' 2>/dev/null && return 0
+import socket
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])
+s.close()
+EOF
+    # fallback: random high port not currently listening
+    local p
+    for _ in $(seq 1 50); do
+        p=$(( 20000 + RANDOM % 40000 ))
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return 0; fi
+    done
+    return 1
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+cmd_start() {
+    export PATH="$HOME/.cargo/bin:$PATH"
+    tansu_ok || die "tansu 0.6.x not found on PATH; run: $0 install"
+    local port="${BROKER_PORT:-}"
+    [ -n "$port" ] || port=$(free_port) || die "could not find a free port"
+    port_open "$port" && die "port $port on 127.0.0.1 is already in use"
+    local log="${BROKER_LOG:-${TMPDIR:-/tmp}/ferry-tansu-$port.log}"
+    local timeout="${BROKER_START_TIMEOUT:-30}"
+    local url="tcp://127.0.0.1:$port"
+
+    # tansu also reads its flags from these env vars; clear them so that a stray
+    # environment cannot override ours (e.g. make it listen on 0.0.0.0 or export OTLP).
+    # RUST_LOG defaults to info so that the log file is useful.
+    env -u CLUSTER_ID -u LISTENER_URL -u ADVERTISED_LISTENER_URL -u STORAGE_ENGINE \
+        -u SCHEMA_REGISTRY -u OTEL_EXPORTER_OTLP_ENDPOINT \
+        RUST_LOG="${RUST_LOG:-info}" \
+        setsid tansu broker \
+            --cluster-id "${BROKER_CLUSTER_ID:-ferry_test}" \
+            --storage-engine memory://tansu/ \
+            --listener-url "$url" \
+            --advertised-listener-url "$url" \
+            </dev/null >"$log" 2>&1 &
+    local pid=$!
+
+    local deadline=$(( $(date +%s) + timeout ))
+    until port_open "$port"; do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            echo "broker.sh: tansu exited during startup; log $log:" >&2
+            tail -n 30 "$log" >&2 || true
+            exit 1
+        fi
+        if [ "$(date +%s)" -ge "$deadline" ]; then
+            kill "$pid" 2>/dev/null || true
+            die "tansu did not open port $port within ${timeout}s (log: $log)"
+        fi
+        sleep 0.1
+    done
+    echo "BROKER=127.0.0.1:$port"
+    echo "PID=$pid"
+    echo "LOG=$log"
+}
+
+cmd_stop() {
+    local pid="${1:-}"
+    [[ "$pid" =~ ^[0-9]+$ ]] || die "usage: $0 stop PID"
+    kill -0 "$pid" 2>/dev/null || { echo "broker.sh: pid $pid not running" >&2; return 0; }
+    # refuse to kill anything that is not tansu
+    local comm
+    comm=$(cat "/proc/$pid/comm" 2>/dev/null || ps -o comm= -p "$pid" 2>/dev/null || true)
+    [ "$comm" = "tansu" ] || die "pid $pid is '$comm', not tansu; not stopping it"
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do
+        kill -0 "$pid" 2>/dev/null || return 0
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+}
+
+case "${1:-}" in
+    install) cmd_install ;;
+    start) cmd_start ;;
+    stop) shift; cmd_stop "$@" ;;
+    *) echo "usage: $0 {install|start|stop PID}" >&2; exit 2 ;;
+esac

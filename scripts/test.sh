@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The whole test suite, exactly as CI runs it: installs what the tests need
+# (a C toolchain for librdkafka, the tansu broker), then checks formatting,
+# lints with warnings denied, builds every binary and runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+
+step() { printf '\n==> %s\n' "$*"; }
+
+missing=()
+for tool in cc c++ make perl pkg-config; do
+    command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    step "installing build tools (missing: ${missing[*]})"
+    sudo_cmd=""
+    [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+    $sudo_cmd apt-get update -q
+    $sudo_cmd apt-get install -y -q build-essential pkg-config perl
+fi
+
+step "test broker"
+scripts/broker.sh install
+
+if ! command -v cargo-nextest >/dev/null 2>&1; then
+    step "installing cargo-nextest"
+    cargo install --locked cargo-nextest
+fi
+
+step "cargo fmt --check"
+cargo fmt --all --check
+
+step "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "building binaries"
+cargo build --workspace --bins --locked
+
+step "tests"
+cargo nextest run --workspace --locked --no-fail-fast
