@@ -12,10 +12,19 @@
 #   BROKER_LOG            log file (default: ${TMPDIR:-/tmp}/ferry-tansu-PORT.log)
 #   BROKER_CLUSTER_ID     Kafka cluster id (default: ferry_test)
 #   BROKER_START_TIMEOUT  seconds to wait for the port (default: 30)
+#   BROKER_RUST_LOG       tansu's log filter (default: warn; "info" writes ~1 GB per 20 min of tests)
 #
-# The broker is in-memory: everything is lost when it stops. Topics are auto-created
-# on first metadata/produce request with 1 partition only; create multi-partition
-# topics explicitly (e.g. `tansu topic create NAME --partitions 4 --broker tcp://127.0.0.1:PORT`).
+# The broker is in-memory: everything is lost when it stops. tansu does NOT auto-create
+# topics: create them first, e.g. with the CreateTopics API or
+#   tansu topic create NAME --partitions 4 --broker tcp://127.0.0.1:PORT
+# Known tansu 0.6 quirks that tests must work around:
+#  - produce test records one per batch (librdkafka `batch.num.messages=1`): a Fetch from
+#    an offset inside a multi-record batch silently skips the rest of that batch, and
+#    ListOffsets(latest) returns "base offset of the newest batch + 1";
+#  - with eager assignors (librdkafka's default "range,roundrobin") the partitions of a
+#    consumer that dies without leaving the group are not reassigned; use
+#    partition.assignment.strategy=cooperative-sticky or assign() partitions manually;
+#  - clients must bundle librdkafka >= 2.2 (Debian 12's 2.0.2 cannot parse its ApiVersions).
 set -euo pipefail
 
 TANSU_VERSION_REQ='^0.6'
@@ -69,10 +78,10 @@ cmd_start() {
 
     # tansu also reads its flags from these env vars; clear them so that a stray
     # environment cannot override ours (e.g. make it listen on 0.0.0.0 or export OTLP).
-    # RUST_LOG defaults to info so that the log file is useful.
+    # RUST_LOG is not inherited (a test run's RUST_LOG=debug would make tansu write GBs).
     env -u CLUSTER_ID -u LISTENER_URL -u ADVERTISED_LISTENER_URL -u STORAGE_ENGINE \
         -u SCHEMA_REGISTRY -u OTEL_EXPORTER_OTLP_ENDPOINT \
-        RUST_LOG="${RUST_LOG:-info}" \
+        RUST_LOG="${BROKER_RUST_LOG:-warn}" NO_COLOR=1 \
         setsid tansu broker \
             --cluster-id "${BROKER_CLUSTER_ID:-ferry_test}" \
             --storage-engine memory://tansu/ \

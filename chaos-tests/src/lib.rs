@@ -94,8 +94,15 @@ impl Broker {
         Ok(())
     }
 
+    /// A producer that writes one record per batch: tansu 0.6 drops the rest
+    /// of a batch when a consumer resumes from an offset inside it.
     pub fn producer(&self) -> Result<FutureProducer> {
-        Ok(self.client_config().set("linger.ms", "5").set("message.timeout.ms", "60000").create()?)
+        Ok(self
+            .client_config()
+            .set("linger.ms", "2")
+            .set("batch.num.messages", "1")
+            .set("message.timeout.ms", "60000")
+            .create()?)
     }
 }
 
@@ -194,7 +201,12 @@ impl Node {
     async fn spawn(&mut self) -> Result<()> {
         std::fs::create_dir_all(&self.base_dir)?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.base_dir.join("node.log"))?;
-        let child = Command::new(binary("ferry-server")?)
+        let mut command = Command::new(binary("ferry-server")?);
+        // Only the configuration this harness chooses reaches the node.
+        for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("FERRY_")) {
+            command.env_remove(key);
+        }
+        let child = command
             .arg("--base-dir")
             .arg(&self.base_dir)
             .args(["--bind-address", &format!("127.0.0.1:{}", self.node_port)])
@@ -280,6 +292,16 @@ impl Node {
 
     pub async fn post(&self, path: &str, body: Value) -> Result<(u16, Value)> {
         self.admin(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    /// The sum of a Prometheus counter over all its label sets, from `/metrics`.
+    pub async fn metric(&self, name: &str) -> Result<f64> {
+        let text = self.http.get(format!("http://127.0.0.1:{}/metrics", self.node_port)).send().await?.text().await?;
+        Ok(text
+            .lines()
+            .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with(['{', ' '])))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
     }
 
     /// Every invocation, page by page.

@@ -176,6 +176,9 @@ pub fn consumer_config(cluster: &ClusterOptions, subscription: &Subscription, cl
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", cluster.brokers.join(","));
     config.set("client.id", client_id);
+    // Incremental rebalances move only the partitions that change owner, so a
+    // node joining or leaving does not pause every other node's partitions.
+    config.set("partition.assignment.strategy", "cooperative-sticky");
     for (k, v) in &cluster.properties {
         config.set(k, v.to_string());
     }

@@ -1,0 +1,166 @@
+//! SIGKILL a node at random points while records flow: afterwards every offset
+//! has exactly one invocation, and Kafka's committed offsets never ran ahead
+//! of the log. A failing run prints its seed; `CHAOS_SEED=<seed>` replays
+//! the same kill schedule.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use ferry_chaos_tests::{eventually, produce, Broker, Handlers, Node, Record};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::json;
+
+const TOPIC: &str = "events";
+const PARTITIONS: i32 = 4;
+/// Records are produced in chunks until the kills are over, and at least this many chunks.
+const CHUNKS_MIN: usize = 40;
+const CHUNK: usize = 200;
+const KILLS: usize = 3;
+
+/// The offsets committed to Kafka for `group`, per partition.
+fn committed(broker: &Broker, group: &str) -> Result<BTreeMap<i32, i64>> {
+    let consumer: BaseConsumer =
+        ClientConfig::new().set("bootstrap.servers", broker.bootstrap()).set("group.id", group).create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition(TOPIC, p);
+    }
+    let offsets = consumer.committed_offsets(tpl, Duration::from_secs(10))?;
+    Ok(offsets
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some((e.partition(), o)),
+            _ => None,
+        })
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_loses_and_doubles_nothing() -> Result<()> {
+    let seed: u64 = match std::env::var("CHAOS_SEED") {
+        Ok(s) => s.parse().context("CHAOS_SEED")?,
+        Err(_) => rand::rng().random(),
+    };
+    println!("seed {seed} (rerun with CHAOS_SEED={seed})");
+    let mut rng = StdRng::seed_from_u64(seed);
+
+    let broker = Broker::start().await?;
+    let handlers = Handlers::start().await?;
+    let dir = tempfile::tempdir()?;
+    let mut node = Node::start(&dir.path().join("node"), &broker).await?;
+    let (status, body) = node.post("/deployments", json!({ "uri": handlers.uri })).await?;
+    assert_eq!(status, 201, "{body}");
+    broker.create_topic(TOPIC, PARTITIONS).await?;
+    let mut subscriptions = Vec::new();
+    for sink in ["service://Counter/add", "service://Sink/handle"] {
+        let (status, body) = node
+            .post(
+                "/subscriptions",
+                json!({"source": format!("kafka://my-cluster/{TOPIC}"), "sink": sink,
+                       "options": {"auto.offset.reset": "earliest", "session.timeout.ms": "6000",
+                                   "auto.commit.interval.ms": "200"}}),
+            )
+            .await?;
+        assert_eq!(status, 201, "{body}");
+        subscriptions.push(body["id"].as_str().unwrap().to_owned());
+    }
+
+    let producer = broker.producer()?;
+    let kills_done = Arc::new(AtomicBool::new(false));
+    let stop = kills_done.clone();
+    let producing = tokio::spawn(async move {
+        let mut produced = Vec::new();
+        let mut chunk = 0;
+        while chunk < CHUNKS_MIN || !stop.load(Ordering::Relaxed) {
+            let records: Vec<Record> = (0..CHUNK)
+                .map(|i| {
+                    let n = chunk * CHUNK + i;
+                    Record {
+                        key: Some(format!("k{}", n % 97).into_bytes()),
+                        payload: n.to_string().into_bytes(),
+                        headers: vec![],
+                    }
+                })
+                .collect();
+            produced.extend(produce(&producer, TOPIC, &records).await?);
+            tokio::time::sleep(Duration::from_millis(40)).await;
+            chunk += 1;
+        }
+        anyhow::Ok(produced)
+    });
+
+    let mut snapshots: Vec<BTreeMap<String, BTreeMap<i32, i64>>> = Vec::new();
+    for kill in 0..KILLS {
+        // Kill while records flow: once this process has appended some, at a
+        // random point after that.
+        eventually(Duration::from_secs(60), "the node to append records", || async {
+            Ok((node.metric("ferry_ingress_records_appended_total").await? > 0.0).then_some(()))
+        })
+        .await?;
+        let delay = Duration::from_millis(rng.random_range(0..1500));
+        tokio::time::sleep(delay).await;
+        node.kill().await;
+        let mut snapshot = BTreeMap::new();
+        for sub in &subscriptions {
+            snapshot.insert(sub.clone(), committed(&broker, sub)?);
+        }
+        println!("kill {kill} after {delay:?}: committed {snapshot:?}");
+        snapshots.push(snapshot);
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..300))).await;
+        node.restart().await?;
+    }
+    kills_done.store(true, Ordering::Relaxed);
+    let produced = producing.await??;
+    assert!(produced.len() >= CHUNKS_MIN * CHUNK);
+    let produced: HashSet<(i64, i64)> = produced.into_iter().map(|(p, o)| (p as i64, o)).collect();
+
+    for sub in &subscriptions {
+        let invocations = eventually(Duration::from_secs(240), "every record to be invoked", || async {
+            let all = node.invocations(&format!("subscription={sub}")).await?;
+            Ok((all.len() >= produced.len()).then_some(all))
+        })
+        .await
+        .with_context(|| node.log_tail())?;
+        let mut seen = HashSet::new();
+        for inv in &invocations {
+            let at = (inv["source"]["partition"].as_i64().unwrap(), inv["source"]["offset"].as_i64().unwrap());
+            assert!(seen.insert(at), "offset {at:?} of {sub} was invoked twice");
+            assert!(produced.contains(&at), "invocation of an offset never produced: {at:?}");
+        }
+        assert_eq!(seen, produced, "subscription {sub}: every produced offset exactly once");
+    }
+
+    // Committed offsets only move forward, and everything below them was in
+    // the log when the node died: none of it is read again after a restart,
+    // so the complete set of invocations above proves it was durable.
+    for sub in &subscriptions {
+        let mut last: BTreeMap<i32, i64> = BTreeMap::new();
+        for snapshot in &snapshots {
+            for (&p, &o) in &snapshot[sub] {
+                let previous = last.insert(p, o).unwrap_or(0);
+                assert!(o >= previous, "{sub} partition {p}: committed offset went back from {previous} to {o}");
+            }
+        }
+    }
+    // With the log caught up, the committed offsets reach the end of the topic.
+    let mut ends = BTreeMap::new();
+    for &(p, o) in &produced {
+        let end = ends.entry(p as i32).or_insert(0);
+        *end = (*end).max(o + 1);
+    }
+    for sub in &subscriptions {
+        eventually(Duration::from_secs(60), "offsets committed to the end", || async {
+            Ok((committed(&broker, sub)? == ends).then_some(()))
+        })
+        .await?;
+    }
+    Ok(())
+}
