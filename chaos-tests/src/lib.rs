@@ -25,9 +25,14 @@ pub fn free_port() -> u16 {
 
 /// The directory cargo puts this workspace's binaries in.
 pub fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>
-    exe.parent().and_then(Path::parent).expect("target dir").to_owned()
+    let exe = std::env::current_exe().expect("executable path");
+    // Tests run from target/<profile>/deps, binaries from target/<profile>.
+    let dir = exe.parent().expect("executable dir");
+    if dir.ends_with("deps") {
+        dir.parent().expect("target dir").to_owned()
+    } else {
+        dir.to_owned()
+    }
 }
 
 fn binary(name: &str) -> Result<PathBuf> {
@@ -57,7 +62,10 @@ pub struct Broker {
 
 impl Broker {
     pub async fn start() -> Result<Broker> {
-        let port = free_port();
+        Self::start_on(free_port()).await
+    }
+
+    pub async fn start_on(port: u16) -> Result<Broker> {
         let url = format!("tcp://127.0.0.1:{port}");
         let child = Command::new("tansu")
             .args(["broker", "--storage-engine", "memory://tansu/", "--listener-url", &url])
@@ -177,10 +185,15 @@ pub struct Node {
 impl Node {
     /// Starts a node whose one Kafka cluster, `my-cluster`, is `broker`.
     pub async fn start(base_dir: &Path, broker: &Broker) -> Result<Node> {
+        Self::start_for_broker(base_dir, &broker.bootstrap()).await
+    }
+
+    /// Starts a node whose one Kafka cluster, `my-cluster`, is at `bootstrap`.
+    pub async fn start_for_broker(base_dir: &Path, bootstrap: &str) -> Result<Node> {
         let mut env = BTreeMap::new();
         env.insert(
             "FERRY_INGRESS__KAFKA_CLUSTERS".to_owned(),
-            format!(r#"[{{name="my-cluster",brokers=["PLAINTEXT://{}"]}}]"#, broker.bootstrap()),
+            format!(r#"[{{name="my-cluster",brokers=["PLAINTEXT://{bootstrap}"]}}]"#),
         );
         Self::start_with(base_dir, env).await
     }
@@ -237,6 +250,11 @@ impl Node {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// The operating-system process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
     }
 
     pub fn log_tail(&self) -> String {

@@ -273,3 +273,41 @@ async fn undeliverable_records_fail_without_blocking_their_partition() -> Result
     assert_eq!(node.metric("ferry_ingress_records_undeliverable_total").await?, 3.0);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumption_waits_out_a_broker_that_is_down() -> Result<()> {
+    let handlers = Handlers::start().await?;
+    let dir = tempfile::tempdir()?;
+    let port = ferry_chaos_tests::free_port();
+    // The node starts, registers and subscribes while no broker listens.
+    let node = Node::start_for_broker(&dir.path().join("node"), &format!("127.0.0.1:{port}")).await?;
+    let (status, body) = node.post("/deployments", json!({ "uri": handlers.uri })).await?;
+    assert_eq!(status, 201, "{body}");
+    // The topic does not exist before the broker does: look for it often.
+    let (status, body) = node
+        .post(
+            "/subscriptions",
+            json!({"source": "kafka://my-cluster/late", "sink": "service://Sink/handle",
+                   "options": {"auto.offset.reset": "earliest", "topic.metadata.refresh.interval.ms": "1000"}}),
+        )
+        .await?;
+    assert_eq!(status, 201, "{body}");
+    let sub = body["id"].as_str().unwrap().to_owned();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(node.get("/health").await?, json!({}), "the node stays up");
+
+    let broker = Broker::start_on(port).await?;
+    broker.create_topic("late", 2).await?;
+    let records: Vec<Record> =
+        (0..50).map(|i| Record { key: None, payload: i.to_string().into_bytes(), headers: vec![] }).collect();
+    produce(&broker.producer()?, "late", &records).await?;
+    let invocations = eventually(Duration::from_secs(90), "50 invocations once the broker is up", || async {
+        let all = node.invocations(&format!("subscription={sub}")).await?;
+        Ok((all.len() >= 50).then_some(all))
+    })
+    .await
+    .with_context(|| node.log_tail())?;
+    assert_eq!(by_offset(&invocations).len(), 50);
+    assert!(node.metric("ferry_ingress_consumer_errors_total").await? > 0.0, "broker errors are counted");
+    Ok(())
+}

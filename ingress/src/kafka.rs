@@ -151,23 +151,18 @@ impl Options {
 
 struct Backoff {
     next_ms: u64,
-    initial_ms: u64,
     max_ms: u64,
 }
 
 impl Backoff {
     fn new(initial_ms: u64, max_ms: u64) -> Self {
-        Backoff { next_ms: initial_ms, initial_ms, max_ms }
+        Backoff { next_ms: initial_ms, max_ms }
     }
 
     fn next(&mut self) -> Duration {
         let delay = self.next_ms;
         self.next_ms = (delay * 2).min(self.max_ms);
         Duration::from_millis(delay)
-    }
-
-    fn reset(&mut self) {
-        self.next_ms = self.initial_ms;
     }
 }
 
@@ -319,7 +314,6 @@ impl SubscriptionWorker {
         let workers = TaskTracker::new();
         let mut partitions: HashMap<i32, mpsc::Sender<Record>> = HashMap::new();
         let labels = [("subscription", sub.id.clone())];
-        backoff.reset();
         loop {
             let message = tokio::select! {
                 message = consumer.recv() => message,
@@ -328,16 +322,13 @@ impl SubscriptionWorker {
             let message = match message {
                 Ok(message) => message,
                 Err(e) => {
-                    let delay = backoff.next();
-                    warn!(subscription = %sub.id, topic = %sub.topic, "Kafka consumer error: {e}; retrying in {delay:?}");
+                    // librdkafka reconnects with its own backoff
+                    // (reconnect.backoff.ms); errors here only report it.
+                    warn!(subscription = %sub.id, topic = %sub.topic, "Kafka consumer error: {e}");
                     metrics::counter!("ferry_ingress_consumer_errors_total", &labels).increment(1);
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => continue,
-                        _ = cancel.cancelled() => break,
-                    }
+                    continue;
                 }
             };
-            backoff.reset();
             let partition = message.partition();
             let record = Record {
                 offset: message.offset(),
@@ -400,6 +391,7 @@ impl SubscriptionWorker {
 struct Lane {
     invokes: Vec<Invoke>,
     offsets: Vec<i64>,
+    timestamps: Vec<Option<i64>>,
     busy: bool,
 }
 
@@ -412,7 +404,9 @@ struct PartitionWorker {
     labels: [(&'static str, String); 1],
 }
 
-type Appended = (PartitionId, Vec<i64>, Response);
+/// An append that committed: its target partition, the offsets it carried
+/// and the record timestamps (for the record-to-commit latency).
+type Appended = (PartitionId, Vec<i64>, Vec<Option<i64>>, Response);
 
 impl PartitionWorker {
     async fn run(self, mut rx: mpsc::Receiver<Record>, cancel: CancellationToken) {
@@ -431,7 +425,12 @@ impl PartitionWorker {
                 biased;
                 _ = cancel.cancelled() => return,
                 appended = in_flight.next(), if !in_flight.is_empty() => {
-                    let Some((partition, offsets, response)): Option<Appended> = appended else { continue };
+                    let Some((partition, offsets, timestamps, response)): Option<Appended> = appended else { continue };
+                    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+                    let latency = metrics::histogram!("ferry_ingress_record_commit_latency_seconds", &self.labels);
+                    for timestamp in timestamps.into_iter().flatten() {
+                        latency.record((now_ms - timestamp).max(0) as f64 / 1000.0);
+                    }
                     let (created, deduplicated) = match response {
                         Response::Invoked { created, deduplicated } => (created, deduplicated),
                         other => panic!("unexpected response to an invoke batch: {other:?}"),
@@ -464,7 +463,7 @@ impl PartitionWorker {
                     }
                     let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
                     for record in batch.drain(..) {
-                        let offset = record.offset;
+                        let (offset, timestamp_ms) = (record.offset, record.timestamp_ms);
                         highest_read = highest_read.max(Some(offset));
                         pending.insert(offset);
                         buffered += 1;
@@ -475,6 +474,7 @@ impl PartitionWorker {
                             metrics::counter!("ferry_ingress_records_undeliverable_total", &self.labels).increment(1);
                         }
                         let lane = lanes.entry(partition).or_default();
+                        lane.timestamps.push(timestamp_ms);
                         lane.invokes.push(invoke);
                         lane.offsets.push(offset);
                     }
@@ -496,13 +496,14 @@ impl PartitionWorker {
         lane.busy = true;
         let batch = Arc::new(std::mem::take(&mut lane.invokes));
         let offsets = std::mem::take(&mut lane.offsets);
+        let timestamps = std::mem::take(&mut lane.timestamps);
         let log = self.log.clone();
         let mut backoff = self.options.backoff();
         let origin = self.origin.clone();
         async move {
             loop {
                 match log.propose(partition_group(partition), Command::Invoke(batch.clone())).await {
-                    Ok(response) => return (partition, offsets, response),
+                    Ok(response) => return (partition, offsets, timestamps, response),
                     Err(e) => {
                         let delay = backoff.next();
                         warn!(subscription = %origin.subscription, topic = %origin.topic, partition = origin.partition,

@@ -68,7 +68,10 @@ fn main() -> ExitCode {
         }
     }
     init_tracing(&config);
-    let metrics = match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
+    let metrics = match metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(&LATENCY_BUCKETS_SECONDS)
+        .and_then(|b| b.install_recorder())
+    {
         Ok(handle) => handle,
         Err(e) => {
             eprintln!("ferry-server: cannot install the metrics recorder: {e}");
@@ -94,6 +97,13 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// Histogram buckets of every latency metric, in seconds: fine where Ferry's
+/// latencies live (milliseconds), coarse out to a minute.
+const LATENCY_BUCKETS_SECONDS: [f64; 22] = [
+    0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0,
+    10.0, 30.0, 60.0,
+];
 
 fn toml_string(config: &Config) -> Result<String, String> {
     toml::to_string(config).map_err(|e| e.to_string())
