@@ -11,6 +11,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // transports return the same data from one implementation.
         .type_attribute(".ferry.admin.v1", "#[derive(serde::Serialize, serde::Deserialize)] #[serde(default)]")
         .compile_protos(&["proto/admin.proto", "proto/cluster.proto"], &["proto"])?;
+
+    // The Restate service protocol to handler deployments: plain messages (no
+    // services, not part of the reflection descriptors), with `bytes` fields as
+    // `Bytes` so payloads decoded from a frame share its buffer.
+    tonic_prost_build::configure()
+        .build_client(false)
+        .build_server(false)
+        .bytes(".ferry.service_protocol")
+        .compile_protos(&["proto/service_protocol.proto"], &["proto"])?;
+
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

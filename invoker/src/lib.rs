@@ -1,6 +1,8 @@
 //! Talks to deployments: services written with a Restate SDK behind an HTTP
-//! endpoint. [`discovery`] asks a deployment what it serves.
+//! endpoint. [`discovery`] asks a deployment what it serves; [`codec`] frames
+//! the messages of the service protocol spoken during an invocation.
 
+pub mod codec;
 pub mod discovery;
 
 pub use discovery::{Discovered, Discovery};
@@ -16,4 +18,10 @@ pub enum Error {
     InvalidManifest { uri: String, reason: String },
     #[error("invalid deployment uri {uri}: {reason}")]
     InvalidUri { uri: String, reason: String },
+    #[error("deployment {uri} broke the service protocol: {source}")]
+    Protocol {
+        uri: String,
+        #[source]
+        source: codec::CodecError,
+    },
 }

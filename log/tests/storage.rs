@@ -31,6 +31,22 @@ fn sled_store_passes_openraft_suite() {
     }
 }
 
+/// openraft's tasks release their storage handles shortly after `shutdown`
+/// returns; an in-process reopen waits for sled's file lock to be free.
+async fn when_unlocked<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
+    mut open: impl FnMut() -> F,
+) -> Result<T, E> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match open().await {
+            Err(e) if e.to_string().contains("could not acquire lock") && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            other => return other,
+        }
+    }
+}
+
 fn invoke(i: u64) -> Invoke {
     Invoke {
         id: format!("inv_{i:032x}"),
@@ -62,7 +78,7 @@ async fn committed_invocations_survive_a_restart_and_stay_deduplicated() {
     for round in 0..2u64 {
         let tracker = TaskTracker::new();
         let cancel = CancellationToken::new();
-        let node = LogNode::open(options.clone(), &tracker, cancel.clone()).await.unwrap();
+        let node = when_unlocked(|| LogNode::open(options.clone(), &tracker, cancel.clone())).await.unwrap();
         node.wait_for_leadership(Duration::from_secs(10)).await.unwrap();
         // The second round re-sends everything: all of it is dropped as duplicates.
         for i in 0..50u64 {
@@ -85,7 +101,7 @@ async fn committed_invocations_survive_a_restart_and_stay_deduplicated() {
 
         // Snapshots let the log be purged: the partition's log keeps about the
         // entries since the last snapshot plus the few kept behind it.
-        let db = sled::open(dir.path().join("log")).unwrap();
+        let db = when_unlocked(|| std::future::ready(sled::open(dir.path().join("log")))).await.unwrap();
         let entries = db.open_tree("log-1").unwrap().len();
         assert!(entries <= 20, "round {round}: {entries} entries left in the log");
         assert!(db.open_tree("meta-1").unwrap().contains_key(b"snapshot").unwrap());
@@ -105,6 +121,7 @@ async fn partition_count_is_fixed_at_creation() {
     cancel.cancel();
     tracker.close();
     tracker.wait().await;
-    let err = LogNode::open(Options { partitions: 3, ..options }, &tracker, cancel.clone()).await.err().unwrap();
+    let reopen = Options { partitions: 3, ..options };
+    let err = when_unlocked(|| LogNode::open(reopen.clone(), &tracker, cancel.clone())).await.err().unwrap();
     assert!(err.to_string().contains("created with 2 partitions"), "{err}");
 }
