@@ -2,7 +2,7 @@
 //! new cluster, and offers a cheap cloneable handle to propose commands and
 //! read applied state.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -228,18 +228,6 @@ impl LogNode {
         Ok(())
     }
 
-    /// The groups this node leads, with their terms, for metrics and status.
-    pub fn leadership(&self) -> Vec<(GroupId, Option<NodeId>, u64)> {
-        self.inner
-            .groups
-            .iter()
-            .map(|(&id, g)| {
-                let m = g.raft.metrics().borrow().clone();
-                (id, m.current_leader, m.current_term)
-            })
-            .collect()
-    }
-
     /// Stops every group and flushes storage.
     pub async fn shutdown(&self) {
         for (&group, g) in &self.inner.groups {
@@ -251,9 +239,4 @@ impl LogNode {
             warn!("final flush failed: {e}");
         }
     }
-}
-
-/// The members of a group, for status output.
-pub fn voters(raft: &Raft) -> BTreeSet<NodeId> {
-    raft.metrics().borrow().membership_config.membership().voter_ids().collect()
 }

@@ -39,15 +39,15 @@ pub fn partition_of(partition_key: u64, partitions: u32) -> PartitionId {
     ((partition_key as u128 * partitions as u128) >> 64) as PartitionId
 }
 
-/// The first partition key owned by `partition`.
-pub fn range_start(partition: PartitionId, partitions: u32) -> u64 {
-    let start = (partition as u128) << 64;
-    start.div_ceil(partitions as u128) as u64
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The first partition key owned by `partition`.
+    fn range_start(partition: PartitionId, partitions: u32) -> u64 {
+        let start = (partition as u128) << 64;
+        start.div_ceil(partitions as u128) as u64
+    }
 
     #[test]
     fn ranges_cover_the_key_space_in_order() {

@@ -277,10 +277,6 @@ impl StateMachineStore {
         })
     }
 
-    pub fn group(&self) -> GroupId {
-        self.group
-    }
-
     /// Reads the applied state.
     pub fn read<R>(&self, f: impl FnOnce(&Applied) -> R) -> R {
         f(&self.applied.read().expect("state lock poisoned"))
