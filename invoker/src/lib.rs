@@ -1,7 +1,9 @@
 //! Talks to deployments: services written with a Restate SDK behind an HTTP
 //! endpoint. [`discovery`] asks a deployment what it serves; [`codec`] frames
-//! the messages of the service protocol spoken during an invocation.
+//! the messages of the service protocol spoken during an invocation, and
+//! [`client`] runs one attempt of an invocation over HTTP/2 or HTTP/1.1.
 
+pub mod client;
 pub mod codec;
 pub mod discovery;
 
@@ -12,7 +14,7 @@ pub use discovery::{Discovered, Discovery};
 pub enum Error {
     #[error("cannot reach deployment {uri}: {reason}")]
     Unreachable { uri: String, reason: String },
-    #[error("deployment {uri} answered discovery with status {status}: {body}")]
+    #[error("deployment {uri} answered with status {status}: {body}")]
     BadStatus { uri: String, status: u16, body: String },
     #[error("deployment {uri} sent an invalid endpoint manifest: {reason}")]
     InvalidManifest { uri: String, reason: String },

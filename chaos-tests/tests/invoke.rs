@@ -1,0 +1,110 @@
+//! One invocation attempt against the real Rust SDK handlers, in every
+//! protocol version both sides speak.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::Result;
+use bytes::Bytes;
+use ferry_chaos_tests::Handlers;
+use ferry_invoker::client::{Client, Ending, Endpoint};
+use ferry_invoker::codec::{Message, ProtocolVersion};
+use ferry_invoker::Discovery;
+use ferry_proto::service_protocol as pb;
+
+fn value(content: &str) -> Option<pb::Value> {
+    Some(pb::Value { content: Bytes::copy_from_slice(content.as_bytes()) })
+}
+
+fn start(key: &str, state: &[(&str, &str)]) -> Message {
+    Message::Start(pb::StartMessage {
+        id: Bytes::from_static(b"\x01\x02\x03\x04"),
+        debug_id: "inv_test".into(),
+        known_entries: 1,
+        key: key.into(),
+        state_map: state
+            .iter()
+            .map(|(k, v)| pb::start_message::StateEntry {
+                key: Bytes::copy_from_slice(k.as_bytes()),
+                value: Bytes::copy_from_slice(v.as_bytes()),
+            })
+            .collect(),
+        ..Default::default()
+    })
+}
+
+fn input(payload: &str, headers: &[(&str, &str)]) -> Message {
+    Message::InputCommand(pb::InputCommandMessage {
+        headers: headers.iter().map(|(k, v)| pb::Header { key: (*k).into(), value: (*v).into() }).collect(),
+        value: value(payload),
+        ..Default::default()
+    })
+}
+
+fn output(messages: &[Message]) -> Option<String> {
+    messages.iter().find_map(|m| match m {
+        Message::OutputCommand(pb::OutputCommandMessage {
+            result: Some(pb::output_command_message::Result::Value(v)),
+            ..
+        }) => Some(String::from_utf8_lossy(&v.content).into_owned()),
+        _ => None,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attempts_run_handlers_in_every_shared_version() -> Result<()> {
+    let handlers = Handlers::start().await?;
+    let no_headers = BTreeMap::new();
+    let discovered = Discovery::default().discover(&handlers.uri, &no_headers, false).await?;
+    let client = Client::new(Duration::from_secs(30));
+    let versions: Vec<ProtocolVersion> = ProtocolVersion::ALL
+        .into_iter()
+        .filter(|v| (discovered.min_protocol_version..=discovered.max_protocol_version).contains(&v.number()))
+        .collect();
+    assert!(!versions.is_empty(), "no shared protocol version: {discovered:?}");
+
+    for version in versions {
+        let endpoint = |service, handler| Endpoint {
+            uri: &handlers.uri,
+            http2: discovered.http2,
+            headers: &no_headers,
+            version,
+            service,
+            handler,
+        };
+
+        // A Service: the handler sees the input's headers and ends.
+        let attempt = client
+            .attempt(&endpoint("Sink", "handle"), &[start("", &[]), input("hello", &[("kafka.offset", "7")])])
+            .await?;
+        assert_eq!(attempt.ending, Ending::End, "{version}: {:?}", attempt.messages);
+        let recorded = std::fs::read_to_string(handlers.record_dir.path().join("sink.jsonl"))?;
+        assert!(recorded.lines().last().unwrap_or_default().contains("\"kafka.offset\":\"7\""), "{recorded}");
+
+        // A Virtual Object with eager state: the new state and the output come back.
+        let attempt = client
+            .attempt(&endpoint("Counter", "add"), &[start("k1", &[("count", "41")]), input("{\"seq\": 1}", &[])])
+            .await?;
+        assert_eq!(attempt.ending, Ending::End, "{version}: {:?}", attempt.messages);
+        assert!(
+            attempt.messages.iter().any(|m| matches!(m, Message::SetStateCommand(s)
+                if &s.key[..] == b"count" && s.value.as_ref().is_some_and(|v| &v.content[..] == b"42"))),
+            "{version}: {:?}",
+            attempt.messages
+        );
+        assert_eq!(output(&attempt.messages).as_deref(), Some("42"), "{version}");
+    }
+
+    // An unknown handler is the deployment's error, not a protocol failure.
+    let endpoint = Endpoint {
+        uri: &handlers.uri,
+        http2: discovered.http2,
+        headers: &no_headers,
+        version: ProtocolVersion::V5,
+        service: "Nope",
+        handler: "nope",
+    };
+    let err = client.attempt(&endpoint, &[start("", &[]), input("", &[])]).await.unwrap_err();
+    assert!(matches!(err, ferry_invoker::Error::BadStatus { status: 404, .. }), "{err}");
+    Ok(())
+}
