@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, exactly as CI runs it: installs what the tests need
-# (a C toolchain for librdkafka, the tansu broker), then checks formatting,
-# lints with warnings denied, builds every binary and runs every test.
+# (a C toolchain for librdkafka, the tansu broker, the Restate Python SDK in a
+# virtualenv under target/), then checks formatting, lints with warnings
+# denied, builds every binary and runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -22,6 +23,13 @@ fi
 
 step "test broker"
 scripts/broker.sh install
+
+step "Restate Python SDK (compatibility tests)"
+python_env=target/python-sdk
+if ! "$python_env/bin/python" -c 'import restate, hypercorn' >/dev/null 2>&1; then
+    python3 -m venv "$python_env"
+    "$python_env/bin/pip" install -q restate-sdk==1.2.0 hypercorn==0.18.0
+fi
 
 if ! command -v cargo-nextest >/dev/null 2>&1; then
     step "installing cargo-nextest"

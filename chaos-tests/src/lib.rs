@@ -172,6 +172,33 @@ impl Handlers {
     }
 }
 
+/// Handlers written with Restate's Python SDK (`chaos-tests/python`), served
+/// over HTTP/1.1 by hypercorn from the virtualenv `scripts/test.sh` makes.
+pub struct PythonHandlers {
+    _child: Child,
+    pub uri: String,
+}
+
+impl PythonHandlers {
+    pub async fn start() -> Result<PythonHandlers> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let hypercorn = root.join("../target/python-sdk/bin/hypercorn");
+        if !hypercorn.exists() {
+            bail!("{} is missing: scripts/test.sh installs the Python SDK", hypercorn.display());
+        }
+        let port = free_port();
+        let child = Command::new(hypercorn)
+            .args(["--bind", &format!("127.0.0.1:{port}"), "handlers:app"])
+            .current_dir(root.join("python"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        wait_for_port(port, Duration::from_secs(30)).await?;
+        Ok(PythonHandlers { _child: child, uri: format!("http://127.0.0.1:{port}") })
+    }
+}
+
 /// One `ferry-server` process and its ports.
 pub struct Node {
     child: Option<Child>,

@@ -108,3 +108,58 @@ async fn attempts_run_handlers_in_every_shared_version() -> Result<()> {
     assert!(matches!(err, ferry_invoker::Error::BadStatus { status: 404, .. }), "{err}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_sdk_deployments_register_and_run() -> Result<()> {
+    use ferry_chaos_tests::{free_port, Node, PythonHandlers};
+    use ferry_log::wire::v1::ProtocolMode;
+
+    let python = PythonHandlers::start().await?;
+    let no_headers = BTreeMap::new();
+    // hypercorn speaks both HTTP/2 with prior knowledge and HTTP/1.1; the SDK
+    // streams over the first and answers request-response over the second.
+    let over_h2 = Discovery::default().discover(&python.uri, &no_headers, false).await?;
+    assert!(over_h2.http2);
+    assert_eq!(over_h2.protocol_mode, ProtocolMode::BidiStream);
+    let discovered = Discovery::default().discover(&python.uri, &no_headers, true).await?;
+    assert!(!discovered.http2);
+    assert_eq!(discovered.protocol_mode, ProtocolMode::RequestResponse);
+
+    // Registered through the admin API like any deployment.
+    let dir = tempfile::tempdir()?;
+    let node = Node::start_for_broker(&dir.path().join("node"), &format!("127.0.0.1:{}", free_port())).await?;
+    let (status, body) =
+        node.post("/deployments", serde_json::json!({ "uri": python.uri, "use_http_11": true })).await?;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(node.get("/services/PyCounter").await?["ty"], "VirtualObject");
+    let deployment = node.get(&format!("/deployments/{}", body["id"].as_str().unwrap())).await?;
+    assert_eq!(deployment["protocol_type"], "REQUEST_RESPONSE");
+    assert_eq!(deployment["http_version"], "HTTP/1.1");
+
+    let client = Client::new(Duration::from_secs(30));
+    for version in ProtocolVersion::ALL {
+        if !(discovered.min_protocol_version..=discovered.max_protocol_version).contains(&version.number()) {
+            continue;
+        }
+        let endpoint = |service, handler| Endpoint {
+            uri: &python.uri,
+            http2: discovered.http2,
+            headers: &no_headers,
+            version,
+            service,
+            handler,
+        };
+        let attempt = client
+            .attempt(&endpoint("PyEcho", "headers"), &[start("", &[]), input("{}", &[("kafka.offset", "7")])])
+            .await?;
+        assert_eq!(attempt.ending, Ending::End, "{version}: {:?}", attempt.messages);
+        let seen: serde_json::Value = serde_json::from_str(&output(&attempt.messages).unwrap_or_default())?;
+        assert_eq!(seen["kafka.offset"], "7", "{version}: {seen}");
+
+        let attempt =
+            client.attempt(&endpoint("PyCounter", "add"), &[start("k1", &[("count", "41")]), input("{}", &[])]).await?;
+        assert_eq!(attempt.ending, Ending::End, "{version}: {:?}", attempt.messages);
+        assert_eq!(output(&attempt.messages).as_deref(), Some("42"), "{version}");
+    }
+    Ok(())
+}

@@ -1,0 +1,29 @@
+"""Handlers written with Restate's Python SDK, for Ferry's compatibility tests.
+
+Served over HTTP/1.1 by hypercorn: `hypercorn --bind 127.0.0.1:PORT handlers:app`.
+"""
+
+import restate
+from restate import Context, ObjectContext, Service, VirtualObject
+
+echo = Service("PyEcho")
+
+
+@echo.handler()
+async def headers(ctx: Context, payload: dict) -> dict:
+    """Returns the headers of the request it was invoked with."""
+    return dict(ctx.request().headers)
+
+
+counter = VirtualObject("PyCounter")
+
+
+@counter.handler()
+async def add(ctx: ObjectContext, payload: dict) -> int:
+    """Increments the object's `count` and returns it."""
+    count = (await ctx.get("count") or 0) + 1
+    ctx.set("count", count)
+    return count
+
+
+app = restate.app(services=[echo, counter])
