@@ -9,7 +9,7 @@ use bytes::Bytes;
 use ferry_chaos_tests::Handlers;
 use ferry_invoker::client::{Client, Ending, Endpoint};
 use ferry_invoker::codec::{Message, ProtocolVersion};
-use ferry_invoker::Discovery;
+use ferry_invoker::{Discovered, Discovery};
 use ferry_proto::service_protocol as pb;
 
 fn value(content: &str) -> Option<pb::Value> {
@@ -51,27 +51,36 @@ fn output(messages: &[Message]) -> Option<String> {
     })
 }
 
+/// The endpoint of one handler of a discovered deployment.
+fn endpoint<'a>(
+    uri: &'a str,
+    discovered: &Discovered,
+    headers: &'a BTreeMap<String, String>,
+    version: ProtocolVersion,
+    service: &'a str,
+    handler: &'a str,
+) -> Endpoint<'a> {
+    Endpoint { uri, http2: discovered.http2, headers, version, service, handler }
+}
+
+/// Every protocol version both Ferry and the deployment speak.
+fn shared_versions(discovered: &Discovered) -> Vec<ProtocolVersion> {
+    let versions: Vec<ProtocolVersion> = ProtocolVersion::ALL
+        .into_iter()
+        .filter(|v| (discovered.min_protocol_version..=discovered.max_protocol_version).contains(&v.number()))
+        .collect();
+    assert!(!versions.is_empty(), "no shared protocol version: {discovered:?}");
+    versions
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attempts_run_handlers_in_every_shared_version() -> Result<()> {
     let handlers = Handlers::start().await?;
     let no_headers = BTreeMap::new();
     let discovered = Discovery::default().discover(&handlers.uri, &no_headers, false).await?;
     let client = Client::new(Duration::from_secs(30));
-    let versions: Vec<ProtocolVersion> = ProtocolVersion::ALL
-        .into_iter()
-        .filter(|v| (discovered.min_protocol_version..=discovered.max_protocol_version).contains(&v.number()))
-        .collect();
-    assert!(!versions.is_empty(), "no shared protocol version: {discovered:?}");
-
-    for version in versions {
-        let endpoint = |service, handler| Endpoint {
-            uri: &handlers.uri,
-            http2: discovered.http2,
-            headers: &no_headers,
-            version,
-            service,
-            handler,
-        };
+    for version in shared_versions(&discovered) {
+        let endpoint = |service, handler| endpoint(&handlers.uri, &discovered, &no_headers, version, service, handler);
 
         // A Service: the handler sees the input's headers and ends.
         let attempt = client
@@ -137,18 +146,8 @@ async fn python_sdk_deployments_register_and_run() -> Result<()> {
     assert_eq!(deployment["http_version"], "HTTP/1.1");
 
     let client = Client::new(Duration::from_secs(30));
-    for version in ProtocolVersion::ALL {
-        if !(discovered.min_protocol_version..=discovered.max_protocol_version).contains(&version.number()) {
-            continue;
-        }
-        let endpoint = |service, handler| Endpoint {
-            uri: &python.uri,
-            http2: discovered.http2,
-            headers: &no_headers,
-            version,
-            service,
-            handler,
-        };
+    for version in shared_versions(&discovered) {
+        let endpoint = |service, handler| endpoint(&python.uri, &discovered, &no_headers, version, service, handler);
         let attempt = client
             .attempt(&endpoint("PyEcho", "headers"), &[start("", &[]), input("{}", &[("kafka.offset", "7")])])
             .await?;
