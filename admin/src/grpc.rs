@@ -4,6 +4,7 @@ use ferry_proto::admin as pb;
 use ferry_proto::admin::admin_service_server::AdminService;
 use tonic::{Request, Response, Status};
 
+use crate::service::Action;
 use crate::{Admin, Error};
 
 impl From<Error> for Status {
@@ -97,5 +98,21 @@ impl AdminService for AdminGrpc {
 
     async fn get_invocation(&self, r: Request<pb::GetInvocationRequest>) -> Reply<pb::Invocation> {
         Ok(Response::new(self.0.get_invocation(&r.into_inner().id)?))
+    }
+
+    async fn cancel_invocation(&self, r: Request<pb::InvocationActionRequest>) -> Reply<pb::InvocationActionResponse> {
+        Ok(Response::new(self.0.act_on_invocation(&r.into_inner().id, Action::Cancel).await?))
+    }
+
+    async fn kill_invocation(&self, r: Request<pb::InvocationActionRequest>) -> Reply<pb::InvocationActionResponse> {
+        Ok(Response::new(self.0.act_on_invocation(&r.into_inner().id, Action::Kill).await?))
+    }
+
+    async fn purge_invocation(&self, r: Request<pb::InvocationActionRequest>) -> Reply<pb::InvocationActionResponse> {
+        Ok(Response::new(self.0.act_on_invocation(&r.into_inner().id, Action::Purge).await?))
+    }
+
+    async fn resume_invocation(&self, r: Request<pb::InvocationActionRequest>) -> Reply<pb::InvocationActionResponse> {
+        Ok(Response::new(self.0.act_on_invocation(&r.into_inner().id, Action::Resume).await?))
     }
 }

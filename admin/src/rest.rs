@@ -5,12 +5,12 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, patch};
 use axum::{Json, Router};
 use ferry_proto::admin as pb;
 use serde_json::json;
 
-use crate::{Admin, Error};
+use crate::{Action, Admin, Error};
 
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
@@ -55,6 +55,10 @@ pub fn router(admin: Admin) -> Router {
             get(|State(a): State<Admin>, Path(n): Path<String>| async move { reply(a.get_kafka_cluster(&n)) }),
         )
         .route("/invocations", get(list_invocations))
+        .route("/invocations/{id}/cancel", patch(|s, p| act(s, p, Action::Cancel)))
+        .route("/invocations/{id}/kill", patch(|s, p| act(s, p, Action::Kill)))
+        .route("/invocations/{id}/purge", patch(|s, p| act(s, p, Action::Purge)))
+        .route("/invocations/{id}/resume", patch(|s, p| act(s, p, Action::Resume)))
         .route(
             "/invocations/{id}",
             get(|State(a): State<Admin>, Path(id): Path<String>| async move { reply(a.get_invocation(&id)) }),
@@ -104,6 +108,12 @@ async fn get_subscription(State(admin): State<Admin>, Path(id): Path<String>) ->
 
 async fn delete_subscription(State(admin): State<Admin>, Path(id): Path<String>) -> Result<StatusCode, Error> {
     admin.delete_subscription(&id).await.map(|()| StatusCode::ACCEPTED)
+}
+
+/// `200` when done, `202` when a cancellation is on its way to the handler.
+async fn act(State(admin): State<Admin>, Path(id): Path<String>, action: Action) -> Result<StatusCode, Error> {
+    let response = admin.act_on_invocation(&id, action).await?;
+    Ok(if response.accepted { StatusCode::ACCEPTED } else { StatusCode::OK })
 }
 
 async fn list_invocations(

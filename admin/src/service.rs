@@ -8,8 +8,10 @@ use ferry_ingress::ClusterOptions;
 use ferry_invoker::Discovery;
 use ferry_log::partitioner::partition_of;
 use ferry_log::state::{Completion, Invocation, MetadataState, RegisteredService};
-use ferry_log::wire::v1::{Command, Deployment, MetadataCommand, MetadataResponse, Response, Source, Subscription};
-use ferry_log::{LogNode, PartitionId, METADATA_GROUP};
+use ferry_log::wire::v1::{
+    Command, Deployment, Effect, MetadataCommand, MetadataResponse, Outcome, Response, Source, Subscription,
+};
+use ferry_log::{partition_group, LogNode, PartitionId, METADATA_GROUP};
 use ferry_proto::admin as pb;
 use rdkafka::consumer::BaseConsumer;
 
@@ -88,6 +90,26 @@ fn subscription_to_proto(s: &Subscription) -> pb::Subscription {
     }
 }
 
+/// What an operator can do to an invocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Cancel,
+    Kill,
+    Purge,
+    Resume,
+}
+
+impl Action {
+    fn verb(self) -> &'static str {
+        match self {
+            Action::Cancel => "cancel",
+            Action::Kill => "kill",
+            Action::Purge => "purge",
+            Action::Resume => "resume",
+        }
+    }
+}
+
 fn invocation_to_proto(inv: &Invocation, partition: PartitionId) -> pb::Invocation {
     let (completion_result, completion_failure) = match &inv.completion {
         Some(Completion::Success(_)) => ("success", String::new()),
@@ -126,6 +148,8 @@ fn invocation_to_proto(inv: &Invocation, partition: PartitionId) -> pb::Invocati
         completion_failure,
         headers: inv.all_headers().into_iter().collect(),
         payload_size: inv.payload.len() as u64,
+        next_retry_at: inv.wake_at_ms.map(timestamp).unwrap_or_default(),
+        journal_length: inv.journal.len() as u32,
     }
 }
 
@@ -367,6 +391,36 @@ impl Admin {
         self.log
             .read_partition(partition, |p| p.invocation(id).map(|inv| invocation_to_proto(inv, partition)))?
             .ok_or_else(not_found)
+    }
+
+    /// Applies an operator's action to an invocation.
+    pub async fn act_on_invocation(&self, id: &str, action: Action) -> Result<pb::InvocationActionResponse, Error> {
+        let partition =
+            self.partition_of_id(id).ok_or_else(|| Error::NotFound(format!("invocation {id} not found")))?;
+        let id = id.to_owned();
+        let effect = match action {
+            Action::Cancel => Effect::Cancel { id: id.clone(), signal: ferry_invoker::journal::cancel_signal() },
+            Action::Kill => Effect::Kill { id: id.clone() },
+            Action::Purge => Effect::Purge { id: id.clone() },
+            Action::Resume => Effect::Resume { id: id.clone() },
+        };
+        let command = Command::Effects { at_ms: now_ms(), effects: vec![effect] };
+        let outcome = match self.log.propose(partition_group(partition), command).await? {
+            Response::Effects(mut outcomes) if outcomes.len() == 1 => outcomes.remove(0),
+            other => return Err(Error::Internal(format!("unexpected response {other:?}"))),
+        };
+        match outcome {
+            Outcome::Applied => {
+                let completed =
+                    self.log.read_partition(partition, |p| p.invocation(&id).is_none_or(|i| i.completion.is_some()))?;
+                Ok(pb::InvocationActionResponse { accepted: action == Action::Cancel && !completed })
+            }
+            Outcome::NotFound => Err(Error::NotFound(format!("invocation {id} not found"))),
+            Outcome::NotAllowed(why) => {
+                Err(Error::Conflict(format!("cannot {} invocation {id}: {why}", action.verb())))
+            }
+            Outcome::Stale => Err(Error::Conflict(format!("invocation {id} changed meanwhile; try again"))),
+        }
     }
 
     /// Invocations in id order (which is partition order), filtered, one page at a time.

@@ -3,6 +3,8 @@
 //! test can kill with SIGKILL and start again. Every process is killed when
 //! its handle is dropped.
 
+pub mod restate;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -205,6 +207,7 @@ pub struct Node {
     pub base_dir: PathBuf,
     pub admin_port: u16,
     pub node_port: u16,
+    pub ingress_port: u16,
     env: BTreeMap<String, String>,
     pub http: reqwest::Client,
 }
@@ -217,7 +220,12 @@ impl Node {
 
     /// Starts a node whose one Kafka cluster, `my-cluster`, is at `bootstrap`.
     pub async fn start_for_broker(base_dir: &Path, bootstrap: &str) -> Result<Node> {
-        let mut env = BTreeMap::new();
+        Self::start_configured(base_dir, bootstrap, &[]).await
+    }
+
+    /// Starts a node for `bootstrap` with more configuration as `FERRY_` variables.
+    pub async fn start_configured(base_dir: &Path, bootstrap: &str, config: &[(&str, &str)]) -> Result<Node> {
+        let mut env: BTreeMap<String, String> = config.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         env.insert(
             "FERRY_INGRESS__KAFKA_CLUSTERS".to_owned(),
             format!(r#"[{{name="my-cluster",brokers=["PLAINTEXT://{bootstrap}"]}}]"#),
@@ -231,6 +239,7 @@ impl Node {
             base_dir: base_dir.to_owned(),
             admin_port: free_port(),
             node_port: free_port(),
+            ingress_port: free_port(),
             env,
             http: reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?,
         };
@@ -251,7 +260,7 @@ impl Node {
             .arg(&self.base_dir)
             .args(["--bind-address", &format!("127.0.0.1:{}", self.node_port)])
             .args(["--admin-bind-address", &format!("127.0.0.1:{}", self.admin_port)])
-            .args(["--ingress-bind-address", &format!("127.0.0.1:{}", free_port())])
+            .args(["--ingress-bind-address", &format!("127.0.0.1:{}", self.ingress_port)])
             .envs(&self.env)
             .stdout(Stdio::null())
             .stderr(log)
@@ -337,6 +346,23 @@ impl Node {
 
     pub async fn post(&self, path: &str, body: Value) -> Result<(u16, Value)> {
         self.admin(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    /// Calls the HTTP ingress: `POST path` with `body` and `headers`, or `GET`
+    /// without a body. Returns (status, body as JSON or as a string).
+    pub async fn ingress(&self, path: &str, body: Option<&str>, headers: &[(&str, &str)]) -> Result<(u16, Value)> {
+        let url = format!("http://127.0.0.1:{}{path}", self.ingress_port);
+        let mut request = match body {
+            Some(body) => self.http.post(url).body(body.to_owned()),
+            None => self.http.get(url),
+        };
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = request.send().await?;
+        let status = response.status().as_u16();
+        let text = response.text().await?;
+        Ok((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
     }
 
     /// The sum of a Prometheus counter over all its label sets, from `/metrics`.

@@ -1,9 +1,11 @@
-//! SIGKILL a node at random points while records flow: afterwards every offset
-//! has exactly one invocation, and Kafka's committed offsets never ran ahead
-//! of the log. A failing run prints its seed; `CHAOS_SEED=<seed>` replays
-//! the same kill schedule.
+//! SIGKILL a node at random points while records flow and handlers run:
+//! afterwards every offset has exactly one invocation, each Virtual Object
+//! key's state counts its records exactly once and in order, a journaled
+//! `ctx.run` never ran again, and Kafka's committed offsets never ran ahead of
+//! the log. A failing run prints its seed; `CHAOS_SEED=<seed>` replays the
+//! same kill schedule.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,15 +17,42 @@ use rand::{Rng, SeedableRng};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
-use serde_json::json;
+use serde_json::{json, Value};
 
 const TOPIC: &str = "events";
 const PARTITIONS: i32 = 4;
 /// Records are produced in chunks until the kills are over, and at least this many chunks.
 const CHUNKS_MIN: usize = 40;
-const CHUNK: usize = 200;
+const CHUNK: usize = 50;
 const KILLS: usize = 3;
+const KEYS: usize = 97;
 const SESSION_TIMEOUT: Duration = Duration::from_secs(6);
+
+/// `Flaky/run` appends a line inside `ctx.run` and returns the time it wrote.
+/// Runs cut short by a kill before their result was journaled may have
+/// happened too, but the journaled one is the last: nothing ran after it.
+async fn journaled_runs_never_ran_again(node: &Node, handlers: &Handlers, invocations: &[Value]) -> Result<()> {
+    let lines = std::fs::read_to_string(handlers.record_dir.path().join("flaky.jsonl"))?;
+    let mut runs: HashMap<String, Vec<u64>> = HashMap::new();
+    for line in lines.lines() {
+        let run: Value = serde_json::from_str(line)?;
+        runs.entry(run["invocation_id"].as_str().unwrap().to_owned()).or_default().push(run["ts_ms"].as_u64().unwrap());
+    }
+    let mut reran = 0;
+    for inv in invocations {
+        let id = inv["id"].as_str().unwrap();
+        let (status, output) = node.ingress(&format!("/restate/invocation/{id}/output"), None, &[]).await?;
+        assert_eq!(status, 200, "{output}");
+        let output = output.as_str().unwrap_or_default();
+        let journaled: u64 = output.rsplit("at ").next().and_then(|t| t.trim_end_matches(')').parse().ok()).unwrap();
+        let times = runs.get(id).unwrap_or_else(|| panic!("{id} never ran its side effect"));
+        assert_eq!(times.iter().filter(|&&t| t == journaled).count(), 1, "{id}: {times:?} vs {journaled}");
+        assert!(times.iter().all(|&t| t <= journaled), "{id} ran again after its run was journaled: {times:?}");
+        reran += times.len() - 1;
+    }
+    println!("{reran} side effects ran again before their first result was journaled");
+    Ok(())
+}
 
 /// The offsets committed to Kafka for `group`, per partition.
 fn committed(broker: &Broker, group: &str) -> Result<BTreeMap<i32, i64>> {
@@ -61,7 +90,7 @@ async fn sigkill_loses_and_doubles_nothing() -> Result<()> {
     assert_eq!(status, 201, "{body}");
     broker.create_topic(TOPIC, PARTITIONS).await?;
     let mut subscriptions = Vec::new();
-    for sink in ["service://Counter/add", "service://Sink/handle"] {
+    for sink in ["service://Counter/add", "service://Sink/handle", "service://Flaky/run"] {
         let (status, body) = node
             .post(
                 "/subscriptions",
@@ -85,8 +114,8 @@ async fn sigkill_loses_and_doubles_nothing() -> Result<()> {
                 .map(|i| {
                     let n = chunk * CHUNK + i;
                     Record {
-                        key: Some(format!("k{}", n % 97).into_bytes()),
-                        payload: n.to_string().into_bytes(),
+                        key: Some(format!("k{}", n % KEYS).into_bytes()),
+                        payload: json!({ "seq": n }).to_string().into_bytes(),
                         headers: vec![],
                     }
                 })
@@ -127,9 +156,9 @@ async fn sigkill_loses_and_doubles_nothing() -> Result<()> {
     let produced: HashSet<(i64, i64)> = produced.into_iter().map(|(p, o)| (p as i64, o)).collect();
 
     for sub in &subscriptions {
-        let invocations = eventually(Duration::from_secs(240), "every record to be invoked", || async {
+        let invocations = eventually(Duration::from_secs(300), "every record's invocation to complete", || async {
             let all = node.invocations(&format!("subscription={sub}")).await?;
-            Ok((all.len() >= produced.len()).then_some(all))
+            Ok((all.len() >= produced.len() && all.iter().all(|inv| inv["status"] == "completed")).then_some(all))
         })
         .await
         .with_context(|| node.log_tail())?;
@@ -140,6 +169,24 @@ async fn sigkill_loses_and_doubles_nothing() -> Result<()> {
             assert!(produced.contains(&at), "invocation of an offset never produced: {at:?}");
         }
         assert_eq!(seen, produced, "subscription {sub}: every produced offset exactly once");
+        for inv in &invocations {
+            assert_eq!(inv["completion_result"], "success", "{inv}");
+        }
+        if sub == &subscriptions[2] {
+            journaled_runs_never_ran_again(&node, &handlers, &invocations).await?;
+        }
+    }
+
+    // Each key's state counts its records once each, in offset order.
+    let mut per_key = vec![0u64; KEYS];
+    for n in 0..produced.len() {
+        per_key[n % KEYS] += 1;
+    }
+    for (k, &records) in per_key.iter().enumerate() {
+        let (status, counter) = node.ingress(&format!("/Counter/k{k}/get"), Some(""), &[]).await?;
+        assert_eq!(status, 200, "{counter}");
+        assert_eq!(counter["count"], records, "k{k}: {counter}");
+        assert_eq!(counter["out_of_order"], 0, "k{k}: {counter}");
     }
 
     // Committed offsets only move forward, and everything below them was in

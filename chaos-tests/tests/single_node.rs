@@ -169,7 +169,7 @@ async fn registers_a_rust_sdk_deployment_and_rejects_bad_requests() -> Result<()
 async fn every_record_becomes_exactly_one_invocation() -> Result<()> {
     const N: usize = 10_000;
     const KEYS: usize = 500;
-    let (broker, _handlers, _dir, node) = setup().await?;
+    let (broker, handlers, _dir, node) = setup().await?;
     broker.create_topic("orders", 4).await?;
     let object_sub = subscribe(&node, "orders", SUBSCRIBE_COUNTER).await?;
     let service_sub = subscribe(&node, "orders", "service://Sink/handle").await?;
@@ -183,19 +183,21 @@ async fn every_record_becomes_exactly_one_invocation() -> Result<()> {
         .collect();
     let producer = broker.producer()?;
     let offsets = produce(&producer, "orders", &records).await?;
+    let mut records_per_key = BTreeMap::new();
+    let mut sink_headers = HashMap::new();
     let produced: HashMap<(i64, i64), usize> =
         offsets.iter().enumerate().map(|(i, &(p, o))| ((p as i64, o), i)).collect();
     assert_eq!(produced.len(), N);
 
     for (sub, keyed) in [(&object_sub, true), (&service_sub, false)] {
-        let invocations = eventually(Duration::from_secs(180), "every record to be invoked", || async {
+        let invocations = eventually(Duration::from_secs(300), "every record's invocation to complete", || async {
             let all = node.invocations(&format!("subscription={sub}")).await?;
-            Ok((all.len() >= N).then_some(all))
+            Ok((all.len() >= N && all.iter().all(|inv| inv["status"] == "completed")).then_some(all))
         })
-        .await?;
+        .await
+        .with_context(|| node.log_tail())?;
         assert_eq!(invocations.len(), N, "subscription {sub}");
         let invocations = by_offset(&invocations);
-        let mut first_per_key = BTreeMap::new();
         for (&(partition, offset), inv) in &invocations {
             let i =
                 *produced.get(&(partition, offset)).unwrap_or_else(|| panic!("unknown offset {partition}/{offset}"));
@@ -210,23 +212,44 @@ async fn every_record_becomes_exactly_one_invocation() -> Result<()> {
             assert_eq!(inv["source"]["subscription_id"], sub.as_str());
             assert_eq!(inv["invoked_by"], "subscription");
             assert_eq!(inv["payload_size"], records[i].payload.len() as u64);
+            assert_eq!(inv["completion_result"], "success", "{inv}");
             if keyed {
                 assert_eq!(inv["target"], format!("Counter/{key}/add"));
                 assert_eq!(inv["target_service_key"], key.as_str());
-                // Records of one key are all on one Kafka partition: the first
-                // in offset order may run, the others wait in its inbox.
-                let first = first_per_key.entry(key).or_insert(offset) == &offset;
-                assert_eq!(inv["status"], if first { "ready" } else { "pending" }, "{inv}");
+                *records_per_key.entry(key).or_insert(0u64) += 1;
             } else {
                 assert_eq!(inv["target"], "Sink/handle");
                 assert_eq!(inv["target_service_key"], "");
-                assert_eq!(inv["status"], "ready");
+                sink_headers.insert(inv["id"].as_str().unwrap().to_owned(), inv["headers"].clone());
             }
             let id = inv["id"].as_str().unwrap();
             assert_eq!(&node.get(&format!("/invocations/{id}")).await?, inv);
         }
-        assert!(!keyed || first_per_key.len() == KEYS);
     }
+
+    // Each key's state counts its records, and the handler saw them in offset order.
+    assert_eq!(records_per_key.len(), KEYS);
+    for (key, &records) in &records_per_key {
+        let (status, counter) = node.ingress(&format!("/Counter/{key}/get"), Some(""), &[]).await?;
+        assert_eq!(status, 200, "{counter}");
+        assert_eq!(counter["count"], records, "{key}: {counter}");
+        assert_eq!((counter["out_of_order"].as_u64(), counter["duplicates"].as_u64()), (Some(0), Some(0)), "{key}");
+    }
+
+    // Every call of the Service handler saw the record's Kafka metadata headers.
+    let lines = std::fs::read_to_string(handlers.record_dir.path().join("sink.jsonl"))?;
+    let mut called = HashMap::new();
+    for line in lines.lines() {
+        let call: Value = serde_json::from_str(line)?;
+        let id = call["invocation_id"].as_str().unwrap().to_owned();
+        let expected = sink_headers.get(&id).unwrap_or_else(|| panic!("the handler ran an unknown invocation {id}"));
+        for name in ["kafka.offset", "kafka.partition", "kafka.topic", "kafka.key", "kafka.timestamp", "record"] {
+            assert_eq!(call["headers"][name], expected[name], "{name} of {id}");
+        }
+        assert_eq!(call["headers"]["restate.subscription.id"], service_sub.as_str());
+        *called.entry(id).or_insert(0) += 1;
+    }
+    assert_eq!(called.len(), N, "every Service invocation reached the handler");
     Ok(())
 }
 
@@ -239,9 +262,9 @@ async fn undeliverable_records_fail_without_blocking_their_partition() -> Result
     let producer = broker.producer()?;
     produce(&producer, "mixed", &[record(Some(b"a")), record(Some(&[0xff, 0xfe])), record(None), record(Some(b"b"))])
         .await?;
-    let invocations = eventually(Duration::from_secs(60), "4 invocations", || async {
+    let invocations = eventually(Duration::from_secs(60), "4 completed invocations", || async {
         let all = node.invocations(&format!("subscription={sub}")).await?;
-        Ok((all.len() >= 4).then_some(all))
+        Ok((all.len() >= 4 && all.iter().all(|inv| inv["status"] == "completed")).then_some(all))
     })
     .await?;
     let invocations = by_offset(&invocations);
@@ -249,13 +272,13 @@ async fn undeliverable_records_fail_without_blocking_their_partition() -> Result
         let inv = &invocations[&(0, offset)];
         (inv["status"].as_str().unwrap().to_owned(), inv["completion_failure"].as_str().unwrap().to_owned())
     };
-    assert_eq!(status(0).0, "ready");
+    assert_eq!(status(0), ("completed".to_owned(), String::new()));
     assert_eq!(status(1).0, "completed");
     assert!(status(1).1.contains("UTF-8"), "{:?}", status(1));
     assert_eq!(invocations[&(0, 1)]["completion_result"], "failure");
     assert_eq!(status(2).0, "completed");
     assert!(status(2).1.contains("no key"), "{:?}", status(2));
-    assert_eq!(status(3).0, "ready", "records after undeliverable ones still flow");
+    assert_eq!(status(3), ("completed".to_owned(), String::new()), "records after undeliverable ones still flow");
 
     // A sink whose handler is gone: records fail at once, in order.
     let deployment = node.get("/deployments").await?["deployments"][0]["id"].as_str().unwrap().to_owned();

@@ -1,10 +1,13 @@
-//! Ingress: turns Kafka records into invocations in the partition log.
+//! Ingress: turns Kafka records and HTTP requests into invocations in the
+//! partition log.
 //!
 //! [`kafka::KafkaIngress`] runs one consumer per subscription on this node, in
 //! the subscription's consumer group, and one task per assigned Kafka
 //! partition. A record's offset is stored for commit only once it and every
-//! earlier offset of its partition are committed in Raft.
+//! earlier offset of its partition are committed in Raft. [`http`] serves
+//! Restate's ingress paths on port 8080.
 
+pub mod http;
 pub mod kafka;
 pub mod record;
 

@@ -94,6 +94,7 @@ pub fn invoke(origin: &Origin, sink: &Sink, record: Record, partitions: u32, now
         dedup: Some(Dedup { producer: origin.producer, seq }),
         created_at_ms: now_ms,
         failure,
+        not_before_ms: None,
     };
     (partition_of(partition_key, partitions), invoke)
 }

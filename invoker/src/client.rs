@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 
 use crate::codec::{encode, Decoder, Message, ProtocolVersion};
 use crate::Error;
@@ -61,20 +61,28 @@ impl Client {
 
     /// Runs one attempt: `journal` starts with the Start message.
     pub async fn attempt(&self, endpoint: &Endpoint<'_>, journal: &[Message]) -> Result<Attempt, Error> {
-        let uri = endpoint.uri;
         let mut body = BytesMut::new();
         for message in journal {
             encode(message, &mut body);
         }
+        self.attempt_encoded(endpoint, body.freeze()).await
+    }
+
+    /// Runs one attempt whose request body, Start and journal, is encoded already.
+    pub async fn attempt_encoded(&self, endpoint: &Endpoint<'_>, body: Bytes) -> Result<Attempt, Error> {
+        let uri = endpoint.uri;
         let url = format!("{}/invoke/{}/{}", uri.trim_end_matches('/'), endpoint.service, endpoint.handler);
         let client = if endpoint.http2 { &self.http2 } else { &self.http1 };
         let content_type = endpoint.version.content_type();
         let mut request =
-            client.post(url).header("content-type", content_type).header("accept", content_type).body(body.freeze());
+            client.post(url).header("content-type", content_type).header("accept", content_type).body(body);
         for (name, value) in endpoint.headers {
             request = request.header(name, value);
         }
-        let unreachable = |e: reqwest::Error| Error::Unreachable { uri: uri.to_owned(), reason: e.to_string() };
+        let unreachable = |e: reqwest::Error| {
+            let reason = if e.is_timeout() { format!("the attempt timed out ({e})") } else { e.to_string() };
+            Error::Unreachable { uri: uri.to_owned(), reason }
+        };
         let response = request.send().await.map_err(unreachable)?;
         let status = response.status();
         if !status.is_success() {

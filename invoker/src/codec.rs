@@ -398,6 +398,25 @@ pub fn encode(message: &Message, buf: &mut BytesMut) {
     debug_assert_eq!(buf.len() - start, len, "encoded length of {}", message.message_type());
 }
 
+/// Appends a message given as its type id and already encoded body.
+pub fn encode_raw(type_id: u16, body: &[u8], buf: &mut BytesMut) {
+    let wire_len = u32::try_from(body.len()).expect("a service protocol message body is below 4 GiB");
+    buf.reserve(HEADER_LEN + body.len());
+    buf.put_u16(type_id);
+    buf.put_u16(0);
+    buf.put_u32(wire_len);
+    buf.put_slice(body);
+}
+
+impl Message {
+    /// The encoded body, without header or flags.
+    pub fn encode_body(&self) -> Bytes {
+        let mut buf = BytesMut::with_capacity(self.body_len());
+        self.put_body(&mut buf);
+        buf.freeze()
+    }
+}
+
 /// Turns the pieces of a byte stream into messages.
 ///
 /// [`push`](Decoder::push) every chunk as it arrives, then call

@@ -1,13 +1,21 @@
-//! Talks to deployments: services written with a Restate SDK behind an HTTP
-//! endpoint. [`discovery`] asks a deployment what it serves; [`codec`] frames
-//! the messages of the service protocol spoken during an invocation, and
-//! [`client`] runs one attempt of an invocation over HTTP/2 or HTTP/1.1.
+//! Runs invocations against deployments: services written with a Restate SDK
+//! behind an HTTP endpoint. [`discovery`] asks a deployment what it serves;
+//! [`codec`] frames the messages of the service protocol; [`client`] runs one
+//! attempt of an invocation over HTTP/2 or HTTP/1.1; [`journal`] turns an
+//! invocation into an attempt's request and its answer into an effect on the
+//! log; [`scheduler`] runs the invocations of the partitions this node leads,
+//! retrying failed attempts as [`retry`] says.
 
 pub mod client;
 pub mod codec;
 pub mod discovery;
+pub mod journal;
+pub mod retry;
+pub mod scheduler;
 
 pub use discovery::{Discovered, Discovery};
+pub use retry::RetryPolicy;
+pub use scheduler::{Invoker, Options};
 
 /// Errors of talking to a deployment.
 #[derive(Debug, thiserror::Error)]

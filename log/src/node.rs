@@ -215,6 +215,16 @@ impl LogNode {
         self.inner.groups[&METADATA_GROUP].state.subscribe()
     }
 
+    /// A receiver that sees a new value whenever entries of a partition have been applied.
+    pub fn partition_changes(&self, partition: PartitionId) -> Result<watch::Receiver<u64>, Error> {
+        Ok(self.group(partition_group(partition))?.state.subscribe())
+    }
+
+    /// Whether this node leads `group` now.
+    pub fn is_leader(&self, group: GroupId) -> bool {
+        self.group(group).is_ok_and(|g| g.raft.metrics().borrow().current_leader == Some(self.node_id()))
+    }
+
     /// Waits until this node leads every group or `timeout` passes.
     pub async fn wait_for_leadership(&self, timeout: Duration) -> Result<(), Error> {
         for (&group, g) in &self.inner.groups {

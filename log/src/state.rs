@@ -2,13 +2,15 @@
 //! returns the response; it reads no clock, draws no randomness and does no
 //! I/O, so replicas with the same log hold the same state.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+pub use crate::wire::v1::Completion;
 use crate::wire::v1::{
-    Command, Deployment, Invoke, MetadataCommand, MetadataResponse, Response, ServiceDef, Source, Subscription, Target,
+    Command, Deployment, Effect, Invoke, JournalEntry, MetadataCommand, MetadataResponse, Outcome, Response,
+    ServiceDef, Sleep, Source, StateOp, Subscription, Target,
 };
 
 /// The state of one Raft group. The metadata group only uses `metadata`;
@@ -24,11 +26,13 @@ impl GroupState {
         match command {
             Command::Invoke(batch) => self.partition.apply_invoke(batch),
             Command::Metadata(command) => Response::Metadata(self.metadata.apply(command)),
+            Command::Effects { at_ms, effects } => self.partition.apply_effects(at_ms, effects),
         }
     }
 }
 
-/// Invocations, the dedup table and per-key inboxes of one partition.
+/// Invocations, the dedup table, per-key inboxes, object state and timers of
+/// one partition.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct PartitionState {
     /// The last sequence number applied per producer.
@@ -36,8 +40,18 @@ pub struct PartitionState {
     invocations: BTreeMap<String, Invocation>,
     /// Exclusive invocations per (service, key), in arrival order; the head is
     /// the one allowed to run.
-    inboxes: HashMap<(String, String), VecDeque<String>>,
+    inboxes: HashMap<ObjectId, VecDeque<String>>,
+    /// The state of every Virtual Object and Workflow key.
+    objects: HashMap<ObjectId, BTreeMap<Bytes, Bytes>>,
+    /// Invocations allowed to run, in the order they became so.
+    runnable: BTreeMap<u64, String>,
+    next_run_seq: u64,
+    /// (due time, invocation) of every backing-off, sleeping or delayed invocation.
+    timers: BTreeSet<(u64, String)>,
 }
+
+/// A Virtual Object or Workflow instance: (service, key).
+pub type ObjectId = (String, String);
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Invocation {
@@ -49,19 +63,35 @@ pub struct Invocation {
     pub status: Status,
     pub created_at_ms: u64,
     pub modified_at_ms: u64,
+    /// Failed attempts since the journal last grew.
     pub attempts: u32,
     pub last_failure: Option<String>,
     pub completion: Option<Completion>,
+    /// The journal after the input entry, as the handler wrote it.
+    pub journal: Vec<JournalEntry>,
+    /// State changes in the journal, applied when the invocation completes.
+    pub state_ops: Vec<StateOp>,
+    /// Sleeps not yet due.
+    pub sleeps: Vec<Sleep>,
+    /// When a timer wakes the invocation.
+    pub wake_at_ms: Option<u64>,
+    run_seq: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Status {
+    /// Created with a delay that has not passed.
+    Scheduled,
     /// Waiting in its key's inbox behind another exclusive invocation.
     Pending,
     /// May run now.
     Ready,
-    Running,
+    /// Waiting for the retry of a failed attempt.
     BackingOff,
+    /// Waiting for a sleep to end.
+    Suspended,
+    /// Out of attempts; waits for an operator to resume or kill it.
+    Paused,
     Completed,
 }
 
@@ -75,24 +105,24 @@ impl Invocation {
         headers.extend(self.headers.iter().cloned());
         headers
     }
+
+    fn object(&self) -> Option<ObjectId> {
+        Some((self.target.service.clone(), self.target.key.clone()?))
+    }
 }
 
 impl Status {
     pub fn as_str(self) -> &'static str {
         match self {
+            Status::Scheduled => "scheduled",
             Status::Pending => "pending",
             Status::Ready => "ready",
-            Status::Running => "running",
             Status::BackingOff => "backing-off",
+            Status::Suspended => "suspended",
+            Status::Paused => "paused",
             Status::Completed => "completed",
         }
     }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Completion {
-    Success(Bytes),
-    Failure { code: u16, message: String },
 }
 
 impl PartitionState {
@@ -113,35 +143,239 @@ impl PartitionState {
                     }
                 }
             }
-            assert!(!self.invocations.contains_key(&invoke.id), "invocation {} created twice", invoke.id);
-            let (status, completion) = match invoke.failure {
-                Some(message) => (Status::Completed, Some(Completion::Failure { code: 400, message })),
-                None if invoke.target.is_exclusive() => {
-                    let key = invoke.target.key.clone().unwrap_or_default();
-                    let inbox = self.inboxes.entry((invoke.target.service.clone(), key)).or_default();
-                    inbox.push_back(invoke.id.clone());
-                    let status = if inbox.len() == 1 { Status::Ready } else { Status::Pending };
-                    (status, None)
-                }
-                None => (Status::Ready, None),
-            };
-            let invocation = Invocation {
-                id: invoke.id,
-                target: invoke.target,
-                payload: invoke.payload,
-                headers: invoke.headers,
-                source: invoke.source,
-                status,
-                created_at_ms: invoke.created_at_ms,
-                modified_at_ms: invoke.created_at_ms,
-                attempts: 0,
-                last_failure: None,
-                completion,
-            };
-            self.invocations.insert(invocation.id.clone(), invocation);
+            // Ids derived from an idempotency key repeat: the first one wins.
+            if self.invocations.contains_key(&invoke.id) {
+                deduplicated += 1;
+                continue;
+            }
+            let id = invoke.id.clone();
+            self.invocations.insert(
+                id.clone(),
+                Invocation {
+                    id: invoke.id,
+                    target: invoke.target,
+                    payload: invoke.payload,
+                    headers: invoke.headers,
+                    source: invoke.source,
+                    status: Status::Scheduled,
+                    created_at_ms: invoke.created_at_ms,
+                    modified_at_ms: invoke.created_at_ms,
+                    attempts: 0,
+                    last_failure: None,
+                    completion: None,
+                    journal: Vec::new(),
+                    state_ops: Vec::new(),
+                    sleeps: Vec::new(),
+                    wake_at_ms: None,
+                    run_seq: None,
+                },
+            );
+            match (invoke.failure, invoke.not_before_ms) {
+                (Some(message), _) => self.complete(&id, Completion::Failure { code: 400, message }),
+                (None, Some(at)) => self.set_timer(&id, at),
+                (None, None) => self.enqueue(&id),
+            }
             created += 1;
         }
         Response::Invoked { created, deduplicated }
+    }
+
+    fn apply_effects(&mut self, at_ms: u64, effects: Vec<Effect>) -> Response {
+        Response::Effects(effects.into_iter().map(|effect| self.apply_effect(at_ms, effect)).collect())
+    }
+
+    fn apply_effect(&mut self, at_ms: u64, effect: Effect) -> Outcome {
+        let Some(inv) = self.invocations.get_mut(effect.id()) else {
+            return Outcome::NotFound;
+        };
+        let status = inv.status;
+        // An attempt's effect counts only if nothing changed the invocation since the attempt started.
+        let current = |base: u32| status == Status::Ready && inv.journal.len() == base as usize;
+        inv.modified_at_ms = at_ms;
+        match effect {
+            Effect::Progress { id, base, entries, state, sleeps, run_now } => {
+                if !current(base) {
+                    return Outcome::Stale;
+                }
+                inv.journal.extend(entries);
+                inv.state_ops.extend(state);
+                inv.sleeps.extend(sleeps);
+                inv.attempts = 0;
+                inv.last_failure = None;
+                if !run_now {
+                    match inv.sleeps.iter().map(|s| s.wake_at_ms).min() {
+                        Some(at) => {
+                            self.unrun(&id, Status::Suspended);
+                            self.set_timer(&id, at);
+                        }
+                        None => self.unrun(&id, Status::Paused),
+                    }
+                }
+            }
+            Effect::Complete { id, base, state, result } => {
+                if !current(base) {
+                    return Outcome::Stale;
+                }
+                inv.state_ops.extend(state);
+                let ops = std::mem::take(&mut inv.state_ops);
+                if let Some(object) = inv.object() {
+                    let values = self.objects.entry(object.clone()).or_default();
+                    for op in ops {
+                        match op {
+                            StateOp::Set { key, value } => {
+                                values.insert(key, value);
+                            }
+                            StateOp::Clear { key } => {
+                                values.remove(&key);
+                            }
+                            StateOp::ClearAll => values.clear(),
+                        }
+                    }
+                    if values.is_empty() {
+                        self.objects.remove(&object);
+                    }
+                }
+                self.complete(&id, result);
+            }
+            Effect::Failed { id, base, message, retry_at_ms, pause } => {
+                if !current(base) {
+                    return Outcome::Stale;
+                }
+                inv.attempts += 1;
+                inv.last_failure = Some(message.clone());
+                match retry_at_ms {
+                    Some(at) => {
+                        self.unrun(&id, Status::BackingOff);
+                        self.set_timer(&id, at);
+                    }
+                    None if pause => self.unrun(&id, Status::Paused),
+                    None => self.complete(&id, Completion::Failure { code: 500, message }),
+                }
+            }
+            Effect::Wake { id } => {
+                let Some(due) = inv.wake_at_ms.filter(|&t| t <= at_ms) else {
+                    return Outcome::Stale;
+                };
+                self.timers.remove(&(due, id.clone()));
+                let inv = self.invocations.get_mut(&id).expect("present");
+                inv.wake_at_ms = None;
+                match status {
+                    Status::Scheduled => self.enqueue(&id),
+                    Status::BackingOff => self.make_runnable(&id),
+                    Status::Suspended => {
+                        let (due, later): (Vec<_>, Vec<_>) =
+                            std::mem::take(&mut inv.sleeps).into_iter().partition(|s| s.wake_at_ms <= at_ms);
+                        inv.journal.extend(due.into_iter().map(|s| s.notification));
+                        inv.sleeps = later;
+                        self.make_runnable(&id);
+                    }
+                    _ => return Outcome::Stale,
+                }
+            }
+            Effect::Cancel { id, signal } => match status {
+                Status::Completed => return Outcome::NotAllowed("the invocation is completed".to_owned()),
+                // Not started yet: nothing to tell the handler.
+                Status::Scheduled | Status::Pending => {
+                    self.complete(&id, Completion::Failure { code: 409, message: "canceled".to_owned() })
+                }
+                _ => {
+                    inv.journal.push(signal);
+                    inv.attempts = 0;
+                    self.make_runnable(&id);
+                }
+            },
+            Effect::Kill { id } => {
+                if status == Status::Completed {
+                    return Outcome::NotAllowed("the invocation is completed".to_owned());
+                }
+                self.complete(&id, Completion::Failure { code: 409, message: "killed".to_owned() });
+            }
+            Effect::Purge { id } => {
+                if status != Status::Completed {
+                    return Outcome::NotAllowed(format!("the invocation is {}", status.as_str()));
+                }
+                self.invocations.remove(&id);
+            }
+            Effect::Resume { id } => {
+                if status != Status::Paused {
+                    return Outcome::NotAllowed(format!("the invocation is {}", status.as_str()));
+                }
+                inv.attempts = 0;
+                self.make_runnable(&id);
+            }
+        }
+        Outcome::Applied
+    }
+
+    /// Queues a new or delayed invocation: exclusive ones in their key's inbox.
+    fn enqueue(&mut self, id: &str) {
+        let inv = &self.invocations[id];
+        if inv.target.is_exclusive() {
+            let inbox = self.inboxes.entry(inv.object().expect("exclusive targets are keyed")).or_default();
+            inbox.push_back(id.to_owned());
+            if inbox.len() > 1 {
+                self.invocations.get_mut(id).expect("present").status = Status::Pending;
+                return;
+            }
+        }
+        self.make_runnable(id);
+    }
+
+    fn make_runnable(&mut self, id: &str) {
+        let inv = self.invocations.get_mut(id).expect("present");
+        inv.status = Status::Ready;
+        if inv.run_seq.is_none() {
+            inv.run_seq = Some(self.next_run_seq);
+            self.runnable.insert(self.next_run_seq, id.to_owned());
+            self.next_run_seq += 1;
+        }
+    }
+
+    /// Takes an invocation out of the runnable set, into `status`.
+    fn unrun(&mut self, id: &str, status: Status) {
+        let inv = self.invocations.get_mut(id).expect("present");
+        inv.status = status;
+        if let Some(seq) = inv.run_seq.take() {
+            self.runnable.remove(&seq);
+        }
+    }
+
+    fn set_timer(&mut self, id: &str, at_ms: u64) {
+        let inv = self.invocations.get_mut(id).expect("present");
+        if let Some(old) = inv.wake_at_ms.replace(at_ms) {
+            self.timers.remove(&(old, id.to_owned()));
+        }
+        self.timers.insert((at_ms, id.to_owned()));
+    }
+
+    /// Completes an invocation and lets the next one of its key run.
+    fn complete(&mut self, id: &str, result: Completion) {
+        let status = self.invocations[id].status;
+        self.unrun(id, Status::Completed);
+        let inv = self.invocations.get_mut(id).expect("present");
+        inv.completion = Some(result);
+        inv.journal = Vec::new();
+        inv.state_ops = Vec::new();
+        inv.sleeps = Vec::new();
+        if let Some(at) = inv.wake_at_ms.take() {
+            self.timers.remove(&(at, id.to_owned()));
+        }
+        let inv = &self.invocations[id];
+        if status == Status::Scheduled || !inv.target.is_exclusive() {
+            return;
+        }
+        let object = inv.object().expect("exclusive targets are keyed");
+        let Some(inbox) = self.inboxes.get_mut(&object) else { return };
+        if let Some(at) = inbox.iter().position(|queued| queued == id) {
+            inbox.remove(at);
+        }
+        match inbox.front().cloned() {
+            Some(next) if self.invocations[&next].status == Status::Pending => self.make_runnable(&next),
+            Some(_) => {}
+            None => {
+                self.inboxes.remove(&object);
+            }
+        }
     }
 
     pub fn invocation(&self, id: &str) -> Option<&Invocation> {
@@ -160,6 +394,21 @@ impl PartitionState {
 
     pub fn invocation_count(&self) -> usize {
         self.invocations.len()
+    }
+
+    /// Invocations allowed to run, in the order they became so.
+    pub fn runnable(&self) -> impl Iterator<Item = &Invocation> + '_ {
+        self.runnable.values().map(|id| &self.invocations[id])
+    }
+
+    /// Timers in due order: (due time, invocation id).
+    pub fn timers(&self) -> impl Iterator<Item = (u64, &str)> + '_ {
+        self.timers.iter().map(|(at, id)| (*at, id.as_str()))
+    }
+
+    /// The state of a Virtual Object or Workflow key.
+    pub fn object_state(&self, service: &str, key: &str) -> Option<&BTreeMap<Bytes, Bytes>> {
+        self.objects.get(&(service.to_owned(), key.to_owned()))
     }
 
     /// The last sequence number applied for `producer`.
@@ -266,6 +515,7 @@ mod tests {
             dedup: dedup.map(|(producer, seq)| Dedup { producer, seq }),
             created_at_ms: 10,
             failure: None,
+            not_before_ms: None,
         }
     }
 
@@ -349,6 +599,182 @@ mod tests {
             b.apply(c);
         }
         assert_eq!(crate::wire::encode(&a.partition.invocations), crate::wire::encode(&b.partition.invocations));
+    }
+
+    fn effect(state: &mut GroupState, at_ms: u64, effect: Effect) -> Outcome {
+        match state.apply(Command::Effects { at_ms, effects: vec![effect] }) {
+            Response::Effects(mut outcomes) => outcomes.remove(0),
+            other => panic!("unexpected response {other:?}"),
+        }
+    }
+
+    fn entry(ty: u16, body: &'static [u8]) -> JournalEntry {
+        JournalEntry { ty, body: Bytes::from_static(body) }
+    }
+
+    fn set(key: &'static [u8], value: &'static [u8]) -> StateOp {
+        StateOp::Set { key: Bytes::from_static(key), value: Bytes::from_static(value) }
+    }
+
+    fn complete(id: &str, base: u32, state: Vec<StateOp>) -> Effect {
+        Effect::Complete { id: id.to_owned(), base, state, result: Completion::Success(Bytes::new()) }
+    }
+
+    fn runnable(state: &GroupState) -> Vec<&str> {
+        state.partition.runnable().map(|inv| inv.id.as_str()).collect()
+    }
+
+    #[test]
+    fn completion_applies_state_and_starts_the_next_of_the_key() {
+        let mut state = GroupState::default();
+        apply(
+            &mut state,
+            vec![
+                invoke("inv_1", Some("k"), HandlerType::Exclusive, None),
+                invoke("inv_2", Some("k"), HandlerType::Exclusive, None),
+            ],
+        );
+        assert_eq!(runnable(&state), vec!["inv_1"]);
+        // A suspension keeps its entries and state changes; nothing is visible yet.
+        let progress = Effect::Progress {
+            id: "inv_1".to_owned(),
+            base: 0,
+            entries: vec![entry(0x0403, b"set"), entry(0x0411, b"run"), entry(0x8011, b"done")],
+            state: vec![set(b"a", b"1")],
+            sleeps: vec![],
+            run_now: true,
+        };
+        assert_eq!(effect(&mut state, 20, progress.clone()), Outcome::Applied);
+        assert_eq!(effect(&mut state, 21, progress), Outcome::Stale);
+        assert!(state.partition.object_state("Counter", "k").is_none());
+        assert_eq!(state.partition.invocation("inv_1").unwrap().journal.len(), 3);
+        // A completion from an attempt that started before the suspension is stale.
+        assert_eq!(effect(&mut state, 22, complete("inv_1", 0, vec![])), Outcome::Stale);
+        assert_eq!(effect(&mut state, 23, complete("inv_1", 3, vec![set(b"b", b"2")])), Outcome::Applied);
+        let values = state.partition.object_state("Counter", "k").unwrap();
+        assert_eq!(values.get(&b"a"[..]).map(|v| &v[..]), Some(&b"1"[..]));
+        assert_eq!(values.get(&b"b"[..]).map(|v| &v[..]), Some(&b"2"[..]));
+        let done = state.partition.invocation("inv_1").unwrap();
+        assert_eq!((done.status, done.journal.len(), done.modified_at_ms), (Status::Completed, 0, 23));
+        assert_eq!(runnable(&state), vec!["inv_2"]);
+        assert_eq!(state.partition.inbox("Counter", "k"), vec!["inv_2"]);
+        assert_eq!(effect(&mut state, 24, complete("inv_1", 0, vec![])), Outcome::Stale);
+    }
+
+    #[test]
+    fn failed_attempts_back_off_then_fail_or_pause() {
+        let mut state = GroupState::default();
+        apply(
+            &mut state,
+            vec![
+                invoke("inv_1", Some("k"), HandlerType::Exclusive, None),
+                invoke("inv_2", Some("k"), HandlerType::Exclusive, None),
+                invoke("inv_3", Some("j"), HandlerType::Exclusive, None),
+            ],
+        );
+        let failed = |retry_at_ms, pause| Effect::Failed {
+            id: "inv_1".to_owned(),
+            base: 0,
+            message: "boom".to_owned(),
+            retry_at_ms,
+            pause,
+        };
+        assert_eq!(effect(&mut state, 10, failed(Some(500), false)), Outcome::Applied);
+        let inv = state.partition.invocation("inv_1").unwrap();
+        assert_eq!((inv.status, inv.attempts, inv.last_failure.as_deref()), (Status::BackingOff, 1, Some("boom")));
+        // The key stays held; other keys run.
+        assert_eq!(runnable(&state), vec!["inv_3"]);
+        assert_eq!(state.partition.timers().collect::<Vec<_>>(), vec![(500, "inv_1")]);
+        let wake = || Effect::Wake { id: "inv_1".to_owned() };
+        assert_eq!(effect(&mut state, 499, wake()), Outcome::Stale);
+        assert_eq!(effect(&mut state, 500, wake()), Outcome::Applied);
+        assert_eq!(runnable(&state), vec!["inv_3", "inv_1"]);
+        assert_eq!(state.partition.timers().count(), 0);
+        assert_eq!(effect(&mut state, 510, failed(None, true)), Outcome::Applied);
+        assert_eq!(state.partition.invocation("inv_1").unwrap().status, Status::Paused);
+        assert_eq!(runnable(&state), vec!["inv_3"]);
+        assert_eq!(effect(&mut state, 520, Effect::Resume { id: "inv_1".to_owned() }), Outcome::Applied);
+        assert_eq!(effect(&mut state, 530, failed(None, false)), Outcome::Applied);
+        let inv = state.partition.invocation("inv_1").unwrap();
+        assert_eq!(inv.completion, Some(Completion::Failure { code: 500, message: "boom".to_owned() }));
+        assert_eq!(runnable(&state), vec!["inv_3", "inv_2"]);
+    }
+
+    #[test]
+    fn sleeps_suspend_until_due_and_append_their_notification() {
+        let mut state = GroupState::default();
+        apply(&mut state, vec![invoke("inv_1", None, HandlerType::Shared, None)]);
+        let sleep = Sleep { wake_at_ms: 1_000, notification: entry(0x800C, b"woke") };
+        let progress = Effect::Progress {
+            id: "inv_1".to_owned(),
+            base: 0,
+            entries: vec![entry(0x040C, b"sleep")],
+            state: vec![],
+            sleeps: vec![sleep],
+            run_now: false,
+        };
+        assert_eq!(effect(&mut state, 10, progress), Outcome::Applied);
+        assert_eq!(state.partition.invocation("inv_1").unwrap().status, Status::Suspended);
+        assert!(runnable(&state).is_empty());
+        assert_eq!(effect(&mut state, 1_000, Effect::Wake { id: "inv_1".to_owned() }), Outcome::Applied);
+        let inv = state.partition.invocation("inv_1").unwrap();
+        assert_eq!(inv.journal, vec![entry(0x040C, b"sleep"), entry(0x800C, b"woke")]);
+        assert!(inv.sleeps.is_empty());
+        assert_eq!(runnable(&state), vec!["inv_1"]);
+    }
+
+    #[test]
+    fn delayed_invocations_join_their_inbox_when_due() {
+        let mut state = GroupState::default();
+        let mut delayed = invoke("inv_1", Some("k"), HandlerType::Exclusive, None);
+        delayed.not_before_ms = Some(100);
+        apply(&mut state, vec![delayed, invoke("inv_2", Some("k"), HandlerType::Exclusive, None)]);
+        assert_eq!(state.partition.invocation("inv_1").unwrap().status, Status::Scheduled);
+        assert_eq!(runnable(&state), vec!["inv_2"]);
+        assert_eq!(effect(&mut state, 100, Effect::Wake { id: "inv_1".to_owned() }), Outcome::Applied);
+        assert_eq!(state.partition.inbox("Counter", "k"), vec!["inv_2", "inv_1"]);
+        assert_eq!(state.partition.invocation("inv_1").unwrap().status, Status::Pending);
+    }
+
+    #[test]
+    fn cancel_kill_and_purge() {
+        let mut state = GroupState::default();
+        apply(
+            &mut state,
+            vec![
+                invoke("inv_1", Some("k"), HandlerType::Exclusive, None),
+                invoke("inv_2", Some("k"), HandlerType::Exclusive, None),
+                invoke("inv_3", Some("k"), HandlerType::Exclusive, None),
+            ],
+        );
+        let signal = entry(0xFBFF, b"cancel");
+        let cancel = |id: &str| Effect::Cancel { id: id.to_owned(), signal: signal.clone() };
+        // A queued invocation that never started completes at once.
+        assert_eq!(effect(&mut state, 1, cancel("inv_2")), Outcome::Applied);
+        let inv = state.partition.invocation("inv_2").unwrap();
+        assert_eq!(inv.completion, Some(Completion::Failure { code: 409, message: "canceled".to_owned() }));
+        assert_eq!(state.partition.inbox("Counter", "k"), vec!["inv_1", "inv_3"]);
+        // A running one is told through its journal; its current attempt becomes stale.
+        assert_eq!(effect(&mut state, 2, cancel("inv_1")), Outcome::Applied);
+        assert_eq!(state.partition.invocation("inv_1").unwrap().journal, vec![signal.clone()]);
+        assert_eq!(effect(&mut state, 3, complete("inv_1", 0, vec![])), Outcome::Stale);
+        // Kill releases the key.
+        assert_eq!(effect(&mut state, 4, Effect::Kill { id: "inv_1".to_owned() }), Outcome::Applied);
+        assert_eq!(runnable(&state), vec!["inv_3"]);
+        assert!(matches!(effect(&mut state, 5, Effect::Kill { id: "inv_1".to_owned() }), Outcome::NotAllowed(_)));
+        assert!(matches!(effect(&mut state, 6, Effect::Purge { id: "inv_3".to_owned() }), Outcome::NotAllowed(_)));
+        assert_eq!(effect(&mut state, 7, Effect::Purge { id: "inv_1".to_owned() }), Outcome::Applied);
+        assert_eq!(effect(&mut state, 8, Effect::Purge { id: "inv_1".to_owned() }), Outcome::NotFound);
+    }
+
+    #[test]
+    fn a_repeated_id_is_created_once() {
+        let mut state = GroupState::default();
+        let r = apply(
+            &mut state,
+            vec![invoke("inv_1", None, HandlerType::Shared, None), invoke("inv_1", None, HandlerType::Shared, None)],
+        );
+        assert_eq!(r, Response::Invoked { created: 1, deduplicated: 1 });
     }
 
     #[test]

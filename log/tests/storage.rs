@@ -63,6 +63,7 @@ fn invoke(i: u64) -> Invoke {
         dedup: Some(Dedup { producer: 42, seq: i }),
         created_at_ms: 1,
         failure: None,
+        not_before_ms: None,
     }
 }
 

@@ -30,6 +30,8 @@ pub struct Config {
     pub ingress: IngressConfig,
     pub raft: RaftConfig,
     pub log: LogConfig,
+    pub invoker: ferry_invoker::Options,
+    pub invocation: InvocationConfig,
 }
 
 impl Default for Config {
@@ -44,6 +46,8 @@ impl Default for Config {
             ingress: IngressConfig::default(),
             raft: RaftConfig::default(),
             log: LogConfig::default(),
+            invoker: ferry_invoker::Options::default(),
+            invocation: InvocationConfig::default(),
         }
     }
 }
@@ -77,6 +81,13 @@ impl Default for IngressConfig {
             kafka: ferry_ingress::Options::default(),
         }
     }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
+pub struct InvocationConfig {
+    /// How failed attempts are retried.
+    pub default_retry_policy: ferry_invoker::RetryPolicy,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -217,6 +228,12 @@ impl Config {
         if raft.flush_queue_max == 0 || raft.snapshot_entries_since_last == 0 {
             return invalid("raft", "flush-queue-max and snapshot-entries-since-last must be positive".to_owned());
         }
+        if let Err(reason) = self.invocation.default_retry_policy.validate() {
+            return invalid("invocation.default-retry-policy", reason);
+        }
+        if self.invoker.concurrency_per_partition == 0 || self.invoker.max_effects_per_entry == 0 {
+            return invalid("invoker", "concurrency-per-partition and max-effects-per-entry must be positive".into());
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
             return invalid("log.filter", e.to_string());
         }
@@ -297,6 +314,8 @@ mod tests {
             "#,
         );
         std::env::set_var("FERRY_ADMIN__BIND_ADDRESS", "127.0.0.1:1002");
+        std::env::set_var("FERRY_INVOCATION__DEFAULT_RETRY_POLICY__MAX_ATTEMPTS", "3");
+        std::env::set_var("FERRY_INVOKER__ATTEMPT_TIMEOUT", "2s");
         std::env::set_var("FERRY_PARTITIONS", "16");
         let overrides = Overrides { admin_bind_address: Some("127.0.0.1:1003".into()), ..Default::default() };
         let config = Config::load(Some(&file), &overrides).unwrap();
@@ -307,6 +326,8 @@ mod tests {
         assert_eq!(cluster.name, "my-cluster");
         assert_eq!(cluster.properties["sasl.username"].to_string(), "me");
         assert_eq!(cluster.properties["session.timeout.ms"].to_string(), "6000");
+        assert_eq!(config.invocation.default_retry_policy.max_attempts, Some(3));
+        assert_eq!(config.invoker.attempt_timeout, std::time::Duration::from_secs(2));
         clear_env();
     }
 
@@ -337,6 +358,10 @@ mod tests {
         let bad_protocol = write(&dir, "[[ingress.kafka-clusters]]\nname = \"c\"\nbrokers = [\"HTTP://h:1\"]\n");
         let err = Config::load(Some(&bad_protocol), &Overrides::default()).unwrap_err().to_string();
         assert!(err.contains("unknown protocol"), "{err}");
+
+        let bad_factor = write(&dir, "[invocation.default-retry-policy]\nexponentiation-factor = 0.5\n");
+        let err = Config::load(Some(&bad_factor), &Overrides::default()).unwrap_err().to_string();
+        assert!(err.contains("invocation.default-retry-policy") && err.contains("exponentiation-factor"), "{err}");
 
         let bad_address = write(&dir, "bind-address = \"nope\"\n");
         let err = Config::load(Some(&bad_address), &Overrides::default()).unwrap_err().to_string();

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use ferry_admin::Admin;
 use ferry_ingress::KafkaIngress;
-use ferry_invoker::Discovery;
+use ferry_invoker::{Discovery, Invoker};
 use ferry_log::LogNode;
 use ferry_proto::cluster::node_service_server::NodeServiceServer;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -24,10 +24,12 @@ async fn bind(what: &str, address: std::net::SocketAddr) -> anyhow::Result<TcpLi
 }
 
 /// Runs a node until `shutdown` fires. Stops, in order: Kafka consumers (their
-/// last offsets committed), the admin API, the node port, then the Raft groups.
+/// last offsets committed), the invoker, the admin API, the node port, then the
+/// Raft groups.
 pub async fn run(config: Config, metrics: PrometheusHandle, shutdown: CancellationToken) -> anyhow::Result<()> {
     let node_listener = bind("bind-address", config.bind_address).await?;
     let admin_listener = bind("admin.bind-address", config.admin.bind_address).await?;
+    let ingress_listener = bind("ingress.bind-address", config.ingress.bind_address).await?;
 
     let log_tasks = TaskTracker::new();
     let log_cancel = CancellationToken::new();
@@ -64,6 +66,20 @@ pub async fn run(config: Config, metrics: PrometheusHandle, shutdown: Cancellati
         }
     });
 
+    let invoker_cancel = CancellationToken::new();
+    let invoker = Invoker::new(log.clone(), config.invoker.clone(), config.invocation.default_retry_policy.clone());
+    let invoker_task = tokio::spawn(invoker.run(invoker_cancel.clone()));
+
+    let log_for_http = log.clone();
+    let cancel = servers_cancel.clone();
+    let failed = shutdown.clone();
+    servers.spawn(async move {
+        if let Err(e) = ferry_ingress::http::serve(ingress_listener, log_for_http, cancel).await {
+            error!("HTTP ingress failed: {e}");
+            failed.cancel();
+        }
+    });
+
     let ingress_cancel = CancellationToken::new();
     let ingress = KafkaIngress::new(log.clone(), config.ingress.kafka_clusters.clone(), config.ingress.kafka.clone());
     let ingress_task = tokio::spawn(ingress.run(ingress_cancel.clone()));
@@ -71,6 +87,7 @@ pub async fn run(config: Config, metrics: PrometheusHandle, shutdown: Cancellati
     info!(
         node_id = config.node_id,
         admin = %config.admin.bind_address,
+        ingress = %config.ingress.bind_address,
         node = %config.bind_address,
         partitions = config.partitions,
         base_dir = %config.base_dir.display(),
@@ -82,6 +99,10 @@ pub async fn run(config: Config, metrics: PrometheusHandle, shutdown: Cancellati
     ingress_cancel.cancel();
     if let Err(e) = ingress_task.await {
         error!("kafka ingress ended abnormally: {e}");
+    }
+    invoker_cancel.cancel();
+    if let Err(e) = invoker_task.await {
+        error!("invoker ended abnormally: {e}");
     }
     servers_cancel.cancel();
     servers.close();

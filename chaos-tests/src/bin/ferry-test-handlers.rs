@@ -8,13 +8,16 @@
 //!   and records the invocation id plus the request headers it sees (e.g. the
 //!   Kafka metadata headers) to `$FERRY_TEST_RECORD_DIR/sink.jsonl`.
 //! * `Counter` (virtual object): exclusive `add` counts calls and checks the
-//!   per-key ordering of `{"seq": N}` payloads; shared `get` returns the
-//!   counters as JSON.
+//!   per-key ordering of `{"seq": N}` payloads (and fails, retryably, for
+//!   `{"poison": true}`); exclusive `reset` takes a JSON number as the new
+//!   count; shared `get` returns the counters as JSON.
 //! * `Flow` (workflow): `run` returns a string, shared `status` reports progress.
 //! * `Flaky/run` (service): appends a line to
 //!   `$FERRY_TEST_RECORD_DIR/flaky.jsonl` inside `ctx.run` (a journaled side
 //!   effect), then fails with a retryable error for the first few attempts so
-//!   retries and journal replay can be verified.
+//!   retries and journal replay can be verified. `Flaky/nap` sleeps durably for
+//!   the number of milliseconds in its payload, `Flaky/terminal` fails with a
+//!   terminal error (code 422), `Flaky/hang` never answers.
 //!
 //! Every attempt of `Sink/handle` and `Flaky/run` is also recorded (outside of
 //! any journaled action) to `sink.jsonl` / `flaky-attempts.jsonl`, so tests can
@@ -207,6 +210,9 @@ impl Counter {
     /// `duplicates` counts the `N == last_seq` cases). Returns the new count.
     #[handler]
     async fn add(&self, ctx: ObjectContext<'_>, payload: AnyPayload) -> Result<u64, HandlerError> {
+        if payload.as_json().is_some_and(|v| v.get("poison") == Some(&Value::Bool(true))) {
+            return Err(HandlerError::from(format!("Counter/add: {} is poisoned", ctx.key())));
+        }
         let count = ctx.get::<u64>(STATE_COUNT).await?.unwrap_or(0) + 1;
         ctx.set(STATE_COUNT, count);
 
@@ -224,6 +230,14 @@ impl Counter {
             }
             ctx.set(STATE_LAST_SEQ, seq);
         }
+        Ok(count)
+    }
+
+    /// Sets `count`; the payload must be a JSON number.
+    #[handler]
+    async fn reset(&self, ctx: ObjectContext<'_>, count: Json<u64>) -> Result<u64, HandlerError> {
+        let count = count.into_inner();
+        ctx.set(STATE_COUNT, count);
         Ok(count)
     }
 
@@ -347,6 +361,27 @@ impl Flaky {
             return Err(HandlerError::from(msg));
         }
         Ok(format!("ok after {attempt} attempts (side effect at {written_at})"))
+    }
+
+    /// Sleeps durably for the milliseconds in the payload; a cancellation ends the sleep with an error.
+    #[handler]
+    async fn nap(&self, ctx: Context<'_>, payload: AnyPayload) -> Result<String, HandlerError> {
+        let ms: u64 = payload.lossy_text().trim().parse().unwrap_or(0);
+        ctx.sleep(std::time::Duration::from_millis(ms)).await?;
+        Ok("rested".to_owned())
+    }
+
+    /// Fails for good.
+    #[handler]
+    async fn terminal(&self, _ctx: Context<'_>) -> Result<(), HandlerError> {
+        Err(TerminalError::new_with_code(422, "Flaky/terminal fails on purpose").into())
+    }
+
+    /// Never answers; the runtime's attempt timeout ends each attempt.
+    #[handler]
+    async fn hang(&self, _ctx: Context<'_>) -> Result<(), HandlerError> {
+        std::future::pending::<()>().await;
+        Ok(())
     }
 }
 

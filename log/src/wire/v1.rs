@@ -1,5 +1,6 @@
 //! Version 1 of the log-entry format: the commands proposed to a group and the
-//! responses of applying them. Fields are only ever added in a new version.
+//! responses of applying them. Until the first release this version still
+//! changes; after it, fields are only ever added in a new version.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -16,6 +17,100 @@ pub enum Command {
     Invoke(Arc<Vec<Invoke>>),
     /// Change cluster metadata (metadata group only).
     Metadata(MetadataCommand),
+    /// What the invoker or an operator did to invocations of a partition,
+    /// stamped with the proposer's clock.
+    Effects { at_ms: u64, effects: Vec<Effect> },
+}
+
+/// One change to an existing invocation. Effects of an attempt name the
+/// journal length the attempt started from (`base`): an effect whose base no
+/// longer matches comes from a stale attempt and is ignored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Effect {
+    /// An attempt suspended: its new journal entries and state changes are
+    /// kept. The invocation runs again at once when `run_now`, else when its
+    /// first sleep is due.
+    Progress {
+        id: String,
+        base: u32,
+        entries: Vec<JournalEntry>,
+        state: Vec<StateOp>,
+        sleeps: Vec<Sleep>,
+        run_now: bool,
+    },
+    /// The handler ended: its state changes apply together with the result.
+    Complete { id: String, base: u32, state: Vec<StateOp>, result: Completion },
+    /// An attempt failed. It is retried at `retry_at_ms`; without one the
+    /// invocation completes failed, or is paused (holding its key) when `pause`.
+    Failed { id: String, base: u32, message: String, retry_at_ms: Option<u64>, pause: bool },
+    /// A timer (backoff, sleep, delayed start) is due.
+    Wake { id: String },
+    /// Tell the handler it is cancelled: `signal` is appended to its journal.
+    /// An invocation that has not started completes at once.
+    Cancel { id: String, signal: JournalEntry },
+    /// Complete at once as failed, without telling the handler.
+    Kill { id: String },
+    /// Forget a completed invocation.
+    Purge { id: String },
+    /// Run a paused invocation again.
+    Resume { id: String },
+}
+
+impl Effect {
+    pub fn id(&self) -> &str {
+        match self {
+            Effect::Progress { id, .. }
+            | Effect::Complete { id, .. }
+            | Effect::Failed { id, .. }
+            | Effect::Wake { id }
+            | Effect::Cancel { id, .. }
+            | Effect::Kill { id }
+            | Effect::Purge { id }
+            | Effect::Resume { id } => id,
+        }
+    }
+}
+
+/// A service-protocol message kept in an invocation's journal: its type id and
+/// protobuf body, sent back as they are when the invocation is replayed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalEntry {
+    pub ty: u16,
+    pub body: Bytes,
+}
+
+/// A change to a Virtual Object's or Workflow's state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StateOp {
+    Set { key: Bytes, value: Bytes },
+    Clear { key: Bytes },
+    ClearAll,
+}
+
+/// A durable timer of a handler: at `wake_at_ms`, `notification` is appended
+/// to the journal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sleep {
+    pub wake_at_ms: u64,
+    pub notification: JournalEntry,
+}
+
+/// How an invocation ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Completion {
+    Success(Bytes),
+    Failure { code: u16, message: String },
+}
+
+/// The result of one [`Effect`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    Applied,
+    /// From an attempt that is no longer current; nothing changed.
+    Stale,
+    NotFound,
+    /// Not allowed in the invocation's status.
+    NotAllowed(String),
 }
 
 /// The result of applying a [`Command`].
@@ -28,6 +123,8 @@ pub enum Response {
         deduplicated: u32,
     },
     Metadata(MetadataResponse),
+    /// One outcome per effect, in order.
+    Effects(Vec<Outcome>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,6 +166,8 @@ pub struct Invoke {
     /// The record cannot be delivered: the invocation is created completed
     /// with this failure, so that it does not hold up its Kafka partition.
     pub failure: Option<String>,
+    /// Start no earlier than this time.
+    pub not_before_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,0 +1,327 @@
+//! HTTP ingress (port 8080) with Restate's paths:
+//!
+//! - `POST /{Service}/{handler}` and `POST /{Object}/{key}/{handler}` run the
+//!   handler and answer with its output;
+//! - the same paths ending in `/send` answer at once with
+//!   `{"invocationId", "status"}`; `?delay=10s` starts the invocation later;
+//! - an `idempotency-key` header makes requests with the same key, target and
+//!   handler one invocation: later requests get the first one's result;
+//! - a Workflow's `run` handler runs once per key: later requests get the
+//!   first one's result;
+//! - `GET /restate/invocation/{id}/attach` waits for an invocation's result,
+//!   `GET /restate/invocation/{id}/output` answers it only if it is there;
+//!   `/restate/workflow/{Workflow}/{key}/attach` and `/output` do the same for
+//!   a workflow's run.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use ferry_log::partitioner::{key_hash, partition_of};
+use ferry_log::state::Completion;
+use ferry_log::wire::v1::{Command, HandlerType, Invoke, Response as LogResponse, ServiceType, Source, Target};
+use ferry_log::{partition_group, LogNode, PartitionId};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Headers that describe the HTTP exchange rather than the request, never
+/// passed to the handler.
+const HOP_HEADERS: [&str; 7] =
+    ["host", "content-length", "connection", "transfer-encoding", "keep-alive", "upgrade", "idempotency-key"];
+
+/// A status Restate answers `/output` with while the invocation still runs.
+const NOT_READY: u16 = 470;
+
+/// An error answer: `{"code", "message"}` with the status `code`.
+#[derive(Debug)]
+pub struct Error {
+    status: StatusCode,
+    message: String,
+}
+
+impl Error {
+    fn new(status: u16, message: impl Into<String>) -> Error {
+        Error {
+            status: StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({ "code": self.status.as_u16(), "message": self.message }))).into_response()
+    }
+}
+
+impl From<ferry_log::Error> for Error {
+    fn from(e: ferry_log::Error) -> Error {
+        Error::new(503, e.to_string())
+    }
+}
+
+#[derive(Clone)]
+struct Ingress {
+    log: LogNode,
+    shutdown: CancellationToken,
+}
+
+/// Serves the HTTP ingress on `listener` until `shutdown` fires.
+pub async fn serve(listener: TcpListener, log: LogNode, shutdown: CancellationToken) -> std::io::Result<()> {
+    let app = router(Ingress { log, shutdown: shutdown.clone() });
+    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
+}
+
+fn router(ingress: Ingress) -> Router {
+    Router::new()
+        .route("/restate/invocation/{id}/attach", get(attach))
+        .route("/restate/invocation/{id}/output", get(output))
+        .route("/restate/workflow/{name}/{key}/attach", get(attach_workflow))
+        .route("/restate/workflow/{name}/{key}/output", get(workflow_output))
+        .route("/{a}/{b}", post(two))
+        .route("/{a}/{b}/{c}", post(three))
+        .route("/{a}/{b}/{c}/{d}", post(four))
+        .with_state(ingress)
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Params {
+    delay: Option<String>,
+}
+
+/// What a request asks for.
+struct Call {
+    service: String,
+    key: Option<String>,
+    handler: String,
+    send: bool,
+}
+
+async fn two(
+    State(ingress): State<Ingress>,
+    Path((service, handler)): Path<(String, String)>,
+    Query(params): Query<Params>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, Error> {
+    ingress.call(Call { service, key: None, handler, send: false }, params, headers, body).await
+}
+
+/// `/{Service}/{handler}/send` or `/{Object}/{key}/{handler}`, told apart by the service's type.
+async fn three(
+    State(ingress): State<Ingress>,
+    Path((a, b, c)): Path<(String, String, String)>,
+    Query(params): Query<Params>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, Error> {
+    let keyed = ingress.log.read_metadata(|m| m.services.get(&a).map(|s| s.def.ty.is_keyed()));
+    let call = match keyed {
+        Some(true) => Call { service: a, key: Some(b), handler: c, send: false },
+        Some(false) if c == "send" => Call { service: a, key: None, handler: b, send: true },
+        Some(false) => return Err(Error::new(404, format!("service {a} has no keys; no route for /{a}/{b}/{c}"))),
+        None => return Err(Error::new(404, format!("service {a} not found"))),
+    };
+    ingress.call(call, params, headers, body).await
+}
+
+async fn four(
+    State(ingress): State<Ingress>,
+    Path((service, key, handler, send)): Path<(String, String, String, String)>,
+    Query(params): Query<Params>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, Error> {
+    if send != "send" {
+        return Err(Error::new(404, format!("no route for /{service}/{key}/{handler}/{send}")));
+    }
+    ingress.call(Call { service, key: Some(key), handler, send: true }, params, headers, body).await
+}
+
+async fn attach(State(ingress): State<Ingress>, Path(id): Path<String>) -> Result<Response, Error> {
+    let partition = ingress.partition_of_id(&id)?;
+    Ok(result_response(&id, ingress.wait(partition, &id).await?))
+}
+
+async fn attach_workflow(
+    State(ingress): State<Ingress>,
+    Path((name, key)): Path<(String, String)>,
+) -> Result<Response, Error> {
+    attach(State(ingress.clone()), Path(ingress.workflow_run_id(name, key)?)).await
+}
+
+async fn workflow_output(
+    State(ingress): State<Ingress>,
+    Path((name, key)): Path<(String, String)>,
+) -> Result<Response, Error> {
+    output(State(ingress.clone()), Path(ingress.workflow_run_id(name, key)?)).await
+}
+
+async fn output(State(ingress): State<Ingress>, Path(id): Path<String>) -> Result<Response, Error> {
+    let partition = ingress.partition_of_id(&id)?;
+    match ingress.completion(partition, &id)? {
+        Some(completion) => Ok(result_response(&id, completion)),
+        None => Err(Error::new(NOT_READY, format!("invocation {id} is not completed yet"))),
+    }
+}
+
+impl Ingress {
+    async fn call(&self, call: Call, params: Params, headers: HeaderMap, body: Bytes) -> Result<Response, Error> {
+        let (service_ty, handler_ty) = self.log.read_metadata(|m| {
+            let service = m
+                .services
+                .get(&call.service)
+                .ok_or_else(|| Error::new(404, format!("service {} not found", call.service)))?;
+            let handler = service
+                .def
+                .handler(&call.handler)
+                .ok_or_else(|| Error::new(404, format!("service {} has no handler {}", call.service, call.handler)))?;
+            Ok::<_, Error>((service.def.ty, handler.ty))
+        })?;
+        if service_ty.is_keyed() != call.key.is_some() {
+            let what = if service_ty.is_keyed() { "needs a key" } else { "takes no key" };
+            return Err(Error::new(400, format!("{} {what}", call.service)));
+        }
+        let delay = match &params.delay {
+            Some(_) if !call.send => return Err(Error::new(400, "delay is only allowed with /send")),
+            Some(text) => Some(
+                humantime::parse_duration(text).map_err(|e| Error::new(400, format!("invalid delay {text:?}: {e}")))?,
+            ),
+            None => None,
+        };
+        let idempotency_key = headers.get("idempotency-key").map(|v| v.to_str().unwrap_or_default().to_owned());
+        let target = Target { service: call.service, handler: call.handler, key: call.key, service_ty, handler_ty };
+        let (partition_key, unique) = ids(&target, idempotency_key.as_deref());
+        let id = format!("inv_{partition_key:016x}{unique:016x}");
+        let partition = partition_of(partition_key, self.log.partitions());
+        let now = now_ms();
+        let invoke = Invoke {
+            id: id.clone(),
+            payload: body,
+            headers: headers
+                .iter()
+                .filter(|(name, _)| !HOP_HEADERS.contains(&name.as_str()))
+                .filter_map(|(name, value)| Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned())))
+                .collect(),
+            target,
+            source: Source::Ingress,
+            dedup: None,
+            created_at_ms: now,
+            failure: None,
+            not_before_ms: delay.map(|d| now + d.as_millis() as u64),
+        };
+        let response = self.log.propose(partition_group(partition), Command::Invoke(vec![invoke].into())).await?;
+        let created = matches!(response, LogResponse::Invoked { created: 1, .. });
+        if call.send {
+            let status = if created { "Accepted" } else { "PreviouslyAccepted" };
+            let body = Json(json!({ "invocationId": id, "status": status }));
+            return Ok((StatusCode::ACCEPTED, [("x-restate-id", id)], body).into_response());
+        }
+        Ok(result_response(&id, self.wait(partition, &id).await?))
+    }
+
+    /// The id of the run of workflow `name` with `key`.
+    fn workflow_run_id(&self, name: String, key: String) -> Result<String, Error> {
+        let run = self.log.read_metadata(|m| {
+            let service = m.services.get(&name).filter(|s| s.def.ty == ServiceType::Workflow)?;
+            let handler = service.def.handlers.iter().find(|h| h.ty == HandlerType::Workflow)?;
+            Some(Target {
+                service: name.clone(),
+                handler: handler.name.clone(),
+                key: Some(key),
+                service_ty: ServiceType::Workflow,
+                handler_ty: HandlerType::Workflow,
+            })
+        });
+        let target = run.ok_or_else(|| Error::new(404, format!("workflow {name} not found")))?;
+        let (partition_key, unique) = ids(&target, None);
+        Ok(format!("inv_{partition_key:016x}{unique:016x}"))
+    }
+
+    fn partition_of_id(&self, id: &str) -> Result<PartitionId, Error> {
+        let not_found = || Error::new(404, format!("invocation {id} not found"));
+        let hex = id.strip_prefix("inv_").filter(|h| h.len() == 32).ok_or_else(not_found)?;
+        let key = u64::from_str_radix(&hex[..16], 16).map_err(|_| not_found())?;
+        Ok(partition_of(key, self.log.partitions()))
+    }
+
+    /// The result of an invocation, `None` while it runs.
+    fn completion(&self, partition: PartitionId, id: &str) -> Result<Option<Completion>, Error> {
+        self.log
+            .read_partition(partition, |p| p.invocation(id).map(|inv| inv.completion.clone()))?
+            .ok_or_else(|| Error::new(404, format!("invocation {id} not found")))
+    }
+
+    /// Waits for the result of an invocation.
+    async fn wait(&self, partition: PartitionId, id: &str) -> Result<Completion, Error> {
+        let mut changes = self.log.partition_changes(partition)?;
+        loop {
+            changes.borrow_and_update();
+            if let Some(completion) = self.completion(partition, id)? {
+                return Ok(completion);
+            }
+            tokio::select! {
+                changed = changes.changed() => changed.map_err(|_| Error::new(503, "the node is shutting down"))?,
+                _ = self.shutdown.cancelled() => return Err(Error::new(503, "the node is shutting down")),
+            }
+        }
+    }
+}
+
+/// The partition key and the unique part of a new invocation's id. With an
+/// idempotency key both derive from the request, so that a repeated request
+/// names the invocation of the first; a workflow's run is named by its key.
+fn ids(target: &Target, idempotency_key: Option<&str>) -> (u64, u64) {
+    let idempotency_key = match target.handler_ty {
+        HandlerType::Workflow => Some(""),
+        _ => idempotency_key,
+    };
+    let partition_key = match (&target.key, idempotency_key) {
+        (Some(key), _) => key_hash(&target.service, key),
+        (None, Some(idempotency_key)) => key_hash(&target.service, idempotency_key),
+        (None, None) => rand_u64(),
+    };
+    let unique = match idempotency_key {
+        Some(idempotency_key) => {
+            let scope = format!("{}\0{}\0{}", target, target.handler, idempotency_key);
+            xxhash_rust::xxh3::xxh3_64(scope.as_bytes())
+        }
+        None => rand_u64(),
+    };
+    (partition_key, unique)
+}
+
+fn rand_u64() -> u64 {
+    let ulid = ulid::Ulid::new();
+    xxhash_rust::xxh3::xxh3_64(&ulid.to_bytes())
+}
+
+fn result_response(id: &str, completion: Completion) -> Response {
+    let id = HeaderValue::from_str(id).unwrap_or_else(|_| HeaderValue::from_static(""));
+    match completion {
+        Completion::Success(body) => {
+            let content_type = if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_ok() {
+                "application/json"
+            } else {
+                "application/octet-stream"
+            };
+            (StatusCode::OK, [("x-restate-id", id), ("content-type", HeaderValue::from_static(content_type))], body)
+                .into_response()
+        }
+        Completion::Failure { code, message } => {
+            let mut response = Error::new(code, message).into_response();
+            response.headers_mut().insert("x-restate-id", id);
+            response
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}

@@ -1,0 +1,336 @@
+//! Runs the invocations of the partitions this node leads.
+//!
+//! One task per partition watches the applied state. While this node leads the
+//! partition it starts an attempt for every runnable invocation (up to the
+//! concurrency bound), proposes a wake-up for every due timer, and stops
+//! attempts whose invocation was killed or changed under them. Each attempt
+//! ends with one [`Effect`]; the effects of a partition are batched into one
+//! log entry per proposal. An invocation counts as running until its effect is
+//! applied, so it never runs twice at once on one node.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ferry_log::wire::v1::{Command, Effect, Outcome, Response};
+use ferry_log::{partition_group, GroupId, LogNode, PartitionId};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::{AbortHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::client::{Client, Endpoint};
+use crate::codec::ProtocolVersion;
+use crate::journal::Job;
+use crate::retry::RetryPolicy;
+
+/// How the invoker runs attempts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
+pub struct Options {
+    /// Attempts running at once per partition.
+    pub concurrency_per_partition: usize,
+    /// An attempt that takes longer fails (and is retried).
+    #[serde(with = "humantime_serde")]
+    pub attempt_timeout: Duration,
+    /// Effects proposed in one log entry at most.
+    pub max_effects_per_entry: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            concurrency_per_partition: 512,
+            attempt_timeout: Duration::from_secs(60),
+            max_effects_per_entry: 2048,
+        }
+    }
+}
+
+/// Runs invocations on the partitions this node leads.
+pub struct Invoker {
+    log: LogNode,
+    client: Client,
+    options: Options,
+    retry: Arc<RetryPolicy>,
+}
+
+impl Invoker {
+    pub fn new(log: LogNode, options: Options, retry: RetryPolicy) -> Invoker {
+        Invoker { log, client: Client::new(options.attempt_timeout), options, retry: Arc::new(retry) }
+    }
+
+    /// Runs until `cancel` fires; attempts still running then are dropped and
+    /// run again from their journal after a restart.
+    pub async fn run(self, cancel: CancellationToken) {
+        let mut partitions = JoinSet::new();
+        for partition in 0..self.log.partitions() {
+            let (effects, rx) = mpsc::channel(self.options.max_effects_per_entry * 4);
+            let group = partition_group(partition);
+            partitions.spawn(write_effects(self.log.clone(), group, rx, self.options.max_effects_per_entry));
+            let scheduler = PartitionScheduler {
+                partition,
+                group,
+                log: self.log.clone(),
+                client: self.client.clone(),
+                retry: self.retry.clone(),
+                concurrency: self.options.concurrency_per_partition,
+                effects: EffectSender(effects),
+                attempts: JoinSet::new(),
+                running: HashMap::new(),
+                waking: HashSet::new(),
+            };
+            partitions.spawn(scheduler.run(cancel.clone()));
+        }
+        while partitions.join_next().await.is_some() {}
+    }
+}
+
+/// Sends effects to a partition's writer and waits for their outcome.
+#[derive(Clone)]
+struct EffectSender(mpsc::Sender<(Effect, oneshot::Sender<Option<Outcome>>)>);
+
+impl EffectSender {
+    /// The outcome once applied; `None` if the proposal failed (for example
+    /// because leadership moved).
+    async fn apply(&self, effect: Effect) -> Option<Outcome> {
+        let (tx, rx) = oneshot::channel();
+        self.0.send((effect, tx)).await.ok()?;
+        rx.await.ok().flatten()
+    }
+}
+
+/// Proposes the effects of a partition, as many per entry as are waiting.
+async fn write_effects(
+    log: LogNode,
+    group: GroupId,
+    mut rx: mpsc::Receiver<(Effect, oneshot::Sender<Option<Outcome>>)>,
+    max_batch: usize,
+) {
+    let mut waiting = Vec::new();
+    while rx.recv_many(&mut waiting, max_batch).await > 0 {
+        let (effects, replies): (Vec<_>, Vec<_>) = waiting.drain(..).unzip();
+        let count = effects.len();
+        metrics::histogram!("ferry_invoker_effects_per_entry").record(count as f64);
+        match log.propose(group, Command::Effects { at_ms: now_ms(), effects }).await {
+            Ok(Response::Effects(outcomes)) if outcomes.len() == count => {
+                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    let _ = reply.send(Some(outcome));
+                }
+            }
+            Ok(other) => {
+                warn!(group, "effects answered with {other:?}");
+            }
+            Err(e) => {
+                debug!(group, "proposing {count} effects failed: {e}");
+            }
+        }
+    }
+}
+
+enum Done {
+    Attempt(String),
+    Woken(Vec<String>),
+}
+
+struct Running {
+    abort: AbortHandle,
+    base: u32,
+}
+
+struct PartitionScheduler {
+    partition: PartitionId,
+    group: GroupId,
+    log: LogNode,
+    client: Client,
+    retry: Arc<RetryPolicy>,
+    concurrency: usize,
+    effects: EffectSender,
+    attempts: JoinSet<Done>,
+    running: HashMap<String, Running>,
+    /// Invocations whose wake-up is proposed but not applied yet.
+    waking: HashSet<String>,
+}
+
+impl PartitionScheduler {
+    async fn run(mut self, cancel: CancellationToken) {
+        let Ok(mut changes) = self.log.partition_changes(self.partition) else {
+            return;
+        };
+        // What the log holds already (after a restart) runs without waiting for a change.
+        let mut next_timer = if self.log.is_leader(self.group) { self.schedule() } else { None };
+        loop {
+            let leader = self.log.is_leader(self.group);
+            let timer = async {
+                match next_timer {
+                    Some(at) => tokio::time::sleep(Duration::from_millis(at.saturating_sub(now_ms()))).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                changed = changes.changed() => if changed.is_err() { break },
+                Some(done) = self.attempts.join_next(), if !self.attempts.is_empty() => match done {
+                    Ok(Done::Attempt(id)) => { self.running.remove(&id); }
+                    Ok(Done::Woken(ids)) => for id in ids { self.waking.remove(&id); },
+                    Err(_) => {}
+                },
+                _ = timer, if leader => {}
+                _ = tokio::time::sleep(Duration::from_millis(200)), if !leader => {}
+            }
+            if !self.log.is_leader(self.group) {
+                if !self.running.is_empty() {
+                    debug!(partition = self.partition, "not the leader: stopping attempts");
+                }
+                self.stop_all();
+                next_timer = None;
+                continue;
+            }
+            next_timer = self.schedule();
+        }
+        self.stop_all();
+    }
+
+    fn stop_all(&mut self) {
+        self.attempts.abort_all();
+        self.running.clear();
+        self.waking.clear();
+    }
+
+    /// Starts what may run and wakes what is due; returns the next timer.
+    fn schedule(&mut self) -> Option<u64> {
+        let now = now_ms();
+        let free = self.concurrency.saturating_sub(self.running.len());
+        let running = &self.running;
+        let waking = &self.waking;
+        let read = self.log.read_partition(self.partition, |state| {
+            // Attempts whose invocation was killed, cancelled or woken meanwhile.
+            let outdated: Vec<String> = running
+                .iter()
+                .filter(|(id, r)| {
+                    state.invocation(id).is_none_or(|inv| {
+                        inv.status != ferry_log::state::Status::Ready || inv.journal.len() != r.base as usize
+                    })
+                })
+                .map(|(id, _)| id.clone())
+                .collect();
+            let jobs: Vec<Job> = state
+                .runnable()
+                .filter(|inv| !running.contains_key(&inv.id))
+                .take(free)
+                .map(|inv| {
+                    let object = inv.target.key.as_deref().and_then(|k| state.object_state(&inv.target.service, k));
+                    Job::new(inv, object, now)
+                })
+                .collect();
+            let mut due = Vec::new();
+            let mut next = None;
+            for (at, id) in state.timers() {
+                if at > now {
+                    next = Some(at);
+                    break;
+                }
+                if !waking.contains(id) {
+                    due.push(id.to_owned());
+                }
+            }
+            (outdated, jobs, due, next)
+        });
+        let Ok((outdated, jobs, due, next)) = read else {
+            return None;
+        };
+        for id in outdated {
+            if let Some(running) = self.running.remove(&id) {
+                running.abort.abort();
+            }
+        }
+        for job in jobs {
+            let id = job.id.clone();
+            let base = job.base;
+            let abort = self.attempts.spawn(attempt(
+                job,
+                self.log.clone(),
+                self.client.clone(),
+                self.retry.clone(),
+                self.effects.clone(),
+            ));
+            self.running.insert(id, Running { abort, base });
+        }
+        metrics::gauge!("ferry_invoker_running", "partition" => self.partition.to_string())
+            .set(self.running.len() as f64);
+        if !due.is_empty() {
+            self.waking.extend(due.iter().cloned());
+            let effects = self.effects.clone();
+            self.attempts.spawn(async move {
+                let wakes = due.iter().map(|id| effects.apply(Effect::Wake { id: id.clone() }));
+                futures::future::join_all(wakes).await;
+                Done::Woken(due)
+            });
+        }
+        next
+    }
+}
+
+/// The deployment serving a handler, as owned values.
+struct Target {
+    uri: String,
+    http2: bool,
+    headers: std::collections::BTreeMap<String, String>,
+    version: ProtocolVersion,
+}
+
+fn resolve(log: &LogNode, service: &str) -> Result<Target, String> {
+    log.read_metadata(|m| {
+        let registered = m.services.get(service).ok_or_else(|| format!("service {service} is not registered"))?;
+        let deployment = m
+            .deployments
+            .get(&registered.deployment_id)
+            .ok_or_else(|| format!("deployment {} of {service} is gone", registered.deployment_id))?;
+        let version = ProtocolVersion::negotiate(deployment.min_protocol_version, deployment.max_protocol_version)
+            .ok_or_else(|| format!("deployment {} speaks no protocol version Ferry knows", deployment.id))?;
+        Ok(Target {
+            uri: deployment.uri.clone(),
+            http2: deployment.http2,
+            headers: deployment.additional_headers.clone(),
+            version,
+        })
+    })
+}
+
+async fn attempt(job: Job, log: LogNode, client: Client, retry: Arc<RetryPolicy>, effects: EffectSender) -> Done {
+    let started = Instant::now();
+    let result = match resolve(&log, &job.service) {
+        Ok(target) => {
+            let endpoint = Endpoint {
+                uri: &target.uri,
+                http2: target.http2,
+                headers: &target.headers,
+                version: target.version,
+                service: &job.service,
+                handler: &job.handler,
+            };
+            client.attempt_encoded(&endpoint, job.body.clone()).await.map_err(|e| e.to_string())
+        }
+        Err(e) => Err(e),
+    };
+    metrics::histogram!("ferry_invoker_attempt_seconds").record(started.elapsed().as_secs_f64());
+    let effect = job.effect(result, &retry, now_ms());
+    let kind = match &effect {
+        Effect::Complete { .. } => "completed",
+        Effect::Progress { .. } => "suspended",
+        _ => "failed",
+    };
+    if let Effect::Failed { message, .. } = &effect {
+        debug!(id = %job.id, "attempt failed: {message}");
+    }
+    metrics::counter!("ferry_invoker_attempts_total", "outcome" => kind).increment(1);
+    if effects.apply(effect).await == Some(Outcome::Applied) && kind == "completed" {
+        metrics::counter!("ferry_invoker_invocations_completed_total").increment(1);
+    }
+    Done::Attempt(job.id)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
