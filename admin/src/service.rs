@@ -425,7 +425,8 @@ impl Admin {
 
     /// Invocations in id order (which is partition order), filtered, one page at a time.
     pub fn list_invocations(&self, request: &pb::ListInvocationsRequest) -> Result<pb::ListInvocationsResponse, Error> {
-        const STATUSES: [&str; 5] = ["pending", "ready", "running", "backing-off", "completed"];
+        const STATUSES: [&str; 7] =
+            ["scheduled", "pending", "ready", "backing-off", "suspended", "paused", "completed"];
         if !request.status.is_empty() && !STATUSES.contains(&request.status.as_str()) {
             return Err(Error::BadRequest(format!(
                 "unknown status {:?}; expected one of {}",

@@ -40,11 +40,7 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options {
-            concurrency_per_partition: 512,
-            attempt_timeout: Duration::from_secs(60),
-            max_effects_per_entry: 2048,
-        }
+        Options { concurrency_per_partition: 64, attempt_timeout: Duration::from_secs(60), max_effects_per_entry: 2048 }
     }
 }
 
@@ -112,9 +108,13 @@ async fn write_effects(
     while rx.recv_many(&mut waiting, max_batch).await > 0 {
         let (effects, replies): (Vec<_>, Vec<_>) = waiting.drain(..).unzip();
         let count = effects.len();
+        let completions: Vec<bool> = effects.iter().map(|e| matches!(e, Effect::Complete { .. })).collect();
         metrics::histogram!("ferry_invoker_effects_per_entry").record(count as f64);
         match log.propose(group, Command::Effects { at_ms: now_ms(), effects }).await {
             Ok(Response::Effects(outcomes)) if outcomes.len() == count => {
+                let completed =
+                    outcomes.iter().zip(&completions).filter(|(o, &c)| c && **o == Outcome::Applied).count();
+                metrics::counter!("ferry_invoker_invocations_completed_total").increment(completed as u64);
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
                     let _ = reply.send(Some(outcome));
                 }
@@ -325,9 +325,7 @@ async fn attempt(job: Job, log: LogNode, client: Client, retry: Arc<RetryPolicy>
         debug!(id = %job.id, "attempt failed: {message}");
     }
     metrics::counter!("ferry_invoker_attempts_total", "outcome" => kind).increment(1);
-    if effects.apply(effect).await == Some(Outcome::Applied) && kind == "completed" {
-        metrics::counter!("ferry_invoker_invocations_completed_total").increment(1);
-    }
+    effects.apply(effect).await;
     Done::Attempt(job.id)
 }
 

@@ -1,0 +1,392 @@
+//! Ferry and `restate-server` side by side, on one tansu broker with the same
+//! handler binary, one system after the other:
+//!
+//! 1. HTTP ingress: `POST /Counter/<key>/add` at a fixed rate, open loop;
+//!    request-response latency percentiles.
+//! 2. Backlog -> Virtual Object: pre-produces `--records` records
+//!    (`{"seq":n}`, `--keys` keys) and subscribes `Counter/add` (reads and
+//!    writes the key's state); completed invocations per second from the
+//!    subscription's creation to the last completion, checked against the
+//!    sum of the counters.
+//! 3. Backlog -> Service: the same with `Sink/handle` (a no-op).
+//!
+//! Prints a Markdown table with both systems and their ratio, and each
+//! server's peak RSS. Needs `scripts/restate-server.sh install`,
+//! `scripts/broker.sh install` and `cargo build --release --workspace --bins`.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use ferry_chaos_tests::restate::{Completed, RestateServer};
+use ferry_chaos_tests::{bin_dir, produce, Broker, Node, Record};
+use futures::StreamExt;
+use rdkafka::producer::FutureProducer;
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+#[derive(Parser)]
+#[command(about = "Measures Ferry and restate-server on Kafka backlogs and HTTP ingress")]
+struct Args {
+    /// Records in each backlog.
+    #[arg(long, default_value_t = 100_000)]
+    records: usize,
+    /// Partitions of each topic.
+    #[arg(long, default_value_t = 4)]
+    partitions: i32,
+    /// Distinct record keys, and Counter keys of the ingress phase.
+    #[arg(long, default_value_t = 1000)]
+    keys: usize,
+    /// Partitions of each server (Restate's own default is 24, Ferry's 8).
+    #[arg(long, default_value_t = 8)]
+    server_partitions: u16,
+    /// Requests per second in the ingress phase.
+    #[arg(long, default_value_t = 200)]
+    rate: u32,
+    /// Seconds of the ingress phase.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Give up on a backlog after this many seconds.
+    #[arg(long, default_value_t = 900)]
+    timeout: u64,
+}
+
+/// A system under test.
+enum Server {
+    /// The node, and the directory it keeps its data in until it stops.
+    Ferry(Box<Node>, #[allow(dead_code)] tempfile::TempDir),
+    Restate(RestateServer),
+}
+
+impl Server {
+    async fn name(&self) -> Result<String> {
+        Ok(match self {
+            Server::Ferry(..) => format!("Ferry {}", env!("CARGO_PKG_VERSION")),
+            Server::Restate(restate) => format!("restate-server {}", restate.version().await?),
+        })
+    }
+
+    fn http(&self) -> &reqwest::Client {
+        match self {
+            Server::Ferry(node, _) => &node.http,
+            Server::Restate(restate) => &restate.http,
+        }
+    }
+
+    fn ingress_url(&self, path: &str) -> String {
+        match self {
+            Server::Ferry(node, _) => format!("http://127.0.0.1:{}{path}", node.ingress_port),
+            Server::Restate(restate) => restate.ingress_url(path),
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        match self {
+            Server::Ferry(node, _) => node.pid().unwrap_or(0),
+            Server::Restate(restate) => restate.pid(),
+        }
+    }
+
+    async fn subscribe(&self, topic: &str, sink: &str) -> Result<String> {
+        match self {
+            Server::Ferry(node, _) => {
+                let (status, body) = node
+                    .post(
+                        "/subscriptions",
+                        json!({"source": format!("kafka://my-cluster/{topic}"), "sink": sink,
+                               "options": {"auto.offset.reset": "earliest", "fetch.wait.max.ms": "10"}}),
+                    )
+                    .await?;
+                if status != 201 {
+                    bail!("subscribe: {status} {body}");
+                }
+                Ok(body["id"].as_str().context("subscription id")?.to_owned())
+            }
+            Server::Restate(restate) => restate.subscribe(topic, sink).await,
+        }
+    }
+
+    /// Invocations completed so far, cheap to poll.
+    async fn progress(&self) -> Result<f64> {
+        match self {
+            Server::Ferry(node, _) => node.metric("ferry_invoker_invocations_completed_total").await,
+            Server::Restate(restate) => restate.invoker_completed().await,
+        }
+    }
+
+    /// The durably completed invocations of a subscription.
+    async fn completed(&self, subscription: &str) -> Result<Completed> {
+        match self {
+            Server::Ferry(node, _) => {
+                let all = node.invocations(&format!("subscription={subscription}&status=completed")).await?;
+                let ms = |inv: &Value, field: &str| -> Option<i64> {
+                    let at = humantime::parse_rfc3339(inv[field].as_str()?).ok()?;
+                    Some(at.duration_since(UNIX_EPOCH).ok()?.as_millis() as i64)
+                };
+                Ok(Completed {
+                    count: all.len() as u64,
+                    first_created_ms: all.iter().filter_map(|inv| ms(inv, "created_at")).min(),
+                    last_completed_ms: all.iter().filter_map(|inv| ms(inv, "modified_at")).max(),
+                })
+            }
+            Server::Restate(restate) => restate.completed(subscription).await,
+        }
+    }
+}
+
+/// The test handlers without `FERRY_TEST_RECORD_DIR`, so that `Sink/handle`
+/// does nothing.
+async fn start_handlers() -> Result<(Child, String)> {
+    let mut child = Command::new(bin_dir().join("ferry-test-handlers"))
+        .args(["--port", "0"])
+        .env_remove("FERRY_TEST_RECORD_DIR")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start ferry-test-handlers (build it with cargo build --release --bins)")?;
+    let stdout = child.stdout.take().context("piped stdout")?;
+    let line = tokio::time::timeout(Duration::from_secs(30), BufReader::new(stdout).lines().next_line())
+        .await
+        .context("test handlers did not start")??
+        .context("test handlers exited")?;
+    let address = line.rsplit(' ').next().context("listening line")?;
+    Ok((child, format!("http://{address}")))
+}
+
+fn batching_producer(broker: &Broker) -> Result<FutureProducer> {
+    Ok(rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap())
+        .set("linger.ms", "20")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()?)
+}
+
+fn now_ms() -> i64 {
+    let since_epoch = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970");
+    i64::try_from(since_epoch.as_millis()).expect("milliseconds fit in i64")
+}
+
+/// One backlog's outcome.
+struct Backlog {
+    elapsed: Duration,
+}
+
+impl Backlog {
+    fn rate(&self, records: usize) -> f64 {
+        records as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// Pre-produces `args.records` records to a new topic, subscribes `sink` to
+/// it, and waits until all of them are durably completed invocations.
+async fn backlog(server: &Server, broker: &Broker, args: &Args, topic: &str, sink: &str) -> Result<Backlog> {
+    broker.create_topic(topic, args.partitions).await?;
+    let producer = batching_producer(broker)?;
+    let started = Instant::now();
+    let records: Vec<Record> = (0..args.records)
+        .map(|i| Record {
+            key: Some(format!("key-{}", i % args.keys).into_bytes()),
+            payload: format!("{{\"seq\":{i}}}").into_bytes(),
+            headers: vec![],
+        })
+        .collect();
+    for chunk in records.chunks(50_000) {
+        produce(&producer, topic, chunk).await?;
+    }
+    eprintln!("produced {} records to {topic} in {:.1?}", args.records, started.elapsed());
+
+    // The invoker's counter is cheap to poll; the SQL count, exact but a scan
+    // of every invocation, is only read once the counter has caught up.
+    let baseline = server.progress().await?;
+    let target = args.records as f64;
+    let subscribed_ms = now_ms();
+    let started = Instant::now();
+    let subscription = server.subscribe(topic, sink).await?;
+    let timeout = Duration::from_secs(args.timeout);
+    let mut last_report = Instant::now();
+    loop {
+        let done = server.progress().await? - baseline;
+        if done >= target {
+            break;
+        }
+        if started.elapsed() > timeout {
+            bail!("only {done} of {target} invocations of {sink} completed after {timeout:?}");
+        }
+        if last_report.elapsed() > Duration::from_secs(5) {
+            eprintln!("{done} / {target} invocations of {sink} completed after {:.1?}", started.elapsed());
+            last_report = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let completed = loop {
+        let completed = server.completed(&subscription).await?;
+        if completed.count >= args.records as u64 {
+            break completed;
+        }
+        if started.elapsed() > timeout {
+            bail!("only {} of {target} invocations of {sink} durably completed", completed.count);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    if completed.count != args.records as u64 {
+        bail!("{} completed invocations of {sink} for {} records", completed.count, args.records);
+    }
+    let span = |from: i64, to: Option<i64>| -> Result<Duration> {
+        let to = to.context("completed invocations without timestamps")?;
+        Ok(Duration::from_millis(u64::try_from(to - from).context("timestamp before the subscription")?))
+    };
+    Ok(Backlog { elapsed: span(subscribed_ms, completed.last_completed_ms)? })
+}
+
+/// The sum of `Counter/get` counts over the backlog's keys.
+async fn counter_sum(server: &Server, keys: usize) -> Result<u64> {
+    let counts = futures::stream::iter(0..keys)
+        .map(|k| async move {
+            let url = server.ingress_url(&format!("/Counter/key-{k}/get"));
+            let response = server.http().post(url).send().await?.error_for_status()?;
+            let body: Value = response.json().await?;
+            body["count"].as_u64().with_context(|| format!("no count for key-{k}: {body}"))
+        })
+        .buffer_unordered(16);
+    counts.fold(Ok(0), |sum: Result<u64>, count| async move { Ok(sum? + count?) }).await
+}
+
+/// Latencies of the ingress phase, sorted.
+struct Latencies {
+    sorted: Vec<Duration>,
+    errors: usize,
+}
+
+impl Latencies {
+    fn quantile(&self, q: f64) -> Duration {
+        let rank = (q * self.sorted.len() as f64).ceil() as usize;
+        self.sorted.get(rank.saturating_sub(1)).copied().unwrap_or_default()
+    }
+}
+
+/// `POST /Counter/lat-<n>/add` at `rate` per second for `seconds`, each
+/// request sent at its scheduled time whether or not earlier ones answered.
+async fn ingress_latency(server: &Server, rate: u32, seconds: u64, keys: usize) -> Result<Latencies> {
+    let request = |n: u64| {
+        let url = server.ingress_url(&format!("/Counter/lat-{}/add", n as usize % keys));
+        let call = server.http().post(url).header("content-type", "application/json").body(format!("{{\"seq\":{n}}}"));
+        async move {
+            let sent = Instant::now();
+            let ok = call.send().await.and_then(|r| r.error_for_status()).is_ok();
+            ok.then(|| sent.elapsed())
+        }
+    };
+    // Opens the client's connections and warms the keys' state.
+    for n in 0..20 {
+        request(n).await.context("warm-up request failed")?;
+    }
+    let period = Duration::from_secs(1) / rate;
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut calls = tokio::task::JoinSet::new();
+    for n in 0..u64::from(rate) * seconds {
+        ticks.tick().await;
+        calls.spawn(request(n));
+    }
+    let mut latencies = Latencies { sorted: Vec::new(), errors: 0 };
+    while let Some(result) = calls.join_next().await {
+        match result? {
+            Some(latency) => latencies.sorted.push(latency),
+            None => latencies.errors += 1,
+        }
+    }
+    latencies.sorted.sort();
+    Ok(latencies)
+}
+
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("VmHWM:")?.trim().strip_suffix("kB")?.trim().parse().ok())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Everything measured of one server.
+struct Measured {
+    name: String,
+    latencies: Latencies,
+    object: Backlog,
+    service: Backlog,
+    rss_kib: u64,
+}
+
+async fn measure(server: &Server, broker: &Broker, args: &Args, tag: &str) -> Result<Measured> {
+    // First, while the server has no backlog's flushes and compactions to
+    // catch up with.
+    let latencies = ingress_latency(server, args.rate, args.seconds, args.keys).await?;
+    let object = backlog(server, broker, args, &format!("{tag}-counter"), "service://Counter/add").await?;
+    let sum = counter_sum(server, args.keys).await?;
+    if sum != args.records as u64 {
+        bail!("the counters add up to {sum}, not {}", args.records);
+    }
+    let service = backlog(server, broker, args, &format!("{tag}-sink"), "service://Sink/handle").await?;
+    Ok(Measured {
+        name: server.name().await?,
+        latencies,
+        object,
+        service,
+        rss_kib: peak_rss_kib(server.pid()).unwrap_or(0),
+    })
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let broker = Broker::start().await?;
+    let (_handlers, uri) = start_handlers().await?;
+
+    let dir = tempfile::tempdir()?;
+    let partitions = [("FERRY_PARTITIONS", args.server_partitions.to_string())];
+    let config: Vec<(&str, &str)> = partitions.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let node = Node::start_configured(&dir.path().join("ferry"), &broker.bootstrap(), &config).await?;
+    let (status, body) = node.post("/deployments", json!({ "uri": uri })).await?;
+    if status != 201 {
+        bail!("register with Ferry: {status} {body}");
+    }
+    // Each server is stopped before the next one is measured.
+    let server = Server::Ferry(Box::new(node), dir);
+    let ferry = measure(&server, &broker, &args, "ferry").await?;
+    drop(server);
+
+    let restate = RestateServer::start(&broker.bootstrap(), args.server_partitions).await?;
+    restate.register(&uri).await?;
+    let server = Server::Restate(restate);
+    let restate = measure(&server, &broker, &args, "restate").await?;
+    drop(server);
+
+    println!(
+        "| {} records, {} topic partitions, {} keys, {} server partitions | {} | {} | ratio |",
+        args.records, args.partitions, args.keys, args.server_partitions, ferry.name, restate.name
+    );
+    println!("|---|---|---|---|");
+    for (what, f, r) in [
+        ("Kafka -> Virtual Object `Counter/add`, completed invocations/s", &ferry.object, &restate.object),
+        ("Kafka -> Service `Sink/handle`, completed invocations/s", &ferry.service, &restate.service),
+    ] {
+        let (f, r) = (f.rate(args.records), r.rate(args.records));
+        println!("| {what} | **{f:.0}** | {r:.0} | {:.2}x |", f / r);
+    }
+    for (what, q) in [("p50", 0.5), ("p99", 0.99)] {
+        let (f, r) = (ms(ferry.latencies.quantile(q)), ms(restate.latencies.quantile(q)));
+        println!(
+            "| HTTP `POST /Counter/<key>/add` at {} req/s, {what} | **{f:.1} ms** | {r:.1} ms | {:.2}x |",
+            args.rate,
+            r / f
+        );
+    }
+    println!("| ingress errors | {} | {} | |", ferry.latencies.errors, restate.latencies.errors);
+    println!("| peak RSS | {:.0} MiB | {:.0} MiB | |", ferry.rss_kib as f64 / 1024.0, restate.rss_kib as f64 / 1024.0);
+    Ok(())
+}
