@@ -348,6 +348,24 @@ impl Node {
         self.admin(reqwest::Method::POST, path, Some(body)).await
     }
 
+    /// Subscribes `sink` to `topic` of `my-cluster`, read from the start, and
+    /// returns the subscription id. tansu answers a fetch only after
+    /// `fetch.wait.max.ms`, even when records are waiting (Kafka answers at
+    /// once), so the wait is short.
+    pub async fn subscribe_from_start(&self, topic: &str, sink: &str) -> Result<String> {
+        let (status, body) = self
+            .post(
+                "/subscriptions",
+                serde_json::json!({"source": format!("kafka://my-cluster/{topic}"), "sink": sink,
+                                   "options": {"auto.offset.reset": "earliest", "fetch.wait.max.ms": "10"}}),
+            )
+            .await?;
+        if status != 201 {
+            bail!("subscribe: {status} {body}");
+        }
+        Ok(body["id"].as_str().context("subscription id")?.to_owned())
+    }
+
     /// Calls the HTTP ingress: `POST path` with `body` and `headers`, or `GET`
     /// without a body. Returns (status, body as JSON or as a string).
     pub async fn ingress(&self, path: &str, body: Option<&str>, headers: &[(&str, &str)]) -> Result<(u16, Value)> {
@@ -388,6 +406,12 @@ impl Node {
             }
         }
     }
+}
+
+/// The peak resident set size of a process (`VmHWM`), in KiB.
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("VmHWM:")?.trim().strip_suffix("kB")?.trim().parse().ok())
 }
 
 /// Polls `check` until it returns `Some` or `timeout` passes.

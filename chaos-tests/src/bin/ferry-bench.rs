@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use ferry_chaos_tests::{eventually, produce, Broker, Handlers, Node, Record};
+use ferry_chaos_tests::{eventually, peak_rss_kib, produce, Broker, Handlers, Node, Record};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use serde_json::json;
 
@@ -43,27 +43,6 @@ fn batching_producer(broker: &Broker, linger_ms: u32) -> Result<FutureProducer> 
         .set("batch.num.messages", "10000")
         .set("queue.buffering.max.messages", "1000000")
         .create()?)
-}
-
-async fn subscribe(node: &Node, topic: &str, sink: &str) -> Result<String> {
-    let (status, body) = node
-        .post(
-            "/subscriptions",
-            json!({"source": format!("kafka://my-cluster/{topic}"), "sink": sink,
-                   // tansu answers a fetch only after fetch.wait.max.ms, even
-                   // when records are waiting; Kafka answers at once.
-                   "options": {"auto.offset.reset": "earliest", "fetch.wait.max.ms": "10"}}),
-        )
-        .await?;
-    if status != 201 {
-        bail!("subscribe: {status} {body}");
-    }
-    Ok(body["id"].as_str().context("id")?.to_owned())
-}
-
-fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| l.strip_prefix("VmHWM:")?.trim().strip_suffix("kB")?.trim().parse().ok())
 }
 
 /// A quantile of a subscription's record-to-commit latency, interpolated
@@ -126,7 +105,7 @@ async fn main() -> Result<()> {
     eprintln!("produced {} records in {:.1?}", args.records, started.elapsed());
 
     let started = Instant::now();
-    let sub = subscribe(&node, "backlog", &args.sink).await?;
+    let sub = node.subscribe_from_start("backlog", &args.sink).await?;
     let total = args.records as f64;
     let mut last_report = Instant::now();
     loop {
@@ -152,7 +131,7 @@ async fn main() -> Result<()> {
 
     // Phase 2: a steady rate; latency from record timestamp to Raft commit.
     broker.create_topic("steady", args.partitions).await?;
-    let steady = subscribe(&node, "steady", &args.sink).await?;
+    let steady = node.subscribe_from_start("steady", &args.sink).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let producer = batching_producer(&broker, 1)?;
     let tick = Duration::from_millis(10);

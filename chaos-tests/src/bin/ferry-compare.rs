@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use ferry_chaos_tests::restate::{Completed, RestateServer};
-use ferry_chaos_tests::{bin_dir, produce, Broker, Node, Record};
+use ferry_chaos_tests::{bin_dir, peak_rss_kib, produce, Broker, Node, Record};
 use futures::StreamExt;
 use rdkafka::producer::FutureProducer;
 use serde_json::{json, Value};
@@ -91,19 +91,7 @@ impl Server {
 
     async fn subscribe(&self, topic: &str, sink: &str) -> Result<String> {
         match self {
-            Server::Ferry(node, _) => {
-                let (status, body) = node
-                    .post(
-                        "/subscriptions",
-                        json!({"source": format!("kafka://my-cluster/{topic}"), "sink": sink,
-                               "options": {"auto.offset.reset": "earliest", "fetch.wait.max.ms": "10"}}),
-                    )
-                    .await?;
-                if status != 201 {
-                    bail!("subscribe: {status} {body}");
-                }
-                Ok(body["id"].as_str().context("subscription id")?.to_owned())
-            }
+            Server::Ferry(node, _) => node.subscribe_from_start(topic, sink).await,
             Server::Restate(restate) => restate.subscribe(topic, sink).await,
         }
     }
@@ -302,11 +290,6 @@ async fn ingress_latency(server: &Server, rate: u32, seconds: u64, keys: usize) 
     }
     latencies.sorted.sort();
     Ok(latencies)
-}
-
-fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| l.strip_prefix("VmHWM:")?.trim().strip_suffix("kB")?.trim().parse().ok())
 }
 
 fn ms(d: Duration) -> f64 {
