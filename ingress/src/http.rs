@@ -195,7 +195,11 @@ impl Ingress {
             ),
             None => None,
         };
-        let idempotency_key = headers.get("idempotency-key").map(|v| v.to_str().unwrap_or_default().to_owned());
+        let idempotency_key = match headers.get("idempotency-key").map(HeaderValue::to_str) {
+            Some(Ok(key)) => Some(key.to_owned()),
+            Some(Err(_)) => return Err(Error::new(400, "the idempotency-key header is not visible ASCII")),
+            None => None,
+        };
         let target = Target { service: call.service, handler: call.handler, key: call.key, service_ty, handler_ty };
         let (partition_key, unique) = ids(&target, idempotency_key.as_deref());
         let id = format!("inv_{partition_key:016x}{unique:016x}");

@@ -184,14 +184,25 @@ impl PartitionState {
         Response::Effects(effects.into_iter().map(|effect| self.apply_effect(at_ms, effect)).collect())
     }
 
+    /// Applies one effect; only an applied one changes `modified_at_ms`.
     fn apply_effect(&mut self, at_ms: u64, effect: Effect) -> Outcome {
+        let id = effect.id().to_owned();
+        let outcome = self.change(at_ms, effect);
+        if outcome == Outcome::Applied {
+            if let Some(inv) = self.invocations.get_mut(&id) {
+                inv.modified_at_ms = at_ms;
+            }
+        }
+        outcome
+    }
+
+    fn change(&mut self, at_ms: u64, effect: Effect) -> Outcome {
         let Some(inv) = self.invocations.get_mut(effect.id()) else {
             return Outcome::NotFound;
         };
         let status = inv.status;
         // An attempt's effect counts only if nothing changed the invocation since the attempt started.
         let current = |base: u32| status == Status::Ready && inv.journal.len() == base as usize;
-        inv.modified_at_ms = at_ms;
         match effect {
             Effect::Progress { id, base, entries, state, sleeps, run_now } => {
                 if !current(base) {
@@ -659,6 +670,7 @@ mod tests {
         assert_eq!(runnable(&state), vec!["inv_2"]);
         assert_eq!(state.partition.inbox("Counter", "k"), vec!["inv_2"]);
         assert_eq!(effect(&mut state, 24, complete("inv_1", 0, vec![])), Outcome::Stale);
+        assert_eq!(state.partition.invocation("inv_1").unwrap().modified_at_ms, 23, "a stale effect changes nothing");
     }
 
     #[test]
