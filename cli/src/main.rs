@@ -1,0 +1,306 @@
+//! `ferry`: manages a Ferry cluster from a terminal through the gRPC
+//! `AdminService` of any node. Prints tables for people, `--json` for scripts.
+
+use std::collections::HashMap;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use ferry_proto::admin as pb;
+use ferry_proto::admin::admin_service_client::AdminServiceClient;
+use serde::Serialize;
+use tonic::transport::Channel;
+
+#[derive(Parser)]
+#[command(name = "ferry", version, about = "Manages a Ferry cluster through its gRPC admin API")]
+struct Cli {
+    /// A node's admin address (gRPC and REST share the port).
+    #[arg(long, env = "FERRY_ADMIN_ADDRESS", default_value = "http://127.0.0.1:9070", global = true)]
+    address: String,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Deployments: endpoints serving Restate SDK services.
+    #[command(subcommand)]
+    Deployments(Deployments),
+    /// Services registered by deployments.
+    #[command(subcommand)]
+    Services(Services),
+    /// Kafka subscriptions.
+    #[command(subcommand)]
+    Subscriptions(Subscriptions),
+    /// Invocations.
+    #[command(subcommand)]
+    Invocations(Invocations),
+}
+
+#[derive(Subcommand)]
+enum Deployments {
+    /// Discovers and registers the deployment at URI.
+    Register {
+        uri: String,
+        /// Talk HTTP/1.1 to the deployment instead of HTTP/2 with prior knowledge.
+        #[arg(long)]
+        http1: bool,
+        /// A header sent with every request to the deployment, NAME=VALUE.
+        #[arg(long = "header", value_parser = key_value)]
+        headers: Vec<(String, String)>,
+    },
+    List,
+    Describe {
+        id: String,
+    },
+    Remove {
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum Services {
+    List,
+    Describe { name: String },
+}
+
+#[derive(Subcommand)]
+enum Subscriptions {
+    /// Subscribes SINK (`service://<Service>/<handler>`) to SOURCE (`kafka://<cluster>/<topic>`).
+    Create {
+        source: String,
+        sink: String,
+        /// A librdkafka consumer option, NAME=VALUE (e.g. auto.offset.reset=earliest).
+        #[arg(long = "option", value_parser = key_value)]
+        options: Vec<(String, String)>,
+    },
+    List,
+    Describe {
+        id: String,
+    },
+    Delete {
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum Invocations {
+    List {
+        /// Only invocations in this status (e.g. backing-off, completed).
+        #[arg(long, default_value = "")]
+        status: String,
+        /// Only invocations of this service, or <Service>/<handler>.
+        #[arg(long, default_value = "")]
+        target: String,
+        /// Only invocations from this subscription.
+        #[arg(long, default_value = "")]
+        subscription: String,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    Describe {
+        id: String,
+    },
+    /// Tells the handler it is cancelled.
+    Cancel {
+        id: String,
+    },
+    /// Completes the invocation as failed at once.
+    Kill {
+        id: String,
+    },
+    /// Forgets a completed invocation.
+    Purge {
+        id: String,
+    },
+    /// Runs a paused invocation again.
+    Resume {
+        id: String,
+    },
+}
+
+fn key_value(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text.split_once('=').ok_or_else(|| format!("{text:?} is not NAME=VALUE"))?;
+    Ok((key.to_owned(), value.to_owned()))
+}
+
+/// What a command prints: JSON as is, or a table of `rows` under `columns`.
+struct Output<T> {
+    value: T,
+    columns: &'static [&'static str],
+    rows: Vec<Vec<String>>,
+}
+
+impl<T: Serialize> Output<T> {
+    fn print(&self, json: bool) -> Result<()> {
+        if json {
+            println!("{}", serde_json::to_string_pretty(&self.value)?);
+            return Ok(());
+        }
+        let mut widths: Vec<usize> = self.columns.iter().map(|c| c.len()).collect();
+        for row in &self.rows {
+            for (width, cell) in widths.iter_mut().zip(row) {
+                *width = (*width).max(cell.chars().count());
+            }
+        }
+        let line = |cells: Vec<&str>| {
+            let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+            println!("{}", padded.join("  ").trim_end());
+        };
+        line(self.columns.to_vec());
+        for row in &self.rows {
+            line(row.iter().map(String::as_str).collect());
+        }
+        Ok(())
+    }
+}
+
+/// A one-row table of `(field, value)` pairs, for `describe`.
+fn fields<T: Serialize>(value: T) -> Result<Output<T>> {
+    let json = serde_json::to_value(&value)?;
+    let rows = json
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| vec![k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_owned)])
+        .collect();
+    Ok(Output { value, columns: &["FIELD", "VALUE"], rows })
+}
+
+fn done(what: String) -> Output<serde_json::Value> {
+    Output { value: serde_json::json!({ "done": what }), columns: &["DONE"], rows: vec![vec![what]] }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let channel = Channel::from_shared(cli.address.clone())
+        .with_context(|| format!("invalid address {}", cli.address))?
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach a Ferry node at {}", cli.address))?;
+    let mut admin = AdminServiceClient::new(channel);
+    let json = cli.json;
+    match cli.command {
+        Command::Deployments(command) => match command {
+            Deployments::Register { uri, http1, headers } => {
+                let request = pb::RegisterDeploymentRequest {
+                    uri,
+                    additional_headers: headers.into_iter().collect::<HashMap<_, _>>(),
+                    use_http_11: http1,
+                    force: None,
+                };
+                let registered = admin.register_deployment(request).await?.into_inner();
+                let rows = registered.services.iter().map(|s| vec![registered.id.clone(), s.name.clone()]).collect();
+                Output { value: registered, columns: &["DEPLOYMENT", "SERVICE"], rows }.print(json)
+            }
+            Deployments::List => {
+                let list = admin.list_deployments(pb::ListDeploymentsRequest {}).await?.into_inner();
+                let rows = list
+                    .deployments
+                    .iter()
+                    .map(|d| {
+                        let services: Vec<&str> = d.services.iter().map(|s| s.name.as_str()).collect();
+                        vec![d.id.clone(), d.uri.clone(), d.protocol_type.clone(), services.join(",")]
+                    })
+                    .collect();
+                Output { value: list, columns: &["ID", "URI", "PROTOCOL", "SERVICES"], rows }.print(json)
+            }
+            Deployments::Describe { id } => {
+                fields(admin.get_deployment(pb::GetDeploymentRequest { id }).await?.into_inner())?.print(json)
+            }
+            Deployments::Remove { id } => {
+                admin.remove_deployment(pb::RemoveDeploymentRequest { id: id.clone() }).await?;
+                done(format!("removed deployment {id}")).print(json)
+            }
+        },
+        Command::Services(command) => match command {
+            Services::List => {
+                let list = admin.list_services(pb::ListServicesRequest {}).await?.into_inner();
+                let rows = list
+                    .services
+                    .iter()
+                    .map(|s| {
+                        let handlers: Vec<&str> = s.handlers.iter().map(|h| h.name.as_str()).collect();
+                        vec![s.name.clone(), s.ty.clone(), s.revision.to_string(), handlers.join(",")]
+                    })
+                    .collect();
+                Output { value: list, columns: &["NAME", "TYPE", "REVISION", "HANDLERS"], rows }.print(json)
+            }
+            Services::Describe { name } => {
+                fields(admin.get_service(pb::GetServiceRequest { name }).await?.into_inner())?.print(json)
+            }
+        },
+        Command::Subscriptions(command) => match command {
+            Subscriptions::Create { source, sink, options } => {
+                let request = pb::CreateSubscriptionRequest { source, sink, options: options.into_iter().collect() };
+                fields(admin.create_subscription(request).await?.into_inner())?.print(json)
+            }
+            Subscriptions::List => {
+                let request = pb::ListSubscriptionsRequest::default();
+                let list = admin.list_subscriptions(request).await?.into_inner();
+                let rows =
+                    list.subscriptions.iter().map(|s| vec![s.id.clone(), s.source.clone(), s.sink.clone()]).collect();
+                Output { value: list, columns: &["ID", "SOURCE", "SINK"], rows }.print(json)
+            }
+            Subscriptions::Describe { id } => {
+                fields(admin.get_subscription(pb::GetSubscriptionRequest { id }).await?.into_inner())?.print(json)
+            }
+            Subscriptions::Delete { id } => {
+                admin.delete_subscription(pb::DeleteSubscriptionRequest { id: id.clone() }).await?;
+                done(format!("deleted subscription {id}")).print(json)
+            }
+        },
+        Command::Invocations(command) => match command {
+            Invocations::List { status, target, subscription, limit } => {
+                let request =
+                    pb::ListInvocationsRequest { status, target, subscription, limit, page_token: String::new() };
+                let list = admin.list_invocations(request).await?.into_inner();
+                let rows = list
+                    .invocations
+                    .iter()
+                    .map(|i| vec![i.id.clone(), i.target.clone(), i.status.clone(), i.attempts.to_string()])
+                    .collect();
+                Output { value: list, columns: &["ID", "TARGET", "STATUS", "ATTEMPTS"], rows }.print(json)
+            }
+            Invocations::Describe { id } => {
+                fields(admin.get_invocation(pb::GetInvocationRequest { id }).await?.into_inner())?.print(json)
+            }
+            Invocations::Cancel { id } => {
+                let response = admin.cancel_invocation(pb::InvocationActionRequest { id: id.clone() }).await?;
+                let what = if response.into_inner().accepted { "cancellation sent to" } else { "cancelled" };
+                done(format!("{what} invocation {id}")).print(json)
+            }
+            Invocations::Kill { id } => {
+                admin.kill_invocation(pb::InvocationActionRequest { id: id.clone() }).await?;
+                done(format!("killed invocation {id}")).print(json)
+            }
+            Invocations::Purge { id } => {
+                admin.purge_invocation(pb::InvocationActionRequest { id: id.clone() }).await?;
+                done(format!("purged invocation {id}")).print(json)
+            }
+            Invocations::Resume { id } => {
+                admin.resume_invocation(pb::InvocationActionRequest { id: id.clone() }).await?;
+                done(format!("resumed invocation {id}")).print(json)
+            }
+        },
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let message = match e.downcast_ref::<tonic::Status>() {
+                Some(status) => format!("{:?}: {}", status.code(), status.message()),
+                None => format!("{e:#}"),
+            };
+            eprintln!("ferry: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
