@@ -23,6 +23,22 @@ async fn bind(what: &str, address: std::net::SocketAddr) -> anyhow::Result<TcpLi
     TcpListener::bind(address).await.with_context(|| format!("cannot bind {what} {address}"))
 }
 
+/// Runs a server on `servers`; if it fails, the node shuts down.
+fn spawn_server<E: std::fmt::Display>(
+    servers: &TaskTracker,
+    name: &'static str,
+    server: impl std::future::Future<Output = Result<(), E>> + Send + 'static,
+    shutdown: &CancellationToken,
+) {
+    let shutdown = shutdown.clone();
+    servers.spawn(async move {
+        if let Err(e) = server.await {
+            error!("{name} failed: {e}");
+            shutdown.cancel();
+        }
+    });
+}
+
 /// Runs a node until `shutdown` fires. Stops, in order: Kafka consumers (their
 /// last offsets committed), the invoker, the admin API, the node port, then the
 /// Raft groups.
@@ -45,40 +61,22 @@ pub async fn run(config: Config, metrics: PrometheusHandle, shutdown: Cancellati
     let node_app = tonic::service::Routes::new(node_service)
         .into_axum_router()
         .route("/metrics", axum::routing::get(move || std::future::ready(metrics.render())));
-    let cancel = servers_cancel.clone();
-    let failed = shutdown.clone();
-    servers.spawn(async move {
-        if let Err(e) = axum::serve(node_listener, node_app).with_graceful_shutdown(cancel.cancelled_owned()).await {
-            error!("node server failed: {e}");
-            failed.cancel();
-        }
-    });
+    let stopped = servers_cancel.clone().cancelled_owned();
+    let node_server = axum::serve(node_listener, node_app).with_graceful_shutdown(stopped);
+    spawn_server(&servers, "node server", std::future::IntoFuture::into_future(node_server), &shutdown);
 
     log.wait_for_leadership(Duration::from_secs(30)).await.context("raft groups elected no leader")?;
 
     let admin = Admin::new(log.clone(), Discovery::default(), config.ingress.kafka_clusters.clone());
-    let cancel = servers_cancel.clone();
-    let failed = shutdown.clone();
-    servers.spawn(async move {
-        if let Err(e) = ferry_admin::server::serve(admin_listener, admin, cancel).await {
-            error!("admin server failed: {e}");
-            failed.cancel();
-        }
-    });
+    let admin_server = ferry_admin::server::serve(admin_listener, admin, servers_cancel.clone());
+    spawn_server(&servers, "admin server", admin_server, &shutdown);
 
     let invoker_cancel = CancellationToken::new();
     let invoker = Invoker::new(log.clone(), config.invoker.clone(), config.invocation.default_retry_policy.clone());
     let invoker_task = tokio::spawn(invoker.run(invoker_cancel.clone()));
 
-    let log_for_http = log.clone();
-    let cancel = servers_cancel.clone();
-    let failed = shutdown.clone();
-    servers.spawn(async move {
-        if let Err(e) = ferry_ingress::http::serve(ingress_listener, log_for_http, cancel).await {
-            error!("HTTP ingress failed: {e}");
-            failed.cancel();
-        }
-    });
+    let http_ingress = ferry_ingress::http::serve(ingress_listener, log.clone(), servers_cancel.clone());
+    spawn_server(&servers, "HTTP ingress", http_ingress, &shutdown);
 
     let ingress_cancel = CancellationToken::new();
     let ingress = KafkaIngress::new(log.clone(), config.ingress.kafka_clusters.clone(), config.ingress.kafka.clone());
