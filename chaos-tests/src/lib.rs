@@ -3,6 +3,7 @@
 //! test can kill with SIGKILL and start again. Every process is killed when
 //! its handle is dropped.
 
+pub mod otlp;
 pub mod restate;
 
 use std::collections::BTreeMap;
@@ -154,11 +155,18 @@ pub struct Handlers {
 
 impl Handlers {
     pub async fn start() -> Result<Handlers> {
+        Self::start_with_env(&[]).await
+    }
+
+    /// Starts the handlers with extra environment variables (such as
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`).
+    pub async fn start_with_env(env: &[(&str, &str)]) -> Result<Handlers> {
         let record_dir = tempfile::tempdir()?;
         let mut child = Command::new(binary("ferry-test-handlers")?)
             .args(["--port", "0"])
             .env("FERRY_TEST_RECORD_DIR", record_dir.path())
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .kill_on_drop(true)

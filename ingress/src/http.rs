@@ -29,6 +29,8 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tracing::field::Empty;
+use tracing::{debug_span, Instrument, Span};
 
 /// Headers that describe the HTTP exchange rather than the request, never
 /// passed to the handler.
@@ -172,7 +174,45 @@ async fn output(State(ingress): State<Ingress>, Path(id): Path<String>) -> Resul
 }
 
 impl Ingress {
+    /// Runs `call`, in a span joined to the request's `traceparent` when
+    /// traces are exported.
     async fn call(&self, call: Call, params: Params, headers: HeaderMap, body: Bytes) -> Result<Response, Error> {
+        if !ferry_telemetry::exporting() {
+            return self.invoke(call, params, headers, body, Span::none()).await;
+        }
+        let span = debug_span!(
+            "ingress",
+            otel.name = format!("POST /{}/{}", call.service, call.handler),
+            otel.kind = "server",
+            otel.status_code = Empty,
+            http.request.method = "POST",
+            rpc.system = "restate",
+            rpc.service = %call.service,
+            rpc.method = %call.handler,
+            restate.invocation.id = Empty,
+            http.response.status_code = Empty,
+        );
+        ferry_telemetry::adopt_from_headers(&span, &headers);
+        let result = self.invoke(call, params, headers, body, span.clone()).instrument(span.clone()).await;
+        let status = match &result {
+            Ok(response) => response.status(),
+            Err(e) => e.status,
+        };
+        span.record("http.response.status_code", status.as_u16());
+        if status.is_server_error() {
+            span.record("otel.status_code", "ERROR");
+        }
+        result
+    }
+
+    async fn invoke(
+        &self,
+        call: Call,
+        params: Params,
+        headers: HeaderMap,
+        body: Bytes,
+        span: Span,
+    ) -> Result<Response, Error> {
         let (service_ty, handler_ty) = self.log.read_metadata(|m| {
             let service = m
                 .services
@@ -205,6 +245,8 @@ impl Ingress {
         let id = format!("inv_{partition_key:016x}{unique:016x}");
         let partition = partition_of(partition_key, self.log.partitions());
         let now = now_ms();
+        span.record("restate.invocation.id", id.as_str());
+        let append = crate::append_span(&span, partition, &id);
         let invoke = Invoke {
             id: id.clone(),
             payload: body,
@@ -219,8 +261,10 @@ impl Ingress {
             created_at_ms: now,
             failure: None,
             not_before_ms: delay.map(|d| now + d.as_millis() as u64),
+            trace: ferry_telemetry::TraceContext::of(&append),
         };
-        let response = self.log.propose(partition_group(partition), Command::Invoke(vec![invoke].into())).await?;
+        let proposal = self.log.propose(partition_group(partition), Command::Invoke(vec![invoke].into()));
+        let response = proposal.instrument(append).await?;
         let created = matches!(response, LogResponse::Invoked { created: 1, .. });
         if call.send {
             let status = if created { "Accepted" } else { "PreviouslyAccepted" };

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Span};
 
 use crate::record::{self, Origin, Record, Sink};
 use crate::Error;
@@ -392,6 +392,8 @@ struct Lane {
     invokes: Vec<Invoke>,
     offsets: Vec<i64>,
     timestamps: Vec<Option<i64>>,
+    /// The ingest and append spans of traced records, closed on commit.
+    spans: Vec<Span>,
     busy: bool,
 }
 
@@ -404,9 +406,10 @@ struct PartitionWorker {
     labels: [(&'static str, String); 1],
 }
 
-/// An append that committed: its target partition, the offsets it carried
-/// and the record timestamps (for the record-to-commit latency).
-type Appended = (PartitionId, Vec<i64>, Vec<Option<i64>>, Response);
+/// An append that committed: its target partition, the offsets it carried,
+/// the record timestamps (for the record-to-commit latency) and the spans it
+/// ends.
+type Appended = (PartitionId, Vec<i64>, Vec<Option<i64>>, Vec<Span>, Response);
 
 impl PartitionWorker {
     async fn run(self, mut rx: mpsc::Receiver<Record>, cancel: CancellationToken) {
@@ -425,7 +428,8 @@ impl PartitionWorker {
                 biased;
                 _ = cancel.cancelled() => return,
                 appended = in_flight.next(), if !in_flight.is_empty() => {
-                    let Some((partition, offsets, timestamps, response)): Option<Appended> = appended else { continue };
+                    let Some((partition, offsets, timestamps, spans, response)): Option<Appended> = appended else { continue };
+                    drop(spans);
                     let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
                     let latency = metrics::histogram!("ferry_ingress_record_commit_latency_seconds", &self.labels);
                     for timestamp in timestamps.into_iter().flatten() {
@@ -462,18 +466,25 @@ impl PartitionWorker {
                         warn!(subscription = %self.subscription.id, "sink {} is not registered; records fail", self.subscription.sink());
                     }
                     let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+                    let tracing_on = ferry_telemetry::exporting();
                     for record in batch.drain(..) {
                         let (offset, timestamp_ms) = (record.offset, record.timestamp_ms);
                         highest_read = highest_read.max(Some(offset));
                         pending.insert(offset);
                         buffered += 1;
-                        let (partition, invoke) = record::invoke(&self.origin, &sink, record, partitions, now_ms);
+                        let (partition, mut invoke) = record::invoke(&self.origin, &sink, record, partitions, now_ms);
+                        let lane = lanes.entry(partition).or_default();
+                        if tracing_on {
+                            let ingest = self.ingest_span(&invoke, offset, partition);
+                            let append = crate::append_span(&ingest, partition, &invoke.id);
+                            invoke.trace = ferry_telemetry::TraceContext::of(&append);
+                            lane.spans.extend([ingest, append]);
+                        }
                         if let Some(reason) = &invoke.failure {
                             debug!(subscription = %self.origin.subscription, topic = %self.origin.topic,
                                 partition = self.origin.partition, offset, "undeliverable record: {reason}");
                             metrics::counter!("ferry_ingress_records_undeliverable_total", &self.labels).increment(1);
                         }
-                        let lane = lanes.entry(partition).or_default();
                         lane.timestamps.push(timestamp_ms);
                         lane.invokes.push(invoke);
                         lane.offsets.push(offset);
@@ -497,13 +508,14 @@ impl PartitionWorker {
         let batch = Arc::new(std::mem::take(&mut lane.invokes));
         let offsets = std::mem::take(&mut lane.offsets);
         let timestamps = std::mem::take(&mut lane.timestamps);
+        let spans = std::mem::take(&mut lane.spans);
         let log = self.log.clone();
         let mut backoff = self.options.backoff();
         let origin = self.origin.clone();
         async move {
             loop {
                 match log.propose(partition_group(partition), Command::Invoke(batch.clone())).await {
-                    Ok(response) => return (partition, offsets, timestamps, response),
+                    Ok(response) => return (partition, offsets, timestamps, spans, response),
                     Err(e) => {
                         let delay = backoff.next();
                         warn!(subscription = %origin.subscription, topic = %origin.topic, partition = origin.partition,
@@ -513,6 +525,27 @@ impl PartitionWorker {
                 }
             }
         }
+    }
+
+    /// The span of one record from its arrival until its invocation is
+    /// committed, with OpenTelemetry's messaging attributes.
+    fn ingest_span(&self, invoke: &Invoke, offset: i64, partition: PartitionId) -> Span {
+        let origin = &self.origin;
+        tracing::debug_span!(
+            parent: None,
+            "ingest",
+            otel.name = format!("process {}", origin.topic),
+            otel.kind = "consumer",
+            messaging.system = "kafka",
+            messaging.operation.type = "process",
+            messaging.destination.name = %origin.topic,
+            messaging.destination.partition.id = %origin.partition,
+            messaging.kafka.offset = offset,
+            messaging.consumer.group.name = self.subscription.group_id(),
+            ferry.subscription = %origin.subscription,
+            ferry.partition = partition,
+            restate.invocation.id = %invoke.id,
+        )
     }
 
     /// Stores the highest offset below which everything is committed in Raft,

@@ -13,6 +13,18 @@ pub mod record;
 
 pub use kafka::{ClusterOptions, KafkaIngress, Options};
 
+use ferry_log::PartitionId;
+use tracing::Span;
+
+/// The span of appending invocation `id` to `partition` until it commits, a
+/// child of `parent`; disabled when `parent` is.
+pub(crate) fn append_span(parent: &Span, partition: PartitionId, id: &str) -> Span {
+    if parent.is_disabled() {
+        return Span::none();
+    }
+    tracing::debug_span!(parent: parent, "append", ferry.partition = partition, restate.invocation.id = id)
+}
+
 /// Errors of the ingress.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -95,6 +95,7 @@ pub fn invoke(origin: &Origin, sink: &Sink, record: Record, partitions: u32, now
         created_at_ms: now_ms,
         failure,
         not_before_ms: None,
+        trace: None,
     };
     (partition_of(partition_key, partitions), invoke)
 }

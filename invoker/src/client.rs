@@ -65,11 +65,17 @@ impl Client {
         for message in journal {
             encode(message, &mut body);
         }
-        self.attempt_encoded(endpoint, body.freeze()).await
+        self.attempt_encoded(endpoint, body.freeze(), None).await
     }
 
-    /// Runs one attempt whose request body, Start and journal, is encoded already.
-    pub async fn attempt_encoded(&self, endpoint: &Endpoint<'_>, body: Bytes) -> Result<Attempt, Error> {
+    /// Runs one attempt whose request body, Start and journal, is encoded
+    /// already; `traceparent` names the attempt's span to the handler.
+    pub async fn attempt_encoded(
+        &self,
+        endpoint: &Endpoint<'_>,
+        body: Bytes,
+        traceparent: Option<&str>,
+    ) -> Result<Attempt, Error> {
         let uri = endpoint.uri;
         let url = format!("{}/invoke/{}/{}", uri.trim_end_matches('/'), endpoint.service, endpoint.handler);
         let client = if endpoint.http2 { &self.http2 } else { &self.http1 };
@@ -78,6 +84,9 @@ impl Client {
             client.post(url).header("content-type", content_type).header("accept", content_type).body(body);
         for (name, value) in endpoint.headers {
             request = request.header(name, value);
+        }
+        if let Some(traceparent) = traceparent {
+            request = request.header("traceparent", traceparent);
         }
         let unreachable = |e: reqwest::Error| {
             let reason = if e.is_timeout() { format!("the attempt timed out ({e})") } else { e.to_string() };

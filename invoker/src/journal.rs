@@ -9,6 +9,7 @@ use bytes::{Bytes, BytesMut};
 use ferry_log::state::{Completion, Invocation};
 use ferry_log::wire::v1::{Effect, JournalEntry, Sleep, StateOp};
 use ferry_proto::service_protocol as pb;
+use ferry_telemetry::TraceContext;
 
 use crate::client::{Attempt, Ending};
 use crate::codec::{encode, encode_raw, Message};
@@ -28,6 +29,8 @@ pub struct Job {
     pub sleeping: bool,
     /// Start, Input and the journal, encoded.
     pub body: Bytes,
+    /// The span the invocation's attempts are traced under.
+    pub trace: Option<TraceContext>,
 }
 
 impl Job {
@@ -70,6 +73,7 @@ impl Job {
             attempts: invocation.attempts,
             sleeping: !invocation.sleeps.is_empty(),
             body: body.freeze(),
+            trace: invocation.trace,
         }
     }
 

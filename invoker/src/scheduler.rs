@@ -14,11 +14,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ferry_log::wire::v1::{Command, Effect, Outcome, Response};
 use ferry_log::{partition_group, GroupId, LogNode, PartitionId};
+use ferry_telemetry::TraceContext;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::field::Empty;
+use tracing::{debug, warn, Instrument, Span};
 
 use crate::client::{Client, Endpoint};
 use crate::codec::ProtocolVersion;
@@ -298,7 +300,34 @@ fn resolve(log: &LogNode, service: &str) -> Result<Target, String> {
     })
 }
 
+/// The span of one attempt, a child of the span the invocation was created
+/// under; disabled when that one was not sampled or nothing is exported.
+fn attempt_span(job: &Job) -> Span {
+    let Some(parent) = job.trace.filter(|_| ferry_telemetry::exporting()) else {
+        return Span::none();
+    };
+    let span = tracing::debug_span!(
+        parent: None,
+        "invoke",
+        otel.name = format!("invoke {}/{}", job.service, job.handler),
+        otel.kind = "client",
+        otel.status_code = Empty,
+        otel.status_description = Empty,
+        rpc.system = "restate",
+        rpc.service = %job.service,
+        rpc.method = %job.handler,
+        restate.invocation.id = %job.id,
+        restate.invocation.attempt = job.attempts + 1,
+        restate.journal.length = job.base,
+        ferry.outcome = Empty,
+    );
+    parent.adopt(&span);
+    span
+}
+
 async fn attempt(job: Job, log: LogNode, client: Client, retry: Arc<RetryPolicy>, effects: EffectSender) -> Done {
+    let span = attempt_span(&job);
+    let traceparent = TraceContext::of(&span).map(|c| c.traceparent());
     let started = Instant::now();
     let result = match resolve(&log, &job.service) {
         Ok(target) => {
@@ -310,7 +339,8 @@ async fn attempt(job: Job, log: LogNode, client: Client, retry: Arc<RetryPolicy>
                 service: &job.service,
                 handler: &job.handler,
             };
-            client.attempt_encoded(&endpoint, job.body.clone()).await.map_err(|e| e.to_string())
+            let call = client.attempt_encoded(&endpoint, job.body.clone(), traceparent.as_deref());
+            call.instrument(span.clone()).await.map_err(|e| e.to_string())
         }
         Err(e) => Err(e),
     };
@@ -321,11 +351,19 @@ async fn attempt(job: Job, log: LogNode, client: Client, retry: Arc<RetryPolicy>
         Effect::Progress { .. } => "suspended",
         _ => "failed",
     };
+    span.record("ferry.outcome", kind);
     if let Effect::Failed { message, .. } = &effect {
         debug!(id = %job.id, "attempt failed: {message}");
+        span.record("otel.status_code", "ERROR");
+        span.record("otel.status_description", message.as_str());
     }
     metrics::counter!("ferry_invoker_attempts_total", "outcome" => kind).increment(1);
-    effects.apply(effect).await;
+    let commit = if span.is_disabled() {
+        Span::none()
+    } else {
+        tracing::debug_span!(parent: &span, "commit", restate.invocation.id = %job.id, ferry.outcome = kind)
+    };
+    effects.apply(effect).instrument(commit).await;
     Done::Attempt(job.id)
 }
 

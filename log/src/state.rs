@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use bytes::Bytes;
+use ferry_telemetry::TraceContext;
 use serde::{Deserialize, Serialize};
 
 pub use crate::wire::v1::Completion;
@@ -75,6 +76,8 @@ pub struct Invocation {
     pub sleeps: Vec<Sleep>,
     /// When a timer wakes the invocation.
     pub wake_at_ms: Option<u64>,
+    /// The sampled span its attempts are traced under.
+    pub trace: Option<TraceContext>,
     run_seq: Option<u64>,
 }
 
@@ -167,6 +170,7 @@ impl PartitionState {
                     state_ops: Vec::new(),
                     sleeps: Vec::new(),
                     wake_at_ms: None,
+                    trace: invoke.trace,
                     run_seq: None,
                 },
             );
@@ -527,6 +531,7 @@ mod tests {
             created_at_ms: 10,
             failure: None,
             not_before_ms: None,
+            trace: None,
         }
     }
 

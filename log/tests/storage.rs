@@ -64,6 +64,7 @@ fn invoke(i: u64) -> Invoke {
         created_at_ms: 1,
         failure: None,
         not_before_ms: None,
+        trace: None,
     }
 }
 

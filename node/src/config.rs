@@ -30,6 +30,8 @@ pub struct Config {
     pub ingress: IngressConfig,
     pub raft: RaftConfig,
     pub log: LogConfig,
+    /// OpenTelemetry trace export.
+    pub tracing: ferry_telemetry::TracingOptions,
     pub invoker: ferry_invoker::Options,
     pub invocation: InvocationConfig,
 }
@@ -46,6 +48,7 @@ impl Default for Config {
             ingress: IngressConfig::default(),
             raft: RaftConfig::default(),
             log: LogConfig::default(),
+            tracing: ferry_telemetry::TracingOptions::default(),
             invoker: ferry_invoker::Options::default(),
             invocation: InvocationConfig::default(),
         }
@@ -233,6 +236,9 @@ impl Config {
         }
         if self.invoker.concurrency_per_partition == 0 || self.invoker.max_effects_per_entry == 0 {
             return invalid("invoker", "concurrency-per-partition and max-effects-per-entry must be positive".into());
+        }
+        if let Err(reason) = self.tracing.validate() {
+            return invalid("tracing", reason);
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
             return invalid("log.filter", e.to_string());

@@ -67,7 +67,22 @@ fn main() -> ExitCode {
             }
         }
     }
-    init_tracing(&config);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let format = match config.log.format {
+        LogFormat::Text => ferry_telemetry::LogFormat::Text,
+        LogFormat::Json => ferry_telemetry::LogFormat::Json,
+    };
+    let telemetry = {
+        let _runtime = runtime.enter();
+        let instance = format!("node-{}", config.node_id);
+        match ferry_telemetry::init(&config.tracing, &config.log.filter, format, "ferry", &instance, &["ferry"]) {
+            Ok(telemetry) => telemetry,
+            Err(e) => {
+                eprintln!("ferry-server: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    };
     let metrics = match metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(&LATENCY_BUCKETS_SECONDS)
         .and_then(|b| b.install_recorder())
@@ -78,7 +93,6 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let result = runtime.block_on(async {
         let shutdown = CancellationToken::new();
         let signals = shutdown.clone();
@@ -88,6 +102,10 @@ fn main() -> ExitCode {
         });
         ferry_node::run(config, metrics, shutdown).await
     });
+    {
+        let _runtime = runtime.enter();
+        telemetry.shutdown();
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -107,15 +125,6 @@ const LATENCY_BUCKETS_SECONDS: [f64; 22] = [
 
 fn toml_string(config: &Config) -> Result<String, String> {
     toml::to_string(config).map_err(|e| e.to_string())
-}
-
-fn init_tracing(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.filter).expect("validated filter");
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match config.log.format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
 }
 
 async fn wait_for_signal() {

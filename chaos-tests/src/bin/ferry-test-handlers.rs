@@ -28,6 +28,11 @@
 //! Listens on 127.0.0.1 and speaks HTTP/2 prior knowledge only. Once the
 //! listener is bound, prints `ferry-test-handlers listening on 127.0.0.1:PORT`
 //! to stdout (useful with `--port 0`).
+//!
+//! With `OTEL_EXPORTER_OTLP_ENDPOINT` set, every request is served in a span
+//! whose parent is the request's `traceparent` (the invoker's attempt), and
+//! that span and the SDK's own spans are exported there: the handler's side
+//! of a trace joined to Ferry's.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -38,6 +43,7 @@ use std::sync::Mutex;
 use anyhow::Context as _;
 use bytes::Bytes;
 use clap::Parser;
+use restate_sdk::hyper::HyperEndpoint;
 use restate_sdk::prelude::*;
 use restate_sdk::serde::{InputMetadata, OutputMetadata, PayloadMetadata};
 use serde_json::{json, Value};
@@ -411,16 +417,99 @@ async fn shutdown_signal() {
     }
 }
 
+/// The SDK's endpoint, each request served in a span joined to its
+/// `traceparent`.
+#[derive(Clone)]
+struct Traced(HyperEndpoint);
+
+impl hyper::service::Service<http::Request<hyper::body::Incoming>> for Traced {
+    type Response = http::Response<TracedBody<restate_sdk::endpoint::ResponseBody>>;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn call(&self, request: http::Request<hyper::body::Incoming>) -> Self::Future {
+        let span = if ferry_telemetry::exporting() {
+            let span = tracing::info_span!(
+                "handle",
+                otel.name = format!("handle {}", request.uri().path()),
+                otel.kind = "server",
+                url.path = request.uri().path(),
+            );
+            ferry_telemetry::adopt_from_headers(&span, request.headers());
+            span
+        } else {
+            tracing::Span::none()
+        };
+        // The SDK runs the handler while the response body is polled.
+        let response = span.in_scope(|| self.0.call(request)).into_inner();
+        std::future::ready(response.map(|r| r.map(|body| TracedBody { body: Box::pin(body), span })))
+    }
+}
+
+/// A response body polled inside its request's span.
+struct TracedBody<B> {
+    body: std::pin::Pin<Box<B>>,
+    span: tracing::Span,
+}
+
+impl<B: http_body::Body> http_body::Body for TracedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        let _entered = this.span.enter();
+        this.body.as_mut().poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Serves `endpoint` over HTTP/2 until `shutdown`, then lets open
+/// connections finish for up to 10 s.
+async fn serve(listener: tokio::net::TcpListener, endpoint: Endpoint, shutdown: impl std::future::Future) {
+    let service = Traced(HyperEndpoint::new(endpoint));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, remote)) = accepted else { continue };
+                let connection = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service.clone());
+                let connection = graceful.watch(connection);
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::warn!("connection from {remote}: {e}");
+                    }
+                });
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), graceful.shutdown()).await;
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
+    let telemetry = ferry_telemetry::init(
+        &ferry_telemetry::TracingOptions::default(),
+        &filter,
+        ferry_telemetry::LogFormat::Text,
+        "ferry-test-handlers",
+        &std::process::id().to_string(),
+        &["ferry_test_handlers", "restate_sdk"],
+    )?;
 
     let args = Args::parse();
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, args.port));
@@ -432,6 +521,7 @@ async fn main() -> anyhow::Result<()> {
     println!("ferry-test-handlers listening on {local}");
     std::io::stdout().flush()?;
 
-    HttpServer::new(endpoint).serve_with_cancel(listener, shutdown_signal()).await;
+    serve(listener, endpoint, shutdown_signal()).await;
+    telemetry.shutdown();
     Ok(())
 }

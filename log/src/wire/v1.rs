@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use ferry_telemetry::TraceContext;
 use serde::{Deserialize, Serialize};
 
 /// A command proposed to a Raft group.
@@ -168,6 +169,8 @@ pub struct Invoke {
     pub failure: Option<String>,
     /// Start no earlier than this time.
     pub not_before_ms: Option<u64>,
+    /// The sampled span the invocation's attempts are traced under.
+    pub trace: Option<TraceContext>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
