@@ -9,17 +9,8 @@ export PATH="$HOME/.cargo/bin:$PATH"
 
 step() { printf '\n==> %s\n' "$*"; }
 
-missing=()
-for tool in cc c++ make perl pkg-config; do
-    command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    step "installing build tools (missing: ${missing[*]})"
-    sudo_cmd=""
-    [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
-    $sudo_cmd apt-get update -q
-    $sudo_cmd apt-get install -y -q build-essential pkg-config perl
-fi
+step "build tools"
+scripts/install-build-deps.sh
 
 step "test broker"
 scripts/broker.sh install
@@ -43,6 +34,7 @@ step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "building binaries"
+# The Dockerfile runs the same command in release.
 cargo build --workspace --bins --locked
 
 step "tests"

@@ -115,4 +115,8 @@ impl AdminService for AdminGrpc {
     async fn resume_invocation(&self, r: Request<pb::InvocationActionRequest>) -> Reply<pb::InvocationActionResponse> {
         Ok(Response::new(self.0.act_on_invocation(&r.into_inner().id, Action::Resume).await?))
     }
+
+    async fn get_cluster_status(&self, _: Request<pb::GetClusterStatusRequest>) -> Reply<pb::ClusterStatus> {
+        Ok(Response::new(self.0.cluster_status()))
+    }
 }

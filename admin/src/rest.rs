@@ -63,6 +63,7 @@ pub fn router(admin: Admin) -> Router {
             "/invocations/{id}",
             get(|State(a): State<Admin>, Path(id): Path<String>| async move { reply(a.get_invocation(&id)) }),
         )
+        .route("/cluster", get(|State(a): State<Admin>| async move { Json(a.cluster_status()) }))
         .fallback(|| async { Error::NotFound("no such path".to_owned()) })
         .with_state(admin)
 }

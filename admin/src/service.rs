@@ -4,8 +4,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ferry_ingress::ClusterOptions;
+use ferry_ingress::{ClusterOptions, LagTable};
 use ferry_invoker::Discovery;
+use ferry_log::node::GroupStatus;
 use ferry_log::partitioner::partition_of;
 use ferry_log::state::{Completion, Invocation, MetadataState, RegisteredService};
 use ferry_log::wire::v1::{
@@ -30,6 +31,7 @@ pub struct Admin {
     log: LogNode,
     discovery: Discovery,
     clusters: Arc<Vec<ClusterOptions>>,
+    lag: LagTable,
 }
 
 fn now_ms() -> u64 {
@@ -172,9 +174,49 @@ fn expected_parts(scheme: &str) -> &'static str {
     }
 }
 
+fn group_to_proto(status: GroupStatus) -> pb::GroupStatus {
+    pb::GroupStatus {
+        group: status.group,
+        partition: status.group.checked_sub(partition_group(0)),
+        leader: status.leader,
+        role: status.role.as_str().to_owned(),
+        term: status.term,
+        last_log_index: status.last_log_index,
+        committed_index: status.committed_index,
+        last_applied_index: status.last_applied_index,
+        voters: status.voters,
+        learners: status.learners,
+    }
+}
+
 impl Admin {
-    pub fn new(log: LogNode, discovery: Discovery, clusters: Vec<ClusterOptions>) -> Self {
-        Admin { log, discovery, clusters: Arc::new(clusters) }
+    /// The admin API of `log`'s node; `lag` is where its Kafka consumers
+    /// report their lag.
+    pub fn new(log: LogNode, discovery: Discovery, clusters: Vec<ClusterOptions>, lag: LagTable) -> Self {
+        Admin { log, discovery, clusters: Arc::new(clusters), lag }
+    }
+
+    /// The nodes (every member of any group), each group as this node sees
+    /// it, and the lag of the Kafka partitions this node consumes.
+    pub fn cluster_status(&self) -> pb::ClusterStatus {
+        let groups = self.log.group_statuses();
+        let nodes: BTreeMap<u64, String> = groups.iter().flat_map(|g| g.nodes.clone()).collect();
+        pb::ClusterStatus {
+            node_id: self.log.node_id(),
+            nodes: nodes.into_iter().map(|(id, address)| pb::ClusterNode { id, address }).collect(),
+            groups: groups.into_iter().map(group_to_proto).collect(),
+            consumer_lag: self
+                .lag
+                .entries()
+                .into_iter()
+                .map(|(key, lag)| pb::ConsumerLag {
+                    subscription_id: key.subscription,
+                    topic: key.topic,
+                    partition: key.partition,
+                    lag,
+                })
+                .collect(),
+        }
     }
 
     async fn propose_metadata(&self, command: MetadataCommand) -> Result<MetadataResponse, Error> {

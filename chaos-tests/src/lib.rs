@@ -4,6 +4,7 @@
 //! its handle is dropped.
 
 pub mod otlp;
+pub mod prometheus;
 pub mod restate;
 
 use std::collections::BTreeMap;
@@ -242,7 +243,14 @@ impl Node {
     }
 
     pub async fn start_with(base_dir: &Path, env: BTreeMap<String, String>) -> Result<Node> {
-        let mut node = Node {
+        let mut node = Self::prepare(base_dir, env)?;
+        node.spawn().await?;
+        Ok(node)
+    }
+
+    /// A node with its ports chosen, not started yet.
+    fn prepare(base_dir: &Path, env: BTreeMap<String, String>) -> Result<Node> {
+        Ok(Node {
             child: None,
             base_dir: base_dir.to_owned(),
             admin_port: free_port(),
@@ -250,12 +258,16 @@ impl Node {
             ingress_port: free_port(),
             env,
             http: reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?,
-        };
-        node.spawn().await?;
-        Ok(node)
+        })
     }
 
     async fn spawn(&mut self) -> Result<()> {
+        self.launch()?;
+        self.wait_healthy(Duration::from_secs(60)).await
+    }
+
+    /// Starts the process without waiting for it to serve.
+    fn launch(&mut self) -> Result<()> {
         std::fs::create_dir_all(&self.base_dir)?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.base_dir.join("node.log"))?;
         let mut command = Command::new(binary("ferry-server")?);
@@ -275,7 +287,7 @@ impl Node {
             .kill_on_drop(true)
             .spawn()?;
         self.child = Some(child);
-        self.wait_healthy(Duration::from_secs(60)).await
+        Ok(())
     }
 
     pub async fn wait_healthy(&mut self, timeout: Duration) -> Result<()> {
@@ -325,6 +337,23 @@ impl Node {
     pub async fn restart(&mut self) -> Result<()> {
         self.kill().await;
         self.spawn().await
+    }
+
+    /// SIGSTOP: the process stays, silent, until [`Node::resume`].
+    pub async fn pause(&self) -> Result<()> {
+        self.signal("-STOP").await
+    }
+
+    /// SIGCONT after [`Node::pause`].
+    pub async fn resume(&self) -> Result<()> {
+        self.signal("-CONT").await
+    }
+
+    async fn signal(&self, signal: &str) -> Result<()> {
+        let pid = self.pid().context("node is not running")?;
+        let status = Command::new("kill").args([signal, &pid.to_string()]).status().await?;
+        anyhow::ensure!(status.success(), "kill {signal} {pid} failed");
+        Ok(())
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -437,5 +466,132 @@ where
             bail!("timed out after {timeout:?} waiting for {what}");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Several `ferry-server` processes on loopback forming one cluster, each
+/// with its own base directory under one parent. Node-to-node traffic goes
+/// through a TCP link per ordered pair of nodes, so that a test can cut a
+/// node off from its peers (and only from them: clients and Kafka still
+/// reach it).
+pub struct Cluster {
+    pub nodes: Vec<Node>,
+    links: Links,
+}
+
+/// The links between nodes and which nodes are cut off.
+struct Links {
+    isolated: tokio::sync::watch::Sender<std::collections::BTreeSet<u64>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Links {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl Links {
+    /// Forwards connections made to `listener` by node `from` to node `to`
+    /// at `target`, while neither is cut off.
+    fn spawn(&mut self, listener: tokio::net::TcpListener, from: u64, to: u64, target: u16) {
+        let isolated = self.isolated.subscribe();
+        self.tasks.push(tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let mut watch = isolated.clone();
+                if watch.borrow().iter().any(|n| *n == from || *n == to) {
+                    continue;
+                }
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
+                        return;
+                    };
+                    let cut = watch.wait_for(|cut| cut.contains(&from) || cut.contains(&to));
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut => {}
+                    }
+                });
+            }
+        }));
+    }
+}
+
+impl Cluster {
+    /// Starts `size` nodes (ids 1..=size) whose Kafka cluster `my-cluster` is
+    /// at `bootstrap`, with more configuration as `FERRY_` variables, and
+    /// waits until every one serves.
+    pub async fn start(dir: &Path, size: u64, bootstrap: &str, config: &[(&str, &str)]) -> Result<Cluster> {
+        let mut nodes = Vec::new();
+        for id in 1..=size {
+            let mut env: BTreeMap<String, String> =
+                config.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            env.insert(
+                "FERRY_INGRESS__KAFKA_CLUSTERS".to_owned(),
+                format!(r#"[{{name="my-cluster",brokers=["PLAINTEXT://{bootstrap}"]}}]"#),
+            );
+            env.insert("FERRY_NODE_ID".to_owned(), id.to_string());
+            nodes.push(Node::prepare(&dir.join(format!("node-{id}")), env)?);
+        }
+        let mut links = Links { isolated: tokio::sync::watch::Sender::new(Default::default()), tasks: Vec::new() };
+        let ports: Vec<u16> = nodes.iter().map(|n| n.node_port).collect();
+        for (from, node) in (1..).zip(nodes.iter_mut()) {
+            let mut peers = Vec::new();
+            for (to, &port) in (1..).zip(&ports) {
+                let address = if to == from {
+                    port
+                } else {
+                    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                    let link = listener.local_addr()?.port();
+                    links.spawn(listener, from, to, port);
+                    link
+                };
+                peers.push(format!(r#"{{node-id={to},address="127.0.0.1:{address}"}}"#));
+            }
+            node.env.insert("FERRY_PEERS".to_owned(), format!("[{}]", peers.join(",")));
+            node.launch()?;
+        }
+        for node in &mut nodes {
+            node.wait_healthy(Duration::from_secs(60)).await?;
+        }
+        Ok(Cluster { nodes, links })
+    }
+
+    /// Cuts node `id` off from its peers: its links close and refuse new
+    /// connections until [`Cluster::heal`].
+    pub fn isolate(&self, id: u64) {
+        self.links.isolated.send_modify(|cut| {
+            cut.insert(id);
+        });
+    }
+
+    /// Reconnects every node cut off.
+    pub fn heal(&self) {
+        self.links.isolated.send_modify(|cut| cut.clear());
+    }
+
+    /// Waits until every running node leads at least one group, as an idle
+    /// cluster settles: leaders spread over the nodes.
+    pub async fn wait_balanced(&self, timeout: Duration) -> Result<()> {
+        eventually(timeout, "every node to lead a group", || async {
+            for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+                if node.metric("ferry_raft_leader").await? < 1.0 {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(()))
+        })
+        .await
+    }
+
+    /// The node with id `id` (ids start at 1).
+    pub fn node(&self, id: u64) -> &Node {
+        &self.nodes[id as usize - 1]
+    }
+
+    pub fn node_mut(&mut self, id: u64) -> &mut Node {
+        &mut self.nodes[id as usize - 1]
     }
 }

@@ -5,7 +5,7 @@ use std::process::Output;
 
 use anyhow::Result;
 use ferry_chaos_tests::{bin_dir, free_port, Handlers, Node};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 fn ferry(node_admin_port: u16, args: &[&str]) -> Result<Output> {
     Ok(std::process::Command::new(bin_dir().join("ferry"))
@@ -50,6 +50,8 @@ async fn every_command_against_a_node() -> Result<()> {
     assert_eq!(json(port, &["deployments", "describe", &id])?["uri"], handlers.uri.as_str());
     assert!(ok(port, &["deployments", "list"])?.contains(&id));
 
+    cluster_status(&node).await?;
+
     assert!(ok(port, &["services", "list"])?.contains("VirtualObject"));
     assert_eq!(json(port, &["services", "describe", "Counter"])?["ty"], "VirtualObject");
 
@@ -82,5 +84,53 @@ async fn every_command_against_a_node() -> Result<()> {
         .contains("InvalidArgument"));
     assert!(fails(port, &["deployments", "register", "http://127.0.0.1:1"])?.contains("cannot reach"));
     assert!(fails(free_port(), &["services", "list"])?.contains("cannot reach a Ferry node"));
+    assert!(fails(free_port(), &["cluster", "status"])?.contains("cannot reach a Ferry node"));
+    Ok(())
+}
+
+/// The fields of a cluster status that stay put while the node is idle.
+fn stable(status: &Value) -> Value {
+    let groups: Vec<Value> = status["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| json!([g["group"], g["partition"], g["leader"], g["role"], g["term"], g["voters"], g["learners"]]))
+        .collect();
+    json!({ "node_id": status["node_id"], "nodes": status["nodes"], "groups": groups, "lag": status["consumer_lag"] })
+}
+
+/// `ferry cluster status` of a single node: it leads every group.
+async fn cluster_status(node: &Node) -> Result<()> {
+    let port = node.admin_port;
+    let status = json(port, &["cluster", "status"])?;
+    assert_eq!(status["node_id"], 1);
+    let nodes = status["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 1, "{status}");
+    assert_eq!(nodes[0]["id"], 1);
+    assert!(nodes[0]["address"].as_str().unwrap().ends_with(&format!(":{}", node.node_port)), "{status}");
+    let groups = status["groups"].as_array().unwrap();
+    assert_eq!(groups.len(), 9, "the metadata group and 8 partitions: {status}");
+    assert_eq!(groups[0]["partition"], Value::Null);
+    for (i, group) in groups.iter().enumerate() {
+        assert_eq!(group["group"], i);
+        if i > 0 {
+            assert_eq!(group["partition"], i - 1);
+        }
+        assert_eq!((&group["leader"], &group["role"], &group["voters"]), (&json!(1), &json!("leader"), &json!([1])));
+        assert!(group["term"].as_u64().unwrap() >= 1, "{group}");
+        let applied = group["last_applied_index"].as_u64().unwrap();
+        assert!(group["committed_index"].as_u64().unwrap() >= applied, "{group}");
+        assert!(group["last_log_index"].as_u64().unwrap() >= applied, "{group}");
+    }
+    assert_eq!(status["consumer_lag"], json!([]), "no subscriptions yet");
+    assert_eq!(stable(&status), stable(&node.get("/cluster").await?), "gRPC and REST show the same");
+
+    let table = ok(port, &["cluster", "status"])?;
+    let sections: Vec<&str> = table.split("\n\n").collect();
+    assert_eq!(sections.len(), 3, "nodes, groups, lag: {table}");
+    assert!(sections[0].starts_with("NODE") && sections[0].contains("yes"), "{table}");
+    assert!(sections[1].starts_with("GROUP") && sections[1].contains("metadata"), "{table}");
+    assert_eq!(sections[1].lines().filter(|l| l.contains("leader")).count(), 9, "{table}");
+    assert!(sections[2].starts_with("SUBSCRIPTION"), "{table}");
     Ok(())
 }

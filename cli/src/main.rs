@@ -38,6 +38,16 @@ enum Command {
     /// Invocations.
     #[command(subcommand)]
     Invocations(Invocations),
+    /// The cluster: nodes, Raft groups, consumer lag.
+    #[command(subcommand)]
+    Cluster(Cluster),
+}
+
+#[derive(Subcommand)]
+enum Cluster {
+    /// Nodes, each partition's leader, term and log indexes as the answering
+    /// node sees them, and the lag of the Kafka partitions it consumes.
+    Status,
 }
 
 #[derive(Subcommand)]
@@ -128,19 +138,14 @@ fn key_value(text: &str) -> Result<(String, String), String> {
     Ok((key.to_owned(), value.to_owned()))
 }
 
-/// What a command prints: JSON as is, or a table of `rows` under `columns`.
-struct Output<T> {
-    value: T,
+/// `rows` under a header of `columns`.
+struct Table {
     columns: &'static [&'static str],
     rows: Vec<Vec<String>>,
 }
 
-impl<T: Serialize> Output<T> {
-    fn print(&self, json: bool) -> Result<()> {
-        if json {
-            println!("{}", serde_json::to_string_pretty(&self.value)?);
-            return Ok(());
-        }
+impl Table {
+    fn print(&self) {
         let mut widths: Vec<usize> = self.columns.iter().map(|c| c.len()).collect();
         for row in &self.rows {
             for (width, cell) in widths.iter_mut().zip(row) {
@@ -155,8 +160,99 @@ impl<T: Serialize> Output<T> {
         for row in &self.rows {
             line(row.iter().map(String::as_str).collect());
         }
+    }
+}
+
+/// What a command prints: JSON as is, or its tables a blank line apart.
+struct Output<T> {
+    value: T,
+    tables: Vec<Table>,
+}
+
+impl<T: Serialize> Output<T> {
+    /// An output shown as one table.
+    fn table(value: T, columns: &'static [&'static str], rows: Vec<Vec<String>>) -> Self {
+        Output { value, tables: vec![Table { columns, rows }] }
+    }
+
+    fn print(&self, json: bool) -> Result<()> {
+        if json {
+            println!("{}", serde_json::to_string_pretty(&self.value)?);
+            return Ok(());
+        }
+        for (i, table) in self.tables.iter().enumerate() {
+            if i > 0 {
+                println!();
+            }
+            table.print();
+        }
         Ok(())
     }
+}
+
+/// The tables of `ferry cluster status`: nodes, groups and consumer lag.
+fn cluster_status(status: pb::ClusterStatus) -> Output<pb::ClusterStatus> {
+    let optional = |value: Option<u64>| value.map_or_else(|| "-".to_owned(), |v| v.to_string());
+    let ids = |ids: &[u64]| {
+        let ids: Vec<String> = ids.iter().map(u64::to_string).collect();
+        if ids.is_empty() {
+            "-".to_owned()
+        } else {
+            ids.join(",")
+        }
+    };
+    let nodes = Table {
+        columns: &["NODE", "ADDRESS", "ANSWERED"],
+        rows: status
+            .nodes
+            .iter()
+            .map(|n| {
+                let answered = if n.id == status.node_id { "yes" } else { "" };
+                vec![n.id.to_string(), n.address.clone(), answered.to_owned()]
+            })
+            .collect(),
+    };
+    let groups = Table {
+        columns: &[
+            "GROUP",
+            "PARTITION",
+            "LEADER",
+            "ROLE",
+            "TERM",
+            "LAST-LOG",
+            "COMMITTED",
+            "APPLIED",
+            "VOTERS",
+            "LEARNERS",
+        ],
+        rows: status
+            .groups
+            .iter()
+            .map(|g| {
+                vec![
+                    g.group.to_string(),
+                    g.partition.map_or_else(|| "metadata".to_owned(), |p| p.to_string()),
+                    optional(g.leader),
+                    g.role.clone(),
+                    g.term.to_string(),
+                    optional(g.last_log_index),
+                    optional(g.committed_index),
+                    optional(g.last_applied_index),
+                    ids(&g.voters),
+                    ids(&g.learners),
+                ]
+            })
+            .collect(),
+    };
+    let lag = Table {
+        columns: &["SUBSCRIPTION", "TOPIC", "PARTITION", "LAG"],
+        rows: status
+            .consumer_lag
+            .iter()
+            .map(|l| vec![l.subscription_id.clone(), l.topic.clone(), l.partition.to_string(), l.lag.to_string()])
+            .collect(),
+    };
+    Output { value: status, tables: vec![nodes, groups, lag] }
 }
 
 /// A one-row table of `(field, value)` pairs, for `describe`.
@@ -168,11 +264,11 @@ fn fields<T: Serialize>(value: T) -> Result<Output<T>> {
         .flatten()
         .map(|(k, v)| vec![k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_owned)])
         .collect();
-    Ok(Output { value, columns: &["FIELD", "VALUE"], rows })
+    Ok(Output::table(value, &["FIELD", "VALUE"], rows))
 }
 
 fn done(what: String) -> Output<serde_json::Value> {
-    Output { value: serde_json::json!({ "done": what }), columns: &["DONE"], rows: vec![vec![what]] }
+    Output::table(serde_json::json!({ "done": what }), &["DONE"], vec![vec![what]])
 }
 
 async fn run(cli: Cli) -> Result<()> {
@@ -194,7 +290,7 @@ async fn run(cli: Cli) -> Result<()> {
                 };
                 let registered = admin.register_deployment(request).await?.into_inner();
                 let rows = registered.services.iter().map(|s| vec![registered.id.clone(), s.name.clone()]).collect();
-                Output { value: registered, columns: &["DEPLOYMENT", "SERVICE"], rows }.print(json)
+                Output::table(registered, &["DEPLOYMENT", "SERVICE"], rows).print(json)
             }
             Deployments::List => {
                 let list = admin.list_deployments(pb::ListDeploymentsRequest {}).await?.into_inner();
@@ -206,7 +302,7 @@ async fn run(cli: Cli) -> Result<()> {
                         vec![d.id.clone(), d.uri.clone(), d.protocol_type.clone(), services.join(",")]
                     })
                     .collect();
-                Output { value: list, columns: &["ID", "URI", "PROTOCOL", "SERVICES"], rows }.print(json)
+                Output::table(list, &["ID", "URI", "PROTOCOL", "SERVICES"], rows).print(json)
             }
             Deployments::Describe { id } => {
                 fields(admin.get_deployment(pb::GetDeploymentRequest { id }).await?.into_inner())?.print(json)
@@ -227,7 +323,7 @@ async fn run(cli: Cli) -> Result<()> {
                         vec![s.name.clone(), s.ty.clone(), s.revision.to_string(), handlers.join(",")]
                     })
                     .collect();
-                Output { value: list, columns: &["NAME", "TYPE", "REVISION", "HANDLERS"], rows }.print(json)
+                Output::table(list, &["NAME", "TYPE", "REVISION", "HANDLERS"], rows).print(json)
             }
             Services::Describe { name } => {
                 fields(admin.get_service(pb::GetServiceRequest { name }).await?.into_inner())?.print(json)
@@ -243,7 +339,7 @@ async fn run(cli: Cli) -> Result<()> {
                 let list = admin.list_subscriptions(request).await?.into_inner();
                 let rows =
                     list.subscriptions.iter().map(|s| vec![s.id.clone(), s.source.clone(), s.sink.clone()]).collect();
-                Output { value: list, columns: &["ID", "SOURCE", "SINK"], rows }.print(json)
+                Output::table(list, &["ID", "SOURCE", "SINK"], rows).print(json)
             }
             Subscriptions::Describe { id } => {
                 fields(admin.get_subscription(pb::GetSubscriptionRequest { id }).await?.into_inner())?.print(json)
@@ -263,7 +359,7 @@ async fn run(cli: Cli) -> Result<()> {
                     .iter()
                     .map(|i| vec![i.id.clone(), i.target.clone(), i.status.clone(), i.attempts.to_string()])
                     .collect();
-                Output { value: list, columns: &["ID", "TARGET", "STATUS", "ATTEMPTS"], rows }.print(json)
+                Output::table(list, &["ID", "TARGET", "STATUS", "ATTEMPTS"], rows).print(json)
             }
             Invocations::Describe { id } => {
                 fields(admin.get_invocation(pb::GetInvocationRequest { id }).await?.into_inner())?.print(json)
@@ -286,6 +382,9 @@ async fn run(cli: Cli) -> Result<()> {
                 done(format!("resumed invocation {id}")).print(json)
             }
         },
+        Command::Cluster(Cluster::Status) => {
+            cluster_status(admin.get_cluster_status(pb::GetClusterStatusRequest {}).await?.into_inner()).print(json)
+        }
     }
 }
 

@@ -37,6 +37,9 @@ use tracing::{debug_span, Instrument, Span};
 const HOP_HEADERS: [&str; 7] =
     ["host", "content-length", "connection", "transfer-encoding", "keep-alive", "upgrade", "idempotency-key"];
 
+/// How long a request keeps retrying its append through leader changes.
+const APPEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// A status Restate answers `/output` with while the invocation still runs.
 const NOT_READY: u16 = 470;
 
@@ -90,6 +93,16 @@ fn router(ingress: Ingress) -> Router {
         .route("/{a}/{b}/{c}", post(three))
         .route("/{a}/{b}/{c}/{d}", post(four))
         .with_state(ingress)
+        .layer(axum::middleware::from_fn(count_requests))
+}
+
+/// Counts every answer, unknown paths included, by status code:
+/// `ferry_ingress_http_requests_total{code}`.
+async fn count_requests(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let response = next.run(request).await;
+    let code = response.status().as_u16().to_string();
+    metrics::counter!("ferry_ingress_http_requests_total", "code" => code).increment(1);
+    response
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -148,7 +161,7 @@ async fn four(
 
 async fn attach(State(ingress): State<Ingress>, Path(id): Path<String>) -> Result<Response, Error> {
     let partition = ingress.partition_of_id(&id)?;
-    Ok(result_response(&id, ingress.wait(partition, &id).await?))
+    Ok(result_response(&id, ingress.wait(partition, &id, false).await?))
 }
 
 async fn attach_workflow(
@@ -263,7 +276,8 @@ impl Ingress {
             not_before_ms: delay.map(|d| now + d.as_millis() as u64),
             trace: ferry_telemetry::TraceContext::of(&append),
         };
-        let proposal = self.log.propose(partition_group(partition), Command::Invoke(vec![invoke].into()));
+        let command = Command::Invoke(vec![invoke].into());
+        let proposal = self.log.propose_until(partition_group(partition), command, APPEND_TIMEOUT);
         let response = proposal.instrument(append).await?;
         let created = matches!(response, LogResponse::Invoked { created: 1, .. });
         if call.send {
@@ -271,7 +285,7 @@ impl Ingress {
             let body = Json(json!({ "invocationId": id, "status": status }));
             return Ok((StatusCode::ACCEPTED, [("x-restate-id", id)], body).into_response());
         }
-        Ok(result_response(&id, self.wait(partition, &id).await?))
+        Ok(result_response(&id, self.wait(partition, &id, true).await?))
     }
 
     /// The id of the run of workflow `name` with `key`.
@@ -306,13 +320,18 @@ impl Ingress {
             .ok_or_else(|| Error::new(404, format!("invocation {id} not found")))
     }
 
-    /// Waits for the result of an invocation.
-    async fn wait(&self, partition: PartitionId, id: &str) -> Result<Completion, Error> {
+    /// Waits for the result of an invocation. `committed` says it is known
+    /// to be in the log, so that a replica that has not applied it yet waits
+    /// for it rather than answering 404.
+    async fn wait(&self, partition: PartitionId, id: &str, committed: bool) -> Result<Completion, Error> {
         let mut changes = self.log.partition_changes(partition)?;
         loop {
             changes.borrow_and_update();
-            if let Some(completion) = self.completion(partition, id)? {
-                return Ok(completion);
+            match self.completion(partition, id) {
+                Ok(Some(completion)) => return Ok(completion),
+                Ok(None) => {}
+                Err(e) if e.status == StatusCode::NOT_FOUND && committed => {}
+                Err(e) => return Err(e),
             }
             tokio::select! {
                 changed = changes.changed() => changed.map_err(|_| Error::new(503, "the node is shutting down"))?,

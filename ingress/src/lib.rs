@@ -11,7 +11,7 @@ pub mod http;
 pub mod kafka;
 pub mod record;
 
-pub use kafka::{ClusterOptions, KafkaIngress, Options};
+pub use kafka::{ClusterOptions, KafkaIngress, LagKey, LagTable, Options};
 
 use ferry_log::PartitionId;
 use tracing::Span;

@@ -13,6 +13,7 @@
 pub mod network;
 pub mod node;
 pub mod partitioner;
+pub mod placement;
 pub mod state;
 pub mod storage;
 pub mod wire;

@@ -22,12 +22,24 @@ use crate::wire::{self, v1::Command, v1::Response};
 use crate::{GroupId, NodeId, Raft, TypeConfig};
 
 /// The gRPC clients of a node, one per peer address, shared by every group.
+/// A peer is reached at the address this node's configuration gives it, else
+/// at the one its group membership records.
 #[derive(Clone, Default)]
 pub struct Channels {
     clients: Arc<Mutex<HashMap<String, NodeServiceClient<Channel>>>>,
+    configured: Arc<BTreeMap<NodeId, String>>,
 }
 
 impl Channels {
+    pub fn new(configured: BTreeMap<NodeId, String>) -> Channels {
+        Channels { clients: Arc::default(), configured: Arc::new(configured) }
+    }
+
+    /// Where to reach `node`, whose membership records `recorded`.
+    pub fn address<'a>(&'a self, node: NodeId, recorded: &'a str) -> &'a str {
+        self.configured.get(&node).map_or(recorded, String::as_str)
+    }
+
     pub fn client(&self, addr: &str) -> Result<NodeServiceClient<Channel>, String> {
         let mut clients = self.clients.lock().expect("channels lock poisoned");
         if let Some(client) = clients.get(addr) {
@@ -55,7 +67,8 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = Network;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Network {
-        Network { group: self.group, target, client: self.channels.client(&node.addr) }
+        let addr = self.channels.address(target, &node.addr);
+        Network { group: self.group, target, client: self.channels.client(addr) }
     }
 }
 

@@ -7,15 +7,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use openraft::{BasicNode, Config, SnapshotPolicy};
+use openraft::{BasicNode, Config, ServerState, SnapshotPolicy};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::network::{propose_local, Channels, NetworkFactory, NodeServer, ProposeError};
-use crate::state::{MetadataState, PartitionState};
-use crate::storage::{self, Flusher, StateMachineStore};
+use crate::placement::{self, Nodes};
+use crate::state::{MetadataState, PartitionState, Status};
+use crate::storage::{self, CommittedIndex, Flusher, StateMachineStore};
 use crate::wire::{self, v1::Command, v1::Response};
 use crate::{partition_group, Error, GroupId, NodeId, PartitionId, Raft, METADATA_GROUP};
 
@@ -25,6 +26,8 @@ pub struct Options {
     pub node_id: NodeId,
     /// The address peers reach this node's gRPC server at.
     pub advertised_address: String,
+    /// Every node of the cluster with its address, this one included.
+    pub nodes: Nodes,
     pub data_dir: PathBuf,
     /// The number of partitions, fixed when the cluster is created.
     pub partitions: u32,
@@ -45,6 +48,7 @@ impl Options {
         Options {
             node_id: 1,
             advertised_address: "127.0.0.1:5122".to_owned(),
+            nodes: [(1, "127.0.0.1:5122".to_owned())].into(),
             data_dir,
             partitions,
             heartbeat_interval_ms: 250,
@@ -61,6 +65,60 @@ impl Options {
 struct Group {
     raft: Raft,
     state: StateMachineStore,
+    committed: CommittedIndex,
+    /// `ferry_log_propose_seconds` of this group.
+    propose_seconds: metrics::Histogram,
+}
+
+/// What this node knows about one of its Raft groups.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupStatus {
+    pub group: GroupId,
+    pub leader: Option<NodeId>,
+    /// This node's role in the group.
+    pub role: Role,
+    pub term: u64,
+    pub last_log_index: Option<u64>,
+    pub committed_index: Option<u64>,
+    pub last_applied_index: Option<u64>,
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+    /// The address of every member, voter or learner.
+    pub nodes: BTreeMap<NodeId, String>,
+}
+
+/// A node's role in a Raft group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Leader,
+    Follower,
+    Candidate,
+    Learner,
+    Shutdown,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Leader => "leader",
+            Role::Follower => "follower",
+            Role::Candidate => "candidate",
+            Role::Learner => "learner",
+            Role::Shutdown => "shutdown",
+        }
+    }
+}
+
+impl From<ServerState> for Role {
+    fn from(state: ServerState) -> Role {
+        match state {
+            ServerState::Leader => Role::Leader,
+            ServerState::Follower => Role::Follower,
+            ServerState::Candidate => Role::Candidate,
+            ServerState::Learner => Role::Learner,
+            ServerState::Shutdown => Role::Shutdown,
+        }
+    }
 }
 
 struct Inner {
@@ -108,7 +166,7 @@ impl LogNode {
             }
         }
 
-        let flusher = Flusher::start(db.clone(), options.flush_queue_max, tracker, cancel);
+        let flusher = Flusher::start(db.clone(), options.flush_queue_max, tracker, cancel.clone());
         let config = Arc::new(
             Config {
                 cluster_name: "ferry".to_owned(),
@@ -124,28 +182,37 @@ impl LogNode {
             .map_err(|e| Error::Write { group: METADATA_GROUP, message: e.to_string() })?,
         );
 
-        let channels = Channels::default();
+        let channels = Channels::new(options.nodes.clone());
         let mut groups = BTreeMap::new();
         let group_ids = std::iter::once(METADATA_GROUP).chain((0..options.partitions).map(partition_group));
         for group in group_ids {
             let (log, state) = storage::open(&db, group, flusher.clone())?;
+            let committed = log.committed_index();
             let network = NetworkFactory { group, channels: channels.clone() };
             let raft = Raft::new(options.node_id, config.clone(), network, log, state.clone())
                 .await
                 .map_err(|e| Error::Write { group, message: e.to_string() })?;
-            groups.insert(group, Group { raft, state });
+            let propose_seconds = metrics::histogram!("ferry_log_propose_seconds", "group" => group.to_string());
+            groups.insert(group, Group { raft, state, committed, propose_seconds });
         }
 
-        let members: BTreeMap<NodeId, BasicNode> =
-            [(options.node_id, BasicNode::new(options.advertised_address.clone()))].into();
         for (&group, g) in &groups {
-            if !g.raft.is_initialized().await.map_err(|_| Error::Fatal { group })? {
-                info!(group, "bootstrapping raft group");
-                g.raft.initialize(members.clone()).await.map_err(|e| Error::Write { group, message: e.to_string() })?;
+            let initialized = g.raft.is_initialized().await.map_err(|_| Error::Fatal { group })?;
+            if !initialized && placement::bootstrapper(group, &options.nodes) == Some(options.node_id) {
+                let voters: BTreeMap<NodeId, BasicNode> = placement::voters(group, &options.nodes)
+                    .into_iter()
+                    .map(|id| (id, BasicNode::new(options.nodes[&id].clone())))
+                    .collect();
+                info!(group, voters = ?voters.keys().collect::<Vec<_>>(), "bootstrapping raft group");
+                g.raft.initialize(voters).await.map_err(|e| Error::Write { group, message: e.to_string() })?;
             }
         }
         let rafts = Arc::new(groups.iter().map(|(&id, g)| (id, g.raft.clone())).collect());
-        Ok(LogNode { inner: Arc::new(Inner { options, groups, rafts, channels, db }) })
+        let node = LogNode { inner: Arc::new(Inner { options, groups, rafts, channels, db }) };
+        if node.inner.options.nodes.len() > 1 {
+            tracker.spawn(node.clone().keep_placement(cancel.clone()));
+        }
+        Ok(node)
     }
 
     pub fn node_id(&self) -> NodeId {
@@ -170,13 +237,15 @@ impl LogNode {
     /// [`Error::NotLeader`] means leadership moved meanwhile: retry.
     pub async fn propose(&self, group: GroupId, command: Command) -> Result<Response, Error> {
         let started = Instant::now();
-        let raft = &self.group(group)?.raft;
+        let g = self.group(group)?;
+        let raft = &g.raft;
         let remote_leader = {
             let metrics = raft.metrics();
             let metrics = metrics.borrow();
             match metrics.current_leader {
                 Some(leader) if leader != self.node_id() => {
-                    metrics.membership_config.membership().get_node(&leader).map(|n| n.addr.clone())
+                    let recorded = metrics.membership_config.membership().get_node(&leader).map(|n| n.addr.clone());
+                    recorded.map(|addr| self.inner.channels.address(leader, &addr).to_owned())
                 }
                 _ => None,
             }
@@ -185,11 +254,29 @@ impl LogNode {
             Some(addr) => self.forward(group, &addr, &command).await,
             None => propose_local(raft, command).await,
         };
-        metrics::histogram!("ferry_log_propose_seconds").record(started.elapsed().as_secs_f64());
+        g.propose_seconds.record(started.elapsed().as_secs_f64());
         result.map_err(|e| match e {
             ProposeError::NotLeader { leader } => Error::NotLeader { group, leader: leader.map(|l| l.0) },
             ProposeError::Failed(message) => Error::Write { group, message },
         })
+    }
+
+    /// [`LogNode::propose`], retried through leader changes and unreachable
+    /// leaders for up to `timeout`. Only for commands that are safe to apply
+    /// twice, such as invokes, which the state machine deduplicates by id.
+    pub async fn propose_until(&self, group: GroupId, command: Command, timeout: Duration) -> Result<Response, Error> {
+        let deadline = Instant::now() + timeout;
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match self.propose(group, command.clone()).await {
+                Err(e) if e.is_retryable() && Instant::now() + delay < deadline => {
+                    tracing::debug!(group, "append failed, retrying in {delay:?}: {e}");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+                result => return result,
+            }
+        }
     }
 
     async fn forward(&self, group: GroupId, addr: &str, command: &Command) -> Result<Response, ProposeError> {
@@ -225,17 +312,123 @@ impl LogNode {
         self.group(group).is_ok_and(|g| g.raft.metrics().borrow().current_leader == Some(self.node_id()))
     }
 
-    /// Waits until this node leads every group or `timeout` passes.
-    pub async fn wait_for_leadership(&self, timeout: Duration) -> Result<(), Error> {
+    /// Waits until every group has a leader, on any node, or `timeout` passes.
+    pub async fn wait_for_leaders(&self, timeout: Duration) -> Result<(), Error> {
         for (&group, g) in &self.inner.groups {
-            let node_id = self.node_id();
             g.raft
                 .wait(Some(timeout))
-                .metrics(|m| m.current_leader == Some(node_id), "leader")
+                .metrics(|m| m.current_leader.is_some(), "leader")
                 .await
                 .map_err(|e| Error::Write { group, message: e.to_string() })?;
         }
         Ok(())
+    }
+
+    /// Keeps each group's membership and leadership where placement wants
+    /// them: a leader adds the cluster's other nodes as learners, and a
+    /// preferred leader that follows takes leadership back while its group is
+    /// idle (so its log is as long as the leader's and the election is won
+    /// without a gap).
+    async fn keep_placement(self, cancel: CancellationToken) {
+        let nodes = &self.inner.options.nodes;
+        let me = self.node_id();
+        let mut idle_since: BTreeMap<GroupId, (Option<u64>, Instant)> = BTreeMap::new();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            for (&group, g) in &self.inner.groups {
+                let metrics = g.raft.metrics().borrow().clone();
+                let membership = metrics.membership_config.membership();
+                if metrics.current_leader == Some(me) {
+                    for (&id, addr) in nodes {
+                        if membership.get_node(&id).is_none() {
+                            info!(group, node = id, "adding node as learner");
+                            if let Err(e) = g.raft.add_learner(id, BasicNode::new(addr.clone()), false).await {
+                                warn!(group, node = id, "adding learner: {e}");
+                            }
+                        }
+                    }
+                    continue;
+                }
+                let preferred = placement::voters(group, nodes).first() == Some(&me);
+                let last = metrics.last_log_index;
+                let since = match idle_since.get(&group) {
+                    Some(&(index, since)) if index == last => since,
+                    _ => {
+                        idle_since.insert(group, (last, Instant::now()));
+                        continue;
+                    }
+                };
+                let caught_up = metrics.last_applied.map(|l| l.index) == last;
+                if preferred
+                    && metrics.current_leader.is_some()
+                    && membership.voter_ids().any(|v| v == me)
+                    && caught_up
+                    && since.elapsed() >= Duration::from_secs(2)
+                {
+                    info!(group, "taking back leadership of a preferred group");
+                    idle_since.remove(&group);
+                    if let Err(e) = g.raft.trigger().elect().await {
+                        warn!(group, "election: {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The status of every group on this node, metadata group first.
+    pub fn group_statuses(&self) -> Vec<GroupStatus> {
+        self.inner
+            .groups
+            .iter()
+            .map(|(&group, g)| {
+                let metrics = g.raft.metrics();
+                let m = metrics.borrow();
+                let membership = m.membership_config.membership();
+                GroupStatus {
+                    group,
+                    leader: m.current_leader,
+                    role: m.state.into(),
+                    term: m.current_term,
+                    last_log_index: m.last_log_index,
+                    committed_index: g.committed.get(),
+                    last_applied_index: m.last_applied.map(|id| id.index),
+                    voters: membership.voter_ids().collect(),
+                    learners: membership.learner_ids().collect(),
+                    nodes: membership.nodes().map(|(&id, node)| (id, node.addr.clone())).collect(),
+                }
+            })
+            .collect()
+    }
+
+    /// Sets the gauges that describe the groups: per group `ferry_raft_term`,
+    /// `ferry_raft_leader` (1 when this node leads) and
+    /// `ferry_raft_last_applied`; and `ferry_invocations` by status, summed
+    /// over the partitions this node leads. Meant to run when metrics are
+    /// scraped: each partition's state is locked only to copy its counts.
+    pub fn publish_metrics(&self) {
+        let mut invocations = [0u64; Status::ALL.len()];
+        for status in self.group_statuses() {
+            let group = status.group.to_string();
+            let leads = status.role == Role::Leader;
+            metrics::gauge!("ferry_raft_term", "group" => group.clone()).set(status.term as f64);
+            metrics::gauge!("ferry_raft_leader", "group" => group.clone()).set(if leads { 1.0 } else { 0.0 });
+            if let Some(index) = status.last_applied_index {
+                metrics::gauge!("ferry_raft_last_applied", "group" => group).set(index as f64);
+            }
+            if leads && status.group != METADATA_GROUP {
+                let counts = self.inner.groups[&status.group].state.read(|a| a.state.partition.status_counts());
+                for (total, count) in invocations.iter_mut().zip(counts) {
+                    *total += count;
+                }
+            }
+        }
+        for (status, count) in Status::ALL.iter().zip(invocations) {
+            metrics::gauge!("ferry_invocations", "status" => status.as_str()).set(count as f64);
+        }
     }
 
     /// Stops every group and flushes storage.

@@ -49,6 +49,11 @@ pub struct PartitionState {
     next_run_seq: u64,
     /// (due time, invocation) of every backing-off, sleeping or delayed invocation.
     timers: BTreeSet<(u64, String)>,
+    /// How many invocations are in each status, by [`Status::index`]. Derived
+    /// from `invocations`, so never encoded: [`PartitionState::recount`]
+    /// rebuilds it after decoding.
+    #[serde(skip)]
+    status_counts: [u64; Status::ALL.len()],
 }
 
 /// A Virtual Object or Workflow instance: (service, key).
@@ -115,6 +120,22 @@ impl Invocation {
 }
 
 impl Status {
+    /// Every status, in the order of [`Status::index`].
+    pub const ALL: [Status; 7] = [
+        Status::Scheduled,
+        Status::Pending,
+        Status::Ready,
+        Status::BackingOff,
+        Status::Suspended,
+        Status::Paused,
+        Status::Completed,
+    ];
+
+    /// The position of this status in [`Status::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Status::Scheduled => "scheduled",
@@ -174,6 +195,7 @@ impl PartitionState {
                     run_seq: None,
                 },
             );
+            self.status_counts[Status::Scheduled.index()] += 1;
             match (invoke.failure, invoke.not_before_ms) {
                 (Some(message), _) => self.complete(&id, Completion::Failure { code: 400, message }),
                 (None, Some(at)) => self.set_timer(&id, at),
@@ -310,6 +332,7 @@ impl PartitionState {
                     return Outcome::NotAllowed(format!("the invocation is {}", status.as_str()));
                 }
                 self.invocations.remove(&id);
+                self.status_counts[status.index()] -= 1;
             }
             Effect::Resume { id } => {
                 if status != Status::Paused {
@@ -329,7 +352,7 @@ impl PartitionState {
             let inbox = self.inboxes.entry(inv.object().expect("exclusive targets are keyed")).or_default();
             inbox.push_back(id.to_owned());
             if inbox.len() > 1 {
-                self.invocations.get_mut(id).expect("present").status = Status::Pending;
+                self.set_status(id, Status::Pending);
                 return;
             }
         }
@@ -337,8 +360,8 @@ impl PartitionState {
     }
 
     fn make_runnable(&mut self, id: &str) {
+        self.set_status(id, Status::Ready);
         let inv = self.invocations.get_mut(id).expect("present");
-        inv.status = Status::Ready;
         if inv.run_seq.is_none() {
             inv.run_seq = Some(self.next_run_seq);
             self.runnable.insert(self.next_run_seq, id.to_owned());
@@ -348,11 +371,19 @@ impl PartitionState {
 
     /// Takes an invocation out of the runnable set, into `status`.
     fn unrun(&mut self, id: &str, status: Status) {
+        self.set_status(id, status);
         let inv = self.invocations.get_mut(id).expect("present");
-        inv.status = status;
         if let Some(seq) = inv.run_seq.take() {
             self.runnable.remove(&seq);
         }
+    }
+
+    /// The one place an invocation's status changes, keeping the counts.
+    fn set_status(&mut self, id: &str, status: Status) {
+        let inv = self.invocations.get_mut(id).expect("present");
+        self.status_counts[inv.status.index()] -= 1;
+        self.status_counts[status.index()] += 1;
+        inv.status = status;
     }
 
     fn set_timer(&mut self, id: &str, at_ms: u64) {
@@ -409,6 +440,20 @@ impl PartitionState {
 
     pub fn invocation_count(&self) -> usize {
         self.invocations.len()
+    }
+
+    /// How many invocations are in each status, in the order of [`Status::ALL`].
+    pub fn status_counts(&self) -> [u64; Status::ALL.len()] {
+        self.status_counts
+    }
+
+    /// Rebuilds the per-status counts from the invocations, as after decoding
+    /// a snapshot.
+    pub fn recount(&mut self) {
+        self.status_counts = [0; Status::ALL.len()];
+        for inv in self.invocations.values() {
+            self.status_counts[inv.status.index()] += 1;
+        }
     }
 
     /// Invocations allowed to run, in the order they became so.
@@ -536,7 +581,17 @@ mod tests {
     }
 
     fn apply(state: &mut GroupState, batch: Vec<Invoke>) -> Response {
-        state.apply(Command::Invoke(batch.into()))
+        let response = state.apply(Command::Invoke(batch.into()));
+        assert_counts_match(&state.partition);
+        response
+    }
+
+    /// The kept per-status counts equal a count of the invocations.
+    fn assert_counts_match(p: &PartitionState) {
+        let mut counted = p.clone();
+        counted.recount();
+        assert_eq!(p.status_counts(), counted.status_counts());
+        assert_eq!(p.status_counts().iter().sum::<u64>(), p.invocation_count() as u64);
     }
 
     #[test]
@@ -618,10 +673,12 @@ mod tests {
     }
 
     fn effect(state: &mut GroupState, at_ms: u64, effect: Effect) -> Outcome {
-        match state.apply(Command::Effects { at_ms, effects: vec![effect] }) {
+        let outcome = match state.apply(Command::Effects { at_ms, effects: vec![effect] }) {
             Response::Effects(mut outcomes) => outcomes.remove(0),
             other => panic!("unexpected response {other:?}"),
-        }
+        };
+        assert_counts_match(&state.partition);
+        outcome
     }
 
     fn entry(ty: u16, body: &'static [u8]) -> JournalEntry {
@@ -782,6 +839,26 @@ mod tests {
         assert!(matches!(effect(&mut state, 6, Effect::Purge { id: "inv_3".to_owned() }), Outcome::NotAllowed(_)));
         assert_eq!(effect(&mut state, 7, Effect::Purge { id: "inv_1".to_owned() }), Outcome::Applied);
         assert_eq!(effect(&mut state, 8, Effect::Purge { id: "inv_1".to_owned() }), Outcome::NotFound);
+    }
+
+    #[test]
+    fn status_counts_survive_encoding() {
+        let mut state = GroupState::default();
+        apply(
+            &mut state,
+            vec![
+                invoke("inv_1", Some("k"), HandlerType::Exclusive, None),
+                invoke("inv_2", Some("k"), HandlerType::Exclusive, None),
+            ],
+        );
+        assert_eq!(effect(&mut state, 1, complete("inv_1", 0, vec![])), Outcome::Applied);
+        let mut decoded: GroupState = crate::wire::decode(&crate::wire::encode(&state)).unwrap();
+        assert_eq!(decoded.partition.status_counts(), [0; Status::ALL.len()], "counts are not encoded");
+        decoded.partition.recount();
+        let mut expected = [0; Status::ALL.len()];
+        expected[Status::Ready.index()] = 1;
+        expected[Status::Completed.index()] = 1;
+        assert_eq!(decoded.partition.status_counts(), expected);
     }
 
     #[test]

@@ -6,7 +6,9 @@
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Instant;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
 use openraft::{
@@ -30,7 +32,12 @@ const KEY_LAST_PURGED: &[u8] = b"last_purged";
 const KEY_SNAPSHOT: &[u8] = b"snapshot";
 
 enum FlushRequest {
-    Log(LogFlushed<TypeConfig>),
+    /// Entries of one group written at `started`, timed into `latency` once durable.
+    Log {
+        callback: LogFlushed<TypeConfig>,
+        started: Instant,
+        latency: metrics::Histogram,
+    },
     Sync(oneshot::Sender<Result<(), std::io::Error>>),
 }
 
@@ -70,7 +77,10 @@ impl Flusher {
                         Err(e) => Err(std::io::Error::other(e.to_string())),
                     };
                     match request {
-                        FlushRequest::Log(callback) => callback.log_io_completed(result),
+                        FlushRequest::Log { callback, started, latency } => {
+                            latency.record(started.elapsed().as_secs_f64());
+                            callback.log_io_completed(result);
+                        }
                         FlushRequest::Sync(tx) => {
                             let _ = tx.send(result);
                         }
@@ -102,7 +112,33 @@ pub fn open(db: &sled::Db, group: GroupId, flusher: Flusher) -> Result<(LogStore
     let log = db.open_tree(log_name)?;
     let meta = db.open_tree(meta_name)?;
     let sm = StateMachineStore::open(group, meta.clone(), flusher.clone())?;
-    Ok((LogStore { log, meta, flusher }, sm))
+    let store = LogStore {
+        log,
+        meta,
+        flusher,
+        committed: CommittedIndex::default(),
+        append_seconds: metrics::histogram!("ferry_log_append_seconds", "group" => group.to_string()),
+    };
+    let committed = store.get_meta::<Option<LogId<NodeId>>>(KEY_COMMITTED)?.flatten();
+    store.committed.set(committed);
+    Ok((store, sm))
+}
+
+/// The highest log index a group has seen committed, readable while openraft
+/// owns the [`LogStore`].
+#[derive(Debug, Clone, Default)]
+pub struct CommittedIndex(Arc<AtomicU64>);
+
+impl CommittedIndex {
+    /// The index, or `None` before anything is committed.
+    pub fn get(&self) -> Option<u64> {
+        // Stored plus one, so that zero means none.
+        self.0.load(Ordering::Relaxed).checked_sub(1)
+    }
+
+    fn set(&self, committed: Option<LogId<NodeId>>) {
+        self.0.store(committed.map_or(0, |id| id.index + 1), Ordering::Relaxed);
+    }
 }
 
 /// The Raft log of one group.
@@ -111,9 +147,17 @@ pub struct LogStore {
     log: sled::Tree,
     meta: sled::Tree,
     flusher: Flusher,
+    committed: CommittedIndex,
+    /// From an append call until its entries are durable.
+    append_seconds: metrics::Histogram,
 }
 
 impl LogStore {
+    /// The group's committed index, kept current as openraft saves it.
+    pub fn committed_index(&self) -> CommittedIndex {
+        self.committed.clone()
+    }
+
     fn get_meta<T: for<'de> Deserialize<'de>>(&self, key: &[u8]) -> StorageResult<Option<T>> {
         match self.meta.get(key).map_err(|e| StorageIOError::read(&e))? {
             Some(bytes) => Ok(Some(wire::decode(&bytes).map_err(|e| StorageIOError::read(&e))?)),
@@ -185,7 +229,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
         // Not flushed on its own: a lost committed id only means replaying less
         // at start-up until the leader commits again.
-        self.put_meta(KEY_COMMITTED, &committed)
+        self.put_meta(KEY_COMMITTED, &committed)?;
+        self.committed.set(committed);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {
@@ -197,14 +243,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let started = Instant::now();
         let mut batch = sled::Batch::default();
         for entry in entries {
             batch.insert(&log_key(entry.log_id.index), wire::encode(&entry));
         }
         self.log.apply_batch(batch).map_err(|e| StorageIOError::write_logs(&e))?;
+        let latency = self.append_seconds.clone();
         self.flusher
             .tx
-            .send(FlushRequest::Log(callback))
+            .send(FlushRequest::Log { callback, started, latency })
             .await
             .map_err(|_| StorageIOError::write_logs(&std::io::Error::other("flusher stopped")))?;
         Ok(())
@@ -266,6 +314,7 @@ impl StateMachineStore {
         if let Some(bytes) = meta.get(KEY_SNAPSHOT)? {
             let stored: StoredSnapshot = wire::decode(&bytes)?;
             applied = wire::decode(&stored.data)?;
+            applied.state.partition.recount();
         }
         Ok(StateMachineStore {
             group,
@@ -376,6 +425,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         // The snapshot's meta is authoritative for what it covers.
         installed.last_applied = meta.last_log_id;
         installed.membership = meta.last_membership.clone();
+        installed.state.partition.recount();
         self.store_snapshot(&StoredSnapshot { meta: meta.clone(), data }).await?;
         *self.applied.write().expect("state lock poisoned") = installed;
         self.changes.send_modify(|v| *v += 1);

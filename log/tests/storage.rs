@@ -81,7 +81,7 @@ async fn committed_invocations_survive_a_restart_and_stay_deduplicated() {
         let tracker = TaskTracker::new();
         let cancel = CancellationToken::new();
         let node = when_unlocked(|| LogNode::open(options.clone(), &tracker, cancel.clone())).await.unwrap();
-        node.wait_for_leadership(Duration::from_secs(10)).await.unwrap();
+        node.wait_for_leaders(Duration::from_secs(10)).await.unwrap();
         // The second round re-sends everything: all of it is dropped as duplicates.
         for i in 0..50u64 {
             let r = node.propose(partition_group(0), Command::Invoke(vec![invoke(i)].into())).await.unwrap();
@@ -117,7 +117,7 @@ async fn partition_count_is_fixed_at_creation() {
     let cancel = CancellationToken::new();
     let options = Options::single_node(dir.path().to_owned(), 2);
     let node = LogNode::open(options.clone(), &tracker, cancel.clone()).await.unwrap();
-    node.wait_for_leadership(Duration::from_secs(10)).await.unwrap();
+    node.wait_for_leaders(Duration::from_secs(10)).await.unwrap();
     node.shutdown().await;
     drop(node);
     cancel.cancel();

@@ -26,6 +26,10 @@ pub struct Config {
     pub advertised_address: Option<String>,
     /// Partitions of the key space; fixed when the cluster is created.
     pub partitions: u32,
+    /// Every node of the cluster (this one may be left out). Empty: a
+    /// single-node cluster. The first start of the lowest-id node of each
+    /// group creates it; later starts rejoin with their data.
+    pub peers: Vec<Peer>,
     pub admin: AdminConfig,
     pub ingress: IngressConfig,
     pub raft: RaftConfig,
@@ -44,6 +48,7 @@ impl Default for Config {
             bind_address: "0.0.0.0:5122".parse().expect("valid default"),
             advertised_address: None,
             partitions: 8,
+            peers: Vec::new(),
             admin: AdminConfig::default(),
             ingress: IngressConfig::default(),
             raft: RaftConfig::default(),
@@ -145,6 +150,15 @@ pub enum LogFormat {
     Json,
 }
 
+/// A node of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Peer {
+    pub node_id: u64,
+    /// Its `advertised-address`: where its node port is reached.
+    pub address: String,
+}
+
 /// Values given as command-line flags; they override everything else.
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
@@ -207,6 +221,28 @@ impl Config {
         if self.node_id == 0 {
             return invalid("node-id", "must be positive".to_owned());
         }
+        for (i, peer) in self.peers.iter().enumerate() {
+            let key = format!("peers[{i}]");
+            if peer.node_id == 0 {
+                return invalid(&key, "node-id must be positive".to_owned());
+            }
+            if self.peers[..i].iter().any(|p| p.node_id == peer.node_id) {
+                return invalid(&key, format!("node-id {} is listed twice", peer.node_id));
+            }
+            let port = peer.address.rsplit_once(':').and_then(|(host, port)| (!host.is_empty()).then_some(port));
+            if port.and_then(|p| p.parse::<u16>().ok()).is_none() {
+                return invalid(&key, format!("address {:?} is not host:port", peer.address));
+            }
+            if peer.node_id == self.node_id && self.advertised_address.as_ref().is_some_and(|a| a != &peer.address) {
+                return invalid(
+                    &key,
+                    format!(
+                        "this node's address differs from advertised-address {:?}",
+                        self.advertised_address.as_deref().unwrap_or_default()
+                    ),
+                );
+            }
+        }
         if !(1..=1024).contains(&self.partitions) {
             return invalid("partitions", format!("{} is not between 1 and 1024", self.partitions));
         }
@@ -255,10 +291,20 @@ impl Config {
         }
     }
 
+    /// Every node of the cluster with its address, this one included.
+    pub fn nodes(&self) -> ferry_log::placement::Nodes {
+        let mut nodes: ferry_log::placement::Nodes =
+            self.peers.iter().map(|p| (p.node_id, p.address.clone())).collect();
+        nodes.entry(self.node_id).or_insert_with(|| self.advertised_address());
+        nodes
+    }
+
     pub fn log_options(&self) -> ferry_log::Options {
+        let nodes = self.nodes();
         ferry_log::Options {
             node_id: self.node_id,
-            advertised_address: self.advertised_address(),
+            advertised_address: nodes[&self.node_id].clone(),
+            nodes,
             data_dir: self.base_dir.clone(),
             partitions: self.partitions,
             heartbeat_interval_ms: self.raft.heartbeat_interval_ms,

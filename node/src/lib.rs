@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use ferry_admin::Admin;
-use ferry_ingress::KafkaIngress;
+use ferry_ingress::{KafkaIngress, LagTable};
 use ferry_invoker::{Discovery, Invoker};
 use ferry_log::LogNode;
 use ferry_proto::cluster::node_service_server::NodeServiceServer;
@@ -21,6 +21,18 @@ pub use config::Config;
 
 async fn bind(what: &str, address: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(address).await.with_context(|| format!("cannot bind {what} {address}"))
+}
+
+/// The `/metrics` handler: refreshes the gauges read from the log's state,
+/// then renders every metric in Prometheus' text format.
+fn metrics_page(
+    log: LogNode,
+    metrics: PrometheusHandle,
+) -> impl Fn() -> std::future::Ready<String> + Clone + Send + Sync + 'static {
+    move || {
+        log.publish_metrics();
+        std::future::ready(metrics.render())
+    }
 }
 
 /// Runs a server on `servers`; if it fails, the node shuts down.
@@ -60,14 +72,20 @@ pub async fn run(config: Config, metrics: PrometheusHandle, shutdown: Cancellati
         .max_encoding_message_size(64 << 20);
     let node_app = tonic::service::Routes::new(node_service)
         .into_axum_router()
-        .route("/metrics", axum::routing::get(move || std::future::ready(metrics.render())));
+        .route("/metrics", axum::routing::get(metrics_page(log.clone(), metrics)));
     let stopped = servers_cancel.clone().cancelled_owned();
     let node_server = axum::serve(node_listener, node_app).with_graceful_shutdown(stopped);
     spawn_server(&servers, "node server", std::future::IntoFuture::into_future(node_server), &shutdown);
 
-    log.wait_for_leadership(Duration::from_secs(30)).await.context("raft groups elected no leader")?;
+    if config.nodes().len() == 1 {
+        log.wait_for_leaders(Duration::from_secs(30)).await.context("raft groups elected no leader")?;
+    } else if let Err(e) = log.wait_for_leaders(Duration::from_secs(10)).await {
+        // Peers may start later; the groups elect leaders once a majority is up.
+        info!("not every group has a leader yet ({e}); serving anyway");
+    }
 
-    let admin = Admin::new(log.clone(), Discovery::default(), config.ingress.kafka_clusters.clone());
+    let lag = LagTable::default();
+    let admin = Admin::new(log.clone(), Discovery::default(), config.ingress.kafka_clusters.clone(), lag.clone());
     let admin_server = ferry_admin::server::serve(admin_listener, admin, servers_cancel.clone());
     spawn_server(&servers, "admin server", admin_server, &shutdown);
 
@@ -79,7 +97,8 @@ pub async fn run(config: Config, metrics: PrometheusHandle, shutdown: Cancellati
     spawn_server(&servers, "HTTP ingress", http_ingress, &shutdown);
 
     let ingress_cancel = CancellationToken::new();
-    let ingress = KafkaIngress::new(log.clone(), config.ingress.kafka_clusters.clone(), config.ingress.kafka.clone());
+    let ingress =
+        KafkaIngress::new(log.clone(), config.ingress.kafka_clusters.clone(), config.ingress.kafka.clone(), lag);
     let ingress_task = tokio::spawn(ingress.run(ingress_cancel.clone()));
 
     info!(

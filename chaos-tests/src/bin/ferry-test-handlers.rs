@@ -24,8 +24,8 @@
 //! tell attempts apart from journaled side effects. Each record is one JSON
 //! object per line.
 //!
-//! Usage: `ferry-test-handlers [--port PORT]` (or env `PORT`, default 9080).
-//! Listens on 127.0.0.1 and speaks HTTP/2 prior knowledge only. Once the
+//! Usage: `ferry-test-handlers [--port PORT] [--host ADDR]` (or env `PORT`,
+//! default 9080; host default 127.0.0.1). Speaks HTTP/2 prior knowledge only. Once the
 //! listener is bound, prints `ferry-test-handlers listening on 127.0.0.1:PORT`
 //! to stdout (useful with `--port 0`).
 //!
@@ -68,9 +68,12 @@ const STATE_FLOW_STATUS: &str = "status";
 #[derive(Debug, Parser)]
 #[command(name = "ferry-test-handlers", about = "Restate test handlers for Ferry")]
 struct Args {
-    /// TCP port to listen on (127.0.0.1). Use 0 for an ephemeral port.
+    /// TCP port to listen on. Use 0 for an ephemeral port.
     #[arg(long, env = "PORT", default_value_t = 9080)]
     port: u16,
+    /// Address to listen on (`0.0.0.0` in a container).
+    #[arg(long, default_value_t = Ipv4Addr::LOCALHOST)]
+    host: Ipv4Addr,
 }
 
 // ---------------------------------------------------------------------------
@@ -512,7 +515,7 @@ async fn main() -> anyhow::Result<()> {
     )?;
 
     let args = Args::parse();
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, args.port));
+    let addr = SocketAddr::from((args.host, args.port));
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
     let local = listener.local_addr()?;
 

@@ -1,0 +1,196 @@
+//! Three `ferry-server` processes on loopback form one cluster: a Raft group
+//! per partition replicated on all three, any node accepting admin calls,
+//! HTTP requests and Kafka records. While records flow, one node is
+//! SIGKILLed and comes back with its data, another is SIGSTOPped for longer
+//! than the election timeout, and the third is cut off from its peers and
+//! reconnected. Afterwards every offset has exactly one invocation, each
+//! key's state counts its records in order, and every node holds the same
+//! invocations. A failing run prints its seed; `CHAOS_SEED=<seed>` replays
+//! the same schedule.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use ferry_chaos_tests::{eventually, produce, Broker, Cluster, Handlers, Record};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+
+const TOPIC: &str = "events";
+const PARTITIONS: i32 = 4;
+const CHUNK: usize = 50;
+const CHUNKS_MIN: usize = 30;
+const KEYS: usize = 61;
+const SESSION_TIMEOUT: Duration = Duration::from_secs(6);
+
+/// Each node's view of a subscription's invocations: (id, status) sorted.
+async fn view(cluster: &Cluster, id: u64, subscription: &str) -> Result<Vec<(String, String)>> {
+    let all = cluster.node(id).invocations(&format!("subscription={subscription}")).await?;
+    let mut view: Vec<(String, String)> = all
+        .iter()
+        .map(|inv| {
+            (inv["id"].as_str().unwrap_or_default().to_owned(), inv["status"].as_str().unwrap_or_default().to_owned())
+        })
+        .collect();
+    view.sort();
+    Ok(view)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_lose_and_double_nothing_under_faults() -> Result<()> {
+    let seed: u64 = match std::env::var("CHAOS_SEED") {
+        Ok(s) => s.parse().context("CHAOS_SEED")?,
+        Err(_) => rand::rng().random(),
+    };
+    println!("seed {seed} (rerun with CHAOS_SEED={seed})");
+    let mut rng = StdRng::seed_from_u64(seed);
+
+    let broker = Broker::start().await?;
+    let handlers = Handlers::start().await?;
+    let dir = tempfile::tempdir()?;
+    let mut cluster = Cluster::start(dir.path(), 3, &broker.bootstrap(), &[]).await?;
+    cluster.wait_balanced(Duration::from_secs(30)).await?;
+
+    // Admin calls on any node, seen by every node.
+    let (status, body) = cluster.node(2).post("/deployments", json!({ "uri": handlers.uri })).await?;
+    assert_eq!(status, 201, "{body}");
+    broker.create_topic(TOPIC, PARTITIONS).await?;
+    let mut subscriptions = Vec::new();
+    for (node, sink) in [(3, "service://Counter/add"), (1, "service://Sink/handle")] {
+        let (status, body) = cluster
+            .node(node)
+            .post(
+                "/subscriptions",
+                json!({"source": format!("kafka://my-cluster/{TOPIC}"), "sink": sink,
+                       "options": {"auto.offset.reset": "earliest", "session.timeout.ms": SESSION_TIMEOUT.as_millis().to_string(),
+                                   "auto.commit.interval.ms": "200"}}),
+            )
+            .await?;
+        assert_eq!(status, 201, "{body}");
+        subscriptions.push(body["id"].as_str().context("id")?.to_owned());
+    }
+    for id in 1..=3 {
+        eventually(Duration::from_secs(10), "the subscriptions on every node", || async {
+            let listed = cluster.node(id).get("/subscriptions").await?;
+            Ok((listed["subscriptions"].as_array().map_or(0, Vec::len) == 2).then_some(()))
+        })
+        .await?;
+    }
+
+    let producer = broker.producer()?;
+    let faults_done = Arc::new(AtomicBool::new(false));
+    let stop = faults_done.clone();
+    let producing = tokio::spawn(async move {
+        let mut produced = Vec::new();
+        let mut chunk = 0;
+        while chunk < CHUNKS_MIN || !stop.load(Ordering::Relaxed) {
+            let records: Vec<Record> = (0..CHUNK)
+                .map(|i| {
+                    let n = chunk * CHUNK + i;
+                    Record {
+                        key: Some(format!("k{}", n % KEYS).into_bytes()),
+                        payload: json!({ "seq": n }).to_string().into_bytes(),
+                        headers: vec![],
+                    }
+                })
+                .collect();
+            produced.extend(produce(&producer, TOPIC, &records).await?);
+            tokio::time::sleep(Duration::from_millis(40)).await;
+            chunk += 1;
+        }
+        anyhow::Ok(produced)
+    });
+
+    // SIGKILL a node (the preferred leader of a third of the partitions) once
+    // records flow, at a random point; it stays down past the consumer
+    // session timeout, then restarts with its data.
+    let victim = rng.random_range(1..=3u64);
+    eventually(Duration::from_secs(60), "records to be appended", || async {
+        Ok((cluster.node(victim).metric("ferry_ingress_records_appended_total").await? > 0.0).then_some(()))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(rng.random_range(0..1500))).await;
+    cluster.node_mut(victim).kill().await;
+    println!("killed node {victim}");
+    let survivor = victim % 3 + 1;
+    // HTTP on a survivor while the victim is down.
+    let (status, answer) = cluster.node(survivor).ingress("/Counter/http/add", Some(r#"{"seq": 1}"#), &[]).await?;
+    assert_eq!(status, 200, "{answer}");
+    tokio::time::sleep(SESSION_TIMEOUT + Duration::from_millis(rng.random_range(500..1500))).await;
+    cluster.node_mut(victim).restart().await?;
+    println!("restarted node {victim}");
+
+    // SIGSTOP past the election timeout (but within the Kafka session).
+    let paused = survivor;
+    tokio::time::sleep(Duration::from_millis(rng.random_range(0..1000))).await;
+    cluster.node(paused).pause().await?;
+    println!("paused node {paused}");
+    tokio::time::sleep(Duration::from_millis(rng.random_range(3000..4500))).await;
+    cluster.node(paused).resume().await?;
+    println!("resumed node {paused}");
+
+    // Cut off from its peers, still reachable by Kafka and clients.
+    let isolated = paused % 3 + 1;
+    tokio::time::sleep(Duration::from_millis(rng.random_range(0..1000))).await;
+    cluster.isolate(isolated);
+    println!("cut node {isolated} off");
+    tokio::time::sleep(Duration::from_millis(rng.random_range(3000..6000))).await;
+    cluster.heal();
+    println!("healed");
+    faults_done.store(true, Ordering::Relaxed);
+    let produced = producing.await??;
+    let produced: HashSet<(i64, i64)> = produced.into_iter().map(|(p, o)| (p as i64, o)).collect();
+
+    for sub in &subscriptions {
+        let invocations = eventually(Duration::from_secs(240), "every record's invocation to complete", || async {
+            let all = cluster.node(survivor).invocations(&format!("subscription={sub}")).await?;
+            Ok((all.len() >= produced.len() && all.iter().all(|inv| inv["status"] == "completed")).then_some(all))
+        })
+        .await
+        .with_context(|| cluster.node(survivor).log_tail())?;
+        let mut seen = HashSet::new();
+        for inv in &invocations {
+            let at = (inv["source"]["partition"].as_i64().unwrap(), inv["source"]["offset"].as_i64().unwrap());
+            assert!(seen.insert(at), "offset {at:?} of {sub} was invoked twice");
+        }
+        assert_eq!(seen, produced, "subscription {sub}: every produced offset exactly once");
+        assert!(invocations.iter().all(|inv| inv["completion_result"] == "success"));
+    }
+
+    // Each key's state counts its records once each, in offset order, read
+    // through the node that was killed.
+    let mut per_key = vec![0u64; KEYS];
+    for n in 0..produced.len() {
+        per_key[n % KEYS] += 1;
+    }
+    for (k, &records) in per_key.iter().enumerate() {
+        let (status, counter) = cluster.node(victim).ingress(&format!("/Counter/k{k}/get"), Some(""), &[]).await?;
+        assert_eq!(status, 200, "{counter}");
+        assert_eq!((&counter["count"], &counter["out_of_order"]), (&json!(records), &json!(0)), "k{k}: {counter}");
+    }
+
+    // Leaders were spread: more than one node ran attempts.
+    let mut running = Vec::new();
+    for id in 1..=3 {
+        if cluster.node(id).metric("ferry_invoker_attempts_total").await? > 0.0 {
+            running.push(id);
+        }
+    }
+    assert!(running.len() >= 2, "only nodes {running:?} ran invocations");
+
+    // Every node's replicas hold the same invocations.
+    for sub in &subscriptions {
+        let reference = view(&cluster, survivor, sub).await?;
+        for id in 1..=3 {
+            let same: Result<()> = eventually(Duration::from_secs(30), "replicas to agree", || async {
+                Ok((view(&cluster, id, sub).await? == reference).then_some(()))
+            })
+            .await;
+            same.with_context(|| format!("node {id} disagrees with node {survivor} on {sub}"))?;
+        }
+    }
+    Ok(())
+}
