@@ -41,6 +41,9 @@ struct Args {
     /// Seconds of the failover phase; the kill is halfway.
     #[arg(long, default_value_t = 20)]
     seconds: u64,
+    /// Only the failover phase.
+    #[arg(long)]
+    failover_only: bool,
 }
 
 /// Partitions of each Ferry node (its default).
@@ -137,7 +140,8 @@ async fn main() -> Result<()> {
 
     let mut rows = Vec::new();
     let mut three = None;
-    for size in [1u64, 3] {
+    let sizes: &[u64] = if args.failover_only { &[3] } else { &[1, 3] };
+    for &size in sizes {
         let cluster =
             Cluster::start(&dir.path().join(format!("cluster-{size}")), size, &broker.bootstrap(), &[]).await?;
         cluster.wait_balanced(Duration::from_secs(30)).await?;
@@ -145,7 +149,7 @@ async fn main() -> Result<()> {
         if status != 201 {
             bail!("register deployment: {status} {body}");
         }
-        for sink in ["service://Counter/add", "service://Sink/handle"] {
+        for sink in ["service://Counter/add", "service://Sink/handle"].into_iter().filter(|_| !args.failover_only) {
             let throughput = backlog(&args, &broker, &cluster, size, sink).await?;
             eprintln!("{size} node(s), {sink}: {throughput:.0} invocations/s");
             rows.push((size, sink, throughput));
@@ -227,9 +231,11 @@ async fn main() -> Result<()> {
     let recovered = after[low_at..].iter().position(|&c| c >= before * 0.9).map(|w| (low_at + w) as i64 * window);
     cluster.node_mut(victim).restart().await?;
 
-    println!("| workload | 1 node | 3 nodes | ratio |");
-    println!("|---|---|---|---|");
-    for sink in ["service://Counter/add", "service://Sink/handle"] {
+    if !rows.is_empty() {
+        println!("| workload | 1 node | 3 nodes | ratio |");
+        println!("|---|---|---|---|");
+    }
+    for sink in ["service://Counter/add", "service://Sink/handle"].into_iter().filter(|_| !rows.is_empty()) {
         let of = |size| rows.iter().find(|(s, k, _)| *s == size && *k == sink).map_or(0.0, |r| r.2);
         println!(
             "| {} records -> `{sink}`, completed invocations/s | {:.0} | {:.0} | {:.2}x |",
