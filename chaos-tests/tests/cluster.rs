@@ -6,7 +6,8 @@
 //! reconnected. Afterwards every offset has exactly one invocation, each
 //! key's state counts its records in order, and every node holds the same
 //! invocations. A failing run prints its seed; `CHAOS_SEED=<seed>` replays
-//! the same schedule.
+//! the same schedule, and `CHAOS_ROUNDS=<n>` repeats the faults n times (a
+//! soak run; CI runs one round).
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -107,39 +108,44 @@ async fn three_nodes_lose_and_double_nothing_under_faults() -> Result<()> {
     // SIGKILL a node (the preferred leader of a third of the partitions) once
     // records flow, at a random point; it stays down past the consumer
     // session timeout, then restarts with its data.
-    let victim = rng.random_range(1..=3u64);
-    eventually(Duration::from_secs(60), "records to be appended", || async {
-        Ok((cluster.node(victim).metric("ferry_ingress_records_appended_total").await? > 0.0).then_some(()))
-    })
-    .await?;
-    tokio::time::sleep(Duration::from_millis(rng.random_range(0..1500))).await;
-    cluster.node_mut(victim).kill().await;
-    println!("killed node {victim}");
-    let survivor = victim % 3 + 1;
-    // HTTP on a survivor while the victim is down.
-    let (status, answer) = cluster.node(survivor).ingress("/Counter/http/add", Some(r#"{"seq": 1}"#), &[]).await?;
-    assert_eq!(status, 200, "{answer}");
-    tokio::time::sleep(SESSION_TIMEOUT + Duration::from_millis(rng.random_range(500..1500))).await;
-    cluster.node_mut(victim).restart().await?;
-    println!("restarted node {victim}");
+    let rounds: usize = std::env::var("CHAOS_ROUNDS").map_or(Ok(1), |r| r.parse()).context("CHAOS_ROUNDS")?;
+    let (mut survivor, mut killed) = (1, 1);
+    for round in 0..rounds {
+        let victim = rng.random_range(1..=3u64);
+        eventually(Duration::from_secs(60), "records to be appended", || async {
+            Ok((cluster.node(victim).metric("ferry_ingress_records_appended_total").await? > 0.0).then_some(()))
+        })
+        .await?;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..1500))).await;
+        cluster.node_mut(victim).kill().await;
+        println!("round {round}: killed node {victim}");
+        survivor = victim % 3 + 1;
+        killed = victim;
+        // HTTP on a survivor while the victim is down.
+        let (status, answer) = cluster.node(survivor).ingress("/Counter/http/add", Some(r#"{"seq": 1}"#), &[]).await?;
+        assert_eq!(status, 200, "{answer}");
+        tokio::time::sleep(SESSION_TIMEOUT + Duration::from_millis(rng.random_range(500..1500))).await;
+        cluster.node_mut(victim).restart().await?;
+        println!("restarted node {victim}");
 
-    // SIGSTOP past the election timeout (but within the Kafka session).
-    let paused = survivor;
-    tokio::time::sleep(Duration::from_millis(rng.random_range(0..1000))).await;
-    cluster.node(paused).pause().await?;
-    println!("paused node {paused}");
-    tokio::time::sleep(Duration::from_millis(rng.random_range(3000..4500))).await;
-    cluster.node(paused).resume().await?;
-    println!("resumed node {paused}");
+        // SIGSTOP past the election timeout (but within the Kafka session).
+        let paused = survivor;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..1000))).await;
+        cluster.node(paused).pause().await?;
+        println!("paused node {paused}");
+        tokio::time::sleep(Duration::from_millis(rng.random_range(3000..4500))).await;
+        cluster.node(paused).resume().await?;
+        println!("resumed node {paused}");
 
-    // Cut off from its peers, still reachable by Kafka and clients.
-    let isolated = paused % 3 + 1;
-    tokio::time::sleep(Duration::from_millis(rng.random_range(0..1000))).await;
-    cluster.isolate(isolated);
-    println!("cut node {isolated} off");
-    tokio::time::sleep(Duration::from_millis(rng.random_range(3000..6000))).await;
-    cluster.heal();
-    println!("healed");
+        // Cut off from its peers, still reachable by Kafka and clients.
+        let isolated = paused % 3 + 1;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..1000))).await;
+        cluster.isolate(isolated);
+        println!("cut node {isolated} off");
+        tokio::time::sleep(Duration::from_millis(rng.random_range(3000..6000))).await;
+        cluster.heal();
+        println!("healed");
+    }
     faults_done.store(true, Ordering::Relaxed);
     let produced = producing.await??;
     let produced: HashSet<(i64, i64)> = produced.into_iter().map(|(p, o)| (p as i64, o)).collect();
@@ -167,7 +173,7 @@ async fn three_nodes_lose_and_double_nothing_under_faults() -> Result<()> {
         per_key[n % KEYS] += 1;
     }
     for (k, &records) in per_key.iter().enumerate() {
-        let (status, counter) = cluster.node(victim).ingress(&format!("/Counter/k{k}/get"), Some(""), &[]).await?;
+        let (status, counter) = cluster.node(killed).ingress(&format!("/Counter/k{k}/get"), Some(""), &[]).await?;
         assert_eq!(status, 200, "{counter}");
         assert_eq!((&counter["count"], &counter["out_of_order"]), (&json!(records), &json!(0)), "k{k}: {counter}");
     }

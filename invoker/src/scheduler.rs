@@ -112,7 +112,7 @@ async fn write_effects(
         let count = effects.len();
         let completions: Vec<bool> = effects.iter().map(|e| matches!(e, Effect::Complete { .. })).collect();
         metrics::histogram!("ferry_invoker_effects_per_entry").record(count as f64);
-        match log.propose(group, Command::Effects { at_ms: now_ms(), effects }).await {
+        match log.propose_as_leader(group, Command::Effects { at_ms: now_ms(), effects }).await {
             Ok(Response::Effects(outcomes)) if outcomes.len() == count => {
                 let completed =
                     outcomes.iter().zip(&completions).filter(|(o, &c)| c && **o == Outcome::Applied).count();

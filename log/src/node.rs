@@ -236,10 +236,23 @@ impl LogNode {
     /// forwarding it to the group's leader when that is another node. A
     /// [`Error::NotLeader`] means leadership moved meanwhile: retry.
     pub async fn propose(&self, group: GroupId, command: Command) -> Result<Response, Error> {
+        self.propose_routed(group, command, true).await
+    }
+
+    /// Appends `command` to `group` only if this node leads it, never
+    /// forwarding: for what only the leader may write, such as the effects of
+    /// the attempts it ran. Fails with [`Error::NotLeader`] otherwise.
+    pub async fn propose_as_leader(&self, group: GroupId, command: Command) -> Result<Response, Error> {
+        self.propose_routed(group, command, false).await
+    }
+
+    async fn propose_routed(&self, group: GroupId, command: Command, forward: bool) -> Result<Response, Error> {
         let started = Instant::now();
         let g = self.group(group)?;
         let raft = &g.raft;
-        let remote_leader = {
+        let remote_leader = if !forward {
+            None
+        } else {
             let metrics = raft.metrics();
             let metrics = metrics.borrow();
             match metrics.current_leader {
