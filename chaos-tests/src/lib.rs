@@ -10,6 +10,8 @@ pub mod restate;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -108,6 +110,68 @@ impl Broker {
 
     /// A producer that writes one record per batch: tansu 0.6 drops the rest
     /// of a batch when a consumer resumes from an offset inside it.
+    /// A producer for volume: records wait up to `linger_ms` to travel in
+    /// batches of up to 10,000.
+    pub fn batching_producer(&self, linger_ms: u32) -> Result<FutureProducer> {
+        Ok(self
+            .client_config()
+            .set("linger.ms", linger_ms.to_string())
+            .set("batch.num.messages", "10000")
+            .set("queue.buffering.max.messages", "1000000")
+            .create()?)
+    }
+
+    /// Produces a backlog of `count` records `{"seq": n}` with keys
+    /// `key-{n % keys}` to `topic`, in batches.
+    pub async fn produce_backlog(&self, topic: &str, count: usize, keys: usize) -> Result<()> {
+        let producer = self.batching_producer(20)?;
+        let records: Vec<Record> = (0..count)
+            .map(|i| Record {
+                key: Some(format!("key-{}", i % keys).into_bytes()),
+                payload: format!("{{\"seq\":{i}}}").into_bytes(),
+                headers: vec![],
+            })
+            .collect();
+        for chunk in records.chunks(50_000) {
+            produce(&producer, topic, chunk).await?;
+        }
+        Ok(())
+    }
+
+    /// Produces chunks of `chunk` records `{"seq": n}` with keys
+    /// `k{n % keys}` to `topic`, 40 ms apart, until at least `min_chunks` are
+    /// out and `stop` is set; the task returns where each record went.
+    pub fn produce_until(
+        &self,
+        topic: &'static str,
+        chunk: usize,
+        keys: usize,
+        min_chunks: usize,
+        stop: Arc<AtomicBool>,
+    ) -> Result<Producing> {
+        let producer = self.producer()?;
+        Ok(tokio::spawn(async move {
+            let mut produced = Vec::new();
+            let mut sent = 0;
+            while sent < min_chunks || !stop.load(Ordering::Relaxed) {
+                let records: Vec<Record> = (0..chunk)
+                    .map(|i| {
+                        let n = sent * chunk + i;
+                        Record {
+                            key: Some(format!("k{}", n % keys).into_bytes()),
+                            payload: format!("{{\"seq\":{n}}}").into_bytes(),
+                            headers: vec![],
+                        }
+                    })
+                    .collect();
+                produced.extend(produce(&producer, topic, &records).await?);
+                tokio::time::sleep(Duration::from_millis(40)).await;
+                sent += 1;
+            }
+            Ok(produced)
+        }))
+    }
+
     pub fn producer(&self) -> Result<FutureProducer> {
         Ok(self
             .client_config()
@@ -117,6 +181,9 @@ impl Broker {
             .create()?)
     }
 }
+
+/// A producing task; it returns the (partition, offset) of every record.
+pub type Producing = tokio::task::JoinHandle<Result<Vec<(i32, i64)>>>;
 
 /// A record to produce.
 #[derive(Debug, Clone)]

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use ferry_chaos_tests::{eventually, produce, Broker, Cluster, Handlers, Record};
+use ferry_chaos_tests::{eventually, Broker, Cluster, Handlers};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -81,29 +81,9 @@ async fn three_nodes_lose_and_double_nothing_under_faults() -> Result<()> {
         .await?;
     }
 
-    let producer = broker.producer()?;
     let faults_done = Arc::new(AtomicBool::new(false));
     let stop = faults_done.clone();
-    let producing = tokio::spawn(async move {
-        let mut produced = Vec::new();
-        let mut chunk = 0;
-        while chunk < CHUNKS_MIN || !stop.load(Ordering::Relaxed) {
-            let records: Vec<Record> = (0..CHUNK)
-                .map(|i| {
-                    let n = chunk * CHUNK + i;
-                    Record {
-                        key: Some(format!("k{}", n % KEYS).into_bytes()),
-                        payload: json!({ "seq": n }).to_string().into_bytes(),
-                        headers: vec![],
-                    }
-                })
-                .collect();
-            produced.extend(produce(&producer, TOPIC, &records).await?);
-            tokio::time::sleep(Duration::from_millis(40)).await;
-            chunk += 1;
-        }
-        anyhow::Ok(produced)
-    });
+    let producing = broker.produce_until(TOPIC, CHUNK, KEYS, CHUNKS_MIN, stop)?;
 
     // SIGKILL a node (the preferred leader of a third of the partitions) once
     // records flow, at a random point; it stays down past the consumer

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use ferry_chaos_tests::{eventually, produce, Broker, Handlers, Node, Record};
+use ferry_chaos_tests::{eventually, Broker, Handlers, Node};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rdkafka::config::ClientConfig;
@@ -103,29 +103,9 @@ async fn sigkill_loses_and_doubles_nothing() -> Result<()> {
         subscriptions.push(body["id"].as_str().unwrap().to_owned());
     }
 
-    let producer = broker.producer()?;
     let kills_done = Arc::new(AtomicBool::new(false));
     let stop = kills_done.clone();
-    let producing = tokio::spawn(async move {
-        let mut produced = Vec::new();
-        let mut chunk = 0;
-        while chunk < CHUNKS_MIN || !stop.load(Ordering::Relaxed) {
-            let records: Vec<Record> = (0..CHUNK)
-                .map(|i| {
-                    let n = chunk * CHUNK + i;
-                    Record {
-                        key: Some(format!("k{}", n % KEYS).into_bytes()),
-                        payload: json!({ "seq": n }).to_string().into_bytes(),
-                        headers: vec![],
-                    }
-                })
-                .collect();
-            produced.extend(produce(&producer, TOPIC, &records).await?);
-            tokio::time::sleep(Duration::from_millis(40)).await;
-            chunk += 1;
-        }
-        anyhow::Ok(produced)
-    });
+    let producing = broker.produce_until(TOPIC, CHUNK, KEYS, CHUNKS_MIN, stop)?;
 
     let mut snapshots: Vec<BTreeMap<String, BTreeMap<i32, i64>>> = Vec::new();
     for kill in 0..KILLS {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use ferry_chaos_tests::{eventually, peak_rss_kib, produce, Broker, Handlers, Node, Record};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureRecord, Producer};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -34,15 +34,6 @@ struct Args {
     /// Seconds of the latency phase.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
-}
-
-fn batching_producer(broker: &Broker, linger_ms: u32) -> Result<FutureProducer> {
-    Ok(rdkafka::config::ClientConfig::new()
-        .set("bootstrap.servers", broker.bootstrap())
-        .set("linger.ms", linger_ms.to_string())
-        .set("batch.num.messages", "10000")
-        .set("queue.buffering.max.messages", "1000000")
-        .create()?)
 }
 
 /// A quantile of a subscription's record-to-commit latency, interpolated
@@ -90,7 +81,7 @@ async fn main() -> Result<()> {
 
     // Phase 1: a backlog, consumed as fast as the node can.
     broker.create_topic("backlog", args.partitions).await?;
-    let producer = batching_producer(&broker, 20)?;
+    let producer = broker.batching_producer(20)?;
     let started = Instant::now();
     let records: Vec<Record> = (0..args.records)
         .map(|i| Record {
@@ -133,7 +124,7 @@ async fn main() -> Result<()> {
     broker.create_topic("steady", args.partitions).await?;
     let steady = node.subscribe_from_start("steady", &args.sink).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let producer = batching_producer(&broker, 1)?;
+    let producer = broker.batching_producer(1)?;
     let tick = Duration::from_millis(10);
     let per_tick = (args.rate / 100).max(1);
     let mut interval = tokio::time::interval(tick);

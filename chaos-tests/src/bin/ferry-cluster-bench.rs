@@ -18,9 +18,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use ferry_chaos_tests::{eventually, produce, Broker, Cluster, Handlers, Node, Record};
+use ferry_chaos_tests::{eventually, Broker, Cluster, Handlers, Node};
 use ferry_log::partitioner::partition_of;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureRecord, Producer};
 use serde_json::{json, Value};
 
 #[derive(Parser)]
@@ -55,15 +55,6 @@ fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
-fn producer(broker: &Broker, linger_ms: u32) -> Result<FutureProducer> {
-    Ok(rdkafka::config::ClientConfig::new()
-        .set("bootstrap.servers", broker.bootstrap())
-        .set("linger.ms", linger_ms.to_string())
-        .set("batch.num.messages", "10000")
-        .set("queue.buffering.max.messages", "1000000")
-        .create()?)
-}
-
 async fn subscribe(node: &Node, topic: &str, sink: &str) -> Result<String> {
     let (status, body) = node
         .post(
@@ -92,17 +83,7 @@ async fn completed(cluster: &Cluster, running: &[u64]) -> Result<f64> {
 async fn backlog(args: &Args, broker: &Broker, cluster: &Cluster, size: u64, sink: &str) -> Result<f64> {
     let topic = format!("backlog-{size}-{}", sink.rsplit('/').next().unwrap_or("sink"));
     broker.create_topic(&topic, args.partitions).await?;
-    let records: Vec<Record> = (0..args.records)
-        .map(|i| Record {
-            key: Some(format!("key-{}", i % args.keys).into_bytes()),
-            payload: format!("{{\"seq\":{i}}}").into_bytes(),
-            headers: vec![],
-        })
-        .collect();
-    let producer = producer(broker, 20)?;
-    for chunk in records.chunks(50_000) {
-        produce(&producer, &topic, chunk).await?;
-    }
+    broker.produce_backlog(&topic, args.records, args.keys).await?;
     let running: Vec<u64> = (1..=size).collect();
     let before = completed(cluster, &running).await?;
     let started = Instant::now();
@@ -186,7 +167,7 @@ async fn main() -> Result<()> {
     broker.create_topic("steady", args.partitions).await?;
     let subscription = subscribe(cluster.node(1), "steady", "service://Sink/handle").await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let producer = producer(&broker, 1)?;
+    let producer = broker.batching_producer(1)?;
     let per_tick = (args.rate / 100).max(1);
     let mut interval = tokio::time::interval(Duration::from_millis(10));
     let started = Instant::now();

@@ -20,9 +20,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use ferry_chaos_tests::restate::{Completed, RestateServer};
-use ferry_chaos_tests::{bin_dir, peak_rss_kib, produce, Broker, Node, Record};
+use ferry_chaos_tests::{bin_dir, peak_rss_kib, Broker, Node};
 use futures::StreamExt;
-use rdkafka::producer::FutureProducer;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -145,15 +144,6 @@ async fn start_handlers() -> Result<(Child, String)> {
     Ok((child, format!("http://{address}")))
 }
 
-fn batching_producer(broker: &Broker) -> Result<FutureProducer> {
-    Ok(rdkafka::config::ClientConfig::new()
-        .set("bootstrap.servers", broker.bootstrap())
-        .set("linger.ms", "20")
-        .set("batch.num.messages", "10000")
-        .set("queue.buffering.max.messages", "1000000")
-        .create()?)
-}
-
 fn now_ms() -> i64 {
     let since_epoch = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970");
     i64::try_from(since_epoch.as_millis()).expect("milliseconds fit in i64")
@@ -174,18 +164,8 @@ impl Backlog {
 /// it, and waits until all of them are durably completed invocations.
 async fn backlog(server: &Server, broker: &Broker, args: &Args, topic: &str, sink: &str) -> Result<Backlog> {
     broker.create_topic(topic, args.partitions).await?;
-    let producer = batching_producer(broker)?;
     let started = Instant::now();
-    let records: Vec<Record> = (0..args.records)
-        .map(|i| Record {
-            key: Some(format!("key-{}", i % args.keys).into_bytes()),
-            payload: format!("{{\"seq\":{i}}}").into_bytes(),
-            headers: vec![],
-        })
-        .collect();
-    for chunk in records.chunks(50_000) {
-        produce(&producer, topic, chunk).await?;
-    }
+    broker.produce_backlog(topic, args.records, args.keys).await?;
     eprintln!("produced {} records to {topic} in {:.1?}", args.records, started.elapsed());
 
     // The invoker's counter is cheap to poll; the SQL count, exact but a scan

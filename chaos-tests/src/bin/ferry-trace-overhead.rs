@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use clap::Parser;
 use ferry_chaos_tests::otlp::Receiver;
-use ferry_chaos_tests::{produce, Broker, Handlers, Node, Record};
+use ferry_chaos_tests::{Broker, Handlers, Node};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -56,18 +56,7 @@ async fn run(args: &Args, broker: &Broker, handlers: &Handlers, sampling: Option
         bail!("register deployment: {status} {body}");
     }
     broker.create_topic(topic, args.partitions).await?;
-    let producer = rdkafka::config::ClientConfig::new()
-        .set("bootstrap.servers", broker.bootstrap())
-        .set("linger.ms", "20")
-        .set("batch.num.messages", "10000")
-        .set("queue.buffering.max.messages", "1000000")
-        .create()?;
-    let records: Vec<Record> = (0..args.records)
-        .map(|i| Record { key: Some(format!("key-{i}").into_bytes()), payload: b"{}".to_vec(), headers: vec![] })
-        .collect();
-    for chunk in records.chunks(50_000) {
-        produce(&producer, topic, chunk).await?;
-    }
+    broker.produce_backlog(topic, args.records, args.records).await?;
 
     let started = Instant::now();
     node.subscribe_from_start(topic, "service://Sink/handle").await?;
