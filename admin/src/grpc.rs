@@ -116,7 +116,7 @@ impl AdminService for AdminGrpc {
         Ok(Response::new(self.0.act_on_invocation(&r.into_inner().id, Action::Resume).await?))
     }
 
-    async fn get_cluster_status(&self, _: Request<pb::GetClusterStatusRequest>) -> Reply<pb::ClusterStatus> {
-        Ok(Response::new(self.0.cluster_status()))
+    async fn get_cluster_status(&self, request: Request<pb::GetClusterStatusRequest>) -> Reply<pb::ClusterStatus> {
+        Ok(Response::new(self.0.cluster_status(request.get_ref())))
     }
 }

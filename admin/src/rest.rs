@@ -63,7 +63,7 @@ pub fn router(admin: Admin) -> Router {
             "/invocations/{id}",
             get(|State(a): State<Admin>, Path(id): Path<String>| async move { reply(a.get_invocation(&id)) }),
         )
-        .route("/cluster", get(|State(a): State<Admin>| async move { Json(a.cluster_status()) }))
+        .route("/cluster", get(cluster_status))
         .fallback(|| async { Error::NotFound("no such path".to_owned()) })
         .with_state(admin)
 }
@@ -115,6 +115,14 @@ async fn delete_subscription(State(admin): State<Admin>, Path(id): Path<String>)
 async fn act(State(admin): State<Admin>, Path(id): Path<String>, action: Action) -> Result<StatusCode, Error> {
     let response = admin.act_on_invocation(&id, action).await?;
     Ok(if response.accepted { StatusCode::ACCEPTED } else { StatusCode::OK })
+}
+
+async fn cluster_status(
+    State(admin): State<Admin>,
+    query: Result<Query<pb::GetClusterStatusRequest>, axum::extract::rejection::QueryRejection>,
+) -> Reply<pb::ClusterStatus> {
+    let Query(request) = query.map_err(|r| Error::BadRequest(r.body_text()))?;
+    Ok(Json(admin.cluster_status(&request)))
 }
 
 async fn list_invocations(

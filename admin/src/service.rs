@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ferry_ingress::{ClusterOptions, LagTable};
 use ferry_invoker::Discovery;
-use ferry_log::node::GroupStatus;
+use ferry_log::node::{GroupStatus, StateDigest};
 use ferry_log::partitioner::partition_of;
 use ferry_log::state::{Completion, Invocation, MetadataState, RegisteredService};
 use ferry_log::wire::v1::{
@@ -32,6 +32,8 @@ pub struct Admin {
     discovery: Discovery,
     clusters: Arc<Vec<ClusterOptions>>,
     lag: LagTable,
+    /// The configured `node-name` of each node.
+    names: Arc<BTreeMap<u64, String>>,
 }
 
 fn now_ms() -> u64 {
@@ -174,7 +176,7 @@ fn expected_parts(scheme: &str) -> &'static str {
     }
 }
 
-fn group_to_proto(status: GroupStatus) -> pb::GroupStatus {
+fn group_to_proto(status: GroupStatus, state: Option<StateDigest>) -> pb::GroupStatus {
     pb::GroupStatus {
         group: status.group,
         partition: status.group.checked_sub(partition_group(0)),
@@ -186,25 +188,47 @@ fn group_to_proto(status: GroupStatus) -> pb::GroupStatus {
         last_applied_index: status.last_applied_index,
         voters: status.voters,
         learners: status.learners,
+        state: state.map(|s| pb::StateDigest { applied_index: s.applied_index, digest: format!("{:032x}", s.digest) }),
     }
 }
 
 impl Admin {
     /// The admin API of `log`'s node; `lag` is where its Kafka consumers
-    /// report their lag.
-    pub fn new(log: LogNode, discovery: Discovery, clusters: Vec<ClusterOptions>, lag: LagTable) -> Self {
-        Admin { log, discovery, clusters: Arc::new(clusters), lag }
+    /// report their lag; `names` holds the name of each node.
+    pub fn new(
+        log: LogNode,
+        discovery: Discovery,
+        clusters: Vec<ClusterOptions>,
+        lag: LagTable,
+        names: BTreeMap<u64, String>,
+    ) -> Self {
+        Admin { log, discovery, clusters: Arc::new(clusters), lag, names: Arc::new(names) }
     }
 
     /// The nodes (every member of any group), each group as this node sees
-    /// it, and the lag of the Kafka partitions this node consumes.
-    pub fn cluster_status(&self) -> pb::ClusterStatus {
+    /// it, and the lag of the Kafka partitions this node consumes. With
+    /// `state_digests`, each group also carries the digest of its applied
+    /// state.
+    pub fn cluster_status(&self, request: &pb::GetClusterStatusRequest) -> pb::ClusterStatus {
         let groups = self.log.group_statuses();
+        let mut digests = if request.state_digests { self.log.state_digests() } else { BTreeMap::new() };
         let nodes: BTreeMap<u64, String> = groups.iter().flat_map(|g| g.nodes.clone()).collect();
         pb::ClusterStatus {
             node_id: self.log.node_id(),
-            nodes: nodes.into_iter().map(|(id, address)| pb::ClusterNode { id, address }).collect(),
-            groups: groups.into_iter().map(group_to_proto).collect(),
+            nodes: nodes
+                .into_iter()
+                .map(|(id, address)| {
+                    let name = self.names.get(&id).cloned().unwrap_or_else(|| format!("node-{id}"));
+                    pb::ClusterNode { id, address, name }
+                })
+                .collect(),
+            groups: groups
+                .into_iter()
+                .map(|g| {
+                    let digest = digests.remove(&g.group);
+                    group_to_proto(g, digest)
+                })
+                .collect(),
             consumer_lag: self
                 .lag
                 .entries()

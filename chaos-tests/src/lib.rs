@@ -18,8 +18,11 @@ use anyhow::{bail, Context, Result};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -60,10 +63,12 @@ async fn wait_for_port(port: u16, timeout: Duration) -> Result<()> {
     Ok(())
 }
 
-/// A tansu broker with in-memory storage.
+/// A tansu broker, in memory or in a SQLite file that outlives restarts.
 pub struct Broker {
     child: Child,
     pub port: u16,
+    /// Where a persistent broker keeps its database.
+    data_dir: Option<PathBuf>,
 }
 
 impl Broker {
@@ -72,17 +77,82 @@ impl Broker {
     }
 
     pub async fn start_on(port: u16) -> Result<Broker> {
+        let child = Self::spawn(port, None).await?;
+        Ok(Broker { child, port, data_dir: None })
+    }
+
+    /// A broker that keeps topics, records and committed offsets in
+    /// `data_dir`, so that [`Broker::restart`] finds them again.
+    pub async fn start_persistent(data_dir: &Path) -> Result<Broker> {
+        let port = free_port();
+        let child = Self::spawn(port, Some(data_dir)).await?;
+        Ok(Broker { child, port, data_dir: Some(data_dir.to_owned()) })
+    }
+
+    async fn spawn(port: u16, data_dir: Option<&Path>) -> Result<Child> {
         let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new("tansu")
-            .args(["broker", "--storage-engine", "memory://tansu/", "--listener-url", &url])
-            .args(["--advertised-listener-url", &url])
+        let mut command = Command::new("tansu");
+        command.args(["broker", "--listener-url", &url, "--advertised-listener-url", &url]);
+        match data_dir {
+            // tansu opens `sqlite://<path>` relative to its working directory.
+            Some(dir) => command.args(["--storage-engine", "sqlite://tansu.db"]).current_dir(dir),
+            None => command.args(["--storage-engine", "memory://tansu/"]),
+        };
+        let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()
             .context("cannot start tansu (install it with scripts/broker.sh install)")?;
         wait_for_port(port, Duration::from_secs(30)).await?;
-        Ok(Broker { child, port })
+        Ok(child)
+    }
+
+    /// SIGKILLs a persistent broker and starts it again on the same port
+    /// with the same data.
+    pub async fn restart(&mut self) -> Result<()> {
+        let dir = self.data_dir.clone().context("only a persistent broker keeps its data over a restart")?;
+        self.child.start_kill()?;
+        self.child.wait().await?;
+        self.child = Self::spawn(self.port, Some(&dir)).await?;
+        Ok(())
+    }
+
+    /// Every record in `topic` (partitions `0..partitions`), read from the
+    /// start to the end of each partition, in offset order per partition.
+    pub async fn read_topic(&self, topic: &str, partitions: i32) -> Result<Vec<TopicRecord>> {
+        let consumer: StreamConsumer = self
+            .client_config()
+            .set("group.id", "ferry-test-reader")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .create()?;
+        let mut assignment = TopicPartitionList::new();
+        for p in 0..partitions {
+            assignment.add_partition_offset(topic, p, Offset::Beginning)?;
+        }
+        consumer.assign(&assignment)?;
+        let mut records = Vec::new();
+        let mut at_end = std::collections::HashSet::new();
+        while at_end.len() < partitions as usize {
+            match tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await {
+                Err(_) => bail!("reading {topic}: partitions {at_end:?} of {partitions} reached their end in 30 s"),
+                Ok(Err(KafkaError::PartitionEOF(p))) => {
+                    at_end.insert(p);
+                }
+                Ok(Err(e)) => bail!("reading {topic}: {e}"),
+                Ok(Ok(m)) => {
+                    at_end.remove(&m.partition());
+                    records.push(TopicRecord {
+                        partition: m.partition(),
+                        offset: m.offset(),
+                        key: m.key().map(<[u8]>::to_vec),
+                        payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                    });
+                }
+            }
+        }
+        Ok(records)
     }
 
     pub fn bootstrap(&self) -> String {
@@ -108,8 +178,6 @@ impl Broker {
         Ok(())
     }
 
-    /// A producer that writes one record per batch: tansu 0.6 drops the rest
-    /// of a batch when a consumer resumes from an offset inside it.
     /// A producer for volume: records wait up to `linger_ms` to travel in
     /// batches of up to 10,000.
     pub fn batching_producer(&self, linger_ms: u32) -> Result<FutureProducer> {
@@ -172,6 +240,8 @@ impl Broker {
         }))
     }
 
+    /// A producer that writes one record per batch: tansu 0.6 drops the rest
+    /// of a batch when a consumer resumes from an offset inside it.
     pub fn producer(&self) -> Result<FutureProducer> {
         Ok(self
             .client_config()
@@ -180,6 +250,15 @@ impl Broker {
             .set("message.timeout.ms", "60000")
             .create()?)
     }
+}
+
+/// A record as read back from a topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicRecord {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
 }
 
 /// A producing task; it returns the (partition, offset) of every record.

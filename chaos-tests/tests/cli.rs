@@ -106,7 +106,7 @@ async fn cluster_status(node: &Node) -> Result<()> {
     assert_eq!(status["node_id"], 1);
     let nodes = status["nodes"].as_array().unwrap();
     assert_eq!(nodes.len(), 1, "{status}");
-    assert_eq!(nodes[0]["id"], 1);
+    assert_eq!((&nodes[0]["id"], &nodes[0]["name"]), (&json!(1), &json!("node-1")), "{status}");
     assert!(nodes[0]["address"].as_str().unwrap().ends_with(&format!(":{}", node.node_port)), "{status}");
     let groups = status["groups"].as_array().unwrap();
     assert_eq!(groups.len(), 9, "the metadata group and 8 partitions: {status}");
@@ -132,5 +132,27 @@ async fn cluster_status(node: &Node) -> Result<()> {
     assert!(sections[1].starts_with("GROUP") && sections[1].contains("metadata"), "{table}");
     assert_eq!(sections[1].lines().filter(|l| l.contains("leader")).count(), 9, "{table}");
     assert!(sections[2].starts_with("SUBSCRIPTION"), "{table}");
+    assert!(groups.iter().all(|g| g["state"].is_null()), "digests only when asked: {status}");
+
+    // Digests of the applied state: the metadata group holds the deployment,
+    // so its digest differs from an empty partition's; REST shows the same.
+    let status = json(port, &["cluster", "status", "--digests"])?;
+    let digests: Vec<&Value> = status["groups"].as_array().unwrap().iter().map(|g| &g["state"]).collect();
+    assert_eq!(digests.len(), 9);
+    for state in &digests {
+        assert_eq!(state["digest"].as_str().unwrap().len(), 32, "{state}");
+        assert!(state["applied_index"].is_u64(), "{state}");
+    }
+    assert_ne!(digests[0]["digest"], digests[1]["digest"], "{status}");
+    let rest = node.get("/cluster?state_digests=true").await?;
+    let rest: Vec<&Value> = rest["groups"].as_array().unwrap().iter().map(|g| &g["state"]).collect();
+    assert_eq!(digests, rest, "gRPC and REST show the same digests");
+    let table = ok(port, &["cluster", "status", "--digests"])?;
+    let sections: Vec<&str> = table.split("\n\n").collect();
+    assert_eq!(sections.len(), 4, "nodes, groups, lag, digests: {table}");
+    assert!(
+        sections[3].starts_with("GROUP") && sections[3].contains(digests[0]["digest"].as_str().unwrap()),
+        "{table}"
+    );
     Ok(())
 }

@@ -49,6 +49,7 @@ fn every_node_of_the_compose_file_has_a_valid_configuration() -> Result<()> {
         ensure!(compose.contains(&format!("hostname: ferry-{id}")), "compose has no host ferry-{id}");
         let dumped = dump(&file)?;
         assert_eq!(value(&dumped, "node-id"), Some(id.to_string().as_str()), "{file}");
+        assert_eq!(value(&dumped, "node-name"), Some(format!("\"ferry-{id}\"").as_str()), "{file}");
         assert_eq!(value(&dumped, "advertised-address"), Some(format!("\"ferry-{id}:5122\"").as_str()), "{file}");
         let listed = peers(&dumped);
         assert_eq!(listed.len(), 3, "{file}: {listed:?}");

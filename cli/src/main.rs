@@ -47,7 +47,12 @@ enum Command {
 enum Cluster {
     /// Nodes, each partition's leader, term and log indexes as the answering
     /// node sees them, and the lag of the Kafka partitions it consumes.
-    Status,
+    Status {
+        /// Also show a digest of each group's applied state; replicas that
+        /// show the same digest at the same applied index agree.
+        #[arg(long)]
+        digests: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -202,13 +207,13 @@ fn cluster_status(status: pb::ClusterStatus) -> Output<pb::ClusterStatus> {
         }
     };
     let nodes = Table {
-        columns: &["NODE", "ADDRESS", "ANSWERED"],
+        columns: &["NODE", "NAME", "ADDRESS", "ANSWERED"],
         rows: status
             .nodes
             .iter()
             .map(|n| {
                 let answered = if n.id == status.node_id { "yes" } else { "" };
-                vec![n.id.to_string(), n.address.clone(), answered.to_owned()]
+                vec![n.id.to_string(), n.name.clone(), n.address.clone(), answered.to_owned()]
             })
             .collect(),
     };
@@ -252,7 +257,21 @@ fn cluster_status(status: pb::ClusterStatus) -> Output<pb::ClusterStatus> {
             .map(|l| vec![l.subscription_id.clone(), l.topic.clone(), l.partition.to_string(), l.lag.to_string()])
             .collect(),
     };
-    Output { value: status, tables: vec![nodes, groups, lag] }
+    let mut tables = vec![nodes, groups, lag];
+    if status.groups.iter().any(|g| g.state.is_some()) {
+        tables.push(Table {
+            columns: &["GROUP", "APPLIED", "STATE-DIGEST"],
+            rows: status
+                .groups
+                .iter()
+                .filter_map(|g| {
+                    let state = g.state.as_ref()?;
+                    Some(vec![g.group.to_string(), optional(state.applied_index), state.digest.clone()])
+                })
+                .collect(),
+        });
+    }
+    Output { value: status, tables }
 }
 
 /// A one-row table of `(field, value)` pairs, for `describe`.
@@ -382,8 +401,9 @@ async fn run(cli: Cli) -> Result<()> {
                 done(format!("resumed invocation {id}")).print(json)
             }
         },
-        Command::Cluster(Cluster::Status) => {
-            cluster_status(admin.get_cluster_status(pb::GetClusterStatusRequest {}).await?.into_inner()).print(json)
+        Command::Cluster(Cluster::Status { digests }) => {
+            let request = pb::GetClusterStatusRequest { state_digests: digests };
+            cluster_status(admin.get_cluster_status(request).await?.into_inner()).print(json)
         }
     }
 }

@@ -87,6 +87,13 @@ pub struct GroupStatus {
     pub nodes: BTreeMap<NodeId, String>,
 }
 
+/// A group's applied state on one node, as a digest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StateDigest {
+    pub applied_index: Option<u64>,
+    pub digest: u128,
+}
+
 /// A node's role in a Raft group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -413,6 +420,24 @@ impl LogNode {
                     learners: membership.learner_ids().collect(),
                     nodes: membership.nodes().map(|(&id, node)| (id, node.addr.clone())).collect(),
                 }
+            })
+            .collect()
+    }
+
+    /// Per group, the index this node has applied and the digest of the state
+    /// at that index ([`GroupState::digest`]), read together. Replicas agree
+    /// when they show the same digest at the same index. Hashes every group's
+    /// whole state: meant for checks, not for every scrape.
+    pub fn state_digests(&self) -> BTreeMap<GroupId, StateDigest> {
+        self.inner
+            .groups
+            .iter()
+            .map(|(&group, g)| {
+                let digest = g.state.read(|a| StateDigest {
+                    applied_index: a.last_applied.map(|id| id.index),
+                    digest: a.state.digest(),
+                });
+                (group, digest)
             })
             .collect()
     }

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use bytes::Bytes;
 use ferry_telemetry::TraceContext;
 use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::Xxh3;
 
 pub use crate::wire::v1::Completion;
 use crate::wire::v1::{
@@ -29,6 +30,40 @@ impl GroupState {
             Command::Metadata(command) => Response::Metadata(self.metadata.apply(command)),
             Command::Effects { at_ms, effects } => self.partition.apply_effects(at_ms, effects),
         }
+    }
+
+    /// A 128-bit hash of everything the group has applied. Replicas that
+    /// applied the same log have the same digest: maps are hashed in key
+    /// order, whatever order they were filled in.
+    pub fn digest(&self) -> u128 {
+        let p = &self.partition;
+        let canonical = (
+            p.dedup.iter().collect::<BTreeMap<_, _>>(),
+            &p.invocations,
+            p.inboxes.iter().collect::<BTreeMap<_, _>>(),
+            p.objects.iter().collect::<BTreeMap<_, _>>(),
+            &p.runnable,
+            p.next_run_seq,
+            &p.timers,
+            &self.metadata,
+        );
+        let mut hasher = Hasher(Xxh3::new());
+        bincode::serialize_into(&mut hasher, &canonical).expect("hashing cannot fail");
+        hasher.0.digest128()
+    }
+}
+
+/// Feeds an encoder's output to a hash, so nothing is buffered.
+struct Hasher(Xxh3);
+
+impl std::io::Write for Hasher {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -670,6 +705,35 @@ mod tests {
             b.apply(c);
         }
         assert_eq!(crate::wire::encode(&a.partition.invocations), crate::wire::encode(&b.partition.invocations));
+        assert_eq!(a.digest(), b.digest());
+    }
+
+    #[test]
+    fn digest_ignores_map_order_and_sees_every_change() {
+        let keys = || {
+            let mut state = GroupState::default();
+            for n in 0..64u64 {
+                let key = format!("k{n}");
+                apply(&mut state, vec![invoke(&format!("inv_{n}"), Some(&key), HandlerType::Exclusive, Some((1, n)))]);
+            }
+            state
+        };
+        let (mut a, mut b) = (keys(), keys());
+        assert_eq!(a.digest(), b.digest());
+        // The same entries inserted in opposite orders.
+        for n in 0..100 {
+            a.partition.dedup.insert(1000 + n, n);
+            b.partition.dedup.insert(1000 + 99 - n, 99 - n);
+        }
+        assert_eq!(a.digest(), b.digest());
+        b.partition.dedup.insert(7, 0);
+        assert_ne!(a.digest(), b.digest(), "the dedup table is part of the state");
+        let mut c = keys();
+        c.partition.objects.entry(("Counter".into(), "k1".into())).or_default().insert("n".into(), "1".into());
+        assert_ne!(keys().digest(), c.digest(), "object state is part of the state");
+        let mut d = keys();
+        d.metadata.version += 1;
+        assert_ne!(keys().digest(), d.digest(), "metadata is part of the state");
     }
 
     fn effect(state: &mut GroupState, at_ms: u64, effect: Effect) -> Outcome {

@@ -18,6 +18,10 @@ const NON_CONFIG_ENV: [&str; 2] = ["config", "admin_address"];
 pub struct Config {
     /// This node's id in the cluster.
     pub node_id: u64,
+    /// A name for people: shown by `ferry cluster status`, in logs and as
+    /// the trace resource's `service.instance.id`. By default the name this
+    /// node's `peers` entry gives, else `node-<id>`.
+    pub node_name: Option<String>,
     /// Where the node keeps its data.
     pub base_dir: PathBuf,
     /// Node-to-node gRPC and `/metrics`.
@@ -44,6 +48,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             node_id: 1,
+            node_name: None,
             base_dir: PathBuf::from("ferry-data"),
             bind_address: "0.0.0.0:5122".parse().expect("valid default"),
             advertised_address: None,
@@ -150,11 +155,32 @@ pub enum LogFormat {
     Json,
 }
 
+/// A node's name: the one given, or `node-<id>`.
+fn name_of(id: u64, name: Option<&str>) -> String {
+    name.map_or_else(|| format!("node-{id}"), str::to_owned)
+}
+
+/// Names are printed in tables and logs: visible characters, no spaces.
+fn check_name(name: Option<&str>) -> Result<(), String> {
+    match name {
+        Some(name) if name.is_empty() || name.len() > 64 => {
+            Err(format!("node-name {name:?} must have 1 to 64 characters"))
+        }
+        Some(name) if !name.chars().all(|c| c.is_ascii_graphic()) => {
+            Err(format!("node-name {name:?} may only hold visible ASCII characters"))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// A node of the cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Peer {
     pub node_id: u64,
+    /// Its `node-name`; `node-<id>` by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
     /// Its `advertised-address`: where its node port is reached.
     pub address: String,
 }
@@ -164,6 +190,7 @@ pub struct Peer {
 pub struct Overrides {
     pub base_dir: Option<PathBuf>,
     pub node_id: Option<u64>,
+    pub node_name: Option<String>,
     pub bind_address: Option<String>,
     pub advertised_address: Option<String>,
     pub admin_bind_address: Option<String>,
@@ -195,9 +222,10 @@ impl Config {
                 .ignore(&NON_CONFIG_ENV)
                 .map(|key| key.as_str().replace("__", ".").replace('_', "-").into()),
         );
-        let flags: [(&str, Option<String>); 6] = [
+        let flags: [(&str, Option<String>); 7] = [
             ("base-dir", overrides.base_dir.as_ref().map(|p| p.display().to_string())),
             ("node-id", overrides.node_id.map(|n| n.to_string())),
+            ("node-name", overrides.node_name.clone()),
             ("bind-address", overrides.bind_address.clone()),
             ("advertised-address", overrides.advertised_address.clone()),
             ("admin.bind-address", overrides.admin_bind_address.clone()),
@@ -205,8 +233,12 @@ impl Config {
         ];
         for (key, value) in flags {
             if let Some(value) = value {
-                // Numbers given as flags parse like any other value.
-                let value: figment::value::Value = value.parse().unwrap_or_else(|_| value.into());
+                // Numbers given as flags parse like any other value; a name
+                // stays a string.
+                let value: figment::value::Value = match key {
+                    "node-name" => value.into(),
+                    _ => value.parse().unwrap_or_else(|_| value.into()),
+                };
                 figment = figment.merge(Serialized::default(key, value));
             }
         }
@@ -221,6 +253,9 @@ impl Config {
         if self.node_id == 0 {
             return invalid("node-id", "must be positive".to_owned());
         }
+        if let Err(reason) = check_name(self.node_name.as_deref()) {
+            return invalid("node-name", reason);
+        }
         for (i, peer) in self.peers.iter().enumerate() {
             let key = format!("peers[{i}]");
             if peer.node_id == 0 {
@@ -228,6 +263,20 @@ impl Config {
             }
             if self.peers[..i].iter().any(|p| p.node_id == peer.node_id) {
                 return invalid(&key, format!("node-id {} is listed twice", peer.node_id));
+            }
+            if let Err(reason) = check_name(peer.node_name.as_deref()) {
+                return invalid(&key, reason);
+            }
+            let name = name_of(peer.node_id, peer.node_name.as_deref());
+            if self.peers[..i].iter().any(|p| name_of(p.node_id, p.node_name.as_deref()) == name) {
+                return invalid(&key, format!("node-name {name:?} is listed twice"));
+            }
+            if peer.node_id == self.node_id
+                && self.node_name.is_some()
+                && peer.node_name.is_some()
+                && peer.node_name != self.node_name
+            {
+                return invalid(&key, format!("this node's name differs from node-name {:?}", self.node_name()));
             }
             let port = peer.address.rsplit_once(':').and_then(|(host, port)| (!host.is_empty()).then_some(port));
             if port.and_then(|p| p.parse::<u16>().ok()).is_none() {
@@ -280,6 +329,21 @@ impl Config {
             return invalid("log.filter", e.to_string());
         }
         Ok(())
+    }
+
+    /// This node's name: `node-name`, else the name its `peers` entry gives,
+    /// else `node-<id>`.
+    pub fn node_name(&self) -> String {
+        let listed = self.peers.iter().find(|p| p.node_id == self.node_id).and_then(|p| p.node_name.as_deref());
+        name_of(self.node_id, self.node_name.as_deref().or(listed))
+    }
+
+    /// The name of every node of the cluster, this one included.
+    pub fn node_names(&self) -> std::collections::BTreeMap<u64, String> {
+        let mut names: std::collections::BTreeMap<u64, String> =
+            self.peers.iter().map(|p| (p.node_id, name_of(p.node_id, p.node_name.as_deref()))).collect();
+        names.insert(self.node_id, self.node_name());
+        names
     }
 
     /// The address peers reach this node at.
@@ -426,5 +490,49 @@ mod tests {
 
         let err = Config::load(Some(Path::new("/no/such/ferry.toml")), &Overrides::default()).unwrap_err();
         assert!(matches!(err, Error::MissingFile(_)));
+    }
+
+    #[test]
+    fn node_names_default_to_the_id_and_must_be_unique() {
+        clear_env();
+        let dir = tempfile::tempdir().unwrap();
+        let file = write(
+            &dir,
+            r#"
+            node-id = 2
+            peers = [
+                { node-id = 1, node-name = "east", address = "a:1" },
+                { node-id = 2, address = "b:1" },
+                { node-id = 3, address = "c:1" },
+            ]
+            "#,
+        );
+        let config = Config::load(Some(&file), &Overrides::default()).unwrap();
+        assert_eq!(config.node_name(), "node-2");
+        let names: Vec<(u64, String)> = config.node_names().into_iter().collect();
+        assert_eq!(names, [(1, "east".into()), (2, "node-2".into()), (3, "node-3".into())]);
+        let listed = Overrides { node_id: Some(1), ..Default::default() };
+        assert_eq!(Config::load(Some(&file), &listed).unwrap().node_name(), "east", "named by its peers entry");
+
+        // A name given as a flag stays a string, even when it looks like a number.
+        let overrides = Overrides { node_name: Some("42".into()), ..Default::default() };
+        let err = Config::load(Some(&file), &overrides);
+        assert_eq!(err.unwrap().node_name(), "42");
+        std::env::set_var("FERRY_NODE_NAME", "west");
+        assert_eq!(Config::load(Some(&file), &Overrides::default()).unwrap().node_names()[&2], "west");
+        clear_env();
+
+        let cases = [
+            ("node-name = \"\"", "1 to 64"),
+            ("node-name = \"a b\"", "visible ASCII"),
+            ("peers = [{ node-id = 2, node-name = \"x\", address = \"a:1\" }, { node-id = 3, node-name = \"x\", address = \"b:1\" }]", "listed twice"),
+            ("peers = [{ node-id = 2, address = \"a:1\" }, { node-id = 3, node-name = \"node-2\", address = \"b:1\" }]", "listed twice"),
+            ("node-name = \"a\"\npeers = [{ node-id = 1, node-name = \"b\", address = \"a:1\" }]", "differs"),
+        ];
+        for (text, expected) in cases {
+            let file = write(&dir, text);
+            let err = Config::load(Some(&file), &Overrides::default()).unwrap_err().to_string();
+            assert!(err.contains(expected), "{text}: {err}");
+        }
     }
 }

@@ -85,7 +85,13 @@ pub async fn run(config: Config, metrics: PrometheusHandle, shutdown: Cancellati
     }
 
     let lag = LagTable::default();
-    let admin = Admin::new(log.clone(), Discovery::default(), config.ingress.kafka_clusters.clone(), lag.clone());
+    let admin = Admin::new(
+        log.clone(),
+        Discovery::default(),
+        config.ingress.kafka_clusters.clone(),
+        lag.clone(),
+        config.node_names(),
+    );
     let admin_server = ferry_admin::server::serve(admin_listener, admin, servers_cancel.clone());
     spawn_server(&servers, "admin server", admin_server, &shutdown);
 
@@ -103,6 +109,7 @@ pub async fn run(config: Config, metrics: PrometheusHandle, shutdown: Cancellati
 
     info!(
         node_id = config.node_id,
+        node_name = %config.node_name(),
         admin = %config.admin.bind_address,
         ingress = %config.ingress.bind_address,
         node = %config.bind_address,

@@ -21,6 +21,9 @@ struct Cli {
     /// This node's id (`node-id`).
     #[arg(long)]
     node_id: Option<u64>,
+    /// This node's name (`node-name`).
+    #[arg(long)]
+    node_name: Option<String>,
     /// Node-to-node gRPC and /metrics (`bind-address`).
     #[arg(long)]
     bind_address: Option<String>,
@@ -43,6 +46,7 @@ fn main() -> ExitCode {
     let overrides = Overrides {
         base_dir: cli.base_dir,
         node_id: cli.node_id,
+        node_name: cli.node_name,
         bind_address: cli.bind_address,
         advertised_address: cli.advertised_address,
         admin_bind_address: cli.admin_bind_address,
@@ -74,7 +78,7 @@ fn main() -> ExitCode {
     };
     let telemetry = {
         let _runtime = runtime.enter();
-        let instance = format!("node-{}", config.node_id);
+        let instance = config.node_name();
         match ferry_telemetry::init(&config.tracing, &config.log.filter, format, "ferry", &instance, &["ferry"]) {
             Ok(telemetry) => telemetry,
             Err(e) => {
