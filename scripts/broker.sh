@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Kafka-compatible test broker (tansu 0.6, in-memory storage) for Ferry's end-to-end tests.
+# Kafka-compatible test broker (tansu 0.6) for Ferry's end-to-end tests.
 #
 # Usage:
-#   scripts/broker.sh install          install tansu 0.6.x if missing; prints the binary's path
+#   scripts/broker.sh install          install tansu 0.6.x with the in-memory and SQLite storage
+#                                      engines if missing; prints the binary's path
 #   scripts/broker.sh start            start a broker on 127.0.0.1 (port $BROKER_PORT or a free one);
 #                                      prints "BROKER=127.0.0.1:PORT", "PID=<pid>" and "LOG=<file>"
 #   scripts/broker.sh stop PID         stop a broker started by `start`
@@ -14,7 +15,8 @@
 #   BROKER_START_TIMEOUT  seconds to wait for the port (default: 30)
 #   BROKER_RUST_LOG       tansu's log filter (default: warn; "info" writes ~1 GB per 20 min of tests)
 #
-# The broker is in-memory: everything is lost when it stops. tansu does NOT auto-create
+# `start` gives an in-memory broker: everything is lost when it stops. (The tests' harness
+# also starts brokers on `sqlite://` storage, which survive a restart.) tansu does NOT auto-create
 # topics: create them first, e.g. with the CreateTopics API or
 #   tansu topic create NAME --partitions 4 --broker tcp://127.0.0.1:PORT
 # Known tansu 0.6 quirks that tests must work around:
@@ -28,20 +30,29 @@
 set -euo pipefail
 
 TANSU_VERSION_REQ='^0.6'
+TANSU_FEATURES='dynostore,libsql'
 
 die() { echo "broker.sh: $*" >&2; exit 1; }
 
 tansu_ok() {
     command -v tansu >/dev/null 2>&1 || return 1
     # `tansu --version` prints e.g. "tansu 0.6.0"
-    tansu --version 2>/dev/null | grep -Eq '^tansu 0\.6\.[0-9]+'
+    tansu --version 2>/dev/null | grep -Eq '^tansu 0\.6\.[0-9]+' || return 1
+    # Installed by cargo with every storage engine the tests use.
+    python3 - "$TANSU_FEATURES" <<'EOF'
+import json, os, sys
+home = os.environ.get("CARGO_HOME") or os.path.expanduser("~/.cargo")
+installs = json.load(open(os.path.join(home, ".crates2.json")))["installs"]
+wanted = set(sys.argv[1].split(","))
+sys.exit(0 if any(k.startswith("tansu ") and wanted <= set(v["features"]) for k, v in installs.items()) else 1)
+EOF
 }
 
 cmd_install() {
     export PATH="$HOME/.cargo/bin:$PATH"
     if ! tansu_ok; then
         echo "broker.sh: installing tansu $TANSU_VERSION_REQ (this takes several minutes)..." >&2
-        cargo install --locked tansu --version "$TANSU_VERSION_REQ" --features dynostore >&2
+        cargo install --locked tansu --version "$TANSU_VERSION_REQ" --features "$TANSU_FEATURES" >&2
         tansu_ok || die "tansu still not usable after install"
     fi
     command -v tansu
