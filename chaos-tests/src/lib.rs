@@ -27,6 +27,18 @@ use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+/// The random schedule of a fault-injection test, seeded from `CHAOS_SEED`
+/// or at random. The seed is printed so that a failing run can be replayed.
+pub fn seeded_rng() -> Result<rand::rngs::StdRng> {
+    use rand::{Rng, SeedableRng};
+    let seed: u64 = match std::env::var("CHAOS_SEED") {
+        Ok(s) => s.parse().context("CHAOS_SEED")?,
+        Err(_) => rand::rng().random(),
+    };
+    println!("seed {seed} (rerun with CHAOS_SEED={seed})");
+    Ok(rand::rngs::StdRng::seed_from_u64(seed))
+}
+
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")

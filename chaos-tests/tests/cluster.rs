@@ -22,8 +22,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use ferry_chaos_tests::{eventually, Broker, Cluster, Handlers};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use serde_json::{json, Value};
 
 const TOPIC: &str = "events";
@@ -51,12 +50,7 @@ async fn states(cluster: &Cluster, id: u64) -> Result<BTreeMap<u64, (Value, Valu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_lose_and_double_nothing_under_faults() -> Result<()> {
-    let seed: u64 = match std::env::var("CHAOS_SEED") {
-        Ok(s) => s.parse().context("CHAOS_SEED")?,
-        Err(_) => rand::rng().random(),
-    };
-    println!("seed {seed} (rerun with CHAOS_SEED={seed})");
-    let mut rng = StdRng::seed_from_u64(seed);
+    let mut rng = ferry_chaos_tests::seeded_rng()?;
 
     let dir = tempfile::tempdir()?;
     let broker_dir = dir.path().join("broker");

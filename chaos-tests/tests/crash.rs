@@ -12,8 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use ferry_chaos_tests::{eventually, Broker, Handlers, Node};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
@@ -75,12 +74,7 @@ fn committed(broker: &Broker, group: &str) -> Result<BTreeMap<i32, i64>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_loses_and_doubles_nothing() -> Result<()> {
-    let seed: u64 = match std::env::var("CHAOS_SEED") {
-        Ok(s) => s.parse().context("CHAOS_SEED")?,
-        Err(_) => rand::rng().random(),
-    };
-    println!("seed {seed} (rerun with CHAOS_SEED={seed})");
-    let mut rng = StdRng::seed_from_u64(seed);
+    let mut rng = ferry_chaos_tests::seeded_rng()?;
 
     let broker = Broker::start().await?;
     let handlers = Handlers::start().await?;
