@@ -10,6 +10,10 @@
 //!    time from the kill to the first invocation completed in a partition the
 //!    killed node led (by its successor), and invocations completed per
 //!    500 ms window before and after the kill.
+//! 3. With `--idle-partitions N`, only this: the cost of an idle three-node
+//!    cluster of N partitions (N + 1 Raft groups, each followed by every
+//!    node), as the CPU time each node's process used over `--seconds`
+//!    after its groups settled.
 //!
 //! Build first: `cargo build --release --workspace --bins`.
 
@@ -44,6 +48,9 @@ struct Args {
     /// Only the failover phase.
     #[arg(long)]
     failover_only: bool,
+    /// Only the idle cost of three nodes with this many partitions.
+    #[arg(long)]
+    idle_partitions: Option<u32>,
 }
 
 /// Partitions of each Ferry node (its default).
@@ -112,10 +119,55 @@ fn partition(invocation: &Value) -> Option<u32> {
     Some(partition_of(u64::from_str_radix(hex.get(..16)?, 16).ok()?, SERVER_PARTITIONS))
 }
 
+/// CPU time (user + system) a process has used so far, from /proc.
+fn cpu_time(pid: u32, ticks_per_second: f64) -> Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesized command name; utime and stime are the
+    // 14th and 15th fields of the line.
+    let fields: Vec<&str> = stat.rsplit_once(')').context("stat")?.1.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    Ok(Duration::from_secs_f64(ticks / ticks_per_second))
+}
+
+/// The idle cost of three nodes with `partitions` partitions.
+async fn idle(args: &Args, broker: &Broker, dir: &std::path::Path, partitions: u32) -> Result<()> {
+    let config = [("FERRY_PARTITIONS", partitions.to_string())];
+    let config: Vec<(&str, &str)> = config.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let cluster = Cluster::start(dir, 3, &broker.bootstrap(), &config).await?;
+    cluster.wait_balanced(Duration::from_secs(60)).await?;
+    // Placement moves leaders back to their preferred nodes once groups are idle.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let ticks = std::process::Command::new("getconf").arg("CLK_TCK").output()?;
+    let ticks: f64 = String::from_utf8(ticks.stdout)?.trim().parse().context("CLK_TCK")?;
+    let pids: Vec<u32> =
+        (1..=3).map(|id| cluster.node(id).pid().context("node is not running")).collect::<Result<_>>()?;
+    let before: Vec<Duration> = pids.iter().map(|&pid| cpu_time(pid, ticks)).collect::<Result<_>>()?;
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(args.seconds)).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    println!(
+        "| idle, {partitions} partitions ({} Raft groups on each of 3 nodes) | CPU, % of one core |",
+        partitions + 1
+    );
+    println!("|---|---|");
+    let mut total = 0.0;
+    for (id, (&pid, before)) in (1..).zip(pids.iter().zip(before)) {
+        let used = (cpu_time(pid, ticks)? - before).as_secs_f64() / elapsed * 100.0;
+        total += used;
+        println!("| node {id} | {used:.1}% |");
+    }
+    println!("| all three, over {elapsed:.0} s | **{total:.1}%** |");
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
     let broker = Broker::start().await?;
+    if let Some(partitions) = args.idle_partitions {
+        let dir = tempfile::tempdir()?;
+        return idle(&args, &broker, dir.path(), partitions).await;
+    }
     let handlers = Handlers::start().await?;
     let dir = tempfile::tempdir()?;
 
