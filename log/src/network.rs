@@ -1,21 +1,27 @@
 //! Raft traffic between nodes over tonic. Every request names its group, and
-//! one channel per peer address carries the RPCs of every group.
+//! one channel per peer address carries the RPCs of every group. Heartbeats
+//! (AppendEntries without entries or news of a commit) bound for one peer are
+//! gathered for a short window and sent as one `Heartbeats` RPC, so that a
+//! node's idle groups cost one RPC per window between them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use ferry_proto::cluster::node_service_client::NodeServiceClient;
 use ferry_proto::cluster::node_service_server::NodeService;
-use ferry_proto::cluster::{RaftRequest, RaftResponse};
+use ferry_proto::cluster::raft_result::Result as RaftOutcome;
+use ferry_proto::cluster::{RaftBatch, RaftBatchResponse, RaftRequest, RaftResponse, RaftResult};
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
     VoteResponse,
 };
-use openraft::BasicNode;
+use openraft::{BasicNode, LogId};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Channel;
 
 use crate::wire::{self, v1::Command, v1::Response};
@@ -24,15 +30,33 @@ use crate::{GroupId, NodeId, Raft, TypeConfig};
 /// The gRPC clients of a node, one per peer address, shared by every group.
 /// A peer is reached at the address this node's configuration gives it, else
 /// at the one its group membership records.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Channels {
-    clients: Arc<Mutex<HashMap<String, NodeServiceClient<Channel>>>>,
+    peers: Arc<Mutex<HashMap<String, Peer>>>,
     configured: Arc<BTreeMap<NodeId, String>>,
+    /// How long a heartbeat waits for others bound for the same peer.
+    heartbeat_window: Duration,
+}
+
+/// The client of one peer address, and the queue of its heartbeats.
+#[derive(Clone)]
+struct Peer {
+    client: NodeServiceClient<Channel>,
+    heartbeats: mpsc::UnboundedSender<Heartbeat>,
+}
+
+/// A heartbeat waiting to be sent, and where its answer goes.
+struct Heartbeat {
+    request: RaftRequest,
+    timeout: Duration,
+    reply: oneshot::Sender<Result<Vec<u8>, tonic::Status>>,
 }
 
 impl Channels {
-    pub fn new(configured: BTreeMap<NodeId, String>) -> Channels {
-        Channels { clients: Arc::default(), configured: Arc::new(configured) }
+    /// Peers reached at `configured` addresses; heartbeats gathered for
+    /// `heartbeat_window`.
+    pub fn new(configured: BTreeMap<NodeId, String>, heartbeat_window: Duration) -> Channels {
+        Channels { peers: Arc::default(), configured: Arc::new(configured), heartbeat_window }
     }
 
     /// Where to reach `node`, whose membership records `recorded`.
@@ -41,9 +65,15 @@ impl Channels {
     }
 
     pub fn client(&self, addr: &str) -> Result<NodeServiceClient<Channel>, String> {
-        let mut clients = self.clients.lock().expect("channels lock poisoned");
-        if let Some(client) = clients.get(addr) {
-            return Ok(client.clone());
+        self.peer(addr).map(|peer| peer.client)
+    }
+
+    /// The peer at `addr`, connected lazily on first use. Must be called
+    /// within a Tokio runtime: it starts the peer's heartbeat sender.
+    fn peer(&self, addr: &str) -> Result<Peer, String> {
+        let mut peers = self.peers.lock().expect("channels lock poisoned");
+        if let Some(peer) = peers.get(addr) {
+            return Ok(peer.clone());
         }
         let channel = Channel::from_shared(format!("http://{addr}"))
             .map_err(|e| format!("bad peer address {addr}: {e}"))?
@@ -51,8 +81,58 @@ impl Channels {
             .http2_adaptive_window(true)
             .connect_lazy();
         let client = NodeServiceClient::new(channel).max_decoding_message_size(64 << 20);
-        clients.insert(addr.to_owned(), client.clone());
-        Ok(client)
+        let (heartbeats, queue) = mpsc::unbounded_channel();
+        tokio::spawn(send_heartbeats(client.clone(), queue, self.heartbeat_window));
+        let peer = Peer { client, heartbeats };
+        peers.insert(addr.to_owned(), peer.clone());
+        Ok(peer)
+    }
+}
+
+/// Sends the heartbeats queued for one peer: after the first arrives, waits
+/// `window` for more, then sends them all in one RPC and goes on gathering
+/// while it is in flight. Ends when every sender is gone.
+async fn send_heartbeats(
+    client: NodeServiceClient<Channel>,
+    mut queue: mpsc::UnboundedReceiver<Heartbeat>,
+    window: Duration,
+) {
+    let mut batch = Vec::new();
+    while queue.recv_many(&mut batch, 1024).await > 0 {
+        let deadline = tokio::time::Instant::now() + window;
+        while let Ok(more) = tokio::time::timeout_at(deadline, queue.recv_many(&mut batch, 1024)).await {
+            if more == 0 {
+                break;
+            }
+        }
+        let batch = std::mem::take(&mut batch);
+        metrics::counter!("ferry_raft_heartbeats_total").increment(batch.len() as u64);
+        metrics::counter!("ferry_raft_heartbeat_rpcs_total").increment(1);
+        let mut client = client.clone();
+        tokio::spawn(async move {
+            let timeout = batch.iter().map(|h| h.timeout).max().unwrap_or(window);
+            let (requests, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|h| (h.request, h.reply)).unzip();
+            let mut request = tonic::Request::new(RaftBatch { requests });
+            request.set_timeout(timeout);
+            match client.heartbeats(request).await {
+                Ok(response) => {
+                    let mut results = response.into_inner().results.into_iter();
+                    for reply in replies {
+                        let result = match results.next().and_then(|r| r.result) {
+                            Some(RaftOutcome::Payload(payload)) => Ok(payload),
+                            Some(RaftOutcome::Error(e)) => Err(tonic::Status::unavailable(e)),
+                            None => Err(tonic::Status::internal("heartbeat left unanswered")),
+                        };
+                        let _ = reply.send(result);
+                    }
+                }
+                Err(status) => {
+                    for reply in replies {
+                        let _ = reply.send(Err(status.clone()));
+                    }
+                }
+            }
+        });
     }
 }
 
@@ -68,14 +148,17 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Network {
         let addr = self.channels.address(target, &node.addr);
-        Network { group: self.group, target, client: self.channels.client(addr) }
+        Network { group: self.group, target, peer: self.channels.peer(addr), commit_sent: None }
     }
 }
 
 pub struct Network {
     group: GroupId,
     target: NodeId,
-    client: Result<NodeServiceClient<Channel>, String>,
+    peer: Result<Peer, String>,
+    /// The leader commit of the last AppendEntries sent to the target: one
+    /// that brings a newer commit goes at once, not with the heartbeats.
+    commit_sent: Option<Option<LogId<NodeId>>>,
 }
 
 type RpcResult<T, E = RaftError<NodeId>> = Result<T, RPCError<NodeId, BasicNode, E>>;
@@ -97,21 +180,54 @@ impl Network {
         E: std::error::Error + DeserializeOwned,
         Fut: std::future::Future<Output = Result<tonic::Response<RaftResponse>, tonic::Status>>,
     {
-        let client = match &self.client {
-            Ok(client) => client.clone(),
+        let client = match &self.peer {
+            Ok(peer) => peer.client.clone(),
             Err(e) => return Err(RPCError::Unreachable(Unreachable::new(&Message(e.clone())))),
         };
         let mut request = tonic::Request::new(RaftRequest { group: self.group, payload: wire::encode(rpc) });
         request.set_timeout(option.hard_ttl());
-        let response = send(client, request).await.map_err(|status| match status.code() {
-            tonic::Code::Unavailable | tonic::Code::Cancelled => {
-                RPCError::Unreachable(Unreachable::new(&Message(status.to_string())))
-            }
-            _ => RPCError::Network(NetworkError::new(&Message(status.to_string()))),
-        })?;
-        let result: Result<Resp, E> =
-            wire::decode(&response.into_inner().payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let response = send(client, request).await.map_err(rpc_error)?;
+        self.decode(&response.into_inner().payload)
+    }
+
+    /// Queues a heartbeat with the others bound for the same peer.
+    async fn heartbeat(
+        &mut self,
+        rpc: &AppendEntriesRequest<TypeConfig>,
+        option: &RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>> {
+        let peer = match &self.peer {
+            Ok(peer) => peer,
+            Err(e) => return Err(RPCError::Unreachable(Unreachable::new(&Message(e.clone())))),
+        };
+        let (reply, answer) = oneshot::channel();
+        let request = RaftRequest { group: self.group, payload: wire::encode(rpc) };
+        let timeout = option.hard_ttl();
+        let stopped = || RPCError::Unreachable(Unreachable::new(&Message("heartbeat sender stopped".to_owned())));
+        peer.heartbeats.send(Heartbeat { request, timeout, reply }).map_err(|_| stopped())?;
+        let payload = match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(result)) => result.map_err(rpc_error)?,
+            Ok(Err(_)) => return Err(stopped()),
+            Err(_) => return Err(rpc_error(tonic::Status::deadline_exceeded("heartbeat timed out"))),
+        };
+        self.decode(&payload)
+    }
+
+    fn decode<Resp: DeserializeOwned, E: std::error::Error + DeserializeOwned>(
+        &self,
+        payload: &[u8],
+    ) -> RpcResult<Resp, E> {
+        let result: Result<Resp, E> = wire::decode(payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+fn rpc_error<E: std::error::Error>(status: tonic::Status) -> RPCError<NodeId, BasicNode, E> {
+    match status.code() {
+        tonic::Code::Unavailable | tonic::Code::Cancelled => {
+            RPCError::Unreachable(Unreachable::new(&Message(status.to_string())))
+        }
+        _ => RPCError::Network(NetworkError::new(&Message(status.to_string()))),
     }
 }
 
@@ -121,6 +237,11 @@ impl RaftNetwork<TypeConfig> for Network {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
+        let news = self.commit_sent != Some(rpc.leader_commit);
+        self.commit_sent = Some(rpc.leader_commit);
+        if rpc.entries.is_empty() && !news {
+            return self.heartbeat(&rpc, &option).await;
+        }
         self.call(&rpc, &option, |mut c, r| async move { c.append_entries(r).await }).await
     }
 
@@ -215,5 +336,19 @@ impl NodeService for NodeServer {
         let request = request.into_inner();
         let raft = self.raft(request.group)?;
         respond(&propose_local(raft, decode_request(&request)?).await)
+    }
+
+    async fn heartbeats(
+        &self,
+        request: tonic::Request<RaftBatch>,
+    ) -> Result<tonic::Response<RaftBatchResponse>, tonic::Status> {
+        let answers = request.into_inner().requests.into_iter().map(|request| async move {
+            let result = match self.raft(request.group).and_then(|raft| Ok((raft, decode_request(&request)?))) {
+                Ok((raft, rpc)) => RaftOutcome::Payload(wire::encode(&raft.append_entries(rpc).await)),
+                Err(status) => RaftOutcome::Error(status.message().to_owned()),
+            };
+            RaftResult { result: Some(result) }
+        });
+        Ok(tonic::Response::new(RaftBatchResponse { results: futures::future::join_all(answers).await }))
     }
 }

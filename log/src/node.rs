@@ -189,7 +189,10 @@ impl LogNode {
             .map_err(|e| Error::Write { group: METADATA_GROUP, message: e.to_string() })?,
         );
 
-        let channels = Channels::new(options.nodes.clone());
+        // A quarter of the heartbeat interval: heartbeats arrive at most that
+        // much later, far inside the election timeout.
+        let window = Duration::from_millis(options.heartbeat_interval_ms / 4);
+        let channels = Channels::new(options.nodes.clone(), window);
         let mut groups = BTreeMap::new();
         let group_ids = std::iter::once(METADATA_GROUP).chain((0..options.partitions).map(partition_group));
         for group in group_ids {

@@ -157,6 +157,12 @@ async fn idle(args: &Args, broker: &Broker, dir: &std::path::Path, partitions: u
         println!("| node {id} | {used:.1}% |");
     }
     println!("| all three, over {elapsed:.0} s | **{total:.1}%** |");
+    let (mut heartbeats, mut rpcs) = (0.0, 0.0);
+    for id in 1..=3 {
+        heartbeats += cluster.node(id).metric("ferry_raft_heartbeats_total").await?;
+        rpcs += cluster.node(id).metric("ferry_raft_heartbeat_rpcs_total").await?;
+    }
+    println!("| heartbeats per `Heartbeats` RPC | {:.1} |", heartbeats / rpcs);
     Ok(())
 }
 
