@@ -10,8 +10,9 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
-/// Environment variables with the `FERRY_` prefix that are not configuration keys.
-const NON_CONFIG_ENV: [&str; 2] = ["config", "admin_address"];
+/// Environment variables with the `FERRY_` prefix that are not configuration
+/// keys, or that are read as text whatever they look like.
+const NON_CONFIG_ENV: [&str; 3] = ["config", "admin_address", "node_name"];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
@@ -222,6 +223,10 @@ impl Config {
                 .ignore(&NON_CONFIG_ENV)
                 .map(|key| key.as_str().replace("__", ".").replace('_', "-").into()),
         );
+        // A name is text even when it looks like a number.
+        if let Ok(name) = std::env::var("FERRY_NODE_NAME") {
+            figment = figment.merge(Serialized::default("node-name", name));
+        }
         let flags: [(&str, Option<String>); 7] = [
             ("base-dir", overrides.base_dir.as_ref().map(|p| p.display().to_string())),
             ("node-id", overrides.node_id.map(|n| n.to_string())),
@@ -520,6 +525,8 @@ mod tests {
         assert_eq!(err.unwrap().node_name(), "42");
         std::env::set_var("FERRY_NODE_NAME", "west");
         assert_eq!(Config::load(Some(&file), &Overrides::default()).unwrap().node_names()[&2], "west");
+        std::env::set_var("FERRY_NODE_NAME", "7");
+        assert_eq!(Config::load(Some(&file), &Overrides::default()).unwrap().node_name(), "7");
         clear_env();
 
         let cases = [
