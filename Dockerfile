@@ -1,6 +1,6 @@
 # Ferry's image: ferry-server, the ferry CLI, and the test handlers and record
-# producer used by docker-compose.yml. Built with the same steps as CI
-# (scripts/install-build-deps.sh, then cargo build --workspace --bins --locked).
+# producer used by docker-compose.yml. Built with the same tools as CI
+# (scripts/install-build-deps.sh), in release and without the tests' fail points.
 FROM rust:1.90-bookworm AS build
 WORKDIR /src
 COPY scripts/install-build-deps.sh scripts/

@@ -33,9 +33,10 @@ cargo fmt --all --check
 step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-step "building binaries"
-# The Dockerfile runs the same command in release.
-cargo build --workspace --bins --locked
+step "building binaries and tests"
+# With the tests' dev-dependencies, so the binaries the tests start are the
+# test builds (fail points compiled in) and nextest builds nothing twice.
+cargo build --workspace --all-targets --locked
 
 step "tests"
 cargo nextest run --workspace --locked --no-fail-fast

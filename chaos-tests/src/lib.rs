@@ -59,7 +59,7 @@ pub fn bin_dir() -> PathBuf {
 fn binary(name: &str) -> Result<PathBuf> {
     let path = bin_dir().join(name);
     if !path.exists() {
-        bail!("{} is missing: build it first (cargo build --workspace --bins)", path.display());
+        bail!("{} is missing: build it first (cargo build --workspace --all-targets)", path.display());
     }
     Ok(path)
 }

@@ -21,7 +21,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use ferry_log::partitioner::{key_hash, partition_of};
+use ferry_log::partitioner::partition_of;
 use ferry_log::state::Completion;
 use ferry_log::wire::v1::{Command, HandlerType, Invoke, Response as LogResponse, ServiceType, Source, Target};
 use ferry_log::{partition_group, LogNode, PartitionId};
@@ -67,7 +67,11 @@ impl IntoResponse for Error {
 
 impl From<ferry_log::Error> for Error {
     fn from(e: ferry_log::Error) -> Error {
-        Error::new(503, e.to_string())
+        let status = match e {
+            ferry_log::Error::TooLarge { .. } => 413,
+            _ => 503,
+        };
+        Error::new(status, e.to_string())
     }
 }
 
@@ -161,7 +165,7 @@ async fn four(
 
 async fn attach(State(ingress): State<Ingress>, Path(id): Path<String>) -> Result<Response, Error> {
     let partition = ingress.partition_of_id(&id)?;
-    Ok(result_response(&id, ingress.wait(partition, &id, false).await?))
+    Ok(result_response(&id, ingress.wait(partition, &id).await?))
 }
 
 async fn attach_workflow(
@@ -254,7 +258,7 @@ impl Ingress {
             None => None,
         };
         let target = Target { service: call.service, handler: call.handler, key: call.key, service_ty, handler_ty };
-        let (partition_key, unique) = ids(&target, idempotency_key.as_deref());
+        let (partition_key, unique) = crate::ids(&target, idempotency_key.as_deref());
         let id = format!("inv_{partition_key:016x}{unique:016x}");
         let partition = partition_of(partition_key, self.log.partitions());
         let now = now_ms();
@@ -285,7 +289,7 @@ impl Ingress {
             let body = Json(json!({ "invocationId": id, "status": status }));
             return Ok((StatusCode::ACCEPTED, [("x-restate-id", id)], body).into_response());
         }
-        Ok(result_response(&id, self.wait(partition, &id, true).await?))
+        Ok(result_response(&id, self.wait(partition, &id).await?))
     }
 
     /// The id of the run of workflow `name` with `key`.
@@ -302,7 +306,7 @@ impl Ingress {
             })
         });
         let target = run.ok_or_else(|| Error::new(404, format!("workflow {name} not found")))?;
-        let (partition_key, unique) = ids(&target, None);
+        let (partition_key, unique) = crate::ids(&target, None);
         Ok(format!("inv_{partition_key:016x}{unique:016x}"))
     }
 
@@ -320,18 +324,17 @@ impl Ingress {
             .ok_or_else(|| Error::new(404, format!("invocation {id} not found")))
     }
 
-    /// Waits for the result of an invocation. `committed` says it is known
-    /// to be in the log, so that a replica that has not applied it yet waits
-    /// for it rather than answering 404.
-    async fn wait(&self, partition: PartitionId, id: &str, committed: bool) -> Result<Completion, Error> {
+    /// Waits for the result of an invocation. An invocation that is not
+    /// there, or no longer (killed and purged meanwhile), answers 404: after
+    /// a proposal returns, this node has applied it (see
+    /// [`LogNode::propose_until`]), so a missing invocation is not one that is
+    /// still on its way.
+    async fn wait(&self, partition: PartitionId, id: &str) -> Result<Completion, Error> {
         let mut changes = self.log.partition_changes(partition)?;
         loop {
             changes.borrow_and_update();
-            match self.completion(partition, id) {
-                Ok(Some(completion)) => return Ok(completion),
-                Ok(None) => {}
-                Err(e) if e.status == StatusCode::NOT_FOUND && committed => {}
-                Err(e) => return Err(e),
+            if let Some(completion) = self.completion(partition, id)? {
+                return Ok(completion);
             }
             tokio::select! {
                 changed = changes.changed() => changed.map_err(|_| Error::new(503, "the node is shutting down"))?,
@@ -339,34 +342,6 @@ impl Ingress {
             }
         }
     }
-}
-
-/// The partition key and the unique part of a new invocation's id. With an
-/// idempotency key both derive from the request, so that a repeated request
-/// names the invocation of the first; a workflow's run is named by its key.
-fn ids(target: &Target, idempotency_key: Option<&str>) -> (u64, u64) {
-    let idempotency_key = match target.handler_ty {
-        HandlerType::Workflow => Some(""),
-        _ => idempotency_key,
-    };
-    let partition_key = match (&target.key, idempotency_key) {
-        (Some(key), _) => key_hash(&target.service, key),
-        (None, Some(idempotency_key)) => key_hash(&target.service, idempotency_key),
-        (None, None) => rand_u64(),
-    };
-    let unique = match idempotency_key {
-        Some(idempotency_key) => {
-            let scope = format!("{}\0{}\0{}", target, target.handler, idempotency_key);
-            xxhash_rust::xxh3::xxh3_64(scope.as_bytes())
-        }
-        None => rand_u64(),
-    };
-    (partition_key, unique)
-}
-
-fn rand_u64() -> u64 {
-    let ulid = ulid::Ulid::new();
-    xxhash_rust::xxh3::xxh3_64(&ulid.to_bytes())
 }
 
 fn result_response(id: &str, completion: Completion) -> Response {

@@ -9,7 +9,7 @@
 //! there, so the dedup rule "drop sequence numbers at or below the last one"
 //! never drops a record that was not appended.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -26,9 +26,10 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientContext, Statistics, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, trace, warn, Span};
+use tracing::{debug, error, info, trace, warn, Span};
 
 use crate::record::{self, Origin, Record, Sink};
 use crate::Error;
@@ -117,6 +118,9 @@ impl ClusterOptions {
 pub struct Options {
     /// Most records taken from a Kafka partition at once.
     pub batch_records_max: usize,
+    /// Most bytes of records in one append (one log entry); a larger record
+    /// goes alone.
+    pub batch_bytes_max: usize,
     /// Most records of one Kafka partition read but not yet committed in Raft.
     pub buffer_records_max: usize,
     pub retry_delay_ms_initial: u64,
@@ -127,6 +131,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             batch_records_max: 1024,
+            batch_bytes_max: 4 << 20,
             buffer_records_max: 8192,
             retry_delay_ms_initial: 50,
             retry_delay_ms_max: 5_000,
@@ -138,6 +143,9 @@ impl Options {
     pub fn validate(&self) -> Result<(), String> {
         if self.batch_records_max == 0 || self.buffer_records_max < self.batch_records_max {
             return Err("batch-records-max must be positive and at most buffer-records-max".to_owned());
+        }
+        if self.batch_bytes_max == 0 || self.batch_bytes_max > ferry_log::COMMAND_BYTES_MAX / 2 {
+            return Err(format!("batch-bytes-max must be positive and at most {}", ferry_log::COMMAND_BYTES_MAX / 2));
         }
         if self.retry_delay_ms_initial == 0 || self.retry_delay_ms_max < self.retry_delay_ms_initial {
             return Err("retry-delay-ms-initial must be positive and at most retry-delay-ms-max".to_owned());
@@ -298,7 +306,7 @@ impl KafkaIngress {
                     subscription,
                     lag: self.lag.clone(),
                 };
-                tracker.spawn(worker.run(token));
+                tracker.spawn(worker.supervise(token));
             }
             tokio::select! {
                 changed = changes.changed() => if changed.is_err() { break },
@@ -322,15 +330,30 @@ struct ConsumerLog {
     assigned: Mutex<BTreeSet<(String, i32)>>,
     /// Set when the consumer stops, after which statistics are ignored.
     stopped: AtomicBool,
+    /// The token of each assigned partition's worker. Revoking a partition
+    /// cancels its worker under this lock, and a worker stores offsets only
+    /// under it while its token stands: a worker of a revoked partition never
+    /// stores an offset, even one whose append commits later.
+    workers: Mutex<HashMap<i32, CancellationToken>>,
 }
 
 impl ConsumerLog {
     fn new(subscription: String, lag: LagTable) -> Self {
-        ConsumerLog { subscription, lag, assigned: Mutex::default(), stopped: AtomicBool::new(false) }
+        ConsumerLog {
+            subscription,
+            lag,
+            assigned: Mutex::default(),
+            stopped: AtomicBool::new(false),
+            workers: Mutex::default(),
+        }
     }
 
     fn key(&self, topic: &str, partition: i32) -> LagKey {
         LagKey { subscription: self.subscription.clone(), topic: topic.to_owned(), partition }
+    }
+
+    fn lock_workers(&self) -> std::sync::MutexGuard<'_, HashMap<i32, CancellationToken>> {
+        self.workers.lock().expect("workers lock poisoned")
     }
 
     /// Stops reporting lag and removes this subscription's entries.
@@ -374,9 +397,13 @@ impl ConsumerContext for ConsumerLog {
             Rebalance::Revoke(tpl) => {
                 info!(subscription = %self.subscription, "revoked {}", describe(tpl));
                 let mut assigned = self.assigned.lock().expect("assignment lock poisoned");
+                let mut workers = self.lock_workers();
                 for e in tpl.elements() {
                     assigned.remove(&(e.topic().to_owned(), e.partition()));
                     self.lag.remove(&self.key(e.topic(), e.partition()));
+                    if let Some(worker) = workers.remove(&e.partition()) {
+                        worker.cancel();
+                    }
                 }
             }
             Rebalance::Error(e) => warn!(subscription = %self.subscription, "rebalance failed: {e}"),
@@ -442,7 +469,33 @@ impl SubscriptionWorker {
         Ok(consumer)
     }
 
-    async fn run(self, cancel: CancellationToken) {
+    /// Runs the subscription's consumer until `cancel` fires. If it fails (a
+    /// partition worker panicked), it is torn down and started again after a
+    /// backoff: consumption resumes from the offsets committed to Kafka, and
+    /// what is read twice is dropped as duplicates by the partition log.
+    async fn supervise(self, cancel: CancellationToken) {
+        let mut backoff = self.options.backoff();
+        loop {
+            let run = std::panic::AssertUnwindSafe(self.run(cancel.clone()));
+            let failure = match futures::FutureExt::catch_unwind(run).await {
+                Ok(Ok(())) if cancel.is_cancelled() => return,
+                Ok(Ok(())) => "the consumer stopped".to_owned(),
+                Ok(Err(e)) => e,
+                Err(panic) => ferry_telemetry::panic_message(panic.as_ref()).to_owned(),
+            };
+            let delay = backoff.next();
+            error!(subscription = %self.subscription.id, "subscription failed: {failure}; restarting in {delay:?}");
+            metrics::counter!("ferry_ingress_subscription_restarts_total", "subscription" => self.subscription.id.clone())
+                .increment(1);
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = cancel.cancelled() => return,
+            }
+        }
+    }
+
+    /// Consumes until `cancel` fires; `Err` when a partition worker failed.
+    async fn run(&self, cancel: CancellationToken) -> Result<(), String> {
         let sub = &self.subscription;
         let mut backoff = self.options.backoff();
         let consumer = loop {
@@ -453,75 +506,59 @@ impl SubscriptionWorker {
                     warn!(subscription = %sub.id, "{e}; retrying in {delay:?}");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => continue,
-                        _ = cancel.cancelled() => return,
+                        _ = cancel.cancelled() => return Ok(()),
                     }
                 }
             }
         };
         info!(subscription = %sub.id, source = %sub.source(), sink = %sub.sink(), group = sub.group_id(), "consuming");
-        let workers = TaskTracker::new();
-        let mut partitions: HashMap<i32, mpsc::Sender<Record>> = HashMap::new();
+        let mut feeds = Feeds {
+            worker: self,
+            consumer: consumer.clone(),
+            cancel: cancel.clone(),
+            feeds: HashMap::new(),
+            workers: JoinSet::new(),
+            permits: FuturesUnordered::new(),
+        };
         let labels = [("subscription", sub.id.clone())];
-        loop {
-            let message = tokio::select! {
-                message = consumer.recv() => message,
-                _ = cancel.cancelled() => break,
-            };
-            let message = match message {
-                Ok(message) => message,
-                Err(e) => {
-                    // librdkafka reconnects with its own backoff
-                    // (reconnect.backoff.ms); errors here only report it.
-                    warn!(subscription = %sub.id, topic = %sub.topic, "Kafka consumer error: {e}");
-                    metrics::counter!("ferry_ingress_consumer_errors_total", &labels).increment(1);
-                    continue;
+        let failure = loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break None,
+                Some(joined) = feeds.workers.join_next(), if !feeds.workers.is_empty() => {
+                    if let Err(e) = joined {
+                        if e.is_panic() {
+                            break Some(format!("a partition worker panicked: {}", ferry_telemetry::panic_message(e.into_panic().as_ref())));
+                        }
+                    }
                 }
-            };
-            let partition = message.partition();
-            let record = Record {
-                offset: message.offset(),
-                key: message.key().map(Bytes::copy_from_slice),
-                payload: message.payload().map(Bytes::copy_from_slice).unwrap_or_default(),
-                headers: message
-                    .headers()
-                    .map(|headers| {
-                        headers
-                            .iter()
-                            .map(|h| {
-                                (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-                timestamp_ms: message.timestamp().to_millis(),
-            };
-            drop(message);
-            metrics::counter!("ferry_ingress_records_consumed_total", &labels).increment(1);
-            let tx = partitions.entry(partition).or_insert_with(|| {
-                let (tx, rx) = mpsc::channel(self.options.batch_records_max);
-                let worker = PartitionWorker {
-                    log: self.log.clone(),
-                    consumer: consumer.clone(),
-                    subscription: sub.clone(),
-                    origin: Origin {
-                        subscription: sub.id.clone(),
-                        topic: sub.topic.clone(),
-                        partition,
-                        producer: kafka_producer_id(&sub.id, sub.group_id(), &sub.topic, partition),
-                    },
-                    options: self.options.clone(),
-                    labels: labels.clone(),
-                };
-                workers.spawn(worker.run(rx, cancel.clone()));
-                tx
-            });
-            if tx.send(record).await.is_err() {
-                break;
+                Some((partition, permit)) = feeds.permits.next(), if !feeds.permits.is_empty() => {
+                    feeds.unstall(partition, permit);
+                }
+                message = consumer.recv() => match message {
+                    Ok(message) => {
+                        let partition = message.partition();
+                        let record = record_of(&message);
+                        drop(message);
+                        metrics::counter!("ferry_ingress_records_consumed_total", &labels).increment(1);
+                        feeds.deliver(partition, record);
+                    }
+                    Err(e) => {
+                        // librdkafka reconnects with its own backoff
+                        // (reconnect.backoff.ms); errors here only report it.
+                        warn!(subscription = %sub.id, topic = %sub.topic, "Kafka consumer error: {e}");
+                        metrics::counter!("ferry_ingress_consumer_errors_total", &labels).increment(1);
+                    }
+                },
             }
+        };
+        let Feeds { feeds: senders, mut workers, .. } = feeds;
+        drop(senders);
+        if let Some(failure) = failure {
+            workers.shutdown().await;
+            consumer.context().stop();
+            return Err(failure);
         }
-        drop(partitions);
-        workers.close();
-        workers.wait().await;
+        while workers.join_next().await.is_some() {}
         let closing = consumer.clone();
         let _ = tokio::task::spawn_blocking(move || {
             if let Err(e) = closing.commit_consumer_state(CommitMode::Sync) {
@@ -532,6 +569,148 @@ impl SubscriptionWorker {
         .await;
         consumer.context().stop();
         info!(subscription = %sub.id, "consumer stopped");
+        Ok(())
+    }
+
+    /// Starts the worker of `partition`, replacing any earlier one.
+    fn start_worker(
+        &self,
+        consumer: &Arc<KafkaConsumer>,
+        workers: &mut JoinSet<()>,
+        partition: i32,
+        cancel: &CancellationToken,
+    ) -> mpsc::Sender<Record> {
+        let sub = &self.subscription;
+        let (tx, rx) = mpsc::channel(self.options.batch_records_max);
+        let token = cancel.child_token();
+        if let Some(earlier) = consumer.context().lock_workers().insert(partition, token.clone()) {
+            earlier.cancel();
+        }
+        let worker = PartitionWorker {
+            log: self.log.clone(),
+            consumer: consumer.clone(),
+            subscription: sub.clone(),
+            origin: Origin {
+                subscription: sub.id.clone(),
+                topic: sub.topic.clone(),
+                partition,
+                producer: kafka_producer_id(&sub.id, sub.group_id(), &sub.topic, partition),
+            },
+            options: self.options.clone(),
+            labels: [("subscription", sub.id.clone())],
+            assignment: token.clone(),
+        };
+        workers.spawn(worker.run(rx, token));
+        tx
+    }
+}
+
+/// Copies a record out of librdkafka's buffer.
+fn record_of(message: &rdkafka::message::BorrowedMessage<'_>) -> Record {
+    Record {
+        offset: message.offset(),
+        key: message.key().map(Bytes::copy_from_slice),
+        payload: message.payload().map(Bytes::copy_from_slice).unwrap_or_default(),
+        headers: message
+            .headers()
+            .map(|headers| {
+                headers
+                    .iter()
+                    .map(|h| (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        timestamp_ms: message.timestamp().to_millis(),
+    }
+}
+
+/// A permit to send one record to a partition's worker, once it has room.
+type Permit = (i32, Result<mpsc::OwnedPermit<Record>, mpsc::error::SendError<()>>);
+
+/// Hands records from the consumer to the worker of their Kafka partition
+/// without ever waiting on one: a worker that is full (its Raft partition
+/// takes no appends) gets its partition paused in the consumer and its
+/// records held here, while every other partition goes on.
+struct Feeds<'a> {
+    worker: &'a SubscriptionWorker,
+    consumer: Arc<KafkaConsumer>,
+    cancel: CancellationToken,
+    feeds: HashMap<i32, Feed>,
+    workers: JoinSet<()>,
+    permits: FuturesUnordered<futures::future::BoxFuture<'static, Permit>>,
+}
+
+struct Feed {
+    tx: mpsc::Sender<Record>,
+    /// Records read while the worker was full, oldest first.
+    stalled: VecDeque<Record>,
+}
+
+impl Feeds<'_> {
+    /// Hands `record` to its partition's worker, starting one if the
+    /// partition has none (newly assigned, or its worker was revoked).
+    fn deliver(&mut self, partition: i32, record: Record) {
+        if self.feeds.get(&partition).is_none_or(|feed| feed.tx.is_closed()) {
+            let tx = self.worker.start_worker(&self.consumer, &mut self.workers, partition, &self.cancel);
+            self.feeds.insert(partition, Feed { tx, stalled: VecDeque::new() });
+        }
+        let feed = self.feeds.get_mut(&partition).expect("a feed per partition");
+        if !feed.stalled.is_empty() {
+            feed.stalled.push_back(record);
+            return;
+        }
+        match feed.tx.try_send(record) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(record)) => {
+                feed.stalled.push_back(record);
+                let tx = feed.tx.clone();
+                self.pause(partition, true);
+                self.permits.push(Box::pin(async move { (partition, tx.reserve_owned().await) }));
+            }
+            // The worker ended after the check above (revoked): the records
+            // of its partition are read again by whoever owns it now.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+
+    /// The worker of `partition` has room again: hands it what waits.
+    fn unstall(&mut self, partition: i32, permit: Result<mpsc::OwnedPermit<Record>, mpsc::error::SendError<()>>) {
+        let Some(feed) = self.feeds.get_mut(&partition) else { return };
+        let Ok(permit) = permit else {
+            // The worker is gone; its partition was revoked.
+            feed.stalled.clear();
+            self.pause(partition, false);
+            return;
+        };
+        let Some(first) = feed.stalled.pop_front() else { return };
+        permit.send(first);
+        while let Some(record) = feed.stalled.pop_front() {
+            match feed.tx.try_send(record) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(record)) => {
+                    feed.stalled.push_front(record);
+                    let tx = feed.tx.clone();
+                    self.permits.push(Box::pin(async move { (partition, tx.reserve_owned().await) }));
+                    return;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => feed.stalled.clear(),
+            }
+        }
+        self.pause(partition, false);
+    }
+
+    /// Pauses or resumes fetching `partition`. While paused, librdkafka drops
+    /// what it prefetched and, once resumed, fetches again from the record
+    /// after the last one it delivered.
+    fn pause(&self, partition: i32, paused: bool) {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.worker.subscription.topic, partition);
+        let result = if paused { self.consumer.pause(&tpl) } else { self.consumer.resume(&tpl) };
+        let what = if paused { "paused" } else { "resumed" };
+        match result {
+            Ok(()) => debug!(subscription = %self.worker.subscription.id, partition, "{what}: its worker is full"),
+            Err(e) => debug!(subscription = %self.worker.subscription.id, partition, "could not be {what}: {e}"),
+        }
     }
 }
 
@@ -553,6 +732,8 @@ struct PartitionWorker {
     origin: Origin,
     options: Options,
     labels: [(&'static str, String); 1],
+    /// Cancelled when the partition is revoked from this consumer.
+    assignment: CancellationToken,
 }
 
 /// An append that committed: its target partition, the offsets it carried,
@@ -603,6 +784,8 @@ impl PartitionWorker {
                 }
                 received = rx.recv_many(&mut batch, self.options.batch_records_max),
                     if !closed && buffered < self.options.buffer_records_max => {
+                    // Tests make a partition worker panic here.
+                    fail::fail_point!("ingress-partition-worker");
                     if received == 0 {
                         closed = true;
                         if in_flight.is_empty() {
@@ -651,19 +834,44 @@ impl PartitionWorker {
         }
     }
 
-    /// Appends everything queued in `lane`, retrying until it commits.
+    /// Appends the oldest records queued in `lane`, at most
+    /// `batch-bytes-max` of them (at least one), retrying until they commit.
     fn append(&self, partition: PartitionId, lane: &mut Lane) -> impl std::future::Future<Output = Appended> {
         lane.busy = true;
-        let batch = Arc::new(std::mem::take(&mut lane.invokes));
-        let offsets = std::mem::take(&mut lane.offsets);
-        let timestamps = std::mem::take(&mut lane.timestamps);
+        let mut bytes = 0;
+        let count = lane
+            .invokes
+            .iter()
+            .take_while(|invoke| {
+                bytes += record::invoke_bytes(invoke);
+                bytes <= self.options.batch_bytes_max
+            })
+            .count()
+            .max(1);
+        let rest = lane.invokes.split_off(count);
+        let batch = Arc::new(std::mem::replace(&mut lane.invokes, rest));
+        let rest = lane.offsets.split_off(count);
+        let offsets = std::mem::replace(&mut lane.offsets, rest);
+        let rest = lane.timestamps.split_off(count);
+        let timestamps = std::mem::replace(&mut lane.timestamps, rest);
         let spans = std::mem::take(&mut lane.spans);
         let log = self.log.clone();
         let mut backoff = self.options.backoff();
         let origin = self.origin.clone();
         async move {
             loop {
-                match log.propose(partition_group(partition), Command::Invoke(batch.clone())).await {
+                // Tests make appends to one partition fail here: `ingress-append-<partition>`.
+                let injected = (|| {
+                    fail::fail_point!(&format!("ingress-append-{partition}"), |_| true);
+                    false
+                })();
+                let appended = match injected {
+                    true => {
+                        Err(ferry_log::Error::Write { group: partition_group(partition), message: "injected".into() })
+                    }
+                    false => log.propose(partition_group(partition), Command::Invoke(batch.clone())).await,
+                };
+                match appended {
                     Ok(response) => return (partition, offsets, timestamps, spans, response),
                     Err(e) => {
                         let delay = backoff.next();
@@ -708,6 +916,10 @@ impl PartitionWorker {
             },
         };
         if stored.is_some_and(|s| done <= s) || done < 0 {
+            return stored;
+        }
+        let _workers = self.consumer.context().lock_workers();
+        if self.assignment.is_cancelled() {
             return stored;
         }
         // librdkafka commits the stored offset + 1: the next record to read.

@@ -45,11 +45,38 @@ pub struct Origin {
     pub producer: u64,
 }
 
+/// The largest record taken as it is: a larger one is created failed,
+/// without its payload and headers, so that it fits in a command and does not
+/// hold up its Kafka partition.
+pub const RECORD_BYTES_MAX: usize = ferry_log::COMMAND_BYTES_MAX - (64 << 10);
+
+impl Record {
+    /// The bytes of the record's key, payload and headers.
+    pub fn bytes(&self) -> usize {
+        let headers: usize = self.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+        self.key.as_ref().map_or(0, Bytes::len) + self.payload.len() + headers
+    }
+}
+
+/// About how many bytes `invoke` takes in an entry.
+pub fn invoke_bytes(invoke: &Invoke) -> usize {
+    let headers: usize = invoke.headers.iter().map(|(k, v)| k.len() + v.len() + 16).sum();
+    invoke.payload.len() + headers + invoke.id.len() + 256
+}
+
 /// Builds the invoke command of `record`, stamped with `now_ms`, and the
 /// partition it belongs to. A record that cannot be delivered still yields an
 /// invocation, created failed, so that it never blocks its Kafka partition.
-pub fn invoke(origin: &Origin, sink: &Sink, record: Record, partitions: u32, now_ms: u64) -> (PartitionId, Invoke) {
+pub fn invoke(origin: &Origin, sink: &Sink, mut record: Record, partitions: u32, now_ms: u64) -> (PartitionId, Invoke) {
     let seq = record.offset as u64;
+    let oversized = match record.bytes() {
+        bytes if bytes > RECORD_BYTES_MAX => {
+            record.payload = Bytes::new();
+            record.headers = Vec::new();
+            Some(format!("the record is {bytes} bytes, over the limit of {RECORD_BYTES_MAX}"))
+        }
+        _ => None,
+    };
     let unkeyed = producer_seq_hash(origin.producer, seq);
     let (service_ty, handler_ty, key, failure) = match sink.resolved {
         None => (
@@ -71,16 +98,20 @@ pub fn invoke(origin: &Origin, sink: &Sink, record: Record, partitions: u32, now
         },
         Some((service_ty, handler_ty)) => (service_ty, handler_ty, None, None),
     };
-    let partition_key = match &key {
-        Some(key) => key_hash(&sink.service, key),
-        None => unkeyed,
+    let failure = oversized.or(failure);
+    let target = Target { service: sink.service.clone(), handler: sink.handler.clone(), key, service_ty, handler_ty };
+    let (partition_key, unique) = match &target.key {
+        // A workflow runs once per key, whichever record or request starts
+        // it: every one of them names the same invocation, and the first wins.
+        Some(_) if handler_ty == HandlerType::Workflow => crate::ids(&target, None),
+        // The unique part is a hash of (producer, offset): a re-read record
+        // gets the same id as its first copy.
+        Some(key) => (key_hash(&sink.service, key), xxhash_rust::xxh3::xxh3_64(&unkeyed.to_le_bytes())),
+        None => (unkeyed, xxhash_rust::xxh3::xxh3_64(&unkeyed.to_le_bytes())),
     };
-    // The unique part is a hash of (producer, offset): a re-read record gets
-    // the same id as its first copy.
-    let id = format!("inv_{partition_key:016x}{:016x}", xxhash_rust::xxh3::xxh3_64(&unkeyed.to_le_bytes()));
     let invoke = Invoke {
-        id,
-        target: Target { service: sink.service.clone(), handler: sink.handler.clone(), key, service_ty, handler_ty },
+        id: format!("inv_{partition_key:016x}{unique:016x}"),
+        target,
         payload: record.payload,
         headers: record.headers,
         source: Source::Kafka(KafkaSource {
@@ -149,6 +180,49 @@ mod tests {
         assert_eq!(a.dedup, Some(Dedup { producer: 99, seq: 7 }));
         let pkey = u64::from_str_radix(&a.id[4..20], 16).unwrap();
         assert_eq!(partition_of(pkey, 16), p);
+    }
+
+    /// Case 8: a workflow's `run` runs once per key, from Kafka as from HTTP:
+    /// every record of a key names the invocation that HTTP's attach and
+    /// output look up by workflow key.
+    #[test]
+    fn case8_kafka_into_a_workflow_run_is_once_per_key() {
+        let workflow = Sink {
+            service: "Flow".into(),
+            handler: "run".into(),
+            resolved: Some((ServiceType::Workflow, HandlerType::Workflow)),
+        };
+        let (p1, first) = invoke(&origin(), &workflow, record(1, Some(b"w-1")), 16, 0);
+        let (p2, second) = invoke(&origin(), &workflow, record(2, Some(b"w-1")), 16, 0);
+        let (_, other) = invoke(&origin(), &workflow, record(3, Some(b"w-2")), 16, 0);
+        assert_eq!((p1, &first.id), (p2, &second.id), "one key, one run");
+        assert_ne!(first.id, other.id);
+        let (partition_key, unique) = crate::ids(&first.target, None);
+        assert_eq!(first.id, format!("inv_{partition_key:016x}{unique:016x}"), "the id HTTP derives");
+        // Both records still advance the producer's sequence.
+        assert_eq!((first.dedup.unwrap().seq, second.dedup.unwrap().seq), (1, 2));
+
+        let mut state = ferry_log::state::GroupState::default();
+        let created = state.apply(ferry_log::wire::v1::Command::Invoke(vec![first, second, other].into()));
+        assert_eq!(created, ferry_log::wire::v1::Response::Invoked { created: 2, deduplicated: 1 });
+    }
+
+    /// Case 6: a record too large for one command is created failed, without
+    /// its payload, rather than failing its append for ever.
+    #[test]
+    fn case6_an_oversized_record_is_created_failed_and_fits_in_a_command() {
+        let service = sink(Some((ServiceType::Service, HandlerType::Shared)));
+        let mut big = record(4, Some(b"k"));
+        big.payload = Bytes::from(vec![7u8; RECORD_BYTES_MAX + 1]);
+        let (_, failed) = invoke(&origin(), &service, big, 16, 0);
+        assert!(failed.failure.as_deref().unwrap().contains("over the limit"), "{:?}", failed.failure);
+        assert!(failed.payload.is_empty());
+        assert_eq!(failed.dedup.unwrap().seq, 4);
+        let command = ferry_log::wire::v1::Command::Invoke(vec![failed].into());
+        assert!(ferry_log::wire::encode(&command).len() < ferry_log::COMMAND_BYTES_MAX);
+        let mut fits = record(5, Some(b"k"));
+        fits.payload = Bytes::from(vec![7u8; RECORD_BYTES_MAX - 64]);
+        assert!(invoke(&origin(), &service, fits, 16, 0).1.failure.is_none());
     }
 
     #[test]

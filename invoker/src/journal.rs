@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use ferry_log::state::{Completion, Invocation};
-use ferry_log::wire::v1::{Effect, JournalEntry, Sleep, StateOp};
+use ferry_log::wire::v1::{AttemptId, Effect, JournalEntry, Sleep, StateOp};
 use ferry_proto::service_protocol as pb;
 use ferry_telemetry::TraceContext;
 
@@ -21,8 +21,8 @@ pub struct Job {
     pub id: String,
     pub service: String,
     pub handler: String,
-    /// The journal length the attempt starts from.
-    pub base: u32,
+    /// The invocation's run and the journal length the attempt starts from.
+    pub attempt: AttemptId,
     /// Failed attempts since the journal last grew.
     pub attempts: u32,
     /// Whether sleeps are pending, so that a suspension is expected.
@@ -69,7 +69,7 @@ impl Job {
             id: invocation.id.clone(),
             service: invocation.target.service.clone(),
             handler: invocation.target.handler.clone(),
-            base: invocation.journal.len() as u32,
+            attempt: invocation.attempt().expect("only a ready invocation runs"),
             attempts: invocation.attempts,
             sleeping: !invocation.sleeps.is_empty(),
             body: body.freeze(),
@@ -152,7 +152,7 @@ impl Job {
                     let message = format!("the handler used {ty}, which Ferry does not support");
                     return Effect::Complete {
                         id: self.id.clone(),
-                        base: self.base,
+                        attempt: self.attempt,
                         state: Vec::new(),
                         result: Completion::Failure { code: 501, message },
                     };
@@ -162,7 +162,7 @@ impl Job {
         match attempt.ending {
             Ending::End => Effect::Complete {
                 id: self.id.clone(),
-                base: self.base,
+                attempt: self.attempt,
                 state,
                 result: output.unwrap_or(Completion::Success(Bytes::new())),
             },
@@ -173,9 +173,14 @@ impl Job {
                 retry,
                 now_ms,
             ),
-            Ending::Suspended => {
-                Effect::Progress { id: self.id.clone(), base: self.base, entries, state, sleeps, run_now: proposed_run }
-            }
+            Ending::Suspended => Effect::Progress {
+                id: self.id.clone(),
+                attempt: self.attempt,
+                entries,
+                state,
+                sleeps,
+                run_now: proposed_run,
+            },
             Ending::Failed => unreachable!("an Error message returns above"),
         }
     }
@@ -200,7 +205,7 @@ impl Job {
         };
         Effect::Failed {
             id: self.id.clone(),
-            base: self.base,
+            attempt: self.attempt,
             message,
             retry_at_ms: delay.map(|d| now_ms + d.as_millis() as u64),
             pause,

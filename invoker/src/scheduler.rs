@@ -12,7 +12,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ferry_log::wire::v1::{Command, Effect, Outcome, Response};
+use ferry_log::wire::v1::{AttemptId, Command, Effect, Outcome, Response};
 use ferry_log::{partition_group, GroupId, LogNode, PartitionId};
 use ferry_telemetry::TraceContext;
 use serde::{Deserialize, Serialize};
@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::field::Empty;
-use tracing::{debug, warn, Instrument, Span};
+use tracing::{debug, error, warn, Instrument, Span};
 
 use crate::client::{Client, Endpoint};
 use crate::codec::ProtocolVersion;
@@ -99,7 +99,8 @@ impl EffectSender {
     }
 }
 
-/// Proposes the effects of a partition, as many per entry as are waiting.
+/// Proposes the effects of a partition, as many per entry as are waiting
+/// and fit in [`EFFECTS_BYTES_MAX`].
 async fn write_effects(
     log: LogNode,
     group: GroupId,
@@ -108,25 +109,65 @@ async fn write_effects(
 ) {
     let mut waiting = Vec::new();
     while rx.recv_many(&mut waiting, max_batch).await > 0 {
-        let (effects, replies): (Vec<_>, Vec<_>) = waiting.drain(..).unzip();
-        let count = effects.len();
-        let completions: Vec<bool> = effects.iter().map(|e| matches!(e, Effect::Complete { .. })).collect();
-        metrics::histogram!("ferry_invoker_effects_per_entry").record(count as f64);
-        match log.propose_as_leader(group, Command::Effects { at_ms: now_ms(), effects }).await {
-            Ok(Response::Effects(outcomes)) if outcomes.len() == count => {
-                let completed =
-                    outcomes.iter().zip(&completions).filter(|(o, &c)| c && **o == Outcome::Applied).count();
-                metrics::counter!("ferry_invoker_invocations_completed_total").increment(completed as u64);
-                for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                    let _ = reply.send(Some(outcome));
-                }
+        for batch in batches(waiting.drain(..)) {
+            propose_effects(&log, group, batch).await;
+        }
+    }
+}
+
+/// The most bytes of effects in one entry.
+const EFFECTS_BYTES_MAX: usize = ferry_log::COMMAND_BYTES_MAX / 2;
+
+/// Splits effects into entries of at most [`EFFECTS_BYTES_MAX`] (or one
+/// effect). An effect that could never fit in a command (an output or a
+/// journal too large) becomes a failure that pauses its invocation, so that
+/// an operator sees it, instead of an attempt that runs again and again.
+fn batches<R>(effects: impl Iterator<Item = (Effect, R)>) -> Vec<Vec<(Effect, R)>> {
+    let mut batches = vec![Vec::new()];
+    let mut bytes = 0;
+    for (effect, reply) in effects {
+        let mut size = ferry_log::wire::encoded_len(&effect);
+        let effect = match effect.attempt() {
+            Some(attempt) if size > ferry_log::COMMAND_BYTES_MAX - (64 << 10) => {
+                let message = format!("the attempt's result is {size} bytes, over the limit of {EFFECTS_BYTES_MAX}");
+                warn!(id = effect.id(), "{message}");
+                let failed =
+                    Effect::Failed { id: effect.id().to_owned(), attempt, message, retry_at_ms: None, pause: true };
+                size = ferry_log::wire::encoded_len(&failed);
+                failed
             }
-            Ok(other) => {
-                warn!(group, "effects answered with {other:?}");
+            _ => effect,
+        };
+        let batch = batches.last_mut().expect("never empty");
+        if !batch.is_empty() && bytes + size > EFFECTS_BYTES_MAX {
+            batches.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += size;
+        batches.last_mut().expect("never empty").push((effect, reply));
+    }
+    batches.retain(|b| !b.is_empty());
+    batches
+}
+
+async fn propose_effects(log: &LogNode, group: GroupId, batch: Vec<(Effect, oneshot::Sender<Option<Outcome>>)>) {
+    let (effects, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+    let count = effects.len();
+    let completions: Vec<bool> = effects.iter().map(|e| matches!(e, Effect::Complete { .. })).collect();
+    metrics::histogram!("ferry_invoker_effects_per_entry").record(count as f64);
+    match log.propose_as_leader(group, Command::Effects { at_ms: now_ms(), effects }).await {
+        Ok(Response::Effects(outcomes)) if outcomes.len() == count => {
+            let completed = outcomes.iter().zip(&completions).filter(|(o, &c)| c && **o == Outcome::Applied).count();
+            metrics::counter!("ferry_invoker_invocations_completed_total").increment(completed as u64);
+            for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                let _ = reply.send(Some(outcome));
             }
-            Err(e) => {
-                debug!(group, "proposing {count} effects failed: {e}");
-            }
+        }
+        Ok(other) => {
+            warn!(group, "effects answered with {other:?}");
+        }
+        Err(e) => {
+            debug!(group, "proposing {count} effects failed: {e}");
         }
     }
 }
@@ -138,7 +179,7 @@ enum Done {
 
 struct Running {
     abort: AbortHandle,
-    base: u32,
+    attempt: AttemptId,
 }
 
 struct PartitionScheduler {
@@ -176,6 +217,8 @@ impl PartitionScheduler {
                 Some(done) = self.attempts.join_next(), if !self.attempts.is_empty() => match done {
                     Ok(Done::Attempt(id)) => { self.running.remove(&id); }
                     Ok(Done::Woken(ids)) => for id in ids { self.waking.remove(&id); },
+                    // Aborted: its slot was freed by whoever aborted it. Attempts
+                    // catch their own panics (see `supervised`).
                     Err(_) => {}
                 },
                 _ = timer, if leader => {}
@@ -210,11 +253,7 @@ impl PartitionScheduler {
             // Attempts whose invocation was killed, cancelled or woken meanwhile.
             let outdated: Vec<String> = running
                 .iter()
-                .filter(|(id, r)| {
-                    state.invocation(id).is_none_or(|inv| {
-                        inv.status != ferry_log::state::Status::Ready || inv.journal.len() != r.base as usize
-                    })
-                })
+                .filter(|(id, r)| state.invocation(id).and_then(|inv| inv.attempt()) != Some(r.attempt))
                 .map(|(id, _)| id.clone())
                 .collect();
             let jobs: Vec<Job> = state
@@ -249,15 +288,15 @@ impl PartitionScheduler {
         }
         for job in jobs {
             let id = job.id.clone();
-            let base = job.base;
-            let abort = self.attempts.spawn(attempt(
+            let attempt_id = job.attempt;
+            let abort = self.attempts.spawn(supervised(
                 job,
                 self.log.clone(),
                 self.client.clone(),
                 self.retry.clone(),
                 self.effects.clone(),
             ));
-            self.running.insert(id, Running { abort, base });
+            self.running.insert(id, Running { abort, attempt: attempt_id });
         }
         metrics::gauge!("ferry_invoker_running", "partition" => self.partition.to_string())
             .set(self.running.len() as f64);
@@ -318,14 +357,34 @@ fn attempt_span(job: &Job) -> Span {
         rpc.method = %job.handler,
         restate.invocation.id = %job.id,
         restate.invocation.attempt = job.attempts + 1,
-        restate.journal.length = job.base,
+        restate.journal.length = job.attempt.base,
         ferry.outcome = Empty,
     );
     parent.adopt(&span);
     span
 }
 
+/// Runs [`attempt`]; if it panics, the attempt counts as failed (retried after
+/// a backoff like any failure) rather than holding its slot for ever.
+async fn supervised(job: Job, log: LogNode, client: Client, retry: Arc<RetryPolicy>, effects: EffectSender) -> Done {
+    let fallback = job.clone();
+    let run = std::panic::AssertUnwindSafe(attempt(job, log, client, retry.clone(), effects.clone()));
+    match futures::FutureExt::catch_unwind(run).await {
+        Ok(done) => done,
+        Err(panic) => {
+            let reason = ferry_telemetry::panic_message(panic.as_ref());
+            error!(id = %fallback.id, "an attempt panicked: {reason}");
+            metrics::counter!("ferry_invoker_attempt_panics_total").increment(1);
+            let failed = fallback.effect(Err(format!("the attempt panicked: {reason}")), &retry, now_ms());
+            effects.apply(failed).await;
+            Done::Attempt(fallback.id)
+        }
+    }
+}
+
 async fn attempt(job: Job, log: LogNode, client: Client, retry: Arc<RetryPolicy>, effects: EffectSender) -> Done {
+    // Tests make attempts panic here.
+    fail::fail_point!("invoker-attempt");
     let span = attempt_span(&job);
     let traceparent = TraceContext::of(&span).map(|c| c.traceparent());
     let started = Instant::now();
@@ -369,4 +428,46 @@ async fn attempt(job: Job, log: LogNode, client: Client, retry: Arc<RetryPolicy>
 
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use ferry_log::state::Completion;
+
+    use super::*;
+
+    fn complete(id: &str, output_bytes: usize) -> Effect {
+        Effect::Complete {
+            id: id.to_owned(),
+            attempt: AttemptId { run: 1, base: 0 },
+            state: vec![],
+            result: Completion::Success(Bytes::from(vec![0u8; output_bytes])),
+        }
+    }
+
+    /// Case 6: effects go in entries of bounded size, and one that could
+    /// never be written pauses its invocation instead of failing its entry
+    /// (and every effect in it) again and again.
+    #[test]
+    fn case6_effects_are_batched_by_size_and_an_oversized_one_pauses() {
+        let mb = 1 << 20;
+        let effects = vec![complete("a", 3 * mb), complete("b", 3 * mb), complete("c", 3 * mb), complete("d", 20 * mb)];
+        let batches = batches(effects.into_iter().map(|e| (e, ())));
+        let ids: Vec<Vec<&str>> = batches.iter().map(|b| b.iter().map(|(e, _)| e.id()).collect()).collect();
+        // "d" becomes a small failure, which fits beside "c".
+        assert_eq!(ids, vec![vec!["a", "b"], vec!["c", "d"]]);
+        for batch in &batches {
+            let bytes: usize = batch.iter().map(|(e, _)| ferry_log::wire::encoded_len(e)).sum();
+            assert!(bytes <= EFFECTS_BYTES_MAX || batch.len() == 1, "{bytes}");
+        }
+        match &batches[1][1].0 {
+            Effect::Failed { pause, message, retry_at_ms, attempt, .. } => {
+                assert!(*pause && retry_at_ms.is_none(), "{message}");
+                assert_eq!(*attempt, AttemptId { run: 1, base: 0 });
+                assert!(message.contains("over the limit"), "{message}");
+            }
+            other => panic!("an oversized effect was kept: {}", other.id()),
+        }
+    }
 }

@@ -36,6 +36,15 @@ pub type PartitionId = u32;
 /// The group that holds cluster metadata.
 pub const METADATA_GROUP: GroupId = 0;
 
+/// The largest gRPC message between nodes, either way.
+pub const MESSAGE_BYTES_MAX: usize = 64 << 20;
+
+/// The largest command a group takes, encoded. Well under
+/// [`MESSAGE_BYTES_MAX`], so that an AppendEntries carrying any one entry
+/// always fits in a message; larger ones are refused with
+/// [`Error::TooLarge`] rather than wedging replication.
+pub const COMMAND_BYTES_MAX: usize = 16 << 20;
+
 /// The Raft group that replicates a partition.
 pub fn partition_group(partition: PartitionId) -> GroupId {
     partition + 1
@@ -57,8 +66,10 @@ pub enum Error {
     Storage(#[from] sled::Error),
     #[error("raft storage: {0}")]
     RaftStorage(#[from] openraft::StorageError<NodeId>),
-    #[error("raft group {group} is shut down")]
-    Fatal { group: GroupId },
+    /// The group stopped (a storage failure, or the node is shutting down):
+    /// nothing written to it will succeed until the node restarts.
+    #[error("raft group {group} is stopped: {message}")]
+    Fatal { group: GroupId, message: String },
     #[error("raft group {group} has no leader on this node (leader: {leader:?})")]
     NotLeader { group: GroupId, leader: Option<NodeId> },
     #[error("raft group {group}: {message}")]
@@ -67,6 +78,8 @@ pub enum Error {
     PartitionCountChanged { stored: u32, configured: u32 },
     #[error("decode: {0}")]
     Decode(String),
+    #[error("raft group {group}: a command of {bytes} bytes is over the limit of {max} bytes")]
+    TooLarge { group: GroupId, bytes: u64, max: usize },
     #[error("unknown group {0}")]
     UnknownGroup(GroupId),
 }

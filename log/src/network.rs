@@ -12,7 +12,9 @@ use ferry_proto::cluster::node_service_client::NodeServiceClient;
 use ferry_proto::cluster::node_service_server::NodeService;
 use ferry_proto::cluster::raft_result::Result as RaftOutcome;
 use ferry_proto::cluster::{RaftBatch, RaftBatchResponse, RaftRequest, RaftResponse, RaftResult};
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
@@ -25,7 +27,11 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Channel;
 
 use crate::wire::{self, v1::Command, v1::Response};
-use crate::{GroupId, NodeId, Raft, TypeConfig};
+use crate::{GroupId, NodeId, Raft, TypeConfig, MESSAGE_BYTES_MAX};
+
+/// How long a proposal forwarded to the leader may take before it fails (and
+/// is retried by whoever proposed it).
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The gRPC clients of a node, one per peer address, shared by every group.
 /// A peer is reached at the address this node's configuration gives it, else
@@ -75,12 +81,20 @@ impl Channels {
         if let Some(peer) = peers.get(addr) {
             return Ok(peer.clone());
         }
+        // Keepalive pings find a peer that went away without closing the
+        // connection (a crash, a cut link) in seconds, not at TCP's pace.
         let channel = Channel::from_shared(format!("http://{addr}"))
             .map_err(|e| format!("bad peer address {addr}: {e}"))?
             .tcp_nodelay(true)
             .http2_adaptive_window(true)
+            .connect_timeout(Duration::from_secs(2))
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true)
             .connect_lazy();
-        let client = NodeServiceClient::new(channel).max_decoding_message_size(64 << 20);
+        let client = NodeServiceClient::new(channel)
+            .max_decoding_message_size(MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(MESSAGE_BYTES_MAX);
         let (heartbeats, queue) = mpsc::unbounded_channel();
         tokio::spawn(send_heartbeats(client.clone(), queue, self.heartbeat_window));
         let peer = Peer { client, heartbeats };
@@ -168,14 +182,13 @@ type RpcResult<T, E = RaftError<NodeId>> = Result<T, RPCError<NodeId, BasicNode,
 struct Message(String);
 
 impl Network {
-    async fn call<Req, Resp, E, Fut>(
+    async fn call<Resp, E, Fut>(
         &mut self,
-        rpc: &Req,
+        payload: Vec<u8>,
         option: &RPCOption,
         send: impl FnOnce(NodeServiceClient<Channel>, tonic::Request<RaftRequest>) -> Fut,
     ) -> RpcResult<Resp, E>
     where
-        Req: Serialize,
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
         Fut: std::future::Future<Output = Result<tonic::Response<RaftResponse>, tonic::Status>>,
@@ -184,7 +197,7 @@ impl Network {
             Ok(peer) => peer.client.clone(),
             Err(e) => return Err(RPCError::Unreachable(Unreachable::new(&Message(e.clone())))),
         };
-        let mut request = tonic::Request::new(RaftRequest { group: self.group, payload: wire::encode(rpc) });
+        let mut request = tonic::Request::new(RaftRequest { group: self.group, payload });
         request.set_timeout(option.hard_ttl());
         let response = send(client, request).await.map_err(rpc_error)?;
         self.decode(&response.into_inner().payload)
@@ -242,7 +255,12 @@ impl RaftNetwork<TypeConfig> for Network {
         if rpc.entries.is_empty() && !news {
             return self.heartbeat(&rpc, &option).await;
         }
-        self.call(&rpc, &option, |mut c, r| async move { c.append_entries(r).await }).await
+        let payload = wire::encode(&rpc);
+        if let Some(fit) = entries_that_fit(rpc.entries.len(), payload.len()) {
+            // openraft sends again with at most `fit` entries.
+            return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(fit)));
+        }
+        self.call(payload, &option, |mut c, r| async move { c.append_entries(r).await }).await
     }
 
     async fn install_snapshot(
@@ -250,12 +268,48 @@ impl RaftNetwork<TypeConfig> for Network {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>> {
-        self.call(&rpc, &option, |mut c, r| async move { c.install_snapshot(r).await }).await
+        self.call(wire::encode(&rpc), &option, |mut c, r| async move { c.install_snapshot(r).await }).await
     }
 
     async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> RpcResult<VoteResponse<NodeId>> {
-        self.call(&rpc, &option, |mut c, r| async move { c.vote(r).await }).await
+        self.call(wire::encode(&rpc), &option, |mut c, r| async move { c.vote(r).await }).await
     }
+}
+
+/// Room left in a message for its framing and the request around the entries.
+const MESSAGE_HEADROOM_BYTES: usize = 1 << 20;
+
+/// For an AppendEntries of `entries` that encodes to `bytes`: `None` when it
+/// fits in one message, else how many of its entries to send instead
+/// (proportionally fewer, at least one; one entry always fits, since
+/// commands are at most [`crate::COMMAND_BYTES_MAX`]).
+pub fn entries_that_fit(entries: usize, bytes: usize) -> Option<u64> {
+    let limit = MESSAGE_BYTES_MAX - MESSAGE_HEADROOM_BYTES;
+    if bytes <= limit || entries <= 1 {
+        return None;
+    }
+    Some(((entries as u128 * limit as u128 / bytes as u128) as u64).clamp(1, entries as u64 - 1))
+}
+
+/// Sends a proposal to the leader of `group` at `addr`; fails after `timeout`
+/// however the leader behaves (it may accept the connection and never answer).
+pub async fn forward(
+    channels: &Channels,
+    group: GroupId,
+    addr: &str,
+    command: &Command,
+    timeout: Duration,
+) -> Result<(Response, u64), ProposeError> {
+    let mut client = channels.client(addr).map_err(ProposeError::Failed)?;
+    let mut request = tonic::Request::new(RaftRequest { group, payload: wire::encode(command) });
+    request.set_timeout(timeout);
+    let call = client.propose(request);
+    let response = match tokio::time::timeout(timeout, call).await {
+        Ok(response) => response.map_err(|s| ProposeError::Failed(s.to_string()))?,
+        Err(_) => return Err(ProposeError::Failed(format!("the leader at {addr} did not answer in {timeout:?}"))),
+    };
+    wire::decode::<Result<(Response, u64), ProposeError>>(&response.into_inner().payload)
+        .map_err(|e| ProposeError::Failed(e.to_string()))?
 }
 
 /// Why a forwarded proposal was not applied.
@@ -265,6 +319,9 @@ pub enum ProposeError {
     NotLeader { leader: Option<(NodeId, String)> },
     #[error("{0}")]
     Failed(String),
+    /// The group stopped on a fatal error and takes no more writes.
+    #[error("stopped: {0}")]
+    Fatal(String),
 }
 
 /// Serves this node's groups to its peers.
@@ -292,13 +349,16 @@ fn respond<T: Serialize>(value: &T) -> Result<tonic::Response<RaftResponse>, ton
 
 /// Proposes `command` to a local group, describing a missing leadership in a
 /// form a remote caller can act on.
-pub async fn propose_local(raft: &Raft, command: Command) -> Result<Response, ProposeError> {
+/// Appends `command` on this node, which must lead the group: its response
+/// and the index of its entry.
+pub async fn propose_local(raft: &Raft, command: Command) -> Result<(Response, u64), ProposeError> {
     use openraft::error::ClientWriteError;
     match raft.client_write(command).await {
-        Ok(response) => Ok(response.data),
+        Ok(response) => Ok((response.data, response.log_id.index)),
         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
             Err(ProposeError::NotLeader { leader: forward.leader_id.zip(forward.leader_node.map(|n| n.addr)) })
         }
+        Err(RaftError::Fatal(fatal)) => Err(ProposeError::Fatal(fatal.to_string())),
         Err(e) => Err(ProposeError::Failed(e.to_string())),
     }
 }

@@ -7,13 +7,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use openraft::{BasicNode, Config, ServerState, SnapshotPolicy};
+use openraft::error::Fatal;
+use openraft::{BasicNode, Config, RaftMetrics, ServerState, SnapshotPolicy};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
-use crate::network::{propose_local, Channels, NetworkFactory, NodeServer, ProposeError};
+use crate::network::{self, propose_local, Channels, NetworkFactory, NodeServer, ProposeError, FORWARD_TIMEOUT};
 use crate::placement::{self, Nodes};
 use crate::state::{MetadataState, PartitionState, Status};
 use crate::storage::{self, CommittedIndex, Flusher, StateMachineStore};
@@ -134,6 +135,8 @@ struct Inner {
     rafts: Arc<BTreeMap<GroupId, Raft>>,
     channels: Channels,
     db: sled::Db,
+    /// Set once a group stopped on a fatal error: what went wrong.
+    failed: watch::Sender<Option<String>>,
 }
 
 /// A handle to the node's groups.
@@ -207,7 +210,8 @@ impl LogNode {
         }
 
         for (&group, g) in &groups {
-            let initialized = g.raft.is_initialized().await.map_err(|_| Error::Fatal { group })?;
+            let initialized =
+                g.raft.is_initialized().await.map_err(|e| Error::Fatal { group, message: e.to_string() })?;
             if !initialized && placement::bootstrapper(group, &options.nodes) == Some(options.node_id) {
                 let voters: BTreeMap<NodeId, BasicNode> = placement::voters(group, &options.nodes)
                     .into_iter()
@@ -218,7 +222,11 @@ impl LogNode {
             }
         }
         let rafts = Arc::new(groups.iter().map(|(&id, g)| (id, g.raft.clone())).collect());
-        let node = LogNode { inner: Arc::new(Inner { options, groups, rafts, channels, db }) };
+        let failed = watch::channel(None).0;
+        for (&group, g) in &groups {
+            tracker.spawn(watch_fatal(group, g.raft.clone(), failed.clone(), cancel.clone()));
+        }
+        let node = LogNode { inner: Arc::new(Inner { options, groups, rafts, channels, db, failed }) };
         if node.inner.options.nodes.len() > 1 {
             tracker.spawn(node.clone().keep_placement(cancel.clone()));
         }
@@ -246,19 +254,24 @@ impl LogNode {
     /// forwarding it to the group's leader when that is another node. A
     /// [`Error::NotLeader`] means leadership moved meanwhile: retry.
     pub async fn propose(&self, group: GroupId, command: Command) -> Result<Response, Error> {
-        self.propose_routed(group, command, true).await
+        self.propose_routed(group, command, true).await.map(|(response, _)| response)
     }
 
     /// Appends `command` to `group` only if this node leads it, never
     /// forwarding: for what only the leader may write, such as the effects of
     /// the attempts it ran. Fails with [`Error::NotLeader`] otherwise.
     pub async fn propose_as_leader(&self, group: GroupId, command: Command) -> Result<Response, Error> {
-        self.propose_routed(group, command, false).await
+        self.propose_routed(group, command, false).await.map(|(response, _)| response)
     }
 
-    async fn propose_routed(&self, group: GroupId, command: Command, forward: bool) -> Result<Response, Error> {
+    /// Proposes with `forward`, answering the response and the index of the entry.
+    async fn propose_routed(&self, group: GroupId, command: Command, forward: bool) -> Result<(Response, u64), Error> {
         let started = Instant::now();
         let g = self.group(group)?;
+        let bytes = bincode::serialized_size(&command).unwrap_or(u64::MAX);
+        if bytes > crate::COMMAND_BYTES_MAX as u64 {
+            return Err(Error::TooLarge { group, bytes, max: crate::COMMAND_BYTES_MAX });
+        }
         let raft = &g.raft;
         let remote_leader = if !forward {
             None
@@ -274,40 +287,60 @@ impl LogNode {
             }
         };
         let result = match remote_leader {
-            Some(addr) => self.forward(group, &addr, &command).await,
+            Some(addr) => network::forward(&self.inner.channels, group, &addr, &command, FORWARD_TIMEOUT).await,
             None => propose_local(raft, command).await,
         };
         g.propose_seconds.record(started.elapsed().as_secs_f64());
         result.map_err(|e| match e {
             ProposeError::NotLeader { leader } => Error::NotLeader { group, leader: leader.map(|l| l.0) },
             ProposeError::Failed(message) => Error::Write { group, message },
+            ProposeError::Fatal(message) => Error::Fatal { group, message },
         })
     }
 
     /// [`LogNode::propose`], retried through leader changes and unreachable
-    /// leaders for up to `timeout`. Only for commands that are safe to apply
-    /// twice, such as invokes, which the state machine deduplicates by id.
+    /// leaders for up to `timeout`, and answered once this node has applied
+    /// the entry too, so that reads here see what it wrote. Only for commands
+    /// that are safe to apply twice, such as invokes, which the state machine
+    /// deduplicates by id.
     pub async fn propose_until(&self, group: GroupId, command: Command, timeout: Duration) -> Result<Response, Error> {
         let deadline = Instant::now() + timeout;
         let mut delay = Duration::from_millis(50);
         loop {
-            match self.propose(group, command.clone()).await {
+            match self.propose_routed(group, command.clone(), true).await {
                 Err(e) if e.is_retryable() && Instant::now() + delay < deadline => {
                     tracing::debug!(group, "append failed, retrying in {delay:?}: {e}");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(1));
                 }
-                result => return result,
+                Ok((response, index)) => {
+                    self.wait_applied(group, index, deadline).await?;
+                    return Ok(response);
+                }
+                Err(e) => return Err(e),
             }
         }
     }
 
-    async fn forward(&self, group: GroupId, addr: &str, command: &Command) -> Result<Response, ProposeError> {
-        let mut client = self.inner.channels.client(addr).map_err(ProposeError::Failed)?;
-        let request = ferry_proto::cluster::RaftRequest { group, payload: wire::encode(command) };
-        let response = client.propose(request).await.map_err(|s| ProposeError::Failed(s.to_string()))?;
-        wire::decode::<Result<Response, ProposeError>>(&response.into_inner().payload)
-            .map_err(|e| ProposeError::Failed(e.to_string()))?
+    /// Waits until this node has applied `group` up to `index`, so that what
+    /// a proposal forwarded to another node wrote is visible in reads here.
+    async fn wait_applied(&self, group: GroupId, index: u64, deadline: Instant) -> Result<(), Error> {
+        let g = self.group(group)?;
+        let mut changes = g.state.subscribe();
+        loop {
+            changes.borrow_and_update();
+            if g.state.read(|a| a.last_applied.is_some_and(|id| id.index >= index)) {
+                return Ok(());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, changes.changed()).await {
+                Ok(Ok(())) => {}
+                _ => {
+                    let message = format!("entry {index} is committed, but this node has not applied it yet");
+                    return Err(Error::Write { group, message });
+                }
+            }
+        }
     }
 
     /// Reads the applied state of a partition.
@@ -330,9 +363,23 @@ impl LogNode {
         Ok(self.group(partition_group(partition))?.state.subscribe())
     }
 
-    /// Whether this node leads `group` now.
+    /// Whether this node leads `group` now and its applied state is complete:
+    /// what an effect may be based on. See [`leads`].
     pub fn is_leader(&self, group: GroupId) -> bool {
-        self.group(group).is_ok_and(|g| g.raft.metrics().borrow().current_leader == Some(self.node_id()))
+        self.group(group).is_ok_and(|g| leads(&g.raft.metrics().borrow(), self.node_id()))
+    }
+
+    /// Resolves once a group has stopped on a fatal error (a storage
+    /// failure, a panic in its core), with what went wrong. Such a group can
+    /// neither lead nor follow until the node restarts, so the node should stop.
+    pub async fn failed(&self) -> String {
+        let mut failed = self.inner.failed.subscribe();
+        let reason = failed.wait_for(Option::is_some).await.map(|reason| reason.clone());
+        match reason {
+            Ok(reason) => reason.unwrap_or_default(),
+            // The sender lives as long as `self`.
+            Err(_) => std::future::pending().await,
+        }
     }
 
     /// Waits until every group has a leader, on any node, or `timeout` passes.
@@ -350,8 +397,9 @@ impl LogNode {
     /// Keeps each group's membership and leadership where placement wants
     /// them: a leader adds the cluster's other nodes as learners, and a
     /// preferred leader that follows takes leadership back while its group is
-    /// idle (so its log is as long as the leader's and the election is won
-    /// without a gap).
+    /// idle: its log has not grown for two seconds (so it is as long as the
+    /// leader's and the election is won without a gap) and no invocation is
+    /// ready to run (so no attempt is cut short).
     async fn keep_placement(self, cancel: CancellationToken) {
         let nodes = &self.inner.options.nodes;
         let me = self.node_id();
@@ -386,11 +434,16 @@ impl LogNode {
                     }
                 };
                 let caught_up = metrics.last_applied.map(|l| l.index) == last;
+                // A handler may run for minutes without writing to the log:
+                // while any invocation may be running on the leader, moving
+                // leadership would abort it and run it again.
+                let no_attempts = || g.state.read(|a| a.state.partition.runnable().next().is_none());
                 if preferred
                     && metrics.current_leader.is_some()
                     && membership.voter_ids().any(|v| v == me)
                     && caught_up
                     && since.elapsed() >= Duration::from_secs(2)
+                    && no_attempts()
                 {
                     info!(group, "taking back leadership of a preferred group");
                     idle_since.remove(&group);
@@ -481,6 +534,52 @@ impl LogNode {
         }
         if let Err(e) = self.inner.db.flush_async().await {
             warn!("final flush failed: {e}");
+        }
+    }
+}
+
+/// Whether `metrics` show that `me` leads the group *and* has applied an
+/// entry of its own term. openraft names a leader as soon as its vote is
+/// committed, before the blank entry that opens its term is applied; until
+/// then the applied state may lack effects that the previous leader
+/// committed, and acting on it would run a journaled step again. A group
+/// that stopped on a fatal error leads nothing, whatever its last metrics say.
+pub fn leads(metrics: &RaftMetrics<NodeId, BasicNode>, me: NodeId) -> bool {
+    metrics.running_state.is_ok()
+        && metrics.state == ServerState::Leader
+        && metrics.current_leader == Some(me)
+        && metrics.last_applied.is_some_and(|applied| applied.leader_id.term == metrics.current_term)
+}
+
+/// Reports into `failed` when `group` stops on a fatal error (not when it is
+/// shut down).
+async fn watch_fatal(group: GroupId, raft: Raft, failed: watch::Sender<Option<String>>, cancel: CancellationToken) {
+    let mut metrics = raft.metrics();
+    loop {
+        let fatal = match &metrics.borrow_and_update().running_state {
+            Ok(()) | Err(Fatal::Stopped) => None,
+            Err(fatal) => Some(fatal.to_string()),
+        };
+        if let Some(fatal) = fatal {
+            error!(group, "raft group stopped: {fatal}");
+            failed.send_if_modified(|reason| {
+                let first = reason.is_none();
+                if first {
+                    *reason = Some(format!("raft group {group} stopped: {fatal}"));
+                }
+                first
+            });
+            return;
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            changed = metrics.changed() => if changed.is_err() {
+                // The core is gone; its last metrics say why.
+                if metrics.borrow().running_state.as_ref().is_err_and(|f| !matches!(f, Fatal::Stopped)) {
+                    continue;
+                }
+                return;
+            },
         }
     }
 }

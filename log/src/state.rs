@@ -11,7 +11,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 pub use crate::wire::v1::Completion;
 use crate::wire::v1::{
-    Command, Deployment, Effect, Invoke, JournalEntry, MetadataCommand, MetadataResponse, Outcome, Response,
+    AttemptId, Command, Deployment, Effect, Invoke, JournalEntry, MetadataCommand, MetadataResponse, Outcome, Response,
     ServiceDef, Sleep, Source, StateOp, Subscription, Target,
 };
 
@@ -149,6 +149,14 @@ impl Invocation {
         headers
     }
 
+    /// The attempt that may run now: `None` unless the invocation is ready.
+    pub fn attempt(&self) -> Option<AttemptId> {
+        match (self.status, self.run_seq) {
+            (Status::Ready, Some(run)) => Some(AttemptId { run, base: self.journal.len() as u32 }),
+            _ => None,
+        }
+    }
+
     fn object(&self) -> Option<ObjectId> {
         Some((self.target.service.clone(), self.target.key.clone()?))
     }
@@ -263,10 +271,10 @@ impl PartitionState {
         };
         let status = inv.status;
         // An attempt's effect counts only if nothing changed the invocation since the attempt started.
-        let current = |base: u32| status == Status::Ready && inv.journal.len() == base as usize;
+        let current = |attempt: AttemptId| inv.attempt() == Some(attempt);
         match effect {
-            Effect::Progress { id, base, entries, state, sleeps, run_now } => {
-                if !current(base) {
+            Effect::Progress { id, attempt, entries, state, sleeps, run_now } => {
+                if !current(attempt) {
                     return Outcome::Stale;
                 }
                 inv.journal.extend(entries);
@@ -284,8 +292,8 @@ impl PartitionState {
                     }
                 }
             }
-            Effect::Complete { id, base, state, result } => {
-                if !current(base) {
+            Effect::Complete { id, attempt, state, result } => {
+                if !current(attempt) {
                     return Outcome::Stale;
                 }
                 inv.state_ops.extend(state);
@@ -309,8 +317,8 @@ impl PartitionState {
                 }
                 self.complete(&id, result);
             }
-            Effect::Failed { id, base, message, retry_at_ms, pause } => {
-                if !current(base) {
+            Effect::Failed { id, attempt, message, retry_at_ms, pause } => {
+                if !current(attempt) {
                     return Outcome::Stale;
                 }
                 inv.attempts += 1;
@@ -753,8 +761,13 @@ mod tests {
         StateOp::Set { key: Bytes::from_static(key), value: Bytes::from_static(value) }
     }
 
-    fn complete(id: &str, base: u32, state: Vec<StateOp>) -> Effect {
-        Effect::Complete { id: id.to_owned(), base, state, result: Completion::Success(Bytes::new()) }
+    /// The attempt of run `run` that started from journal length `base`.
+    fn at(run: u64, base: u32) -> AttemptId {
+        AttemptId { run, base }
+    }
+
+    fn complete(id: &str, attempt: AttemptId, state: Vec<StateOp>) -> Effect {
+        Effect::Complete { id: id.to_owned(), attempt, state, result: Completion::Success(Bytes::new()) }
     }
 
     fn runnable(state: &GroupState) -> Vec<&str> {
@@ -775,7 +788,7 @@ mod tests {
         // A suspension keeps its entries and state changes; nothing is visible yet.
         let progress = Effect::Progress {
             id: "inv_1".to_owned(),
-            base: 0,
+            attempt: at(0, 0),
             entries: vec![entry(0x0403, b"set"), entry(0x0411, b"run"), entry(0x8011, b"done")],
             state: vec![set(b"a", b"1")],
             sleeps: vec![],
@@ -786,8 +799,8 @@ mod tests {
         assert!(state.partition.object_state("Counter", "k").is_none());
         assert_eq!(state.partition.invocation("inv_1").unwrap().journal.len(), 3);
         // A completion from an attempt that started before the suspension is stale.
-        assert_eq!(effect(&mut state, 22, complete("inv_1", 0, vec![])), Outcome::Stale);
-        assert_eq!(effect(&mut state, 23, complete("inv_1", 3, vec![set(b"b", b"2")])), Outcome::Applied);
+        assert_eq!(effect(&mut state, 22, complete("inv_1", at(0, 0), vec![])), Outcome::Stale);
+        assert_eq!(effect(&mut state, 23, complete("inv_1", at(0, 3), vec![set(b"b", b"2")])), Outcome::Applied);
         let values = state.partition.object_state("Counter", "k").unwrap();
         assert_eq!(values.get(&b"a"[..]).map(|v| &v[..]), Some(&b"1"[..]));
         assert_eq!(values.get(&b"b"[..]).map(|v| &v[..]), Some(&b"2"[..]));
@@ -795,7 +808,7 @@ mod tests {
         assert_eq!((done.status, done.journal.len(), done.modified_at_ms), (Status::Completed, 0, 23));
         assert_eq!(runnable(&state), vec!["inv_2"]);
         assert_eq!(state.partition.inbox("Counter", "k"), vec!["inv_2"]);
-        assert_eq!(effect(&mut state, 24, complete("inv_1", 0, vec![])), Outcome::Stale);
+        assert_eq!(effect(&mut state, 24, complete("inv_1", at(0, 0), vec![])), Outcome::Stale);
         assert_eq!(state.partition.invocation("inv_1").unwrap().modified_at_ms, 23, "a stale effect changes nothing");
     }
 
@@ -810,14 +823,15 @@ mod tests {
                 invoke("inv_3", Some("j"), HandlerType::Exclusive, None),
             ],
         );
-        let failed = |retry_at_ms, pause| Effect::Failed {
+        // inv_1 runs as run 0, inv_3 as run 1; each wake or resume is a new run.
+        let failed = |run, retry_at_ms, pause| Effect::Failed {
             id: "inv_1".to_owned(),
-            base: 0,
+            attempt: at(run, 0),
             message: "boom".to_owned(),
             retry_at_ms,
             pause,
         };
-        assert_eq!(effect(&mut state, 10, failed(Some(500), false)), Outcome::Applied);
+        assert_eq!(effect(&mut state, 10, failed(0, Some(500), false)), Outcome::Applied);
         let inv = state.partition.invocation("inv_1").unwrap();
         assert_eq!((inv.status, inv.attempts, inv.last_failure.as_deref()), (Status::BackingOff, 1, Some("boom")));
         // The key stays held; other keys run.
@@ -828,11 +842,13 @@ mod tests {
         assert_eq!(effect(&mut state, 500, wake()), Outcome::Applied);
         assert_eq!(runnable(&state), vec!["inv_3", "inv_1"]);
         assert_eq!(state.partition.timers().count(), 0);
-        assert_eq!(effect(&mut state, 510, failed(None, true)), Outcome::Applied);
+        assert_eq!(effect(&mut state, 505, failed(0, None, true)), Outcome::Stale, "from the run before the backoff");
+        assert_eq!(effect(&mut state, 510, failed(2, None, true)), Outcome::Applied);
         assert_eq!(state.partition.invocation("inv_1").unwrap().status, Status::Paused);
         assert_eq!(runnable(&state), vec!["inv_3"]);
         assert_eq!(effect(&mut state, 520, Effect::Resume { id: "inv_1".to_owned() }), Outcome::Applied);
-        assert_eq!(effect(&mut state, 530, failed(None, false)), Outcome::Applied);
+        assert_eq!(effect(&mut state, 525, failed(2, None, false)), Outcome::Stale, "from the run before the pause");
+        assert_eq!(effect(&mut state, 530, failed(3, None, false)), Outcome::Applied);
         let inv = state.partition.invocation("inv_1").unwrap();
         assert_eq!(inv.completion, Some(Completion::Failure { code: 500, message: "boom".to_owned() }));
         assert_eq!(runnable(&state), vec!["inv_3", "inv_2"]);
@@ -845,7 +861,7 @@ mod tests {
         let sleep = Sleep { wake_at_ms: 1_000, notification: entry(0x800C, b"woke") };
         let progress = Effect::Progress {
             id: "inv_1".to_owned(),
-            base: 0,
+            attempt: at(0, 0),
             entries: vec![entry(0x040C, b"sleep")],
             state: vec![],
             sleeps: vec![sleep],
@@ -895,7 +911,7 @@ mod tests {
         // A running one is told through its journal; its current attempt becomes stale.
         assert_eq!(effect(&mut state, 2, cancel("inv_1")), Outcome::Applied);
         assert_eq!(state.partition.invocation("inv_1").unwrap().journal, vec![signal.clone()]);
-        assert_eq!(effect(&mut state, 3, complete("inv_1", 0, vec![])), Outcome::Stale);
+        assert_eq!(effect(&mut state, 3, complete("inv_1", at(0, 0), vec![])), Outcome::Stale);
         // Kill releases the key.
         assert_eq!(effect(&mut state, 4, Effect::Kill { id: "inv_1".to_owned() }), Outcome::Applied);
         assert_eq!(runnable(&state), vec!["inv_3"]);
@@ -903,6 +919,26 @@ mod tests {
         assert!(matches!(effect(&mut state, 6, Effect::Purge { id: "inv_3".to_owned() }), Outcome::NotAllowed(_)));
         assert_eq!(effect(&mut state, 7, Effect::Purge { id: "inv_1".to_owned() }), Outcome::Applied);
         assert_eq!(effect(&mut state, 8, Effect::Purge { id: "inv_1".to_owned() }), Outcome::NotFound);
+    }
+
+    /// Case 10: an invocation purged and created again under the same id (an
+    /// idempotency key used again) starts from the same journal length as
+    /// the first one did; an effect of the first one's attempt, still queued
+    /// when it was purged, must not complete the second.
+    #[test]
+    fn case10_an_effect_of_a_purged_invocation_never_completes_its_successor() {
+        let mut state = GroupState::default();
+        apply(&mut state, vec![invoke("inv_1", None, HandlerType::Shared, None)]);
+        let first = state.partition.invocation("inv_1").unwrap().attempt().unwrap();
+        assert_eq!(effect(&mut state, 1, Effect::Kill { id: "inv_1".to_owned() }), Outcome::Applied);
+        assert_eq!(effect(&mut state, 2, Effect::Purge { id: "inv_1".to_owned() }), Outcome::Applied);
+        apply(&mut state, vec![invoke("inv_1", None, HandlerType::Shared, None)]);
+        let second = state.partition.invocation("inv_1").unwrap().attempt().unwrap();
+        assert_eq!(first.base, second.base, "both start from an empty journal");
+        assert_ne!(first, second);
+        assert_eq!(effect(&mut state, 3, complete("inv_1", first, vec![])), Outcome::Stale);
+        assert_eq!(state.partition.invocation("inv_1").unwrap().status, Status::Ready);
+        assert_eq!(effect(&mut state, 4, complete("inv_1", second, vec![])), Outcome::Applied);
     }
 
     #[test]
@@ -915,7 +951,7 @@ mod tests {
                 invoke("inv_2", Some("k"), HandlerType::Exclusive, None),
             ],
         );
-        assert_eq!(effect(&mut state, 1, complete("inv_1", 0, vec![])), Outcome::Applied);
+        assert_eq!(effect(&mut state, 1, complete("inv_1", at(0, 0), vec![])), Outcome::Applied);
         let mut decoded: GroupState = crate::wire::decode(&crate::wire::encode(&state)).unwrap();
         assert_eq!(decoded.partition.status_counts(), [0; Status::ALL.len()], "counts are not encoded");
         decoded.partition.recount();

@@ -7,7 +7,7 @@ use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
@@ -113,6 +113,7 @@ pub fn open(db: &sled::Db, group: GroupId, flusher: Flusher) -> Result<(LogStore
     let meta = db.open_tree(meta_name)?;
     let sm = StateMachineStore::open(group, meta.clone(), flusher.clone())?;
     let store = LogStore {
+        group,
         log,
         meta,
         flusher,
@@ -144,6 +145,7 @@ impl CommittedIndex {
 /// The Raft log of one group.
 #[derive(Clone)]
 pub struct LogStore {
+    group: GroupId,
     log: sled::Tree,
     meta: sled::Tree,
     flusher: Flusher,
@@ -244,6 +246,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let started = Instant::now();
+        // Tests make one group's storage fail here: `log-append-<group>`.
+        fail::fail_point!(&format!("log-append-{}", self.group), |_| {
+            Err(StorageIOError::write_logs(&std::io::Error::other("injected append failure")).into())
+        });
         let mut batch = sled::Batch::default();
         for entry in entries {
             batch.insert(&log_key(entry.log_id.index), wire::encode(&entry));
@@ -306,15 +312,20 @@ pub struct StateMachineStore {
     /// Bumped after every applied batch, so readers can wait for changes.
     changes: Arc<watch::Sender<u64>>,
     snapshot_seq: Arc<std::sync::atomic::AtomicU64>,
+    /// The last log id the stored snapshot covers. Held while a snapshot is
+    /// stored, so that a slow build never replaces a newer installed one.
+    snapshot_stored: Arc<Mutex<Option<LogId<NodeId>>>>,
 }
 
 impl StateMachineStore {
     fn open(group: GroupId, meta: sled::Tree, flusher: Flusher) -> Result<Self, crate::Error> {
         let mut applied = Applied::default();
+        let mut snapshot_stored = None;
         if let Some(bytes) = meta.get(KEY_SNAPSHOT)? {
             let stored: StoredSnapshot = wire::decode(&bytes)?;
             applied = wire::decode(&stored.data)?;
             applied.state.partition.recount();
+            snapshot_stored = stored.meta.last_log_id;
         }
         Ok(StateMachineStore {
             group,
@@ -323,6 +334,7 @@ impl StateMachineStore {
             flusher,
             changes: Arc::new(watch::channel(0).0),
             snapshot_seq: Arc::default(),
+            snapshot_stored: Arc::new(Mutex::new(snapshot_stored)),
         })
     }
 
@@ -343,11 +355,23 @@ impl StateMachineStore {
         }
     }
 
+    /// Stores `stored` unless the stored snapshot already covers as much of
+    /// the log: a build that read the state before a newer snapshot was
+    /// installed must not replace it, or a restart would find the log purged
+    /// behind a snapshot that does not reach it.
     async fn store_snapshot(&self, stored: &StoredSnapshot) -> StorageResult<()> {
         let signature = Some(stored.meta.signature());
-        self.meta
-            .insert(KEY_SNAPSHOT, wire::encode(stored))
-            .map_err(|e| StorageIOError::write_snapshot(signature.clone(), &e))?;
+        {
+            let mut newest = self.snapshot_stored.lock().expect("snapshot lock poisoned");
+            if newest.is_some() && stored.meta.last_log_id <= *newest {
+                tracing::debug!(group = self.group, snapshot = %stored.meta.snapshot_id, "a newer snapshot is stored");
+                return Ok(());
+            }
+            self.meta
+                .insert(KEY_SNAPSHOT, wire::encode(stored))
+                .map_err(|e| StorageIOError::write_snapshot(signature.clone(), &e))?;
+            *newest = stored.meta.last_log_id;
+        }
         self.flusher.sync().await.map_err(|e| StorageIOError::write_snapshot(signature, &e))?;
         Ok(())
     }
@@ -359,6 +383,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             let applied = self.applied.read().expect("state lock poisoned");
             (wire::encode(&*applied), applied.last_applied, applied.membership.clone())
         };
+        // Tests hold a build here, between reading the state and storing it.
+        fail::fail_point!("snapshot-build-before-store");
         let seq = self.snapshot_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let snapshot_id = match last_log_id {
             Some(id) => format!("{}-{}-{}-{seq}", self.group, id.leader_id, id.index),
@@ -385,6 +411,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        // Tests hold one group's apply here: `apply-<group>`.
+        fail::fail_point!(&format!("apply-{}", self.group));
         let responses = {
             let mut applied = self.applied.write().expect("state lock poisoned");
             let mut responses = Vec::new();

@@ -68,8 +68,8 @@ pub async fn run(config: Config, metrics: PrometheusHandle, shutdown: Cancellati
     let servers = TaskTracker::new();
     let servers_cancel = CancellationToken::new();
     let node_service = NodeServiceServer::new(log.node_server())
-        .max_decoding_message_size(64 << 20)
-        .max_encoding_message_size(64 << 20);
+        .max_decoding_message_size(ferry_log::MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(ferry_log::MESSAGE_BYTES_MAX);
     let node_app = tonic::service::Routes::new(node_service)
         .into_axum_router()
         .route("/metrics", axum::routing::get(metrics_page(log.clone(), metrics)));
@@ -118,15 +118,32 @@ pub async fn run(config: Config, metrics: PrometheusHandle, shutdown: Cancellati
         "ferry is ready"
     );
 
-    shutdown.cancelled().await;
-    info!("shutting down");
+    // The invoker and the Kafka ingress run until they are told to stop; if
+    // either ends before that, or a Raft group stops on a fatal error, the
+    // node goes down loudly rather than running on without it.
+    let mut ingress_task = std::pin::pin!(ingress_task);
+    let mut invoker_task = std::pin::pin!(invoker_task);
+    let failure = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        reason = log.failed() => Some(reason),
+        ended = &mut ingress_task => Some(format!("the Kafka ingress ended: {}", ended_how(ended))),
+        ended = &mut invoker_task => Some(format!("the invoker ended: {}", ended_how(ended))),
+    };
+    match &failure {
+        Some(reason) => error!("shutting down: {reason}"),
+        None => info!("shutting down"),
+    }
     ingress_cancel.cancel();
-    if let Err(e) = ingress_task.await {
-        error!("kafka ingress ended abnormally: {e}");
+    if !ingress_task.is_finished() {
+        if let Err(e) = ingress_task.await {
+            error!("kafka ingress ended abnormally: {e}");
+        }
     }
     invoker_cancel.cancel();
-    if let Err(e) = invoker_task.await {
-        error!("invoker ended abnormally: {e}");
+    if !invoker_task.is_finished() {
+        if let Err(e) = invoker_task.await {
+            error!("invoker ended abnormally: {e}");
+        }
     }
     servers_cancel.cancel();
     servers.close();
@@ -136,5 +153,19 @@ pub async fn run(config: Config, metrics: PrometheusHandle, shutdown: Cancellati
     log_tasks.close();
     log_tasks.wait().await;
     info!("stopped");
-    Ok(())
+    match failure {
+        Some(reason) => Err(anyhow::anyhow!(reason)),
+        None => Ok(()),
+    }
+}
+
+/// How a task that should have run until shutdown ended.
+fn ended_how(result: Result<(), tokio::task::JoinError>) -> String {
+    match result {
+        Ok(()) => "it returned".to_owned(),
+        Err(e) if e.is_panic() => {
+            format!("it panicked: {}", ferry_telemetry::panic_message(e.into_panic().as_ref()))
+        }
+        Err(e) => e.to_string(),
+    }
 }

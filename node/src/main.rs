@@ -97,6 +97,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Test builds take fail points from FAILPOINTS; other builds have none.
+    let _failpoints = fail::has_failpoints().then(fail::FailScenario::setup);
     let result = runtime.block_on(async {
         let shutdown = CancellationToken::new();
         let signals = shutdown.clone();

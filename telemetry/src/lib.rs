@@ -251,6 +251,14 @@ pub fn adopt_from_headers(span: &tracing::Span, headers: &http::HeaderMap) {
     }
 }
 
+/// The text a panic was raised with, for the log line that reports it.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    match panic.downcast_ref::<&'static str>() {
+        Some(text) => text,
+        None => panic.downcast_ref::<String>().map_or("(no message)", String::as_str),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,6 +21,11 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     buf
 }
 
+/// How many bytes [`encode`] makes of `value`, without encoding it.
+pub fn encoded_len<T: Serialize>(value: &T) -> usize {
+    1 + bincode::serialized_size(value).map_or(usize::MAX - 1, |n| n as usize)
+}
+
 /// Decodes a value written by this or an earlier version.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
     match bytes.split_first() {

@@ -24,8 +24,8 @@ pub enum Command {
 }
 
 /// One change to an existing invocation. Effects of an attempt name the
-/// journal length the attempt started from (`base`): an effect whose base no
-/// longer matches comes from a stale attempt and is ignored.
+/// [`AttemptId`] they come from: one that is no longer current is stale and
+/// ignored.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Effect {
     /// An attempt suspended: its new journal entries and state changes are
@@ -33,17 +33,17 @@ pub enum Effect {
     /// first sleep is due.
     Progress {
         id: String,
-        base: u32,
+        attempt: AttemptId,
         entries: Vec<JournalEntry>,
         state: Vec<StateOp>,
         sleeps: Vec<Sleep>,
         run_now: bool,
     },
     /// The handler ended: its state changes apply together with the result.
-    Complete { id: String, base: u32, state: Vec<StateOp>, result: Completion },
+    Complete { id: String, attempt: AttemptId, state: Vec<StateOp>, result: Completion },
     /// An attempt failed. It is retried at `retry_at_ms`; without one the
     /// invocation completes failed, or is paused (holding its key) when `pause`.
-    Failed { id: String, base: u32, message: String, retry_at_ms: Option<u64>, pause: bool },
+    Failed { id: String, attempt: AttemptId, message: String, retry_at_ms: Option<u64>, pause: bool },
     /// A timer (backoff, sleep, delayed start) is due.
     Wake { id: String },
     /// Tell the handler it is cancelled: `signal` is appended to its journal.
@@ -58,6 +58,16 @@ pub enum Effect {
 }
 
 impl Effect {
+    /// The attempt an effect of an attempt comes from.
+    pub fn attempt(&self) -> Option<AttemptId> {
+        match self {
+            Effect::Progress { attempt, .. } | Effect::Complete { attempt, .. } | Effect::Failed { attempt, .. } => {
+                Some(*attempt)
+            }
+            _ => None,
+        }
+    }
+
     pub fn id(&self) -> &str {
         match self {
             Effect::Progress { id, .. }
@@ -70,6 +80,17 @@ impl Effect {
             | Effect::Resume { id } => id,
         }
     }
+}
+
+/// Which attempt of an invocation an effect comes from: the invocation's run
+/// (a number its partition hands out each time an invocation becomes
+/// runnable, never twice, not even to an invocation re-created under the same
+/// id) and the journal length the attempt started from. An effect applies
+/// only while both still describe the invocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptId {
+    pub run: u64,
+    pub base: u32,
 }
 
 /// A service-protocol message kept in an invocation's journal: its type id and
