@@ -367,12 +367,15 @@ impl Admin {
         let (cluster_name, topic) = parse_uri(&request.source, "kafka", "source")?;
         let (service, handler) = parse_uri(&request.sink, "service", "sink")?;
         let cluster = self.cluster(cluster_name)?;
-        self.log.read_metadata(|m| match m.services.get(service) {
-            None => Err(Error::BadRequest(format!("sink {}: unknown service {service}", request.sink))),
-            Some(s) if s.def.handler(handler).is_none() => {
-                Err(Error::BadRequest(format!("sink {}: service {service} has no handler {handler}", request.sink)))
-            }
-            Some(_) => Ok(()),
+        let (service_ty, handler_ty) = self.log.read_metadata(|m| {
+            let s = m
+                .services
+                .get(service)
+                .ok_or_else(|| Error::BadRequest(format!("sink {}: unknown service {service}", request.sink)))?;
+            let h = s.def.handler(handler).ok_or_else(|| {
+                Error::BadRequest(format!("sink {}: service {service} has no handler {handler}", request.sink))
+            })?;
+            Ok::<_, Error>((s.def.ty, h.ty))
         })?;
         let id = new_id("sub");
         let mut options: BTreeMap<String, String> = request.options.into_iter().collect();
@@ -383,6 +386,8 @@ impl Admin {
             topic: topic.to_owned(),
             service: service.to_owned(),
             handler: handler.to_owned(),
+            service_ty,
+            handler_ty,
             options,
             created_at_ms: now_ms(),
         };

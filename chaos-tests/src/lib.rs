@@ -484,6 +484,14 @@ impl Node {
         }
     }
 
+    /// Waits for the process to exit on its own.
+    pub async fn wait_exit(&mut self) -> Result<std::process::ExitStatus> {
+        let child = self.child.as_mut().context("node is not running")?;
+        let status = child.wait().await?;
+        self.child = None;
+        Ok(status)
+    }
+
     /// SIGTERM, then waits for a clean exit.
     pub async fn terminate(&mut self) -> Result<std::process::ExitStatus> {
         let mut child = self.child.take().context("node is not running")?;

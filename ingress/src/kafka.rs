@@ -284,6 +284,8 @@ impl KafkaIngress {
         let mut changes = self.log.metadata_changes();
         let mut running: HashMap<String, CancellationToken> = HashMap::new();
         loop {
+            // Tests make the ingress itself fail here.
+            fail::fail_point!("kafka-ingress");
             let desired = self.log.read_metadata(|m| m.subscriptions.clone());
             running.retain(|id, token| {
                 let keep = desired.contains_key(id);
@@ -794,8 +796,8 @@ impl PartitionWorker {
                         continue;
                     }
                     let sink = self.log.read_metadata(|m| Sink::resolve(m, &self.subscription));
-                    if sink.resolved.is_none() {
-                        warn!(subscription = %self.subscription.id, "sink {} is not registered; records fail", self.subscription.sink());
+                    if let Some(reason) = &sink.unavailable {
+                        warn!(subscription = %self.subscription.id, "{reason}; records fail");
                     }
                     let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
                     let tracing_on = ferry_telemetry::exporting();

@@ -17,22 +17,40 @@ pub struct Record {
     pub timestamp_ms: Option<i64>,
 }
 
-/// Where a subscription's records go, resolved from metadata once per batch.
+/// Where a subscription's records go: the sink as the subscription recorded
+/// it, and whether it can take records now (read from metadata once per batch).
 #[derive(Debug, Clone)]
 pub struct Sink {
     pub service: String,
     pub handler: String,
-    /// `None` when the service or handler is not registered (any more).
-    pub resolved: Option<(ServiceType, HandlerType)>,
+    pub service_ty: ServiceType,
+    pub handler_ty: HandlerType,
+    /// Why records cannot be delivered now: the service or handler is not
+    /// registered (any more), or no longer of the recorded kind.
+    pub unavailable: Option<String>,
 }
 
 impl Sink {
     pub fn resolve(metadata: &MetadataState, subscription: &Subscription) -> Sink {
-        let resolved = metadata
-            .services
-            .get(&subscription.service)
-            .and_then(|s| s.def.handler(&subscription.handler).map(|h| (s.def.ty, h.ty)));
-        Sink { service: subscription.service.clone(), handler: subscription.handler.clone(), resolved }
+        let (service, handler) = (&subscription.service, &subscription.handler);
+        let recorded = (subscription.service_ty, subscription.handler_ty);
+        let current = metadata.services.get(service).and_then(|s| s.def.handler(handler).map(|h| (s.def.ty, h.ty)));
+        let unavailable = match current {
+            None => Some(format!("handler {service}/{handler} is not registered")),
+            Some(kind) if kind != recorded => Some(format!(
+                "handler {service}/{handler} is now {kind:?}, not {recorded:?} as when subscription {} was \
+                 created; create the subscription again",
+                subscription.id
+            )),
+            Some(_) => None,
+        };
+        Sink {
+            service: service.clone(),
+            handler: handler.clone(),
+            service_ty: recorded.0,
+            handler_ty: recorded.1,
+            unavailable,
+        }
     }
 }
 
@@ -78,26 +96,16 @@ pub fn invoke(origin: &Origin, sink: &Sink, mut record: Record, partitions: u32,
         _ => None,
     };
     let unkeyed = producer_seq_hash(origin.producer, seq);
-    let (service_ty, handler_ty, key, failure) = match sink.resolved {
-        None => (
-            ServiceType::Service,
-            HandlerType::Shared,
-            None,
-            Some(format!("handler {}/{} is not registered", sink.service, sink.handler)),
-        ),
-        Some((service_ty, handler_ty)) if service_ty.is_keyed() => match record.key.as_deref().map(std::str::from_utf8)
-        {
-            Some(Ok(key)) => (service_ty, handler_ty, Some(key.to_owned()), None),
-            Some(Err(e)) => (
-                service_ty,
-                handler_ty,
-                None,
-                Some(format!("record key is not valid UTF-8 ({e}); {} needs a string key", sink.service)),
-            ),
-            None => (service_ty, handler_ty, None, Some(format!("record has no key; {} needs one", sink.service))),
-        },
-        Some((service_ty, handler_ty)) => (service_ty, handler_ty, None, None),
+    let (service_ty, handler_ty) = (sink.service_ty, sink.handler_ty);
+    let (key, failure) = match record.key.as_deref().map(std::str::from_utf8) {
+        _ if !service_ty.is_keyed() => (None, None),
+        Some(Ok(key)) => (Some(key.to_owned()), None),
+        Some(Err(e)) => {
+            (None, Some(format!("record key is not valid UTF-8 ({e}); {} needs a string key", sink.service)))
+        }
+        None => (None, Some(format!("record has no key; {} needs one", sink.service))),
     };
+    let failure = sink.unavailable.clone().or(failure);
     let failure = oversized.or(failure);
     let target = Target { service: sink.service.clone(), handler: sink.handler.clone(), key, service_ty, handler_ty };
     let (partition_key, unique) = match &target.key {
@@ -149,13 +157,80 @@ mod tests {
         }
     }
 
-    fn sink(resolved: Option<(ServiceType, HandlerType)>) -> Sink {
-        Sink { service: "Counter".into(), handler: "add".into(), resolved }
+    fn sink(service_ty: ServiceType, handler_ty: HandlerType) -> Sink {
+        Sink { service: "Counter".into(), handler: "add".into(), service_ty, handler_ty, unavailable: None }
+    }
+
+    fn subscription() -> Subscription {
+        Subscription {
+            id: "sub_1".into(),
+            cluster: "c".into(),
+            topic: "t".into(),
+            service: "Counter".into(),
+            handler: "add".into(),
+            service_ty: ServiceType::VirtualObject,
+            handler_ty: HandlerType::Exclusive,
+            options: Default::default(),
+            created_at_ms: 1,
+        }
+    }
+
+    /// Metadata in which `Counter/add` is registered as `ty`, or not at all.
+    fn metadata(ty: Option<ServiceType>) -> MetadataState {
+        use ferry_log::wire::v1::{Deployment, HandlerDef, MetadataCommand, ProtocolMode, ServiceDef};
+        let mut state = ferry_log::state::GroupState::default();
+        if let Some(ty) = ty {
+            let handler_ty = if ty == ServiceType::Service { HandlerType::Shared } else { HandlerType::Exclusive };
+            let deployment = Deployment {
+                id: "dp_1".into(),
+                uri: "http://127.0.0.1:9080".into(),
+                protocol_mode: ProtocolMode::BidiStream,
+                http2: true,
+                min_protocol_version: 5,
+                max_protocol_version: 5,
+                additional_headers: Default::default(),
+                services: vec![ServiceDef {
+                    name: "Counter".into(),
+                    ty,
+                    handlers: vec![HandlerDef { name: "add".into(), ty: handler_ty }],
+                }],
+                created_at_ms: 1,
+            };
+            state.apply(ferry_log::wire::v1::Command::Metadata(MetadataCommand::PutDeployment(deployment)));
+        }
+        state.metadata
+    }
+
+    /// Case 4: where a record goes never depends on how the reading node
+    /// resolves its sink. One node reads it while the deployment is gone,
+    /// another (after a crash, before the offset was committed) once it is
+    /// back, a third after the service changed kind: all three name the same
+    /// invocation in the same partition, so the log keeps one of them.
+    #[test]
+    fn case4_a_record_goes_to_one_partition_however_its_sink_resolves() {
+        let sub = subscription();
+        let views = [Some(ServiceType::VirtualObject), None, Some(ServiceType::Service)];
+        let routed: Vec<(PartitionId, Invoke)> = views
+            .iter()
+            .map(|&ty| invoke(&origin(), &Sink::resolve(&metadata(ty), &sub), record(9, Some(b"alice")), 16, 0))
+            .collect();
+        let (partition, registered) = &routed[0];
+        assert!(registered.failure.is_none(), "{:?}", registered.failure);
+        for (p, other) in &routed[1..] {
+            assert_eq!((p, &other.id, other.dedup), (partition, &registered.id, registered.dedup));
+            assert!(other.failure.is_some());
+        }
+        assert!(routed[1].1.failure.as_deref().unwrap().contains("not registered"));
+        assert!(routed[2].1.failure.as_deref().unwrap().contains("create the subscription again"));
+        let mut state = ferry_log::state::GroupState::default();
+        let batch = routed.into_iter().map(|(_, invoke)| invoke).collect::<Vec<_>>();
+        let applied = state.apply(ferry_log::wire::v1::Command::Invoke(batch.into()));
+        assert_eq!(applied, ferry_log::wire::v1::Response::Invoked { created: 1, deduplicated: 2 });
     }
 
     #[test]
     fn keyed_sinks_route_by_key_and_services_spread_by_offset() {
-        let object = sink(Some((ServiceType::VirtualObject, HandlerType::Exclusive)));
+        let object = sink(ServiceType::VirtualObject, HandlerType::Exclusive);
         let (p1, a) = invoke(&origin(), &object, record(1, Some(b"alice")), 16, 0);
         let (p2, b) = invoke(&origin(), &object, record(2, Some(b"alice")), 16, 0);
         assert_eq!(p1, p2, "one key, one partition");
@@ -163,7 +238,7 @@ mod tests {
         assert_ne!(a.id, b.id);
         assert!(a.failure.is_none());
 
-        let service = sink(Some((ServiceType::Service, HandlerType::Shared)));
+        let service = sink(ServiceType::Service, HandlerType::Shared);
         let spread: std::collections::BTreeSet<_> =
             (0..64).map(|o| invoke(&origin(), &service, record(o, Some(b"alice")), 16, 0).0).collect();
         assert!(spread.len() > 8, "service records spread over partitions: {spread:?}");
@@ -173,7 +248,7 @@ mod tests {
 
     #[test]
     fn ids_are_stable_and_carry_the_partition_key() {
-        let service = sink(Some((ServiceType::Service, HandlerType::Shared)));
+        let service = sink(ServiceType::Service, HandlerType::Shared);
         let (p, a) = invoke(&origin(), &service, record(7, None), 16, 0);
         let (_, again) = invoke(&origin(), &service, record(7, None), 16, 123);
         assert_eq!(a.id, again.id);
@@ -190,7 +265,9 @@ mod tests {
         let workflow = Sink {
             service: "Flow".into(),
             handler: "run".into(),
-            resolved: Some((ServiceType::Workflow, HandlerType::Workflow)),
+            service_ty: ServiceType::Workflow,
+            handler_ty: HandlerType::Workflow,
+            unavailable: None,
         };
         let (p1, first) = invoke(&origin(), &workflow, record(1, Some(b"w-1")), 16, 0);
         let (p2, second) = invoke(&origin(), &workflow, record(2, Some(b"w-1")), 16, 0);
@@ -211,7 +288,7 @@ mod tests {
     /// its payload, rather than failing its append for ever.
     #[test]
     fn case6_an_oversized_record_is_created_failed_and_fits_in_a_command() {
-        let service = sink(Some((ServiceType::Service, HandlerType::Shared)));
+        let service = sink(ServiceType::Service, HandlerType::Shared);
         let mut big = record(4, Some(b"k"));
         big.payload = Bytes::from(vec![7u8; RECORD_BYTES_MAX + 1]);
         let (_, failed) = invoke(&origin(), &service, big, 16, 0);
@@ -227,12 +304,13 @@ mod tests {
 
     #[test]
     fn undeliverable_records_fail_with_a_reason() {
-        let object = sink(Some((ServiceType::VirtualObject, HandlerType::Exclusive)));
+        let object = sink(ServiceType::VirtualObject, HandlerType::Exclusive);
         let (_, bad_key) = invoke(&origin(), &object, record(1, Some(&[0xff, 0xfe])), 16, 0);
         assert!(bad_key.failure.as_deref().unwrap().contains("UTF-8"));
         let (_, no_key) = invoke(&origin(), &object, record(2, None), 16, 0);
         assert!(no_key.failure.as_deref().unwrap().contains("no key"));
-        let (_, gone) = invoke(&origin(), &sink(None), record(3, Some(b"k")), 16, 0);
+        let (_, gone) =
+            invoke(&origin(), &Sink::resolve(&metadata(None), &subscription()), record(3, Some(b"k")), 16, 0);
         assert!(gone.failure.as_deref().unwrap().contains("not registered"));
         // All still carry their dedup information and source offset.
         for (i, inv) in [bad_key, no_key, gone].iter().enumerate() {

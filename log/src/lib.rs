@@ -74,6 +74,12 @@ pub enum Error {
     NotLeader { group: GroupId, leader: Option<NodeId> },
     #[error("raft group {group}: {message}")]
     Write { group: GroupId, message: String },
+    #[error(
+        "the data directory {dir} holds data format {found}, written by another version of Ferry; this one \
+         reads format {expected}. Start this node on an empty base-dir (a cluster node then catches up from \
+         its peers), or run the version that wrote it"
+    )]
+    DataFormat { dir: String, found: u32, expected: u32 },
     #[error("this node was created with {stored} partitions, the configuration says {configured}")]
     PartitionCountChanged { stored: u32, configured: u32 },
     #[error("decode: {0}")]

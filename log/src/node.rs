@@ -146,6 +146,13 @@ pub struct LogNode {
 }
 
 const KEY_PARTITIONS: &[u8] = b"partitions";
+const KEY_DATA_FORMAT: &[u8] = b"format";
+
+/// The format of what a node keeps in its data directory (entries,
+/// snapshots, state). A node refuses a directory of another format rather
+/// than misreading it. 2: effects name their attempt (run and journal
+/// length), subscriptions record their sink's kind.
+pub const DATA_FORMAT: u32 = 2;
 
 impl LogNode {
     /// Opens the node's storage and starts every group. A node whose storage is
@@ -165,12 +172,19 @@ impl LogNode {
         let cluster = db.open_tree("cluster")?;
         match cluster.get(KEY_PARTITIONS)? {
             Some(bytes) => {
+                // Directories of the first format have no format key.
+                let found = cluster.get(KEY_DATA_FORMAT)?.map(|f| wire::decode(&f)).transpose()?.unwrap_or(1);
+                if found != DATA_FORMAT {
+                    let dir = options.data_dir.display().to_string();
+                    return Err(Error::DataFormat { dir, found, expected: DATA_FORMAT });
+                }
                 let stored: u32 = wire::decode(&bytes)?;
                 if stored != options.partitions {
                     return Err(Error::PartitionCountChanged { stored, configured: options.partitions });
                 }
             }
             None => {
+                cluster.insert(KEY_DATA_FORMAT, wire::encode(&DATA_FORMAT))?;
                 cluster.insert(KEY_PARTITIONS, wire::encode(&options.partitions))?;
                 db.flush_async().await?;
             }

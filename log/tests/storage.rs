@@ -127,3 +127,18 @@ async fn partition_count_is_fixed_at_creation() {
     let err = when_unlocked(|| LogNode::open(reopen.clone(), &tracker, cancel.clone())).await.err().unwrap();
     assert!(err.to_string().contains("created with 2 partitions"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_directory_of_another_format_is_refused_with_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    // What a node of the first format leaves: a partition count, no format.
+    {
+        let db = sled::open(dir.path().join("log")).unwrap();
+        db.open_tree("cluster").unwrap().insert(b"partitions", ferry_log::wire::encode(&2u32)).unwrap();
+        db.flush().unwrap();
+    }
+    let (tracker, cancel) = (TaskTracker::new(), CancellationToken::new());
+    let options = Options::single_node(dir.path().to_owned(), 2);
+    let err = LogNode::open(options, &tracker, cancel).await.err().unwrap().to_string();
+    assert!(err.contains("data format 1") && err.contains("empty base-dir"), "{err}");
+}

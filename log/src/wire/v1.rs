@@ -353,6 +353,11 @@ pub struct Subscription {
     pub topic: String,
     pub service: String,
     pub handler: String,
+    /// The sink's kind when the subscription was created. Where a record goes
+    /// (partition, id, dedup) follows from it and the record alone, never
+    /// from how a node resolves the sink when it reads the record.
+    pub service_ty: ServiceType,
+    pub handler_ty: HandlerType,
     /// librdkafka options, including the resolved `group.id`.
     pub options: BTreeMap<String, String>,
     pub created_at_ms: u64,

@@ -1,0 +1,148 @@
+//! Faults injected into real nodes at exact points (the `FAILPOINTS` of the
+//! test build of `ferry-server`): panics in long-lived tasks, a Raft
+//! partition that takes no appends. Each test is named after the case of
+//! the exactly-once work it guards.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use ferry_chaos_tests::{eventually, produce, Broker, Handlers, Node, Record};
+use ferry_log::partitioner::{key_hash, partition_of};
+use rdkafka::producer::FutureRecord;
+use serde_json::json;
+
+async fn node_with(
+    broker: &Broker,
+    handlers: &Handlers,
+    dir: &std::path::Path,
+    config: &[(&str, &str)],
+) -> Result<Node> {
+    let node = Node::start_configured(&dir.join("node"), &broker.bootstrap(), config).await?;
+    let (status, body) = node.post("/deployments", json!({ "uri": handlers.uri })).await?;
+    anyhow::ensure!(status == 201, "register: {status} {body}");
+    Ok(node)
+}
+
+async fn count(node: &Node, key: &str) -> Result<u64> {
+    let (status, counter) = node.ingress(&format!("/Counter/{key}/get"), Some(""), &[]).await?;
+    anyhow::ensure!(status == 200, "get {key}: {status} {counter}");
+    counter["count"].as_u64().context("count")
+}
+
+/// Case 12: an attempt that panics counts as a failed attempt and is
+/// retried; it does not keep its slot with nothing running in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn case12_a_panicking_attempt_is_retried() -> Result<()> {
+    let (broker, handlers, dir) = (Broker::start().await?, Handlers::start().await?, tempfile::tempdir()?);
+    let config = [
+        ("FAILPOINTS", "invoker-attempt=1*panic"),
+        ("FERRY_INVOCATION__DEFAULT_RETRY_POLICY__INITIAL_INTERVAL", "100ms"),
+    ];
+    let node = node_with(&broker, &handlers, dir.path(), &config).await?;
+    let call = node.ingress("/Counter/k/add", Some(r#"{"seq": 1}"#), &[]);
+    let (status, body) =
+        tokio::time::timeout(Duration::from_secs(30), call).await.context("the call never ended")??;
+    assert_eq!((status, body), (200, json!(1)));
+    assert_eq!(node.metric("ferry_invoker_attempt_panics_total").await?, 1.0);
+    Ok(())
+}
+
+/// Case 12: a Kafka partition worker that panics takes its subscription down
+/// and the subscription starts again: every record is still invoked once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn case12_a_panicking_partition_worker_restarts_its_subscription() -> Result<()> {
+    let (broker, handlers, dir) = (Broker::start().await?, Handlers::start().await?, tempfile::tempdir()?);
+    let node = node_with(&broker, &handlers, dir.path(), &[("FAILPOINTS", "ingress-partition-worker=1*panic")]).await?;
+    broker.create_topic("t", 1).await?;
+    node.subscribe_from_start("t", "service://Counter/add").await?;
+    let key = "k".to_owned();
+    let records: Vec<Record> = (0..50)
+        .map(|seq| Record {
+            key: Some(key.clone().into_bytes()),
+            payload: json!({ "seq": seq }).to_string().into_bytes(),
+            headers: vec![],
+        })
+        .collect();
+    produce(&broker.producer()?, "t", &records).await?;
+    eventually(Duration::from_secs(60), "every record counted", || async {
+        Ok((count(&node, &key).await? == 50).then_some(()))
+    })
+    .await?;
+    assert_eq!(node.metric("ferry_ingress_subscription_restarts_total").await?, 1.0);
+    // Counted once each, even though the restart read some of them again.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(count(&node, &key).await?, 50);
+    Ok(())
+}
+
+/// Case 12: if the Kafka ingress itself fails, the node goes down loudly
+/// instead of serving on without consuming.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn case12_a_failed_ingress_takes_the_node_down() -> Result<()> {
+    let broker = Broker::start().await?;
+    let dir = tempfile::tempdir()?;
+    let (base_dir, bootstrap) = (dir.path().join("node"), broker.bootstrap());
+    let started = Node::start_configured(&base_dir, &bootstrap, &[("FAILPOINTS", "kafka-ingress=panic")]);
+    let err = match started.await {
+        Ok(mut node) => {
+            // It may have answered its health check first: it must exit anyway.
+            let status =
+                tokio::time::timeout(Duration::from_secs(30), node.wait_exit()).await.context("still running")??;
+            anyhow::bail!("exited with {status:?}, log:\n{}", node.log_tail());
+        }
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("the Kafka ingress ended: it panicked"), "{err}");
+    Ok(())
+}
+
+/// A key of `Counter` whose invocations live in Raft partition `partition` of `partitions`.
+fn key_in(partition: u32, partitions: u32, prefix: &str) -> String {
+    (0..)
+        .map(|n| format!("{prefix}{n}"))
+        .find(|k| partition_of(key_hash("Counter", k), partitions) == partition)
+        .unwrap()
+}
+
+/// Case 9: one Raft partition that takes no appends holds up only the Kafka
+/// partitions whose records go there; the subscription's other Kafka
+/// partitions go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn case9_a_stalled_raft_partition_does_not_stall_other_kafka_partitions() -> Result<()> {
+    let (broker, handlers, dir) = (Broker::start().await?, Handlers::start().await?, tempfile::tempdir()?);
+    let config = [
+        ("FERRY_PARTITIONS", "2"),
+        ("FERRY_INGRESS__KAFKA__BATCH_RECORDS_MAX", "4"),
+        ("FERRY_INGRESS__KAFKA__BUFFER_RECORDS_MAX", "8"),
+        ("FAILPOINTS", "ingress-append-0=return"),
+    ];
+    let node = node_with(&broker, &handlers, dir.path(), &config).await?;
+    broker.create_topic("t", 2).await?;
+    node.subscribe_from_start("t", "service://Counter/add").await?;
+    let (stuck, free) = (key_in(0, 2, "stuck-"), key_in(1, 2, "free-"));
+    let producer = broker.producer()?;
+    let send = |partition: i32, key: String, n: usize| {
+        let producer = producer.clone();
+        async move {
+            for seq in 0..n {
+                let payload = json!({ "seq": seq }).to_string();
+                let record = FutureRecord::to("t").partition(partition).key(key.as_bytes()).payload(payload.as_bytes());
+                producer.send(record, Duration::from_secs(30)).await.map_err(|(e, _)| e)?;
+            }
+            anyhow::Ok(())
+        }
+    };
+    // Far more than Kafka partition 0's worker can hold while its appends fail.
+    send(0, stuck.clone(), 100).await?;
+    eventually(Duration::from_secs(60), "the stuck partition's worker full", || async {
+        Ok((node.metric("ferry_ingress_records_consumed_total").await? >= 13.0).then_some(()))
+    })
+    .await?;
+    send(1, free.clone(), 10).await?;
+    eventually(Duration::from_secs(60), "the free partition's records invoked", || async {
+        Ok((count(&node, &free).await? == 10).then_some(()))
+    })
+    .await?;
+    assert_eq!(count(&node, &stuck).await?, 0, "appends to Raft partition 0 fail");
+    Ok(())
+}
