@@ -27,6 +27,9 @@ use crate::codec::ProtocolVersion;
 use crate::journal::Job;
 use crate::retry::RetryPolicy;
 
+/// How soon a leader without its lease looks again whether it may start attempts.
+const LEASE_RETRY_MS: u64 = 50;
+
 /// How the invoker runs attempts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
@@ -244,9 +247,12 @@ impl PartitionScheduler {
     }
 
     /// Starts what may run and wakes what is due; returns the next timer.
+    /// Starts nothing new while this node's lease on the partition is in
+    /// doubt (it has not heard from a quorum lately).
     fn schedule(&mut self) -> Option<u64> {
         let now = now_ms();
-        let free = self.concurrency.saturating_sub(self.running.len());
+        let lease = self.log.holds_lease(self.group);
+        let free = if lease { self.concurrency.saturating_sub(self.running.len()) } else { 0 };
         let running = &self.running;
         let waking = &self.waking;
         let read = self.log.read_partition(self.partition, |state| {
@@ -309,7 +315,13 @@ impl PartitionScheduler {
                 Done::Woken(due)
             });
         }
-        next
+        // Without the lease, look again shortly: it comes back with the next
+        // quorum acknowledgement, which applies nothing that would wake us.
+        if lease {
+            next
+        } else {
+            Some(next.map_or(now + LEASE_RETRY_MS, |at| at.min(now + LEASE_RETRY_MS)))
+        }
     }
 }
 

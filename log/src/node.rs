@@ -383,6 +383,24 @@ impl LogNode {
         self.group(group).is_ok_and(|g| leads(&g.raft.metrics().borrow(), self.node_id()))
     }
 
+    /// Whether this node may start new work on `group`'s behalf (attempts
+    /// whose side effects cannot be taken back): it leads ([`is_leader`]) and
+    /// heard from a quorum recently enough that no other node can have been
+    /// elected meanwhile. A leader cut off from its peers goes on believing
+    /// it leads until it hears of a newer term; this keeps it from running
+    /// steps that a newer leader may already have committed.
+    ///
+    /// [`is_leader`]: LogNode::is_leader
+    pub fn holds_lease(&self, group: GroupId) -> bool {
+        let options = &self.inner.options;
+        let lease_ms = options.election_timeout_min_ms.saturating_sub(options.heartbeat_interval_ms);
+        self.group(group).is_ok_and(|g| {
+            let metrics = g.raft.metrics();
+            let metrics = metrics.borrow();
+            leads(&metrics, self.node_id()) && lease_holds(&metrics, lease_ms)
+        })
+    }
+
     /// Resolves once a group has stopped on a fatal error (a storage
     /// failure, a panic in its core), with what went wrong. Such a group can
     /// neither lead nor follow until the node restarts, so the node should stop.
@@ -565,6 +583,15 @@ pub fn leads(metrics: &RaftMetrics<NodeId, BasicNode>, me: NodeId) -> bool {
         && metrics.last_applied.is_some_and(|applied| applied.leader_id.term == metrics.current_term)
 }
 
+/// Whether a leader's last quorum acknowledgement is younger than `lease_ms`.
+/// openraft times an acknowledgement from when its request was sent, and a
+/// follower that got that request elects no one for an election timeout
+/// after; so while this holds, with `lease_ms` under the election timeout by
+/// a heartbeat interval of slack, no newer leader exists.
+pub fn lease_holds(metrics: &RaftMetrics<NodeId, BasicNode>, lease_ms: u64) -> bool {
+    metrics.millis_since_quorum_ack.is_some_and(|ms| ms < lease_ms)
+}
+
 /// Reports into `failed` when `group` stops on a fatal error (not when it is
 /// shut down).
 async fn watch_fatal(group: GroupId, raft: Raft, failed: watch::Sender<Option<String>>, cancel: CancellationToken) {
@@ -595,5 +622,48 @@ async fn watch_fatal(group: GroupId, raft: Raft, failed: watch::Sender<Option<St
                 return;
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{CommittedLeaderId, LogId, Vote};
+
+    fn leader(term: u64, applied_term: u64) -> RaftMetrics<NodeId, BasicNode> {
+        let mut metrics = RaftMetrics::new_initial(1);
+        metrics.state = ServerState::Leader;
+        metrics.current_leader = Some(1);
+        metrics.current_term = term;
+        metrics.vote = Vote::new_committed(term, 1);
+        metrics.last_applied = Some(LogId::new(CommittedLeaderId::new(applied_term, 1), 7));
+        metrics.millis_since_quorum_ack = Some(10);
+        metrics
+    }
+
+    #[test]
+    fn case1_a_leader_leads_once_its_terms_first_entry_is_applied() {
+        assert!(leads(&leader(3, 3), 1));
+        assert!(!leads(&leader(3, 2), 1), "elected, but the entries of earlier terms are not all applied");
+        assert!(!leads(&leader(3, 3), 2), "another node's leadership");
+    }
+
+    #[test]
+    fn case2_a_stopped_group_leads_nothing() {
+        let mut metrics = leader(3, 3);
+        metrics.running_state = Err(Fatal::Panicked);
+        assert!(!leads(&metrics, 1));
+    }
+
+    /// A leader cut off from its peers still sees itself as leader; it must
+    /// stop starting attempts before the others can have elected a new one.
+    #[test]
+    fn a_leader_without_a_recent_quorum_holds_no_lease() {
+        let mut metrics = leader(3, 3);
+        assert!(lease_holds(&metrics, 400));
+        metrics.millis_since_quorum_ack = Some(450);
+        assert!(leads(&metrics, 1) && !lease_holds(&metrics, 400));
+        metrics.millis_since_quorum_ack = None;
+        assert!(!lease_holds(&metrics, 400));
     }
 }

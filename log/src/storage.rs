@@ -282,6 +282,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             batch.remove(key.map_err(|e| StorageIOError::write_logs(&e))?);
         }
         self.log.apply_batch(batch).map_err(|e| StorageIOError::write_logs(&e))?;
+        tracing::debug!(group = self.group, index = log_id.index, "log purged");
         Ok(())
     }
 }

@@ -18,6 +18,11 @@
 //!   retries and journal replay can be verified. `Flaky/nap` sleeps durably for
 //!   the number of milliseconds in its payload, `Flaky/terminal` fails with a
 //!   terminal error (code 422), `Flaky/hang` never answers.
+//! * `Once/run` (service): one journaled step, `ctx.run` named `step`. Every
+//!   execution of the step and every time the handler goes on past it are
+//!   recorded to `once.jsonl` with a sequence number that orders all of this
+//!   process's records, so a checker can tell whether a step ran again after
+//!   its result was committed.
 //!
 //! Every attempt of `Sink/handle` and `Flaky/run` is also recorded (outside of
 //! any journaled action) to `sink.jsonl` / `flaky-attempts.jsonl`, so tests can
@@ -38,7 +43,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
 use bytes::Bytes;
@@ -58,6 +64,7 @@ const DEFAULT_FLAKY_FAILURES: u64 = 1;
 const SINK_FILE: &str = "sink.jsonl";
 const FLAKY_FILE: &str = "flaky.jsonl";
 const FLAKY_ATTEMPTS_FILE: &str = "flaky-attempts.jsonl";
+const ONCE_FILE: &str = "once.jsonl";
 
 const STATE_COUNT: &str = "count";
 const STATE_LAST_SEQ: &str = "last_seq";
@@ -395,6 +402,46 @@ impl Flaky {
 }
 
 // ---------------------------------------------------------------------------
+// Once
+// ---------------------------------------------------------------------------
+
+/// Orders the records of `Once/run` in this process.
+#[derive(Default)]
+struct Once {
+    seq: Arc<AtomicU64>,
+}
+
+#[restate_sdk::service]
+impl Once {
+    /// Runs the journaled step `step`, whose result is a token naming this
+    /// execution, records `{"event": "executed"}` for every execution and
+    /// `{"event": "observed"}` with the journaled token once the handler is
+    /// past the step (which it is only with the step's result committed).
+    /// Returns the token.
+    #[handler]
+    async fn run(&self, ctx: Context<'_>) -> Result<String, HandlerError> {
+        let invocation_id = ctx.invocation_id().to_owned();
+        let (seq, id) = (self.seq.clone(), invocation_id.clone());
+        let token: String = ctx
+            .run(|| async move {
+                let seq = seq.fetch_add(1, Ordering::SeqCst);
+                let token = format!("{id}/{seq}");
+                let record =
+                    json!({ "invocation_id": id, "run": "step", "event": "executed", "token": token, "seq": seq });
+                append_record(ONCE_FILE, &record)?;
+                Ok(token)
+            })
+            .name("step")
+            .await?;
+        let seq = self.seq.fetch_add(1, Ordering::SeqCst);
+        let record =
+            json!({ "invocation_id": invocation_id, "run": "step", "event": "observed", "token": token, "seq": seq });
+        append_record(ONCE_FILE, &record)?;
+        Ok(token)
+    }
+}
+
+// ---------------------------------------------------------------------------
 // main
 // ---------------------------------------------------------------------------
 
@@ -519,7 +566,8 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
     let local = listener.local_addr()?;
 
-    let endpoint = Endpoint::builder().bind(Sink).bind(Counter).bind(Flow).bind(Flaky::default()).build();
+    let endpoint =
+        Endpoint::builder().bind(Sink).bind(Counter).bind(Flow).bind(Flaky::default()).bind(Once::default()).build();
 
     println!("ferry-test-handlers listening on {local}");
     std::io::stdout().flush()?;
