@@ -100,7 +100,7 @@ fn the_image_builds_like_ci_and_ships_what_compose_runs() -> Result<()> {
     for script in [&dockerfile, &test_script] {
         ensure!(script.contains("scripts/install-build-deps.sh"), "build tools are installed another way");
     }
-    ensure!(test_script.contains("cargo build --workspace --bins --locked"), "CI's build command changed");
+    ensure!(test_script.contains("cargo build --workspace --all-targets --locked"), "CI's build command changed");
     ensure!(
         dockerfile.contains("cargo build --release --workspace --bins --locked"),
         "the image does not build like CI"

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use ferry_chaos_tests::{eventually, produce, Broker, Handlers, Node, Record};
+use ferry_chaos_tests::{eventually, produce, Broker, Cluster, Handlers, Node, Record};
 use ferry_log::partitioner::{key_hash, partition_of};
 use rdkafka::producer::FutureRecord;
 use serde_json::json;
@@ -88,7 +88,8 @@ async fn case12_a_failed_ingress_takes_the_node_down() -> Result<()> {
             // It may have answered its health check first: it must exit anyway.
             let status =
                 tokio::time::timeout(Duration::from_secs(30), node.wait_exit()).await.context("still running")??;
-            anyhow::bail!("exited with {status:?}, log:\n{}", node.log_tail());
+            assert!(!status.success(), "{status:?}");
+            node.log_tail()
         }
         Err(e) => e.to_string(),
     };
@@ -144,5 +145,60 @@ async fn case9_a_stalled_raft_partition_does_not_stall_other_kafka_partitions() 
     })
     .await?;
     assert_eq!(count(&node, &stuck).await?, 0, "appends to Raft partition 0 fail");
+    Ok(())
+}
+
+/// The leader of `group` as node `node` sees it.
+async fn leader_of(cluster: &Cluster, node: u64, group: u64) -> Result<Option<u64>> {
+    let groups = cluster.node(node).get("/cluster").await?["groups"].as_array().cloned().context("groups")?;
+    Ok(groups.iter().find(|g| g["group"] == group).and_then(|g| g["leader"].as_u64()))
+}
+
+/// Case 7: a preferred leader that comes back takes its partitions back only
+/// while no attempt runs there. A handler may work for seconds without
+/// writing to the log; moving leadership meanwhile would abort its attempt
+/// and run it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn case7_leadership_does_not_move_back_while_an_attempt_runs() -> Result<()> {
+    let (broker, handlers, dir) = (Broker::start().await?, Handlers::start().await?, tempfile::tempdir()?);
+    let mut cluster = Cluster::start(dir.path(), 3, &broker.bootstrap(), &[]).await?;
+    cluster.wait_balanced(Duration::from_secs(60)).await?;
+    let (status, body) = cluster.node(2).post("/deployments", json!({ "uri": handlers.uri })).await?;
+    anyhow::ensure!(status == 201, "register: {status} {body}");
+
+    // A partition that node 1 leads, as its preferred leader.
+    let groups = cluster.node(1).get("/cluster").await?["groups"].as_array().cloned().context("groups")?;
+    let partitions = groups.iter().filter(|g| g["partition"].is_u64()).count() as u32;
+    let partition = groups
+        .iter()
+        .find(|g| g["leader"] == 1 && g["partition"].is_u64())
+        .and_then(|g| g["partition"].as_u64())
+        .context("node 1 leads no partition")? as u32;
+    let group = u64::from(partition) + 1;
+    let key = (0..)
+        .map(|n| format!("slow-{n}"))
+        .find(|k| partition_of(key_hash("Slow", k), partitions) == partition)
+        .unwrap();
+
+    cluster.node_mut(1).kill().await;
+    eventually(Duration::from_secs(30), "another leader", || async {
+        Ok(leader_of(&cluster, 2, group).await?.filter(|&leader| leader != 1).map(|_| ()))
+    })
+    .await?;
+    cluster.node_mut(1).restart().await?;
+
+    // Eight seconds of work without a write: far past the two idle seconds
+    // after which node 1 would take the partition back.
+    let headers = [("idempotency-key", key.as_str())];
+    let call = cluster.node(2).ingress("/Slow/run", Some("8000"), &headers);
+    let (status, answer) = tokio::time::timeout(Duration::from_secs(60), call).await.context("no answer")??;
+    assert_eq!((status, &answer), (200, &json!("done")));
+    let attempts = std::fs::read_to_string(handlers.record_dir.path().join("slow.jsonl"))?;
+    assert_eq!(attempts.lines().count(), 1, "the attempt was cut short and run again:\n{attempts}");
+    // Once idle, the partition goes back to node 1.
+    eventually(Duration::from_secs(30), "node 1 to lead again", || async {
+        Ok((leader_of(&cluster, 1, group).await? == Some(1)).then_some(()))
+    })
+    .await?;
     Ok(())
 }

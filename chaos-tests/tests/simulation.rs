@@ -281,6 +281,11 @@ impl Sim {
     }
 
     fn reply(&mut self, from: Proposer, g: usize, response: Option<Response>) {
+        if let (Proposer::Attempt { key }, None) = (from, &response) {
+            // The scheduler hears its effect failed and frees the slot: the
+            // invocation runs again, from what its journal holds.
+            self.attempts.retain(|a| a.key != key);
+        }
         let Proposer::Lane { kp, generation } = from else { return };
         let consumer = &mut self.consumers[kp];
         if consumer.generation != generation {
@@ -386,8 +391,11 @@ impl Sim {
         let Some((_, term)) = self.groups[g].leader else { return };
         let Some(proposal) = self.groups[g].pending.pop_front() else { return };
         let response = self.commit(g, term, proposal.command, Some(proposal.from));
-        // Now and then the reply is lost on its way: the proposer retries.
-        let answer = if self.rng.random_range(0..10) == 0 { None } else { Some(response) };
+        // Now and then the reply to a forwarded append is lost on its way:
+        // the lane retries. (An attempt's effect is proposed on the leader
+        // itself, which answers once it has applied it.)
+        let forwarded = matches!(proposal.from, Proposer::Lane { .. });
+        let answer = if forwarded && self.rng.random_range(0..10) == 0 { None } else { Some(response) };
         self.reply(proposal.from, g, answer);
     }
 

@@ -23,6 +23,9 @@
 //!   recorded to `once.jsonl` with a sequence number that orders all of this
 //!   process's records, so a checker can tell whether a step ran again after
 //!   its result was committed.
+//! * `Slow/run` (service): records each attempt to `slow.jsonl`, then works
+//!   for the milliseconds in its payload without writing to its journal (as
+//!   a long computation or a slow external call would), and returns.
 //!
 //! Every attempt of `Sink/handle` and `Flaky/run` is also recorded (outside of
 //! any journaled action) to `sink.jsonl` / `flaky-attempts.jsonl`, so tests can
@@ -65,6 +68,7 @@ const SINK_FILE: &str = "sink.jsonl";
 const FLAKY_FILE: &str = "flaky.jsonl";
 const FLAKY_ATTEMPTS_FILE: &str = "flaky-attempts.jsonl";
 const ONCE_FILE: &str = "once.jsonl";
+const SLOW_FILE: &str = "slow.jsonl";
 
 const STATE_COUNT: &str = "count";
 const STATE_LAST_SEQ: &str = "last_seq";
@@ -442,6 +446,24 @@ impl Once {
 }
 
 // ---------------------------------------------------------------------------
+// Slow
+// ---------------------------------------------------------------------------
+
+struct Slow;
+
+#[restate_sdk::service]
+impl Slow {
+    /// Records the attempt, works for the milliseconds in the payload, returns `"done"`.
+    #[handler]
+    async fn run(&self, ctx: Context<'_>, payload: AnyPayload) -> Result<String, HandlerError> {
+        let ms: u64 = payload.lossy_text().trim().parse().unwrap_or(0);
+        append_record(SLOW_FILE, &json!({ "invocation_id": ctx.invocation_id(), "ts_ms": unix_millis() }))?;
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        Ok("done".to_owned())
+    }
+}
+
+// ---------------------------------------------------------------------------
 // main
 // ---------------------------------------------------------------------------
 
@@ -566,8 +588,14 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
     let local = listener.local_addr()?;
 
-    let endpoint =
-        Endpoint::builder().bind(Sink).bind(Counter).bind(Flow).bind(Flaky::default()).bind(Once::default()).build();
+    let endpoint = Endpoint::builder()
+        .bind(Sink)
+        .bind(Counter)
+        .bind(Flow)
+        .bind(Flaky::default())
+        .bind(Once::default())
+        .bind(Slow)
+        .build();
 
     println!("ferry-test-handlers listening on {local}");
     std::io::stdout().flush()?;
