@@ -159,7 +159,8 @@ async fn three_nodes_lose_and_double_nothing_under_faults() -> Result<()> {
         eventually(Duration::from_secs(60), "records to be appended", || async {
             Ok((cluster.node(victim).metric("ferry_ingress_records_appended_total").await? > 0.0).then_some(()))
         })
-        .await?;
+        .await
+        .with_context(|| format!("round {round}, node {victim}:\n{}", cluster.node(victim).log_tail()))?;
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..1500))).await;
         cluster.node_mut(victim).kill().await;
         println!("round {round}: killed node {victim}");

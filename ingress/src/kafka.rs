@@ -521,6 +521,7 @@ impl SubscriptionWorker {
             feeds: HashMap::new(),
             workers: JoinSet::new(),
             permits: FuturesUnordered::new(),
+            feeds_started: 0,
         };
         let labels = [("subscription", sub.id.clone())];
         let failure = loop {
@@ -533,8 +534,8 @@ impl SubscriptionWorker {
                         }
                     }
                 }
-                Some((partition, permit)) = feeds.permits.next(), if !feeds.permits.is_empty() => {
-                    feeds.unstall(partition, permit);
+                Some((partition, feed, permit)) = feeds.permits.next(), if !feeds.permits.is_empty() => {
+                    feeds.unstall(partition, feed, permit);
                 }
                 message = consumer.recv() => match message {
                     Ok(message) => {
@@ -626,8 +627,9 @@ fn record_of(message: &rdkafka::message::BorrowedMessage<'_>) -> Record {
     }
 }
 
-/// A permit to send one record to a partition's worker, once it has room.
-type Permit = (i32, Result<mpsc::OwnedPermit<Record>, mpsc::error::SendError<()>>);
+/// A permit to send one record to a partition's worker, once it has room:
+/// (partition, the feed it was asked for, the permit).
+type Permit = (i32, u64, Result<mpsc::OwnedPermit<Record>, mpsc::error::SendError<()>>);
 
 /// Hands records from the consumer to the worker of their Kafka partition
 /// without ever waiting on one: a worker that is full (its Raft partition
@@ -640,9 +642,12 @@ struct Feeds<'a> {
     feeds: HashMap<i32, Feed>,
     workers: JoinSet<()>,
     permits: FuturesUnordered<futures::future::BoxFuture<'static, Permit>>,
+    /// Numbers the feeds, so that a permit of a replaced one is told apart.
+    feeds_started: u64,
 }
 
 struct Feed {
+    id: u64,
     tx: mpsc::Sender<Record>,
     /// Records read while the worker was full, oldest first.
     stalled: VecDeque<Record>,
@@ -654,7 +659,8 @@ impl Feeds<'_> {
     fn deliver(&mut self, partition: i32, record: Record) {
         if self.feeds.get(&partition).is_none_or(|feed| feed.tx.is_closed()) {
             let tx = self.worker.start_worker(&self.consumer, &mut self.workers, partition, &self.cancel);
-            self.feeds.insert(partition, Feed { tx, stalled: VecDeque::new() });
+            self.feeds_started += 1;
+            self.feeds.insert(partition, Feed { id: self.feeds_started, tx, stalled: VecDeque::new() });
         }
         let feed = self.feeds.get_mut(&partition).expect("a feed per partition");
         if !feed.stalled.is_empty() {
@@ -665,9 +671,9 @@ impl Feeds<'_> {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(record)) => {
                 feed.stalled.push_back(record);
-                let tx = feed.tx.clone();
+                let (id, tx) = (feed.id, feed.tx.clone());
                 self.pause(partition, true);
-                self.permits.push(Box::pin(async move { (partition, tx.reserve_owned().await) }));
+                self.permits.push(Box::pin(async move { (partition, id, tx.reserve_owned().await) }));
             }
             // The worker ended after the check above (revoked): the records
             // of its partition are read again by whoever owns it now.
@@ -676,8 +682,14 @@ impl Feeds<'_> {
     }
 
     /// The worker of `partition` has room again: hands it what waits.
-    fn unstall(&mut self, partition: i32, permit: Result<mpsc::OwnedPermit<Record>, mpsc::error::SendError<()>>) {
-        let Some(feed) = self.feeds.get_mut(&partition) else { return };
+    fn unstall(
+        &mut self,
+        partition: i32,
+        id: u64,
+        permit: Result<mpsc::OwnedPermit<Record>, mpsc::error::SendError<()>>,
+    ) {
+        // A permit of a feed since replaced (its worker was revoked) is void.
+        let Some(feed) = self.feeds.get_mut(&partition).filter(|feed| feed.id == id) else { return };
         let Ok(permit) = permit else {
             // The worker is gone; its partition was revoked.
             feed.stalled.clear();
@@ -692,7 +704,7 @@ impl Feeds<'_> {
                 Err(mpsc::error::TrySendError::Full(record)) => {
                     feed.stalled.push_front(record);
                     let tx = feed.tx.clone();
-                    self.permits.push(Box::pin(async move { (partition, tx.reserve_owned().await) }));
+                    self.permits.push(Box::pin(async move { (partition, id, tx.reserve_owned().await) }));
                     return;
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => feed.stalled.clear(),

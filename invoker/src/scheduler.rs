@@ -121,6 +121,9 @@ async fn write_effects(
 /// The most bytes of effects in one entry.
 const EFFECTS_BYTES_MAX: usize = ferry_log::COMMAND_BYTES_MAX / 2;
 
+/// The most bytes of one effect: what fits in a command beside its framing.
+const EFFECT_BYTES_MAX: usize = ferry_log::COMMAND_BYTES_MAX - (64 << 10);
+
 /// Splits effects into entries of at most [`EFFECTS_BYTES_MAX`] (or one
 /// effect). An effect that could never fit in a command (an output or a
 /// journal too large) becomes a failure that pauses its invocation, so that
@@ -131,8 +134,8 @@ fn batches<R>(effects: impl Iterator<Item = (Effect, R)>) -> Vec<Vec<(Effect, R)
     for (effect, reply) in effects {
         let mut size = ferry_log::wire::encoded_len(&effect);
         let effect = match effect.attempt() {
-            Some(attempt) if size > ferry_log::COMMAND_BYTES_MAX - (64 << 10) => {
-                let message = format!("the attempt's result is {size} bytes, over the limit of {EFFECTS_BYTES_MAX}");
+            Some(attempt) if size > EFFECT_BYTES_MAX => {
+                let message = format!("the attempt's result is {size} bytes, over the limit of {EFFECT_BYTES_MAX}");
                 warn!(id = effect.id(), "{message}");
                 let failed =
                     Effect::Failed { id: effect.id().to_owned(), attempt, message, retry_at_ms: None, pause: true };

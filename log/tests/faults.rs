@@ -2,16 +2,19 @@
 //! builds only): a leader that has not caught up, a group whose storage
 //! fails, a snapshot build racing a snapshot install.
 
+mod common;
+
 use std::io::Cursor;
 use std::sync::mpsc;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::{invoke, when_unlocked};
 use ferry_log::node::{GroupStatus, Role};
 use ferry_log::state::GroupState;
 use ferry_log::storage::{self, Applied, Flusher};
-use ferry_log::wire::v1::{Command, Dedup, HandlerType, Invoke, ServiceType, Source, Target};
+use ferry_log::wire::v1::Command;
 use ferry_log::{network, partition_group, LogNode, NodeId, Options};
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, SnapshotMeta, StoredMembership};
@@ -58,27 +61,6 @@ impl Gate {
     }
 }
 
-fn invoke(i: u64) -> Invoke {
-    Invoke {
-        id: format!("inv_{i:032x}"),
-        target: Target {
-            service: "S".to_owned(),
-            handler: "h".to_owned(),
-            key: None,
-            service_ty: ServiceType::Service,
-            handler_ty: HandlerType::Shared,
-        },
-        payload: Bytes::from_static(b"{}"),
-        headers: vec![],
-        source: Source::Ingress,
-        dedup: Some(Dedup { producer: 7, seq: i }),
-        created_at_ms: 1,
-        failure: None,
-        not_before_ms: None,
-        trace: None,
-    }
-}
-
 fn options(dir: &std::path::Path) -> Options {
     let mut options = Options::single_node(dir.to_owned(), 1);
     options.advertised_address = "127.0.0.1:1".to_owned();
@@ -88,17 +70,8 @@ fn options(dir: &std::path::Path) -> Options {
 async fn open(options: &Options) -> (LogNode, TaskTracker, CancellationToken) {
     let tracker = TaskTracker::new();
     let cancel = CancellationToken::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        match LogNode::open(options.clone(), &tracker, cancel.clone()).await {
-            Ok(node) => return (node, tracker, cancel),
-            // openraft's tasks release sled's file lock shortly after shutdown.
-            Err(e) if e.to_string().contains("could not acquire lock") && tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(20)).await
-            }
-            Err(e) => panic!("open: {e}"),
-        }
-    }
+    let node = when_unlocked(|| LogNode::open(options.clone(), &tracker, cancel.clone())).await.unwrap();
+    (node, tracker, cancel)
 }
 
 async fn close(node: LogNode, tracker: TaskTracker, cancel: CancellationToken) {

@@ -1,11 +1,13 @@
 //! The sled store against openraft's storage contract, and a node's log
 //! surviving a restart.
 
+mod common;
+
 use std::time::Duration;
 
-use bytes::Bytes;
+use common::{invoke, when_unlocked};
 use ferry_log::storage::{self, Flusher, LogStore, StateMachineStore};
-use ferry_log::wire::v1::{Command, Dedup, HandlerType, Invoke, Response, ServiceType, Source, Target};
+use ferry_log::wire::v1::{Command, Response};
 use ferry_log::{partition_group, LogNode, NodeId, Options, TypeConfig};
 use openraft::testing::{StoreBuilder, Suite};
 use openraft::StorageError;
@@ -28,43 +30,6 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> fo
 fn sled_store_passes_openraft_suite() {
     if let Err(e) = Suite::test_all(SledBuilder) {
         panic!("storage suite failed: {e}");
-    }
-}
-
-/// openraft's tasks release their storage handles shortly after `shutdown`
-/// returns; an in-process reopen waits for sled's file lock to be free.
-async fn when_unlocked<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
-    mut open: impl FnMut() -> F,
-) -> Result<T, E> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        match open().await {
-            Err(e) if e.to_string().contains("could not acquire lock") && tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(20)).await
-            }
-            other => return other,
-        }
-    }
-}
-
-fn invoke(i: u64) -> Invoke {
-    Invoke {
-        id: format!("inv_{i:032x}"),
-        target: Target {
-            service: "S".to_owned(),
-            handler: "h".to_owned(),
-            key: None,
-            service_ty: ServiceType::Service,
-            handler_ty: HandlerType::Shared,
-        },
-        payload: Bytes::from(format!("payload-{i}")),
-        headers: vec![],
-        source: Source::Ingress,
-        dedup: Some(Dedup { producer: 42, seq: i }),
-        created_at_ms: 1,
-        failure: None,
-        not_before_ms: None,
-        trace: None,
     }
 }
 
