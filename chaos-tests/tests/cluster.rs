@@ -27,6 +27,10 @@ use rand::Rng;
 use serde_json::{json, Value};
 
 const TOPIC: &str = "events";
+/// Records for `Once/run`, at a tenth of the rate of `TOPIC`: enough steps
+/// in flight at every fault, without doubling the load of two cores.
+const STEPS_TOPIC: &str = "steps";
+const STEPS_CHUNK: usize = 5;
 const PARTITIONS: i32 = 4;
 const CHUNK: usize = 50;
 const CHUNKS_MIN: usize = 30;
@@ -122,12 +126,17 @@ async fn three_nodes_lose_and_double_nothing_under_faults() -> Result<()> {
     assert_eq!(status, 201, "{body}");
     broker.create_topic(TOPIC, PARTITIONS).await?;
     let mut subscriptions = Vec::new();
-    for (node, sink) in [(3, "service://Counter/add"), (1, "service://Sink/handle"), (2, "service://Once/run")] {
+    broker.create_topic(STEPS_TOPIC, PARTITIONS).await?;
+    for (node, topic, sink) in [
+        (3, TOPIC, "service://Counter/add"),
+        (1, TOPIC, "service://Sink/handle"),
+        (2, STEPS_TOPIC, "service://Once/run"),
+    ] {
         let (status, body) = cluster
             .node(node)
             .post(
                 "/subscriptions",
-                json!({"source": format!("kafka://my-cluster/{TOPIC}"), "sink": sink,
+                json!({"source": format!("kafka://my-cluster/{topic}"), "sink": sink,
                        "options": {"auto.offset.reset": "earliest", "session.timeout.ms": SESSION_TIMEOUT.as_millis().to_string(),
                                    "auto.commit.interval.ms": "200"}}),
             )
@@ -145,7 +154,8 @@ async fn three_nodes_lose_and_double_nothing_under_faults() -> Result<()> {
 
     let faults_done = Arc::new(AtomicBool::new(false));
     let stop = faults_done.clone();
-    let producing = broker.produce_until(TOPIC, CHUNK, KEYS, CHUNKS_MIN, stop)?;
+    let producing = broker.produce_until(TOPIC, CHUNK, KEYS, CHUNKS_MIN, stop.clone())?;
+    let producing_steps = broker.produce_until(STEPS_TOPIC, STEPS_CHUNK, KEYS, CHUNKS_MIN, stop)?;
 
     // SIGKILL a node (the preferred leader of a third of the partitions) once
     // records flow, at a random point; it stays down past the consumer
@@ -214,6 +224,7 @@ async fn three_nodes_lose_and_double_nothing_under_faults() -> Result<()> {
     }
     faults_done.store(true, Ordering::Relaxed);
     let acknowledged = producing.await??;
+    producing_steps.await??;
     // The history: what the topic holds. A send retried across the broker's
     // restart may have been written twice; each copy is its own offset.
     let records = broker.read_topic(TOPIC, PARTITIONS).await?;
@@ -222,7 +233,8 @@ async fn three_nodes_lose_and_double_nothing_under_faults() -> Result<()> {
     assert!(missing.is_empty(), "the broker lost acknowledged records: {missing:?}");
     println!("{} records acknowledged, {} in the topic", acknowledged.len(), records.len());
 
-    for sub in &subscriptions {
+    let (subscriptions, steps_subscription) = (&subscriptions[..2], &subscriptions[2]);
+    for sub in subscriptions {
         let invocations = eventually(Duration::from_secs(240), "every record's invocation to complete", || async {
             let all = cluster.node(survivor).invocations(&format!("subscription={sub}")).await?;
             Ok((all.len() >= produced.len() && all.iter().all(|inv| inv["status"] == "completed")).then_some(all))
@@ -248,7 +260,14 @@ async fn three_nodes_lose_and_double_nothing_under_faults() -> Result<()> {
         }
     }
 
-    // No journaled step ran again once its result was committed.
+    // Every step record's invocation completes, and no journaled step ran
+    // again once its result was committed.
+    let steps = broker.read_topic(STEPS_TOPIC, PARTITIONS).await?.len();
+    eventually(Duration::from_secs(240), "every step to complete", || async {
+        let all = cluster.node(survivor).invocations(&format!("subscription={steps_subscription}")).await?;
+        Ok((all.len() >= steps && all.iter().all(|inv| inv["status"] == "completed")).then_some(()))
+    })
+    .await?;
     let once = std::fs::read_to_string(handlers.record_dir.path().join("once.jsonl"))?;
     let steps = check_run_once(&once)?;
     println!("{steps} journaled steps, none run again after its result was committed");
