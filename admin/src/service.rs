@@ -244,7 +244,7 @@ impl Admin {
     }
 
     async fn propose_metadata(&self, command: MetadataCommand) -> Result<MetadataResponse, Error> {
-        match self.log.propose(METADATA_GROUP, Command::Metadata(command)).await? {
+        match self.log.propose_and_read(METADATA_GROUP, Command::Metadata(command)).await? {
             Response::Metadata(response) => Ok(response),
             other => Err(Error::Internal(format!("unexpected response {other:?}"))),
         }
@@ -476,7 +476,7 @@ impl Admin {
             Action::Resume => Effect::Resume { id: id.clone() },
         };
         let command = Command::Effects { at_ms: now_ms(), effects: vec![effect] };
-        let outcome = match self.log.propose(partition_group(partition), command).await? {
+        let outcome = match self.log.propose_and_read(partition_group(partition), command).await? {
             Response::Effects(mut outcomes) if outcomes.len() == 1 => outcomes.remove(0),
             other => return Err(Error::Internal(format!("unexpected response {other:?}"))),
         };

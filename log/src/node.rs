@@ -271,6 +271,15 @@ impl LogNode {
         self.propose_routed(group, command, true).await.map(|(response, _)| response)
     }
 
+    /// [`LogNode::propose`], answered once this node has applied the entry
+    /// too, so that what the caller reads here next includes what it wrote
+    /// (read your writes), wherever the group's leader is.
+    pub async fn propose_and_read(&self, group: GroupId, command: Command) -> Result<Response, Error> {
+        let (response, index) = self.propose_routed(group, command, true).await?;
+        self.wait_applied(group, index, Instant::now() + FORWARD_TIMEOUT).await?;
+        Ok(response)
+    }
+
     /// Appends `command` to `group` only if this node leads it, never
     /// forwarding: for what only the leader may write, such as the effects of
     /// the attempts it ran. Fails with [`Error::NotLeader`] otherwise.
