@@ -11,16 +11,14 @@ use ferry_log::partitioner::{key_hash, partition_of};
 use rdkafka::producer::FutureRecord;
 use serde_json::json;
 
-async fn node_with(
-    broker: &Broker,
-    handlers: &Handlers,
-    dir: &std::path::Path,
-    config: &[(&str, &str)],
-) -> Result<Node> {
-    let node = Node::start_configured(&dir.join("node"), &broker.bootstrap(), config).await?;
+/// A broker, the test handlers and one node configured with `config`, the
+/// handlers registered.
+async fn started(config: &[(&str, &str)]) -> Result<(Broker, Handlers, tempfile::TempDir, Node)> {
+    let (broker, handlers, dir) = (Broker::start().await?, Handlers::start().await?, tempfile::tempdir()?);
+    let node = Node::start_configured(&dir.path().join("node"), &broker.bootstrap(), config).await?;
     let (status, body) = node.post("/deployments", json!({ "uri": handlers.uri })).await?;
     anyhow::ensure!(status == 201, "register: {status} {body}");
-    Ok(node)
+    Ok((broker, handlers, dir, node))
 }
 
 async fn count(node: &Node, key: &str) -> Result<u64> {
@@ -33,12 +31,11 @@ async fn count(node: &Node, key: &str) -> Result<u64> {
 /// retried; it does not keep its slot with nothing running in it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn case12_a_panicking_attempt_is_retried() -> Result<()> {
-    let (broker, handlers, dir) = (Broker::start().await?, Handlers::start().await?, tempfile::tempdir()?);
     let config = [
         ("FAILPOINTS", "invoker-attempt=1*panic"),
         ("FERRY_INVOCATION__DEFAULT_RETRY_POLICY__INITIAL_INTERVAL", "100ms"),
     ];
-    let node = node_with(&broker, &handlers, dir.path(), &config).await?;
+    let (_broker, _handlers, _dir, node) = started(&config).await?;
     let call = node.ingress("/Counter/k/add", Some(r#"{"seq": 1}"#), &[]);
     let (status, body) =
         tokio::time::timeout(Duration::from_secs(30), call).await.context("the call never ended")??;
@@ -51,8 +48,7 @@ async fn case12_a_panicking_attempt_is_retried() -> Result<()> {
 /// and the subscription starts again: every record is still invoked once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn case12_a_panicking_partition_worker_restarts_its_subscription() -> Result<()> {
-    let (broker, handlers, dir) = (Broker::start().await?, Handlers::start().await?, tempfile::tempdir()?);
-    let node = node_with(&broker, &handlers, dir.path(), &[("FAILPOINTS", "ingress-partition-worker=1*panic")]).await?;
+    let (broker, _handlers, _dir, node) = started(&[("FAILPOINTS", "ingress-partition-worker=1*panic")]).await?;
     broker.create_topic("t", 1).await?;
     node.subscribe_from_start("t", "service://Counter/add").await?;
     let key = "k".to_owned();
@@ -110,14 +106,13 @@ fn key_in(partition: u32, partitions: u32, prefix: &str) -> String {
 /// partitions go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn case9_a_stalled_raft_partition_does_not_stall_other_kafka_partitions() -> Result<()> {
-    let (broker, handlers, dir) = (Broker::start().await?, Handlers::start().await?, tempfile::tempdir()?);
     let config = [
         ("FERRY_PARTITIONS", "2"),
         ("FERRY_INGRESS__KAFKA__BATCH_RECORDS_MAX", "4"),
         ("FERRY_INGRESS__KAFKA__BUFFER_RECORDS_MAX", "8"),
         ("FAILPOINTS", "ingress-append-0=return"),
     ];
-    let node = node_with(&broker, &handlers, dir.path(), &config).await?;
+    let (broker, _handlers, _dir, node) = started(&config).await?;
     broker.create_topic("t", 2).await?;
     node.subscribe_from_start("t", "service://Counter/add").await?;
     let (stuck, free) = (key_in(0, 2, "stuck-"), key_in(1, 2, "free-"));
