@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ferry_ingress::{ClusterOptions, LagTable};
+use ferry_ingress::{ClusterOptions, IngressStatus};
 use ferry_invoker::Discovery;
 use ferry_log::node::{GroupStatus, StateDigest};
 use ferry_log::partitioner::partition_of;
@@ -31,7 +31,7 @@ pub struct Admin {
     log: LogNode,
     discovery: Discovery,
     clusters: Arc<Vec<ClusterOptions>>,
-    lag: LagTable,
+    ingress: IngressStatus,
     /// The configured `node-name` of each node.
     names: Arc<BTreeMap<u64, String>>,
 }
@@ -193,20 +193,21 @@ fn group_to_proto(status: GroupStatus, state: Option<StateDigest>) -> pb::GroupS
 }
 
 impl Admin {
-    /// The admin API of `log`'s node; `lag` is where its Kafka consumers
-    /// report their lag; `names` holds the name of each node.
+    /// The admin API of `log`'s node; `ingress` is where its Kafka consumers
+    /// report how they do; `names` holds the name of each node.
     pub fn new(
         log: LogNode,
         discovery: Discovery,
         clusters: Vec<ClusterOptions>,
-        lag: LagTable,
+        ingress: IngressStatus,
         names: BTreeMap<u64, String>,
     ) -> Self {
-        Admin { log, discovery, clusters: Arc::new(clusters), lag, names: Arc::new(names) }
+        Admin { log, discovery, clusters: Arc::new(clusters), ingress, names: Arc::new(names) }
     }
 
     /// The nodes (every member of any group), each group as this node sees
-    /// it, and the lag of the Kafka partitions this node consumes. With
+    /// it, how the consumer of each subscription on this node does, and the
+    /// lag of the Kafka partitions it consumes. With
     /// `state_digests`, each group also carries the digest of its applied
     /// state.
     pub fn cluster_status(&self, request: &pb::GetClusterStatusRequest) -> pb::ClusterStatus {
@@ -230,14 +231,24 @@ impl Admin {
                 })
                 .collect(),
             consumer_lag: self
-                .lag
-                .entries()
+                .ingress
+                .lag()
                 .into_iter()
                 .map(|(key, lag)| pb::ConsumerLag {
                     subscription_id: key.subscription,
                     topic: key.topic,
                     partition: key.partition,
                     lag,
+                })
+                .collect(),
+            consumers: self
+                .ingress
+                .consumers()
+                .into_iter()
+                .map(|(subscription_id, state)| pb::SubscriptionConsumer {
+                    subscription_id,
+                    state: state.name().to_owned(),
+                    detail: state.detail().to_owned(),
                 })
                 .collect(),
         }

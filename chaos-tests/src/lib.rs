@@ -190,6 +190,14 @@ impl Broker {
         Ok(())
     }
 
+    pub async fn delete_topic(&self, name: &str) -> Result<()> {
+        let admin: AdminClient<DefaultClientContext> = self.client_config().create()?;
+        for result in admin.delete_topics(&[name], &AdminOptions::new()).await? {
+            result.map_err(|(topic, e)| anyhow::anyhow!("delete topic {topic}: {e}"))?;
+        }
+        Ok(())
+    }
+
     /// A producer for volume: records wait up to `linger_ms` to travel in
     /// batches of up to 10,000.
     pub fn batching_producer(&self, linger_ms: u32) -> Result<FutureProducer> {

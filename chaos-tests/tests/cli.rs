@@ -123,15 +123,17 @@ async fn cluster_status(node: &Node) -> Result<()> {
         assert!(group["last_log_index"].as_u64().unwrap() >= applied, "{group}");
     }
     assert_eq!(status["consumer_lag"], json!([]), "no subscriptions yet");
+    assert_eq!(status["consumers"], json!([]), "no subscriptions yet");
     assert_eq!(stable(&status), stable(&node.get("/cluster").await?), "gRPC and REST show the same");
 
     let table = ok(port, &["cluster", "status"])?;
     let sections: Vec<&str> = table.split("\n\n").collect();
-    assert_eq!(sections.len(), 3, "nodes, groups, lag: {table}");
+    assert_eq!(sections.len(), 4, "nodes, groups, lag, consumers: {table}");
     assert!(sections[0].starts_with("NODE") && sections[0].contains("yes"), "{table}");
     assert!(sections[1].starts_with("GROUP") && sections[1].contains("metadata"), "{table}");
     assert_eq!(sections[1].lines().filter(|l| l.contains("leader")).count(), 9, "{table}");
-    assert!(sections[2].starts_with("SUBSCRIPTION"), "{table}");
+    assert!(sections[2].starts_with("SUBSCRIPTION") && sections[2].contains("LAG"), "{table}");
+    assert!(sections[3].starts_with("SUBSCRIPTION") && sections[3].contains("CONSUMER"), "{table}");
     assert!(groups.iter().all(|g| g["state"].is_null()), "digests only when asked: {status}");
 
     // Digests of the applied state: the metadata group holds the deployment,
@@ -149,9 +151,9 @@ async fn cluster_status(node: &Node) -> Result<()> {
     assert_eq!(digests, rest, "gRPC and REST show the same digests");
     let table = ok(port, &["cluster", "status", "--digests"])?;
     let sections: Vec<&str> = table.split("\n\n").collect();
-    assert_eq!(sections.len(), 4, "nodes, groups, lag, digests: {table}");
+    assert_eq!(sections.len(), 5, "nodes, groups, lag, consumers, digests: {table}");
     assert!(
-        sections[3].starts_with("GROUP") && sections[3].contains(digests[0]["digest"].as_str().unwrap()),
+        sections[4].starts_with("GROUP") && sections[4].contains(digests[0]["digest"].as_str().unwrap()),
         "{table}"
     );
     Ok(())

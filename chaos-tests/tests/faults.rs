@@ -197,3 +197,72 @@ async fn case7_leadership_does_not_move_back_while_an_attempt_runs() -> Result<(
     .await?;
     Ok(())
 }
+
+/// `n` records for `Counter/add` under `key`.
+fn counter_records(key: &str, n: usize) -> Vec<Record> {
+    (0..n)
+        .map(|seq| Record {
+            key: Some(key.as_bytes().to_vec()),
+            payload: json!({ "seq": seq }).to_string().into_bytes(),
+            headers: vec![],
+        })
+        .collect()
+}
+
+/// How the node's consumer of `subscription` does, as the admin API says.
+async fn consumer_state(node: &Node, subscription: &str) -> Result<Option<String>> {
+    let status = node.get("/cluster").await?;
+    let consumers = status["consumers"].as_array().context("consumers")?;
+    Ok(consumers
+        .iter()
+        .find(|c| c["subscription_id"] == subscription)
+        .and_then(|c| c["state"].as_str())
+        .map(str::to_owned))
+}
+
+/// Case 11: deleting a subscribed topic (which crashes librdkafka 2.12 inside
+/// its consumer) leaves the node up; the subscription reports the missing
+/// topic and consumes again once the topic is back. Case 3: the topic created
+/// again under the same name is a new producer, so its offsets, which start
+/// again at 0, are not taken for duplicates of the old topic's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn case3_case11_a_topic_deleted_and_created_again_under_a_subscription() -> Result<()> {
+    let (broker, _handlers, _dir, mut node) = started(&[]).await?;
+    broker.create_topic("t", 1).await?;
+    let (status, body) = node
+        .post(
+            "/subscriptions",
+            json!({"source": "kafka://my-cluster/t", "sink": "service://Counter/add",
+                   "options": {"auto.offset.reset": "earliest", "session.timeout.ms": "6000"}}),
+        )
+        .await?;
+    anyhow::ensure!(status == 201, "subscribe: {status} {body}");
+    let subscription = body["id"].as_str().context("subscription id")?.to_owned();
+    // One key throughout: its invocations live in one Raft partition, where
+    // the old topic's producer left its last offset.
+    produce(&broker.producer()?, "t", &counter_records("k", 5)).await?;
+    eventually(Duration::from_secs(60), "the records before the deletion counted", || async {
+        Ok((count(&node, "k").await? == 5).then_some(()))
+    })
+    .await?;
+
+    broker.delete_topic("t").await?;
+    eventually(Duration::from_secs(60), "the subscription reporting its topic missing", || async {
+        Ok((consumer_state(&node, &subscription).await?.as_deref() == Some("topic-missing")).then_some(()))
+    })
+    .await?;
+    assert_eq!(node.metric("ferry_ingress_subscription_topic_missing").await?, 1.0);
+    node.wait_healthy(Duration::from_secs(1)).await.context("the node after the topic was deleted")?;
+
+    broker.create_topic("t", 1).await?;
+    produce(&broker.producer()?, "t", &counter_records("k", 5)).await?;
+    eventually(Duration::from_secs(120), "the records after the topic came back counted", || async {
+        Ok((count(&node, "k").await? == 10).then_some(()))
+    })
+    .await?;
+    assert_eq!(consumer_state(&node, &subscription).await?.as_deref(), Some("consuming"));
+    assert_eq!(node.metric("ferry_ingress_subscription_topic_missing").await?, 0.0);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(count(&node, "k").await?, 10);
+    Ok(())
+}

@@ -188,7 +188,7 @@ impl Sim {
                 subscription: "sub_sim".to_owned(),
                 topic: "t".to_owned(),
                 partition: kp as i32,
-                producer: ferry_log::partitioner::kafka_producer_id("sub_sim", "sub_sim", "t", kp as i32),
+                producer: ferry_log::partitioner::kafka_producer_id("sub_sim", "sub_sim", "t", None, kp as i32),
             })
             .collect();
         Sim {

@@ -257,7 +257,15 @@ fn cluster_status(status: pb::ClusterStatus) -> Output<pb::ClusterStatus> {
             .map(|l| vec![l.subscription_id.clone(), l.topic.clone(), l.partition.to_string(), l.lag.to_string()])
             .collect(),
     };
-    let mut tables = vec![nodes, groups, lag];
+    let consumers = Table {
+        columns: &["SUBSCRIPTION", "CONSUMER", "DETAIL"],
+        rows: status
+            .consumers
+            .iter()
+            .map(|c| vec![c.subscription_id.clone(), c.state.clone(), c.detail.clone()])
+            .collect(),
+    };
+    let mut tables = vec![nodes, groups, lag, consumers];
     if status.groups.iter().any(|g| g.state.is_some()) {
         tables.push(Table {
             columns: &["GROUP", "APPLIED", "STATE-DIGEST"],

@@ -10,27 +10,24 @@
 //! never drops a record that was not appended.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use ferry_log::partitioner::kafka_producer_id;
 use ferry_log::wire::v1::{Command, Invoke, Response, Subscription};
 use ferry_log::{partition_group, LogNode, PartitionId};
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::message::{Headers, Message};
-use rdkafka::{ClientContext, Statistics, TopicPartitionList};
 use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, error, info, trace, warn, Span};
+use tracing::{debug, error, info, warn, Span};
 
+use crate::consumer::{self, Control, Event, LogLevel, Start};
 use crate::record::{self, Origin, Record, Sink};
 use crate::Error;
 
@@ -212,50 +209,114 @@ pub struct LagKey {
     pub partition: i32,
 }
 
-/// The consumer lag of every Kafka partition the subscriptions consume on
-/// this node: records in the partition after the offset Ferry stored for
-/// commit, that is after everything already committed in the partition log.
-/// Entries come from librdkafka's statistics (every `statistics.interval.ms`)
-/// and leave when the partition is revoked or the subscription stops. Each
-/// entry is also the gauge `ferry_ingress_consumer_lag{subscription, topic,
-/// partition}`, which drops to 0 when the entry leaves. Cheap to clone.
+/// How a subscription's consumer on this node is doing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsumerState {
+    /// Its consumer process is starting or waiting for partitions.
+    Starting,
+    /// Partitions are assigned to it, or records arrive.
+    Consuming,
+    /// The broker says the topic does not exist; consumption resumes on its
+    /// own when the topic is created again.
+    TopicMissing { message: String },
+    /// Its consumer failed and is started again after a backoff.
+    Restarting { reason: String },
+}
+
+impl ConsumerState {
+    /// The state's name, as the admin API shows it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ConsumerState::Starting => "starting",
+            ConsumerState::Consuming => "consuming",
+            ConsumerState::TopicMissing { .. } => "topic-missing",
+            ConsumerState::Restarting { .. } => "restarting",
+        }
+    }
+
+    /// What the state says beyond its name.
+    pub fn detail(&self) -> &str {
+        match self {
+            ConsumerState::Starting | ConsumerState::Consuming => "",
+            ConsumerState::TopicMissing { message } => message,
+            ConsumerState::Restarting { reason } => reason,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Status {
+    lag: BTreeMap<LagKey, i64>,
+    consumers: BTreeMap<String, ConsumerState>,
+}
+
+/// How the subscriptions' consumers on this node are doing: each one's
+/// [`ConsumerState`], and the consumer lag of every Kafka partition they
+/// consume, that is the records in the partition after the offset Ferry
+/// stored for commit (after everything already committed in the partition
+/// log).
+///
+/// Lag entries come from librdkafka's statistics (every
+/// `statistics.interval.ms`) and leave when the partition is revoked or the
+/// subscription stops. Each is also the gauge `ferry_ingress_consumer_lag{subscription, topic,
+/// partition}`, which drops to 0 when the entry leaves; a consumer whose
+/// topic is missing sets `ferry_ingress_subscription_topic_missing{subscription}`
+/// to 1. Cheap to clone.
 #[derive(Debug, Clone, Default)]
-pub struct LagTable {
-    entries: Arc<Mutex<BTreeMap<LagKey, i64>>>,
+pub struct IngressStatus {
+    status: Arc<Mutex<Status>>,
 }
 
-impl LagTable {
-    /// Every entry, in (subscription, topic, partition) order.
-    pub fn entries(&self) -> Vec<(LagKey, i64)> {
-        self.lock().iter().map(|(key, &lag)| (key.clone(), lag)).collect()
+impl IngressStatus {
+    /// Every lag entry, in (subscription, topic, partition) order.
+    pub fn lag(&self) -> Vec<(LagKey, i64)> {
+        self.lock().lag.iter().map(|(key, &lag)| (key.clone(), lag)).collect()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<LagKey, i64>> {
-        self.entries.lock().expect("lag table lock poisoned")
+    /// The state of every subscription's consumer on this node, by id.
+    pub fn consumers(&self) -> Vec<(String, ConsumerState)> {
+        self.lock().consumers.iter().map(|(id, state)| (id.clone(), state.clone())).collect()
     }
 
-    fn set(&self, key: LagKey, lag: i64) {
-        gauge(&key).set(lag as f64);
-        self.lock().insert(key, lag);
+    fn lock(&self) -> std::sync::MutexGuard<'_, Status> {
+        self.status.lock().expect("ingress status lock poisoned")
     }
 
-    fn remove(&self, key: &LagKey) {
-        if self.lock().remove(key).is_some() {
-            gauge(key).set(0.0);
+    fn set_lag(&self, key: LagKey, lag: i64) {
+        lag_gauge(&key).set(lag as f64);
+        self.lock().lag.insert(key, lag);
+    }
+
+    fn remove_lag(&self, key: &LagKey) {
+        if self.lock().lag.remove(key).is_some() {
+            lag_gauge(key).set(0.0);
         }
     }
 
+    fn set_state(&self, subscription: &str, state: ConsumerState) {
+        let missing = matches!(state, ConsumerState::TopicMissing { .. });
+        let earlier = self.lock().consumers.insert(subscription.to_owned(), state);
+        let was_missing = matches!(earlier, Some(ConsumerState::TopicMissing { .. }));
+        if missing != was_missing {
+            metrics::gauge!("ferry_ingress_subscription_topic_missing", "subscription" => subscription.to_owned())
+                .set(if missing { 1.0 } else { 0.0 });
+        }
+    }
+
+    /// Forgets a subscription that stopped on this node.
     fn remove_subscription(&self, subscription: &str) {
-        let mut entries = self.lock();
-        let removed: Vec<LagKey> = entries.keys().filter(|k| k.subscription == subscription).cloned().collect();
+        self.set_state(subscription, ConsumerState::Starting);
+        let mut status = self.lock();
+        status.consumers.remove(subscription);
+        let removed: Vec<LagKey> = status.lag.keys().filter(|k| k.subscription == subscription).cloned().collect();
         for key in removed {
-            entries.remove(&key);
-            gauge(&key).set(0.0);
+            status.lag.remove(&key);
+            lag_gauge(&key).set(0.0);
         }
     }
 }
 
-fn gauge(key: &LagKey) -> metrics::Gauge {
+fn lag_gauge(key: &LagKey) -> metrics::Gauge {
     metrics::gauge!(
         "ferry_ingress_consumer_lag",
         "subscription" => key.subscription.clone(),
@@ -264,18 +325,33 @@ fn gauge(key: &LagKey) -> metrics::Gauge {
     )
 }
 
+/// The program that runs a subscription's consumer: `ferry-server
+/// kafka-consumer` (see [`crate::consumer`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerProgram {
+    pub path: std::path::PathBuf,
+    pub args: Vec<String>,
+}
+
 /// Runs the consumers of every subscription on this node.
 pub struct KafkaIngress {
     log: LogNode,
     clusters: Arc<Vec<ClusterOptions>>,
     options: Options,
-    lag: LagTable,
+    status: IngressStatus,
+    program: Arc<ConsumerProgram>,
 }
 
 impl KafkaIngress {
-    /// An ingress whose consumers report their lag into `lag`.
-    pub fn new(log: LogNode, clusters: Vec<ClusterOptions>, options: Options, lag: LagTable) -> Self {
-        KafkaIngress { log, clusters: Arc::new(clusters), options, lag }
+    /// An ingress whose consumers run as `program` and report into `status`.
+    pub fn new(
+        log: LogNode,
+        clusters: Vec<ClusterOptions>,
+        options: Options,
+        status: IngressStatus,
+        program: ConsumerProgram,
+    ) -> Self {
+        KafkaIngress { log, clusters: Arc::new(clusters), options, status, program: Arc::new(program) }
     }
 
     /// Follows the subscriptions until `cancel` fires, then stops every consumer.
@@ -306,7 +382,8 @@ impl KafkaIngress {
                     clusters: self.clusters.clone(),
                     options: self.options.clone(),
                     subscription,
-                    lag: self.lag.clone(),
+                    status: self.status.clone(),
+                    program: self.program.clone(),
                 };
                 tracker.spawn(worker.supervise(token));
             }
@@ -323,129 +400,127 @@ impl KafkaIngress {
     }
 }
 
-/// The context of a subscription's consumer: logs rebalances and commits,
-/// and turns statistics into the lag of the partitions assigned to it.
-struct ConsumerLog {
-    subscription: String,
-    lag: LagTable,
-    /// (topic, partition) assigned to this consumer.
-    assigned: Mutex<BTreeSet<(String, i32)>>,
-    /// Set when the consumer stops, after which statistics are ignored.
-    stopped: AtomicBool,
-    /// The token of each assigned partition's worker. Revoking a partition
-    /// cancels its worker under this lock, and a worker stores offsets only
-    /// under it while its token stands: a worker of a revoked partition never
-    /// stores an offset, even one whose append commits later.
-    workers: Mutex<HashMap<i32, CancellationToken>>,
+/// How long a consumer process has to commit its stored offsets and leave
+/// the group when its subscription stops, before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A subscription's consumer process (see [`crate::consumer`]): controls go
+/// to its stdin, events come from its stdout. Killed when dropped.
+struct ConsumerProcess {
+    child: tokio::process::Child,
+    controls: Controls,
+    events: mpsc::Receiver<Event>,
 }
 
-impl ConsumerLog {
-    fn new(subscription: String, lag: LagTable) -> Self {
-        ConsumerLog {
-            subscription,
-            lag,
-            assigned: Mutex::default(),
-            stopped: AtomicBool::new(false),
-            workers: Mutex::default(),
-        }
-    }
+/// Sends controls to a consumer process. Cheap to clone; a control sent
+/// after the process ended is dropped.
+#[derive(Clone)]
+struct Controls(mpsc::UnboundedSender<Control>);
 
-    fn key(&self, topic: &str, partition: i32) -> LagKey {
-        LagKey { subscription: self.subscription.clone(), topic: topic.to_owned(), partition }
-    }
-
-    fn lock_workers(&self) -> std::sync::MutexGuard<'_, HashMap<i32, CancellationToken>> {
-        self.workers.lock().expect("workers lock poisoned")
-    }
-
-    /// Stops reporting lag and removes this subscription's entries.
-    fn stop(&self) {
-        self.stopped.store(true, Ordering::SeqCst);
-        self.lag.remove_subscription(&self.subscription);
+impl Controls {
+    fn send(&self, control: Control) {
+        let _ = self.0.send(control);
     }
 }
 
-impl ClientContext for ConsumerLog {
-    fn stats(&self, statistics: Statistics) {
-        if self.stopped.load(Ordering::SeqCst) {
-            return;
-        }
-        let assigned = self.assigned.lock().expect("assignment lock poisoned");
-        for (topic, stats) in &statistics.topics {
-            for (&partition, p) in &stats.partitions {
-                if !assigned.contains(&(topic.clone(), partition)) {
-                    continue;
-                }
-                trace!(subscription = %self.subscription, topic, partition, fetch_state = %p.fetch_state,
-                    lo = p.lo_offset, hi = p.hi_offset, ls = p.ls_offset, next = p.next_offset,
-                    app = p.app_offset, stored = p.stored_offset, committed = p.committed_offset,
-                    consumer_lag = p.consumer_lag, consumer_lag_stored = p.consumer_lag_stored, "partition statistics");
-                if let Some(lag) = partition_lag(p) {
-                    self.lag.set(self.key(topic, partition), lag);
-                }
-            }
-        }
-    }
-}
+impl ConsumerProcess {
+    async fn spawn(program: &ConsumerProgram, start: &Start) -> std::io::Result<ConsumerProcess> {
+        let mut child = tokio::process::Command::new(&program.path)
+            .args(&program.args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            // Its own process group: a Ctrl-C meant for the node reaches the
+            // node alone, which then stops the consumer in order.
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()?;
+        let mut stdin = tokio::io::BufWriter::new(child.stdin.take().expect("piped stdin"));
+        let mut stdout = tokio::io::BufReader::with_capacity(1 << 16, child.stdout.take().expect("piped stdout"));
+        let mut first = Vec::new();
+        consumer::write_frame(&mut first, start)?;
+        stdin.write_all(&first).await?;
+        stdin.flush().await?;
 
-impl ConsumerContext for ConsumerLog {
-    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Assign(tpl) => {
-                info!(subscription = %self.subscription, "assigned {}", describe(tpl));
-                let mut assigned = self.assigned.lock().expect("assignment lock poisoned");
-                assigned.extend(tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())));
-            }
-            Rebalance::Revoke(tpl) => {
-                info!(subscription = %self.subscription, "revoked {}", describe(tpl));
-                let mut assigned = self.assigned.lock().expect("assignment lock poisoned");
-                let mut workers = self.lock_workers();
-                for e in tpl.elements() {
-                    assigned.remove(&(e.topic().to_owned(), e.partition()));
-                    self.lag.remove(&self.key(e.topic(), e.partition()));
-                    if let Some(worker) = workers.remove(&e.partition()) {
-                        worker.cancel();
+        let (controls, mut pending) = mpsc::unbounded_channel::<Control>();
+        tokio::spawn(async move {
+            let mut frame = Vec::new();
+            let mut ping = tokio::time::interval(consumer::PING_INTERVAL);
+            loop {
+                let control = tokio::select! {
+                    control = pending.recv() => match control {
+                        Some(control) => control,
+                        None => return,
+                    },
+                    _ = ping.tick() => Control::Ping,
+                };
+                let mut next = Some(control);
+                while let Some(control) = next {
+                    frame.clear();
+                    consumer::write_frame(&mut frame, &control).expect("a control encodes");
+                    if stdin.write_all(&frame).await.is_err() {
+                        return;
                     }
+                    next = pending.try_recv().ok();
+                }
+                if stdin.flush().await.is_err() {
+                    return;
                 }
             }
-            Rebalance::Error(e) => warn!(subscription = %self.subscription, "rebalance failed: {e}"),
+        });
+        let (sender, events) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut body = Vec::new();
+            loop {
+                let len = match stdout.read_u32_le().await {
+                    Ok(len) => len as usize,
+                    Err(_) => return,
+                };
+                if len > consumer::FRAME_BYTES_MAX {
+                    warn!("consumer process sent a frame of {len} bytes; dropping it");
+                    return;
+                }
+                body.resize(len, 0);
+                if stdout.read_exact(&mut body).await.is_err() {
+                    return;
+                }
+                let event = match consumer::decode::<Event>(&body) {
+                    Ok(event) => event,
+                    Err(e) => {
+                        warn!("consumer process sent an undecodable frame: {e}");
+                        return;
+                    }
+                };
+                if sender.send(event).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(ConsumerProcess { child, controls: Controls(controls), events })
+    }
+
+    /// Asks the process to commit and leave, waiting for it (and draining
+    /// what it still says) up to [`STOP_TIMEOUT`], then kills it.
+    async fn stop(mut self) {
+        self.controls.send(Control::Stop);
+        let drained = async { while self.events.recv().await.is_some() {} };
+        if tokio::time::timeout(STOP_TIMEOUT, drained).await.is_err() {
+            warn!("consumer process did not stop within {STOP_TIMEOUT:?}; killing it");
+            let _ = self.child.start_kill();
+        }
+        let _ = self.child.wait().await;
+    }
+
+    /// Why the process ended, once its output closed.
+    async fn exit_reason(&mut self) -> String {
+        match tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await {
+            Ok(Ok(status)) => format!("the consumer process exited ({status})"),
+            Ok(Err(e)) => format!("the consumer process ended: {e}"),
+            Err(_) => {
+                let _ = self.child.start_kill();
+                "the consumer process closed its output".to_owned()
+            }
         }
     }
-
-    fn commit_callback(&self, result: rdkafka::error::KafkaResult<()>, offsets: &TopicPartitionList) {
-        match result {
-            Ok(()) => debug!(subscription = %self.subscription, "committed {}", describe(offsets)),
-            Err(e) => warn!(subscription = %self.subscription, "offset commit failed: {e}"),
-        }
-    }
-}
-
-fn describe(tpl: &TopicPartitionList) -> String {
-    let parts: Vec<String> =
-        tpl.elements().iter().map(|e| format!("{}/{}@{:?}", e.topic(), e.partition(), e.offset())).collect();
-    parts.join(", ")
-}
-
-type KafkaConsumer = StreamConsumer<ConsumerLog>;
-
-/// The lag of one assigned partition from its statistics: the partition's end
-/// (the high watermark of the last fetch, or the last stable offset under
-/// `read_committed`) minus the offset Ferry stored, or the committed one
-/// before it stored any. `None` while neither is known, unless the consumer
-/// has read nothing and waits at the end.
-///
-/// The end comes from fetch responses, which tansu 0.6 answers correctly;
-/// its `ListOffsets(latest)` is wrong for multi-record batches, so nothing
-/// here asks for the watermarks.
-fn partition_lag(p: &rdkafka::statistics::Partition) -> Option<i64> {
-    if p.consumer_lag_stored >= 0 {
-        return Some(p.consumer_lag_stored);
-    }
-    if p.consumer_lag >= 0 {
-        return Some(p.consumer_lag);
-    }
-    let waiting_at_end = p.app_offset < 0 && p.next_offset >= 0 && p.next_offset == p.hi_offset;
-    waiting_at_end.then_some(0)
 }
 
 struct SubscriptionWorker {
@@ -453,56 +528,75 @@ struct SubscriptionWorker {
     clusters: Arc<Vec<ClusterOptions>>,
     options: Options,
     subscription: Subscription,
-    lag: LagTable,
+    status: IngressStatus,
+    program: Arc<ConsumerProgram>,
 }
 
 impl SubscriptionWorker {
-    fn create_consumer(&self) -> Result<KafkaConsumer, Error> {
+    /// What the subscription's consumer process starts with.
+    fn start(&self) -> Result<Start, Error> {
         let sub = &self.subscription;
         let cluster = self.clusters.iter().find(|c| c.name == sub.cluster).ok_or_else(|| Error::UnknownCluster {
             name: sub.cluster.clone(),
             known: self.clusters.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", "),
         })?;
         let client_id = format!("ferry-{}-{}", self.log.node_id(), sub.id);
-        let consumer: KafkaConsumer = consumer_config(cluster, sub, &client_id)
-            .create_with_context(ConsumerLog::new(sub.id.clone(), self.lag.clone()))
-            .map_err(|source| Error::Consumer { subscription: sub.id.clone(), source })?;
-        consumer.subscribe(&[&sub.topic]).map_err(|source| Error::Consumer { subscription: sub.id.clone(), source })?;
-        Ok(consumer)
+        let config = consumer_config(cluster, sub, &client_id);
+        Ok(Start {
+            subscription: sub.id.clone(),
+            topic: sub.topic.clone(),
+            config: config.config_map().iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            batch_records_max: self.options.batch_records_max,
+            batch_bytes_max: self.options.batch_bytes_max,
+        })
     }
 
-    /// Runs the subscription's consumer until `cancel` fires. If it fails (a
-    /// partition worker panicked), it is torn down and started again after a
-    /// backoff: consumption resumes from the offsets committed to Kafka, and
-    /// what is read twice is dropped as duplicates by the partition log.
+    /// Runs the subscription's consumer until `cancel` fires. If it fails (its
+    /// process crashed, or a partition worker panicked), it is torn down and
+    /// started again after a backoff: consumption resumes from the offsets
+    /// committed to Kafka, and what is read twice is dropped as duplicates by
+    /// the partition log.
     async fn supervise(self, cancel: CancellationToken) {
+        let id = &self.subscription.id;
+        self.status.set_state(id, ConsumerState::Starting);
         let mut backoff = self.options.backoff();
         loop {
             let run = std::panic::AssertUnwindSafe(self.run(cancel.clone()));
             let failure = match futures::FutureExt::catch_unwind(run).await {
-                Ok(Ok(())) if cancel.is_cancelled() => return,
+                Ok(Ok(())) if cancel.is_cancelled() => break,
                 Ok(Ok(())) => "the consumer stopped".to_owned(),
                 Ok(Err(e)) => e,
                 Err(panic) => ferry_telemetry::panic_message(panic.as_ref()).to_owned(),
             };
             let delay = backoff.next();
-            error!(subscription = %self.subscription.id, "subscription failed: {failure}; restarting in {delay:?}");
-            metrics::counter!("ferry_ingress_subscription_restarts_total", "subscription" => self.subscription.id.clone())
-                .increment(1);
+            error!(subscription = %id, "subscription failed: {failure}; restarting in {delay:?}");
+            metrics::counter!("ferry_ingress_subscription_restarts_total", "subscription" => id.clone()).increment(1);
+            let missing = matches!(self.status.lock().consumers.get(id), Some(ConsumerState::TopicMissing { .. }));
+            if !missing {
+                self.status.set_state(id, ConsumerState::Restarting { reason: failure });
+            }
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
-                _ = cancel.cancelled() => return,
+                _ = cancel.cancelled() => break,
             }
         }
+        self.status.remove_subscription(id);
     }
 
-    /// Consumes until `cancel` fires; `Err` when a partition worker failed.
+    /// Consumes until `cancel` fires; `Err` when the consumer process ended
+    /// or a partition worker failed.
     async fn run(&self, cancel: CancellationToken) -> Result<(), String> {
         let sub = &self.subscription;
         let mut backoff = self.options.backoff();
-        let consumer = loop {
-            match self.create_consumer() {
-                Ok(consumer) => break Arc::new(consumer),
+        let mut process = loop {
+            let spawned = match self.start() {
+                Ok(start) => ConsumerProcess::spawn(&self.program, &start)
+                    .await
+                    .map_err(|e| format!("cannot start the consumer process {}: {e}", self.program.path.display())),
+                Err(e) => Err(e.to_string()),
+            };
+            match spawned {
+                Ok(process) => break process,
                 Err(e) => {
                     let delay = backoff.next();
                     warn!(subscription = %sub.id, "{e}; retrying in {delay:?}");
@@ -516,14 +610,19 @@ impl SubscriptionWorker {
         info!(subscription = %sub.id, source = %sub.source(), sink = %sub.sink(), group = sub.group_id(), "consuming");
         let mut feeds = Feeds {
             worker: self,
-            consumer: consumer.clone(),
+            controls: process.controls.clone(),
             cancel: cancel.clone(),
+            assigned: HashMap::new(),
+            topic_id: None,
             feeds: HashMap::new(),
             workers: JoinSet::new(),
             permits: FuturesUnordered::new(),
             feeds_started: 0,
         };
         let labels = [("subscription", sub.id.clone())];
+        // Whether the consumer said the topic is missing since it last
+        // consumed.
+        let mut topic_missing = false;
         let failure = loop {
             tokio::select! {
                 _ = cancel.cancelled() => break None,
@@ -537,20 +636,51 @@ impl SubscriptionWorker {
                 Some((partition, feed, permit)) = feeds.permits.next(), if !feeds.permits.is_empty() => {
                     feeds.unstall(partition, feed, permit);
                 }
-                message = consumer.recv() => match message {
-                    Ok(message) => {
-                        let partition = message.partition();
-                        let record = record_of(&message);
-                        drop(message);
-                        metrics::counter!("ferry_ingress_records_consumed_total", &labels).increment(1);
-                        feeds.deliver(partition, record);
+                event = process.events.recv() => match event {
+                    None => break Some(process.exit_reason().await),
+                    Some(Event::Records { partition, records }) => {
+                        if std::mem::take(&mut topic_missing) {
+                            self.status.set_state(&sub.id, ConsumerState::Consuming);
+                        }
+                        metrics::counter!("ferry_ingress_records_consumed_total", &labels).increment(records.len() as u64);
+                        for record in records {
+                            feeds.deliver(partition, record);
+                        }
                     }
-                    Err(e) => {
-                        // librdkafka reconnects with its own backoff
-                        // (reconnect.backoff.ms); errors here only report it.
-                        warn!(subscription = %sub.id, topic = %sub.topic, "Kafka consumer error: {e}");
+                    Some(Event::Assigned { topic_id, partitions }) => {
+                        if topic_id != feeds.topic_id {
+                            info!(subscription = %sub.id, topic = %sub.topic, "topic id {}", topic_id.as_deref().unwrap_or("(none)"));
+                        }
+                        feeds.topic_id = topic_id;
+                        feeds.assigned.extend(partitions);
+                        topic_missing = false;
+                        self.status.set_state(&sub.id, ConsumerState::Consuming);
+                    }
+                    Some(Event::Revoked { partitions }) => {
+                        for partition in partitions {
+                            feeds.revoke(partition);
+                            self.status.remove_lag(&self.lag_key(partition));
+                        }
+                    }
+                    Some(Event::Lag { partition, lag }) => {
+                        if feeds.assigned.contains_key(&partition) {
+                            self.status.set_lag(self.lag_key(partition), lag);
+                        }
+                    }
+                    Some(Event::Error { message, topic_missing: missing }) => {
+                        warn!(subscription = %sub.id, topic = %sub.topic, "Kafka consumer error: {message}");
                         metrics::counter!("ferry_ingress_consumer_errors_total", &labels).increment(1);
+                        if missing {
+                            topic_missing = true;
+                            self.status.set_state(&sub.id, ConsumerState::TopicMissing { message });
+                        }
                     }
+                    Some(Event::Log { level, message }) => match level {
+                        LogLevel::Error => error!(subscription = %sub.id, "{message}"),
+                        LogLevel::Warn => warn!(subscription = %sub.id, "{message}"),
+                        LogLevel::Info => info!(subscription = %sub.id, "{message}"),
+                        LogLevel::Debug => debug!(subscription = %sub.id, "{message}"),
+                    },
                 },
             }
         };
@@ -558,46 +688,44 @@ impl SubscriptionWorker {
         drop(senders);
         if let Some(failure) = failure {
             workers.shutdown().await;
-            consumer.context().stop();
+            // A consumer still running leaves its group before it is
+            // started again, so its partitions need not wait for the
+            // session timeout.
+            process.stop().await;
             return Err(failure);
         }
         while workers.join_next().await.is_some() {}
-        let closing = consumer.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            if let Err(e) = closing.commit_consumer_state(CommitMode::Sync) {
-                debug!("final offset commit: {e}");
-            }
-            closing.unsubscribe();
-        })
-        .await;
-        consumer.context().stop();
+        process.stop().await;
         info!(subscription = %sub.id, "consumer stopped");
         Ok(())
     }
 
-    /// Starts the worker of `partition`, replacing any earlier one.
+    fn lag_key(&self, partition: i32) -> LagKey {
+        LagKey { subscription: self.subscription.id.clone(), topic: self.subscription.topic.clone(), partition }
+    }
+
+    /// Starts the worker of `partition` under assignment `generation`.
     fn start_worker(
         &self,
-        consumer: &Arc<KafkaConsumer>,
+        controls: &Controls,
         workers: &mut JoinSet<()>,
         partition: i32,
-        cancel: &CancellationToken,
+        generation: u64,
+        topic_id: Option<&str>,
+        token: CancellationToken,
     ) -> mpsc::Sender<Record> {
         let sub = &self.subscription;
         let (tx, rx) = mpsc::channel(self.options.batch_records_max);
-        let token = cancel.child_token();
-        if let Some(earlier) = consumer.context().lock_workers().insert(partition, token.clone()) {
-            earlier.cancel();
-        }
         let worker = PartitionWorker {
             log: self.log.clone(),
-            consumer: consumer.clone(),
+            controls: controls.clone(),
+            generation,
             subscription: sub.clone(),
             origin: Origin {
                 subscription: sub.id.clone(),
                 topic: sub.topic.clone(),
                 partition,
-                producer: kafka_producer_id(&sub.id, sub.group_id(), &sub.topic, partition),
+                producer: kafka_producer_id(&sub.id, sub.group_id(), &sub.topic, topic_id, partition),
             },
             options: self.options.clone(),
             labels: [("subscription", sub.id.clone())],
@@ -605,25 +733,6 @@ impl SubscriptionWorker {
         };
         workers.spawn(worker.run(rx, token));
         tx
-    }
-}
-
-/// Copies a record out of librdkafka's buffer.
-fn record_of(message: &rdkafka::message::BorrowedMessage<'_>) -> Record {
-    Record {
-        offset: message.offset(),
-        key: message.key().map(Bytes::copy_from_slice),
-        payload: message.payload().map(Bytes::copy_from_slice).unwrap_or_default(),
-        headers: message
-            .headers()
-            .map(|headers| {
-                headers
-                    .iter()
-                    .map(|h| (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
-                    .collect()
-            })
-            .unwrap_or_default(),
-        timestamp_ms: message.timestamp().to_millis(),
     }
 }
 
@@ -637,8 +746,12 @@ type Permit = (i32, u64, Result<mpsc::OwnedPermit<Record>, mpsc::error::SendErro
 /// records held here, while every other partition goes on.
 struct Feeds<'a> {
     worker: &'a SubscriptionWorker,
-    consumer: Arc<KafkaConsumer>,
+    controls: Controls,
     cancel: CancellationToken,
+    /// The assignment generation of each assigned partition.
+    assigned: HashMap<i32, u64>,
+    /// The topic's id as of the last assignment.
+    topic_id: Option<String>,
     feeds: HashMap<i32, Feed>,
     workers: JoinSet<()>,
     permits: FuturesUnordered<futures::future::BoxFuture<'static, Permit>>,
@@ -649,18 +762,32 @@ struct Feeds<'a> {
 struct Feed {
     id: u64,
     tx: mpsc::Sender<Record>,
+    /// Cancelled when the partition is revoked.
+    token: CancellationToken,
     /// Records read while the worker was full, oldest first.
     stalled: VecDeque<Record>,
 }
 
 impl Feeds<'_> {
     /// Hands `record` to its partition's worker, starting one if the
-    /// partition has none (newly assigned, or its worker was revoked).
+    /// partition has none (newly assigned).
     fn deliver(&mut self, partition: i32, record: Record) {
-        if self.feeds.get(&partition).is_none_or(|feed| feed.tx.is_closed()) {
-            let tx = self.worker.start_worker(&self.consumer, &mut self.workers, partition, &self.cancel);
+        if !self.feeds.contains_key(&partition) {
+            let Some(&generation) = self.assigned.get(&partition) else {
+                debug!(subscription = %self.worker.subscription.id, partition, offset = record.offset, "record of an unassigned partition dropped");
+                return;
+            };
+            let token = self.cancel.child_token();
+            let tx = self.worker.start_worker(
+                &self.controls,
+                &mut self.workers,
+                partition,
+                generation,
+                self.topic_id.as_deref(),
+                token.clone(),
+            );
             self.feeds_started += 1;
-            self.feeds.insert(partition, Feed { id: self.feeds_started, tx, stalled: VecDeque::new() });
+            self.feeds.insert(partition, Feed { id: self.feeds_started, tx, token, stalled: VecDeque::new() });
         }
         let feed = self.feeds.get_mut(&partition).expect("a feed per partition");
         if !feed.stalled.is_empty() {
@@ -675,9 +802,19 @@ impl Feeds<'_> {
                 self.pause(partition, true);
                 self.permits.push(Box::pin(async move { (partition, id, tx.reserve_owned().await) }));
             }
-            // The worker ended after the check above (revoked): the records
-            // of its partition are read again by whoever owns it now.
+            // The worker ended (it was revoked): the records of its
+            // partition are read again by whoever owns it now.
             Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+
+    /// Tears down the worker of a revoked partition: it stores no offset
+    /// from now on, and its records are read again by the partition's next
+    /// owner.
+    fn revoke(&mut self, partition: i32) {
+        self.assigned.remove(&partition);
+        if let Some(feed) = self.feeds.remove(&partition) {
+            feed.token.cancel();
         }
     }
 
@@ -715,16 +852,11 @@ impl Feeds<'_> {
 
     /// Pauses or resumes fetching `partition`. While paused, librdkafka drops
     /// what it prefetched and, once resumed, fetches again from the record
-    /// after the last one it delivered.
+    /// after the last one it handed over; those in between wait here.
     fn pause(&self, partition: i32, paused: bool) {
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&self.worker.subscription.topic, partition);
-        let result = if paused { self.consumer.pause(&tpl) } else { self.consumer.resume(&tpl) };
-        let what = if paused { "paused" } else { "resumed" };
-        match result {
-            Ok(()) => debug!(subscription = %self.worker.subscription.id, partition, "{what}: its worker is full"),
-            Err(e) => debug!(subscription = %self.worker.subscription.id, partition, "could not be {what}: {e}"),
-        }
+        let what = if paused { "paused: its worker is full" } else { "resumed" };
+        debug!(subscription = %self.worker.subscription.id, partition, "{what}");
+        self.controls.send(if paused { Control::Pause(partition) } else { Control::Resume(partition) });
     }
 }
 
@@ -741,7 +873,9 @@ struct Lane {
 
 struct PartitionWorker {
     log: LogNode,
-    consumer: Arc<KafkaConsumer>,
+    controls: Controls,
+    /// The assignment this worker reads for: its stores name it.
+    generation: u64,
     subscription: Subscription,
     origin: Origin,
     options: Options,
@@ -929,18 +1063,16 @@ impl PartitionWorker {
                 None => return stored,
             },
         };
-        if stored.is_some_and(|s| done <= s) || done < 0 {
+        if stored.is_some_and(|s| done <= s) || done < 0 || self.assignment.is_cancelled() {
             return stored;
         }
-        let _workers = self.consumer.context().lock_workers();
-        if self.assignment.is_cancelled() {
-            return stored;
-        }
-        // librdkafka commits the stored offset + 1: the next record to read.
-        if let Err(e) = self.consumer.store_offset(&self.origin.topic, self.origin.partition, done) {
-            debug!(subscription = %self.origin.subscription, partition = self.origin.partition, "store offset {done}: {e}");
-            return stored;
-        }
+        // The consumer process stores it only if this worker's assignment
+        // still stands there.
+        self.controls.send(Control::Store {
+            partition: self.origin.partition,
+            generation: self.generation,
+            offset: done,
+        });
         Some(done)
     }
 }

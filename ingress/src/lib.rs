@@ -2,16 +2,17 @@
 //! partition log.
 //!
 //! [`kafka::KafkaIngress`] runs one consumer per subscription on this node, in
-//! the subscription's consumer group, and one task per assigned Kafka
-//! partition. A record's offset is stored for commit only once it and every
+//! the subscription's consumer group, each in a process of its own
+//! ([`consumer`]), and one task per assigned Kafka partition. A record's offset is stored for commit only once it and every
 //! earlier offset of its partition are committed in Raft. [`http`] serves
 //! Restate's ingress paths on port 8080.
 
+pub mod consumer;
 pub mod http;
 pub mod kafka;
 pub mod record;
 
-pub use kafka::{ClusterOptions, KafkaIngress, LagKey, LagTable, Options};
+pub use kafka::{ClusterOptions, ConsumerProgram, ConsumerState, IngressStatus, KafkaIngress, LagKey, Options};
 
 use ferry_log::partitioner::key_hash;
 use ferry_log::wire::v1::{HandlerType, Target};

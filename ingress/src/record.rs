@@ -7,8 +7,8 @@ use ferry_log::state::MetadataState;
 use ferry_log::wire::v1::{Dedup, HandlerType, Invoke, KafkaSource, ServiceType, Source, Subscription, Target};
 use ferry_log::PartitionId;
 
-/// A record read from Kafka, copied once out of librdkafka's buffer.
-#[derive(Debug, Clone)]
+/// A record read from Kafka.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Record {
     pub offset: i64,
     pub key: Option<Bytes>,

@@ -23,10 +23,14 @@ pub fn producer_seq_hash(producer: u64, seq: u64) -> u64 {
 }
 
 /// The producer id of a Kafka partition read by a subscription: stable across
-/// restarts and nodes, so re-read records are recognised as duplicates.
-pub fn kafka_producer_id(subscription: &str, group: &str, topic: &str, partition: i32) -> u64 {
-    let mut buf = Vec::with_capacity(subscription.len() + group.len() + topic.len() + 8);
-    for part in [subscription, group, topic] {
+/// restarts and nodes, so re-read records are recognised as duplicates. It
+/// includes the topic's id (where the broker gives topics ids): a topic
+/// deleted and created again under the same name is a new producer, whose
+/// offsets start again at 0.
+pub fn kafka_producer_id(subscription: &str, group: &str, topic: &str, topic_id: Option<&str>, partition: i32) -> u64 {
+    let topic_id = topic_id.unwrap_or_default();
+    let mut buf = Vec::with_capacity(subscription.len() + group.len() + topic.len() + topic_id.len() + 8);
+    for part in [subscription, group, topic, topic_id] {
         buf.extend_from_slice(part.as_bytes());
         buf.push(0);
     }
@@ -66,13 +70,16 @@ mod tests {
 
     #[test]
     fn producer_ids_depend_on_every_part() {
-        let base = kafka_producer_id("sub_a", "g", "t", 0);
-        assert_eq!(base, kafka_producer_id("sub_a", "g", "t", 0));
-        assert_ne!(base, kafka_producer_id("sub_b", "g", "t", 0));
-        assert_ne!(base, kafka_producer_id("sub_a", "h", "t", 0));
-        assert_ne!(base, kafka_producer_id("sub_a", "g", "u", 0));
-        assert_ne!(base, kafka_producer_id("sub_a", "g", "t", 1));
+        let id = Some("Pv2m0rGsR8eFl3nDzEGl6g");
+        let base = kafka_producer_id("sub_a", "g", "t", id, 0);
+        assert_eq!(base, kafka_producer_id("sub_a", "g", "t", id, 0));
+        assert_ne!(base, kafka_producer_id("sub_b", "g", "t", id, 0));
+        assert_ne!(base, kafka_producer_id("sub_a", "h", "t", id, 0));
+        assert_ne!(base, kafka_producer_id("sub_a", "g", "u", id, 0));
+        assert_ne!(base, kafka_producer_id("sub_a", "g", "t", Some("3AvgC0bAQ0ikMTmZ4o9vNQ"), 0));
+        assert_ne!(base, kafka_producer_id("sub_a", "g", "t", None, 0));
+        assert_ne!(base, kafka_producer_id("sub_a", "g", "t", id, 1));
         // Field boundaries matter: ("ab","c") is not ("a","bc").
-        assert_ne!(kafka_producer_id("ab", "c", "t", 0), kafka_producer_id("a", "bc", "t", 0));
+        assert_ne!(kafka_producer_id("ab", "c", "t", id, 0), kafka_producer_id("a", "bc", "t", id, 0));
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use ferry_admin::Admin;
-use ferry_ingress::{KafkaIngress, LagTable};
+use ferry_ingress::{ConsumerProgram, IngressStatus, KafkaIngress};
 use ferry_invoker::{Discovery, Invoker};
 use ferry_log::LogNode;
 use ferry_proto::cluster::node_service_server::NodeServiceServer;
@@ -51,10 +51,16 @@ fn spawn_server<E: std::fmt::Display>(
     });
 }
 
-/// Runs a node until `shutdown` fires. Stops, in order: Kafka consumers (their
-/// last offsets committed), the invoker, the admin API, the node port, then the
-/// Raft groups.
-pub async fn run(config: Config, metrics: PrometheusHandle, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Runs a node until `shutdown` fires; its Kafka consumers run as
+/// `consumer_program`. Stops, in order: Kafka consumers (their last offsets
+/// committed), the invoker, the admin API, the node port, then the Raft
+/// groups.
+pub async fn run(
+    config: Config,
+    metrics: PrometheusHandle,
+    consumer_program: ConsumerProgram,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let node_listener = bind("bind-address", config.bind_address).await?;
     let admin_listener = bind("admin.bind-address", config.admin.bind_address).await?;
     let ingress_listener = bind("ingress.bind-address", config.ingress.bind_address).await?;
@@ -84,12 +90,12 @@ pub async fn run(config: Config, metrics: PrometheusHandle, shutdown: Cancellati
         info!("not every group has a leader yet ({e}); serving anyway");
     }
 
-    let lag = LagTable::default();
+    let ingress_status = IngressStatus::default();
     let admin = Admin::new(
         log.clone(),
         Discovery::default(),
         config.ingress.kafka_clusters.clone(),
-        lag.clone(),
+        ingress_status.clone(),
         config.node_names(),
     );
     let admin_server = ferry_admin::server::serve(admin_listener, admin, servers_cancel.clone());
@@ -103,8 +109,13 @@ pub async fn run(config: Config, metrics: PrometheusHandle, shutdown: Cancellati
     spawn_server(&servers, "HTTP ingress", http_ingress, &shutdown);
 
     let ingress_cancel = CancellationToken::new();
-    let ingress =
-        KafkaIngress::new(log.clone(), config.ingress.kafka_clusters.clone(), config.ingress.kafka.clone(), lag);
+    let ingress = KafkaIngress::new(
+        log.clone(),
+        config.ingress.kafka_clusters.clone(),
+        config.ingress.kafka.clone(),
+        ingress_status,
+        consumer_program,
+    );
     let ingress_task = tokio::spawn(ingress.run(ingress_cancel.clone()));
 
     info!(

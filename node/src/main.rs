@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use ferry_ingress::ConsumerProgram;
 use ferry_node::config::{Config, LogFormat, Overrides};
 use tokio_util::sync::CancellationToken;
 
@@ -39,10 +40,30 @@ struct Cli {
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     dump_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Runs one subscription's Kafka consumer for the node that started it,
+    /// speaking over stdin and stdout.
+    #[command(hide = true)]
+    KafkaConsumer,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::KafkaConsumer) = cli.command {
+        return ferry_ingress::consumer::process_main();
+    }
+    let consumer_program = match std::env::current_exe() {
+        Ok(path) => ConsumerProgram { path, args: vec!["kafka-consumer".to_owned()] },
+        Err(e) => {
+            eprintln!("ferry-server: cannot find its own executable, which runs the Kafka consumers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let overrides = Overrides {
         base_dir: cli.base_dir,
         node_id: cli.node_id,
@@ -106,7 +127,7 @@ fn main() -> ExitCode {
             wait_for_signal().await;
             signals.cancel();
         });
-        ferry_node::run(config, metrics, shutdown).await
+        ferry_node::run(config, metrics, consumer_program, shutdown).await
     });
     {
         let _runtime = runtime.enter();
