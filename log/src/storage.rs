@@ -359,31 +359,45 @@ impl StateMachineStore {
     /// Stores `stored` unless the stored snapshot already covers as much of
     /// the log: a build that read the state before a newer snapshot was
     /// installed must not replace it, or a restart would find the log purged
-    /// behind a snapshot that does not reach it.
-    async fn store_snapshot(&self, stored: &StoredSnapshot) -> StorageResult<()> {
+    /// behind a snapshot that does not reach it. The encoding and the write
+    /// run on a blocking thread, never on the runtime's.
+    async fn store_snapshot(&self, stored: StoredSnapshot) -> StorageResult<StoredSnapshot> {
         let signature = Some(stored.meta.signature());
-        {
-            let mut newest = self.snapshot_stored.lock().expect("snapshot lock poisoned");
+        let (group, tree, newest) = (self.group, self.meta.clone(), self.snapshot_stored.clone());
+        let (stored, written) = blocking(move || {
+            let mut newest = newest.lock().expect("snapshot lock poisoned");
             if newest.is_some() && stored.meta.last_log_id <= *newest {
-                tracing::debug!(group = self.group, snapshot = %stored.meta.snapshot_id, "a newer snapshot is stored");
-                return Ok(());
+                tracing::debug!(group, snapshot = %stored.meta.snapshot_id, "a newer snapshot is stored");
+                return Ok((stored, false));
             }
-            self.meta
-                .insert(KEY_SNAPSHOT, wire::encode(stored))
-                .map_err(|e| StorageIOError::write_snapshot(signature.clone(), &e))?;
+            tree.insert(KEY_SNAPSHOT, wire::encode(&stored))
+                .map_err(|e| StorageIOError::write_snapshot(Some(stored.meta.signature()), &e))?;
             *newest = stored.meta.last_log_id;
+            Ok((stored, true))
+        })
+        .await?;
+        if written {
+            self.flusher.sync().await.map_err(|e| StorageIOError::write_snapshot(signature, &e))?;
         }
-        self.flusher.sync().await.map_err(|e| StorageIOError::write_snapshot(signature, &e))?;
-        Ok(())
+        Ok(stored)
     }
+}
+
+/// Runs `f` on a blocking thread: encoding or decoding a whole state takes
+/// long enough to stall the runtime's few threads, and with them every
+/// group's heartbeats.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> StorageResult<T> + Send + 'static) -> StorageResult<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| StorageIOError::read_state_machine(&e))?
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
-        let (data, last_log_id, last_membership) = {
-            let applied = self.applied.read().expect("state lock poisoned");
-            (wire::encode(&*applied), applied.last_applied, applied.membership.clone())
-        };
+        let applied = self.applied.clone();
+        let (data, last_log_id, last_membership) = blocking(move || {
+            let applied = applied.read().expect("state lock poisoned");
+            Ok((wire::encode(&*applied), applied.last_applied, applied.membership.clone()))
+        })
+        .await?;
         // Tests hold a build here, between reading the state and storing it.
         fail::fail_point!("snapshot-build-before-store");
         let seq = self.snapshot_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -392,8 +406,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             None => format!("{}-none-{seq}", self.group),
         };
         let meta = SnapshotMeta { last_log_id, last_membership, snapshot_id };
-        let stored = StoredSnapshot { meta: meta.clone(), data };
-        self.store_snapshot(&stored).await?;
+        let stored = self.store_snapshot(StoredSnapshot { meta: meta.clone(), data }).await?;
         metrics::gauge!("ferry_log_snapshot_bytes", "group" => self.group.to_string()).set(stored.data.len() as f64);
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(stored.data)) })
     }
@@ -414,9 +427,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     {
         // Tests hold one group's apply here: `apply-<group>`.
         fail::fail_point!(&format!("apply-{}", self.group));
-        let responses = {
-            let mut applied = self.applied.write().expect("state lock poisoned");
-            let mut responses = Vec::new();
+        // On a blocking thread: while a snapshot build reads the state, the
+        // apply waits there, not on one of the runtime's threads.
+        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        let applied = self.applied.clone();
+        let responses = blocking(move || {
+            let mut applied = applied.write().expect("state lock poisoned");
+            let mut responses = Vec::with_capacity(entries.len());
             for entry in entries {
                 applied.last_applied = Some(entry.log_id);
                 let response = match entry.payload {
@@ -429,8 +446,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 };
                 responses.push(response);
             }
-            responses
-        };
+            Ok(responses)
+        })
+        .await?;
         self.changes.send_modify(|v| *v += 1);
         Ok(responses)
     }
@@ -449,13 +467,18 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> StorageResult<()> {
         let data = snapshot.into_inner();
-        let mut installed: Applied =
-            wire::decode(&data).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        let signature = Some(meta.signature());
+        let (mut installed, data) = blocking(move || {
+            let mut installed: Applied =
+                wire::decode(&data).map_err(|e| StorageIOError::read_snapshot(signature, &e))?;
+            installed.state.partition.recount();
+            Ok((installed, data))
+        })
+        .await?;
         // The snapshot's meta is authoritative for what it covers.
         installed.last_applied = meta.last_log_id;
         installed.membership = meta.last_membership.clone();
-        installed.state.partition.recount();
-        self.store_snapshot(&StoredSnapshot { meta: meta.clone(), data }).await?;
+        self.store_snapshot(StoredSnapshot { meta: meta.clone(), data }).await?;
         *self.applied.write().expect("state lock poisoned") = installed;
         self.changes.send_modify(|v| *v += 1);
         Ok(())
