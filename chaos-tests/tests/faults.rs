@@ -266,3 +266,64 @@ async fn case3_case11_a_topic_deleted_and_created_again_under_a_subscription() -
     assert_eq!(count(&node, "k").await?, 10);
     Ok(())
 }
+
+/// Case 1: a leader frozen (SIGSTOP) past its lease starts nothing when it
+/// wakes. Its last view of the group still says it leads and heard from a
+/// quorum a moment ago, and its state still shows an invocation waiting for
+/// a retry that the new leader has since run; acting on that view would run
+/// the invocation again. The lease is timed from when this node sent the
+/// requests that a quorum answered, so on waking it holds none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn case1_a_leader_frozen_past_its_lease_starts_nothing_when_it_wakes() -> Result<()> {
+    let (broker, handlers, dir) = (Broker::start().await?, Handlers::start().await?, tempfile::tempdir()?);
+    let config = [("FERRY_INVOCATION__DEFAULT_RETRY_POLICY__INITIAL_INTERVAL", "3s")];
+    let cluster = Cluster::start(dir.path(), 3, &broker.bootstrap(), &config).await?;
+    cluster.wait_balanced(Duration::from_secs(60)).await?;
+    let (status, body) = cluster.node(2).post("/deployments", json!({ "uri": handlers.uri })).await?;
+    anyhow::ensure!(status == 201, "register: {status} {body}");
+
+    // An idempotency key whose invocation lives in a partition node 1 leads.
+    let groups = cluster.node(1).get("/cluster").await?["groups"].as_array().cloned().context("groups")?;
+    let partitions = groups.iter().filter(|g| g["partition"].is_u64()).count() as u32;
+    let partition = groups
+        .iter()
+        .find(|g| g["leader"] == 1 && g["partition"].is_u64())
+        .and_then(|g| g["partition"].as_u64())
+        .context("node 1 leads no partition")? as u32;
+    let group = u64::from(partition) + 1;
+    let key = (0..)
+        .map(|n| format!("frozen-{n}"))
+        .find(|k| partition_of(key_hash("Flaky", k), partitions) == partition)
+        .unwrap();
+
+    // The first attempt runs the handler's journaled step and ends to have
+    // it acknowledged; the second fails, and its retry is due three seconds
+    // later. Node 1 freezes in between; another node leads, runs the retry
+    // and answers.
+    let headers = [("idempotency-key", key.as_str())];
+    let attempts_file = handlers.record_dir.path().join("flaky-attempts.jsonl");
+    let attempts = || std::fs::read_to_string(&attempts_file).map(|text| text.lines().count()).unwrap_or(0);
+    let call = cluster.node(2).ingress("/Flaky/run", Some(r#"{"fail_attempts": 2}"#), &headers);
+    let freeze = async {
+        eventually(Duration::from_secs(30), "the failing attempt", || async { Ok((attempts() == 2).then_some(())) })
+            .await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cluster.node(1).pause().await?;
+        eventually(Duration::from_secs(30), "another leader", || async {
+            Ok(leader_of(&cluster, 2, group).await?.filter(|&leader| leader != 1).map(|_| ()))
+        })
+        .await
+    };
+    let (answer, frozen) = tokio::join!(tokio::time::timeout(Duration::from_secs(60), call), freeze);
+    frozen?;
+    let (status, answer) = answer.context("no answer")??;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(attempts(), 3);
+
+    // Node 1 wakes with the retry long due in its view of the partition.
+    cluster.node(1).resume().await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let text = std::fs::read_to_string(&attempts_file)?;
+    assert_eq!(text.lines().count(), 3, "an attempt ran after the invocation completed:\n{text}");
+    Ok(())
+}

@@ -4,9 +4,9 @@
 //! gathered for a short window and sent as one `Heartbeats` RPC, so that a
 //! node's idle groups cost one RPC per window between them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferry_proto::cluster::node_service_client::NodeServiceClient;
 use ferry_proto::cluster::node_service_server::NodeService;
@@ -20,7 +20,7 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
     VoteResponse,
 };
-use openraft::{BasicNode, LogId};
+use openraft::{BasicNode, LogId, Vote};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
@@ -150,11 +150,51 @@ async fn send_heartbeats(
     }
 }
 
+/// When each peer of one group last accepted this node's leadership: per
+/// peer, the vote of the newest AppendEntries it answered without a higher
+/// vote, and when that request was sent. The time is taken at sending, on
+/// this node's monotonic clock, so a node that was frozen (stopped, starved)
+/// never takes an old answer for a recent one; a follower that answered
+/// elects no one for an election timeout after it got the request.
+#[derive(Clone, Default)]
+pub struct Acks(Arc<Mutex<HashMap<NodeId, Ack>>>);
+
+/// The vote a peer accepted, and when the request it answered was sent.
+type Ack = (Vote<NodeId>, Instant);
+
+impl Acks {
+    fn record(&self, peer: NodeId, vote: Vote<NodeId>, sent: Instant) {
+        let mut acks = self.0.lock().expect("acks lock poisoned");
+        let newer = acks.get(&peer).is_none_or(|(v, at)| *v != vote || *at < sent);
+        if newer {
+            acks.insert(peer, (vote, sent));
+        }
+    }
+
+    /// Whether every one of `configs` (one, or two while membership
+    /// changes) has a majority that accepted `vote` in requests sent less
+    /// than `within` ago, `me` counting for itself.
+    pub fn quorum_within(
+        &self,
+        me: NodeId,
+        configs: &[BTreeSet<NodeId>],
+        vote: &Vote<NodeId>,
+        within: Duration,
+    ) -> bool {
+        let acks = self.0.lock().expect("acks lock poisoned");
+        let recent =
+            |id: &NodeId| *id == me || acks.get(id).is_some_and(|(v, sent)| v == vote && sent.elapsed() < within);
+        !configs.is_empty()
+            && configs.iter().all(|voters| voters.iter().filter(|id| recent(id)).count() * 2 > voters.len())
+    }
+}
+
 /// Creates the per-target network of one group.
 #[derive(Clone)]
 pub struct NetworkFactory {
     pub group: GroupId,
     pub channels: Channels,
+    pub acks: Acks,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -162,7 +202,13 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Network {
         let addr = self.channels.address(target, &node.addr);
-        Network { group: self.group, target, peer: self.channels.peer(addr), commit_sent: None }
+        Network {
+            group: self.group,
+            target,
+            peer: self.channels.peer(addr),
+            commit_sent: None,
+            acks: self.acks.clone(),
+        }
     }
 }
 
@@ -170,6 +216,7 @@ pub struct Network {
     group: GroupId,
     target: NodeId,
     peer: Result<Peer, String>,
+    acks: Acks,
     /// The leader commit of the last AppendEntries sent to the target: one
     /// that brings a newer commit goes at once, not with the heartbeats.
     commit_sent: Option<Option<LogId<NodeId>>>,
@@ -250,17 +297,25 @@ impl RaftNetwork<TypeConfig> for Network {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
+        let (sent, vote) = (Instant::now(), rpc.vote);
         let news = self.commit_sent != Some(rpc.leader_commit);
         self.commit_sent = Some(rpc.leader_commit);
-        if rpc.entries.is_empty() && !news {
-            return self.heartbeat(&rpc, &option).await;
+        let response = if rpc.entries.is_empty() && !news {
+            self.heartbeat(&rpc, &option).await
+        } else {
+            let payload = wire::encode(&rpc);
+            if let Some(fit) = entries_that_fit(rpc.entries.len(), payload.len()) {
+                // openraft sends again with at most `fit` entries.
+                return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(fit)));
+            }
+            self.call(payload, &option, |mut c, r| async move { c.append_entries(r).await }).await
+        };
+        if let Ok(answer) = &response {
+            if !matches!(answer, AppendEntriesResponse::HigherVote(_)) {
+                self.acks.record(self.target, vote, sent);
+            }
         }
-        let payload = wire::encode(&rpc);
-        if let Some(fit) = entries_that_fit(rpc.entries.len(), payload.len()) {
-            // openraft sends again with at most `fit` entries.
-            return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(fit)));
-        }
-        self.call(payload, &option, |mut c, r| async move { c.append_entries(r).await }).await
+        response
     }
 
     async fn install_snapshot(
@@ -410,5 +465,28 @@ impl NodeService for NodeServer {
             RaftResult { result: Some(result) }
         });
         Ok(tonic::Response::new(RaftBatchResponse { results: futures::future::join_all(answers).await }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_needs_a_majority_that_answered_this_vote_recently() {
+        let vote = Vote::new_committed(3, 1);
+        let voters = [BTreeSet::from([1, 2, 3])];
+        let acks = Acks::default();
+        assert!(!acks.quorum_within(1, &voters, &vote, Duration::from_secs(1)), "no answers yet");
+        acks.record(2, Vote::new_committed(2, 2), Instant::now());
+        assert!(!acks.quorum_within(1, &voters, &vote, Duration::from_secs(1)), "an answer to another leader");
+        acks.record(2, vote, Instant::now() - Duration::from_secs(2));
+        assert!(!acks.quorum_within(1, &voters, &vote, Duration::from_secs(1)), "an answer to an old request");
+        acks.record(3, vote, Instant::now());
+        assert!(acks.quorum_within(1, &voters, &vote, Duration::from_secs(1)));
+        // While membership changes, both configurations need a majority.
+        let joint = [BTreeSet::from([1, 2, 3]), BTreeSet::from([3, 4, 5])];
+        assert!(!acks.quorum_within(1, &joint, &vote, Duration::from_secs(1)));
+        assert!(acks.quorum_within(1, &[BTreeSet::from([1])], &vote, Duration::ZERO), "a single node");
     }
 }

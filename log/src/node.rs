@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::network::{self, propose_local, Channels, NetworkFactory, NodeServer, ProposeError, FORWARD_TIMEOUT};
+use crate::network::{self, propose_local, Acks, Channels, NetworkFactory, NodeServer, ProposeError, FORWARD_TIMEOUT};
 use crate::placement::{self, Nodes};
 use crate::state::{MetadataState, PartitionState, Status};
 use crate::storage::{self, CommittedIndex, Flusher, StateMachineStore};
@@ -69,6 +69,8 @@ struct Group {
     committed: CommittedIndex,
     /// `ferry_log_propose_seconds` of this group.
     propose_seconds: metrics::Histogram,
+    /// When its peers last accepted this node's leadership.
+    acks: Acks,
 }
 
 /// What this node knows about one of its Raft groups.
@@ -215,12 +217,13 @@ impl LogNode {
         for group in group_ids {
             let (log, state) = storage::open(&db, group, flusher.clone())?;
             let committed = log.committed_index();
-            let network = NetworkFactory { group, channels: channels.clone() };
+            let acks = Acks::default();
+            let network = NetworkFactory { group, channels: channels.clone(), acks: acks.clone() };
             let raft = Raft::new(options.node_id, config.clone(), network, log, state.clone())
                 .await
                 .map_err(|e| Error::Write { group, message: e.to_string() })?;
             let propose_seconds = metrics::histogram!("ferry_log_propose_seconds", "group" => group.to_string());
-            groups.insert(group, Group { raft, state, committed, propose_seconds });
+            groups.insert(group, Group { raft, state, committed, propose_seconds, acks });
         }
 
         for (&group, g) in &groups {
@@ -395,9 +398,13 @@ impl LogNode {
     /// Whether this node may start new work on `group`'s behalf (attempts
     /// whose side effects cannot be taken back): it leads ([`is_leader`]) and
     /// heard from a quorum recently enough that no other node can have been
-    /// elected meanwhile. A leader cut off from its peers goes on believing
-    /// it leads until it hears of a newer term; this keeps it from running
-    /// steps that a newer leader may already have committed.
+    /// elected meanwhile: a majority answered requests it sent less than the
+    /// election timeout, less a heartbeat of slack, ago ([`Acks`], timed on
+    /// this node's clock when sent, so a node that was frozen holds no lease
+    /// when it wakes, whatever its last metrics say). A leader cut off from
+    /// its peers goes on believing it leads until it hears of a newer term;
+    /// this keeps it from running steps that a newer leader may already have
+    /// committed.
     ///
     /// [`is_leader`]: LogNode::is_leader
     pub fn holds_lease(&self, group: GroupId) -> bool {
@@ -406,7 +413,9 @@ impl LogNode {
         self.group(group).is_ok_and(|g| {
             let metrics = g.raft.metrics();
             let metrics = metrics.borrow();
-            leads(&metrics, self.node_id()) && lease_holds(&metrics, lease_ms)
+            let configs = metrics.membership_config.membership().get_joint_config().clone();
+            leads(&metrics, self.node_id())
+                && g.acks.quorum_within(self.node_id(), &configs, &metrics.vote, Duration::from_millis(lease_ms))
         })
     }
 
@@ -592,15 +601,6 @@ pub fn leads(metrics: &RaftMetrics<NodeId, BasicNode>, me: NodeId) -> bool {
         && metrics.last_applied.is_some_and(|applied| applied.leader_id.term == metrics.current_term)
 }
 
-/// Whether a leader's last quorum acknowledgement is younger than `lease_ms`.
-/// openraft times an acknowledgement from when its request was sent, and a
-/// follower that got that request elects no one for an election timeout
-/// after; so while this holds, with `lease_ms` under the election timeout by
-/// a heartbeat interval of slack, no newer leader exists.
-pub fn lease_holds(metrics: &RaftMetrics<NodeId, BasicNode>, lease_ms: u64) -> bool {
-    metrics.millis_since_quorum_ack.is_some_and(|ms| ms < lease_ms)
-}
-
 /// Reports into `failed` when `group` stops on a fatal error (not when it is
 /// shut down).
 async fn watch_fatal(group: GroupId, raft: Raft, failed: watch::Sender<Option<String>>, cancel: CancellationToken) {
@@ -662,17 +662,5 @@ mod tests {
         let mut metrics = leader(3, 3);
         metrics.running_state = Err(Fatal::Panicked);
         assert!(!leads(&metrics, 1));
-    }
-
-    /// A leader cut off from its peers still sees itself as leader; it must
-    /// stop starting attempts before the others can have elected a new one.
-    #[test]
-    fn a_leader_without_a_recent_quorum_holds_no_lease() {
-        let mut metrics = leader(3, 3);
-        assert!(lease_holds(&metrics, 400));
-        metrics.millis_since_quorum_ack = Some(450);
-        assert!(leads(&metrics, 1) && !lease_holds(&metrics, 400));
-        metrics.millis_since_quorum_ack = None;
-        assert!(!lease_holds(&metrics, 400));
     }
 }
