@@ -111,6 +111,7 @@ async fn metrics_count_what_the_node_did() -> Result<()> {
         assert_eq!(metrics.get("ferry_raft_leader", &by_group)?, Some(1.0), "one node leads group {group}");
         assert!(metrics.get("ferry_raft_last_applied", &by_group)?.is_some(), "group {group}");
         assert!(metrics.get("ferry_log_append_seconds_count", &by_group)?.is_some_and(|n| n >= 1.0), "{group}");
+        assert!(metrics.get("ferry_log_apply_wait_seconds_count", &by_group)?.is_some_and(|n| n >= 1.0), "{group}");
     }
     let proposed = metrics.sum("ferry_log_propose_seconds_count", &[]);
     let proposed_per_partition: f64 =

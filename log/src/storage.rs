@@ -316,6 +316,10 @@ pub struct StateMachineStore {
     /// The last log id the stored snapshot covers. Held while a snapshot is
     /// stored, so that a slow build never replaces a newer installed one.
     snapshot_stored: Arc<Mutex<Option<LogId<NodeId>>>>,
+    /// `ferry_log_apply_wait_seconds` and `ferry_log_snapshot_encode_seconds`
+    /// of this group.
+    apply_wait: metrics::Histogram,
+    snapshot_encode: metrics::Histogram,
 }
 
 impl StateMachineStore {
@@ -336,6 +340,8 @@ impl StateMachineStore {
             changes: Arc::new(watch::channel(0).0),
             snapshot_seq: Arc::default(),
             snapshot_stored: Arc::new(Mutex::new(snapshot_stored)),
+            apply_wait: metrics::histogram!("ferry_log_apply_wait_seconds", "group" => group.to_string()),
+            snapshot_encode: metrics::histogram!("ferry_log_snapshot_encode_seconds", "group" => group.to_string()),
         })
     }
 
@@ -392,10 +398,13 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> StorageResult<T> + Send
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
-        let applied = self.applied.clone();
+        let (applied, encode_seconds) = (self.applied.clone(), self.snapshot_encode.clone());
         let (data, last_log_id, last_membership) = blocking(move || {
             let applied = applied.read().expect("state lock poisoned");
-            Ok((wire::encode(&*applied), applied.last_applied, applied.membership.clone()))
+            let started = Instant::now();
+            let encoded = (wire::encode(&*applied), applied.last_applied, applied.membership.clone());
+            encode_seconds.record(started.elapsed().as_secs_f64());
+            Ok(encoded)
         })
         .await?;
         // Tests hold a build here, between reading the state and storing it.
@@ -430,9 +439,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         // On a blocking thread: while a snapshot build reads the state, the
         // apply waits there, not on one of the runtime's threads.
         let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
-        let applied = self.applied.clone();
+        let (applied, wait_seconds) = (self.applied.clone(), self.apply_wait.clone());
         let responses = blocking(move || {
+            // How long apply waits for the state: a snapshot encoding holds it.
+            let waiting = Instant::now();
             let mut applied = applied.write().expect("state lock poisoned");
+            wait_seconds.record(waiting.elapsed().as_secs_f64());
             let mut responses = Vec::with_capacity(entries.len());
             for entry in entries {
                 applied.last_applied = Some(entry.log_id);
