@@ -94,6 +94,34 @@ fn check_run_once(records: &str) -> Result<usize> {
     Ok(steps.len())
 }
 
+/// How long the drain after the faults may go without one more invocation
+/// completing.
+const DRAIN_STALL_MAX: Duration = Duration::from_secs(120);
+
+/// Every invocation of `subscription`, once there are `expected` and all are
+/// completed, as `node` lists them. Listing them all is work for the node,
+/// so it looks every few seconds; a backlog takes what time it needs, as long
+/// as invocations keep completing.
+async fn drained(cluster: &Cluster, node: u64, subscription: &str, expected: usize) -> Result<Vec<Value>> {
+    let (mut most, mut since) = (0, tokio::time::Instant::now());
+    loop {
+        let all = cluster.node(node).invocations(&format!("subscription={subscription}")).await?;
+        let completed = all.iter().filter(|inv| inv["status"] == "completed").count();
+        if all.len() >= expected && completed == all.len() {
+            return Ok(all);
+        }
+        if completed > most {
+            (most, since) = (completed, tokio::time::Instant::now());
+            println!("{subscription}: {completed} of {expected} invocations completed");
+        } else if since.elapsed() > DRAIN_STALL_MAX {
+            anyhow::bail!(
+                "{subscription}: {completed} of {expected} invocations completed, none more for {DRAIN_STALL_MAX:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}
+
 #[test]
 fn the_run_once_checker_catches_a_step_run_after_its_commit() {
     let line = |event: &str, token: &str, seq: u64| {
@@ -235,12 +263,9 @@ async fn three_nodes_lose_and_double_nothing_under_faults() -> Result<()> {
 
     let (subscriptions, steps_subscription) = (&subscriptions[..2], &subscriptions[2]);
     for sub in subscriptions {
-        let invocations = eventually(Duration::from_secs(240), "every record's invocation to complete", || async {
-            let all = cluster.node(survivor).invocations(&format!("subscription={sub}")).await?;
-            Ok((all.len() >= produced.len() && all.iter().all(|inv| inv["status"] == "completed")).then_some(all))
-        })
-        .await
-        .with_context(|| cluster.node(survivor).log_tail())?;
+        let invocations = drained(&cluster, survivor, sub, produced.len())
+            .await
+            .with_context(|| cluster.node(survivor).log_tail())?;
         let mut seen = HashSet::new();
         for inv in &invocations {
             let at = (inv["source"]["partition"].as_i64().unwrap(), inv["source"]["offset"].as_i64().unwrap());
@@ -263,11 +288,7 @@ async fn three_nodes_lose_and_double_nothing_under_faults() -> Result<()> {
     // Every step record's invocation completes, and no journaled step ran
     // again once its result was committed.
     let steps = broker.read_topic(STEPS_TOPIC, PARTITIONS).await?.len();
-    eventually(Duration::from_secs(240), "every step to complete", || async {
-        let all = cluster.node(survivor).invocations(&format!("subscription={steps_subscription}")).await?;
-        Ok((all.len() >= steps && all.iter().all(|inv| inv["status"] == "completed")).then_some(()))
-    })
-    .await?;
+    drained(&cluster, survivor, steps_subscription, steps).await.with_context(|| cluster.node(survivor).log_tail())?;
     let once = std::fs::read_to_string(handlers.record_dir.path().join("once.jsonl"))?;
     let steps = check_run_once(&once)?;
     println!("{steps} journaled steps, none run again after its result was committed");
