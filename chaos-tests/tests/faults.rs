@@ -149,19 +149,19 @@ async fn leader_of(cluster: &Cluster, node: u64, group: u64) -> Result<Option<u6
     Ok(groups.iter().find(|g| g["group"] == group).and_then(|g| g["leader"].as_u64()))
 }
 
-/// Case 7: a preferred leader that comes back takes its partitions back only
-/// while no attempt runs there. A handler may work for seconds without
-/// writing to the log; moving leadership meanwhile would abort its attempt
-/// and run it again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn case7_leadership_does_not_move_back_while_an_attempt_runs() -> Result<()> {
+/// A broker, the test handlers and a balanced three-node cluster configured
+/// with `config`, the handlers registered; with a partition node 1 leads (as
+/// its preferred leader), its group, and an idempotency key of `service`
+/// whose invocations live there.
+async fn cluster_with_a_partition_of_node_1(
+    config: &[(&str, &str)],
+    service: &str,
+) -> Result<(Broker, Handlers, tempfile::TempDir, Cluster, u64, String)> {
     let (broker, handlers, dir) = (Broker::start().await?, Handlers::start().await?, tempfile::tempdir()?);
-    let mut cluster = Cluster::start(dir.path(), 3, &broker.bootstrap(), &[]).await?;
+    let cluster = Cluster::start(dir.path(), 3, &broker.bootstrap(), config).await?;
     cluster.wait_balanced(Duration::from_secs(60)).await?;
     let (status, body) = cluster.node(2).post("/deployments", json!({ "uri": handlers.uri })).await?;
     anyhow::ensure!(status == 201, "register: {status} {body}");
-
-    // A partition that node 1 leads, as its preferred leader.
     let groups = cluster.node(1).get("/cluster").await?["groups"].as_array().cloned().context("groups")?;
     let partitions = groups.iter().filter(|g| g["partition"].is_u64()).count() as u32;
     let partition = groups
@@ -169,11 +169,20 @@ async fn case7_leadership_does_not_move_back_while_an_attempt_runs() -> Result<(
         .find(|g| g["leader"] == 1 && g["partition"].is_u64())
         .and_then(|g| g["partition"].as_u64())
         .context("node 1 leads no partition")? as u32;
-    let group = u64::from(partition) + 1;
     let key = (0..)
-        .map(|n| format!("slow-{n}"))
-        .find(|k| partition_of(key_hash("Slow", k), partitions) == partition)
+        .map(|n| format!("key-{n}"))
+        .find(|k| partition_of(key_hash(service, k), partitions) == partition)
         .unwrap();
+    Ok((broker, handlers, dir, cluster, u64::from(partition) + 1, key))
+}
+
+/// Case 7: a preferred leader that comes back takes its partitions back only
+/// while no attempt runs there. A handler may work for seconds without
+/// writing to the log; moving leadership meanwhile would abort its attempt
+/// and run it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn case7_leadership_does_not_move_back_while_an_attempt_runs() -> Result<()> {
+    let (_broker, handlers, _dir, mut cluster, group, key) = cluster_with_a_partition_of_node_1(&[], "Slow").await?;
 
     cluster.node_mut(1).kill().await;
     eventually(Duration::from_secs(30), "another leader", || async {
@@ -275,26 +284,8 @@ async fn case3_case11_a_topic_deleted_and_created_again_under_a_subscription() -
 /// requests that a quorum answered, so on waking it holds none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn case1_a_leader_frozen_past_its_lease_starts_nothing_when_it_wakes() -> Result<()> {
-    let (broker, handlers, dir) = (Broker::start().await?, Handlers::start().await?, tempfile::tempdir()?);
     let config = [("FERRY_INVOCATION__DEFAULT_RETRY_POLICY__INITIAL_INTERVAL", "3s")];
-    let cluster = Cluster::start(dir.path(), 3, &broker.bootstrap(), &config).await?;
-    cluster.wait_balanced(Duration::from_secs(60)).await?;
-    let (status, body) = cluster.node(2).post("/deployments", json!({ "uri": handlers.uri })).await?;
-    anyhow::ensure!(status == 201, "register: {status} {body}");
-
-    // An idempotency key whose invocation lives in a partition node 1 leads.
-    let groups = cluster.node(1).get("/cluster").await?["groups"].as_array().cloned().context("groups")?;
-    let partitions = groups.iter().filter(|g| g["partition"].is_u64()).count() as u32;
-    let partition = groups
-        .iter()
-        .find(|g| g["leader"] == 1 && g["partition"].is_u64())
-        .and_then(|g| g["partition"].as_u64())
-        .context("node 1 leads no partition")? as u32;
-    let group = u64::from(partition) + 1;
-    let key = (0..)
-        .map(|n| format!("frozen-{n}"))
-        .find(|k| partition_of(key_hash("Flaky", k), partitions) == partition)
-        .unwrap();
+    let (_broker, handlers, _dir, cluster, group, key) = cluster_with_a_partition_of_node_1(&config, "Flaky").await?;
 
     // The first attempt runs the handler's journaled step and ends to have
     // it acknowledged; the second fails, and its retry is due three seconds
