@@ -564,13 +564,19 @@ impl Node {
     /// `fetch.wait.max.ms`, even when records are waiting (Kafka answers at
     /// once), so the wait is short.
     pub async fn subscribe_from_start(&self, topic: &str, sink: &str) -> Result<String> {
-        let (status, body) = self
-            .post(
-                "/subscriptions",
-                serde_json::json!({"source": format!("kafka://my-cluster/{topic}"), "sink": sink,
-                                   "options": {"auto.offset.reset": "earliest", "fetch.wait.max.ms": "10"}}),
-            )
-            .await?;
+        self.subscribe(topic, sink, serde_json::json!({"fetch.wait.max.ms": "10"})).await
+    }
+
+    /// Subscribes `sink` to `topic` of `my-cluster` from its earliest record,
+    /// with more consumer `options`; returns the subscription's id.
+    pub async fn subscribe(&self, topic: &str, sink: &str, options: Value) -> Result<String> {
+        let mut all = serde_json::json!({"auto.offset.reset": "earliest"});
+        for (key, value) in options.as_object().context("options must be an object")? {
+            all[key] = value.clone();
+        }
+        let source = format!("kafka://my-cluster/{topic}");
+        let (status, body) =
+            self.post("/subscriptions", serde_json::json!({"source": source, "sink": sink, "options": all})).await?;
         if status != 201 {
             bail!("subscribe: {status} {body}");
         }

@@ -238,15 +238,7 @@ async fn consumer_state(node: &Node, subscription: &str) -> Result<Option<String
 async fn case3_case11_a_topic_deleted_and_created_again_under_a_subscription() -> Result<()> {
     let (broker, _handlers, _dir, mut node) = started(&[]).await?;
     broker.create_topic("t", 1).await?;
-    let (status, body) = node
-        .post(
-            "/subscriptions",
-            json!({"source": "kafka://my-cluster/t", "sink": "service://Counter/add",
-                   "options": {"auto.offset.reset": "earliest", "session.timeout.ms": "6000"}}),
-        )
-        .await?;
-    anyhow::ensure!(status == 201, "subscribe: {status} {body}");
-    let subscription = body["id"].as_str().context("subscription id")?.to_owned();
+    let subscription = node.subscribe("t", "service://Counter/add", json!({"session.timeout.ms": "6000"})).await?;
     // One key throughout: its invocations live in one Raft partition, where
     // the old topic's producer left its last offset.
     produce(&broker.producer()?, "t", &counter_records("k", 5)).await?;

@@ -307,15 +307,8 @@ async fn consumption_waits_out_a_broker_that_is_down() -> Result<()> {
     let (status, body) = node.post("/deployments", json!({ "uri": handlers.uri })).await?;
     assert_eq!(status, 201, "{body}");
     // The topic does not exist before the broker does: look for it often.
-    let (status, body) = node
-        .post(
-            "/subscriptions",
-            json!({"source": "kafka://my-cluster/late", "sink": "service://Sink/handle",
-                   "options": {"auto.offset.reset": "earliest", "topic.metadata.refresh.interval.ms": "1000"}}),
-        )
-        .await?;
-    assert_eq!(status, 201, "{body}");
-    let sub = body["id"].as_str().unwrap().to_owned();
+    let sub =
+        node.subscribe("late", "service://Sink/handle", json!({"topic.metadata.refresh.interval.ms": "1000"})).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(node.get("/health").await?, json!({}), "the node stays up");
 
