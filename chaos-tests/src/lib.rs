@@ -513,6 +513,11 @@ impl Node {
         self.spawn().await
     }
 
+    /// Sets a variable of the node's environment from its next start on.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.insert(key.to_owned(), value.to_owned());
+    }
+
     /// SIGSTOP: the process stays, silent, until [`Node::resume`].
     pub async fn pause(&self) -> Result<()> {
         self.signal("-STOP").await

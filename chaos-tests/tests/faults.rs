@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use ferry_chaos_tests::{eventually, produce, Broker, Cluster, Handlers, Node, Record};
 use ferry_log::partitioner::{key_hash, partition_of};
 use rdkafka::producer::FutureRecord;
-use serde_json::json;
+use serde_json::{json, Value};
 
 /// A broker, the test handlers and one node configured with `config`, the
 /// handlers registered.
@@ -308,5 +308,55 @@ async fn case1_a_leader_frozen_past_its_lease_starts_nothing_when_it_wakes() -> 
     tokio::time::sleep(Duration::from_secs(3)).await;
     let text = std::fs::read_to_string(&attempts_file)?;
     assert_eq!(text.lines().count(), 3, "an attempt ran after the invocation completed:\n{text}");
+    Ok(())
+}
+
+/// Case 1, at the handler's door: an attempt the scheduler started while
+/// node 1 held its lease, whose request went out only later (held by a fail
+/// point, as a stopped process or a starved runtime holds it), is not sent
+/// once node 1 has lost the lease. The journaled step runs once: on the node
+/// that leads the partition now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn case1_an_attempt_held_past_the_lease_is_never_sent() -> Result<()> {
+    const HOLD: Duration = Duration::from_secs(8);
+    let (_broker, handlers, _dir, mut cluster, group, key) = cluster_with_a_partition_of_node_1(&[], "Once").await?;
+    let hold = format!("invoker-attempt-hold=1*return({})", HOLD.as_millis());
+    cluster.node_mut(1).set_env("FAILPOINTS", &hold);
+    cluster.node_mut(1).restart().await?;
+    eventually(Duration::from_secs(60), "node 1 to lead again", || async {
+        Ok((leader_of(&cluster, 1, group).await? == Some(1)).then_some(()))
+    })
+    .await?;
+
+    // Node 1 starts the attempt and holds it; cut off from its peers, it
+    // loses the lease and another node takes the partition and answers.
+    let headers = [("idempotency-key", key.as_str())];
+    let call = cluster.node(2).ingress("/Once/run", Some(""), &headers);
+    let started = tokio::time::Instant::now();
+    let cut = async {
+        eventually(Duration::from_secs(30), "the attempt on node 1", || async {
+            Ok((cluster.node(1).metric("ferry_invoker_running").await? > 0.0).then_some(()))
+        })
+        .await?;
+        cluster.isolate(1);
+        anyhow::Ok(())
+    };
+    let (answer, cut) = tokio::join!(tokio::time::timeout(Duration::from_secs(60), call), cut);
+    cut?;
+    let (status, token) = answer.context("no answer")??;
+    assert_eq!(status, 200, "{token}");
+
+    // The held attempt's time comes; it is not sent.
+    tokio::time::sleep_until(started + HOLD + Duration::from_secs(2)).await;
+    let records = std::fs::read_to_string(handlers.record_dir.path().join("once.jsonl"))?;
+    let executed: Vec<Value> = records
+        .lines()
+        .map(serde_json::from_str::<Value>)
+        .filter(|r| r.as_ref().map_or(true, |r| r["event"] == "executed"))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(executed.len(), 1, "the step ran again:\n{records}");
+    assert_eq!(executed[0]["token"], token);
+    assert!(cluster.node(1).metric("ferry_invoker_attempts_total{outcome=\"not-sent\"}").await? >= 1.0);
+    cluster.heal();
     Ok(())
 }

@@ -22,6 +22,8 @@ pub use scheduler::{Invoker, Options};
 pub enum Error {
     #[error("cannot reach deployment {uri}: {reason}")]
     Unreachable { uri: String, reason: String },
+    #[error("the attempt was not sent to deployment {uri}: this node may no longer run it")]
+    NotSent { uri: String },
     #[error("deployment {uri} answered with status {status}: {body}")]
     BadStatus { uri: String, status: u16, body: String },
     #[error("deployment {uri} sent an invalid endpoint manifest: {reason}")]

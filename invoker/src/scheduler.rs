@@ -26,6 +26,7 @@ use crate::client::{Client, Endpoint};
 use crate::codec::ProtocolVersion;
 use crate::journal::Job;
 use crate::retry::RetryPolicy;
+use crate::Error;
 
 /// How soon a leader without its lease looks again whether it may start attempts.
 const LEASE_RETRY_MS: u64 = 50;
@@ -72,12 +73,14 @@ impl Invoker {
             partitions.spawn(write_effects(self.log.clone(), group, rx, self.options.max_effects_per_entry));
             let scheduler = PartitionScheduler {
                 partition,
-                group,
-                log: self.log.clone(),
-                client: self.client.clone(),
-                retry: self.retry.clone(),
                 concurrency: self.options.concurrency_per_partition,
-                effects: EffectSender(effects),
+                shared: Attempts {
+                    group,
+                    log: self.log.clone(),
+                    client: self.client.clone(),
+                    retry: self.retry.clone(),
+                    effects: EffectSender(effects),
+                },
                 attempts: JoinSet::new(),
                 running: HashMap::new(),
                 waking: HashSet::new(),
@@ -188,14 +191,20 @@ struct Running {
     attempt: AttemptId,
 }
 
-struct PartitionScheduler {
-    partition: PartitionId,
+/// What the attempts of one partition share.
+#[derive(Clone)]
+struct Attempts {
     group: GroupId,
     log: LogNode,
     client: Client,
     retry: Arc<RetryPolicy>,
-    concurrency: usize,
     effects: EffectSender,
+}
+
+struct PartitionScheduler {
+    partition: PartitionId,
+    concurrency: usize,
+    shared: Attempts,
     attempts: JoinSet<Done>,
     running: HashMap<String, Running>,
     /// Invocations whose wake-up is proposed but not applied yet.
@@ -204,13 +213,13 @@ struct PartitionScheduler {
 
 impl PartitionScheduler {
     async fn run(mut self, cancel: CancellationToken) {
-        let Ok(mut changes) = self.log.partition_changes(self.partition) else {
+        let Ok(mut changes) = self.shared.log.partition_changes(self.partition) else {
             return;
         };
         // What the log holds already (after a restart) runs without waiting for a change.
-        let mut next_timer = if self.log.is_leader(self.group) { self.schedule() } else { None };
+        let mut next_timer = if self.shared.log.is_leader(self.shared.group) { self.schedule() } else { None };
         loop {
-            let leader = self.log.is_leader(self.group);
+            let leader = self.shared.log.is_leader(self.shared.group);
             let timer = async {
                 match next_timer {
                     Some(at) => tokio::time::sleep(Duration::from_millis(at.saturating_sub(now_ms()))).await,
@@ -230,7 +239,7 @@ impl PartitionScheduler {
                 _ = timer, if leader => {}
                 _ = tokio::time::sleep(Duration::from_millis(200)), if !leader => {}
             }
-            if !self.log.is_leader(self.group) {
+            if !self.shared.log.is_leader(self.shared.group) {
                 if !self.running.is_empty() {
                     debug!(partition = self.partition, "not the leader: stopping attempts");
                 }
@@ -254,11 +263,11 @@ impl PartitionScheduler {
     /// doubt (it has not heard from a quorum lately).
     fn schedule(&mut self) -> Option<u64> {
         let now = now_ms();
-        let lease = self.log.holds_lease(self.group);
+        let lease = self.shared.log.holds_lease(self.shared.group);
         let free = if lease { self.concurrency.saturating_sub(self.running.len()) } else { 0 };
         let running = &self.running;
         let waking = &self.waking;
-        let read = self.log.read_partition(self.partition, |state| {
+        let read = self.shared.log.read_partition(self.partition, |state| {
             // Attempts whose invocation was killed, cancelled or woken meanwhile.
             let outdated: Vec<String> = running
                 .iter()
@@ -298,20 +307,14 @@ impl PartitionScheduler {
         for job in jobs {
             let id = job.id.clone();
             let attempt_id = job.attempt;
-            let abort = self.attempts.spawn(supervised(
-                job,
-                self.log.clone(),
-                self.client.clone(),
-                self.retry.clone(),
-                self.effects.clone(),
-            ));
+            let abort = self.attempts.spawn(supervised(job, self.shared.clone()));
             self.running.insert(id, Running { abort, attempt: attempt_id });
         }
         metrics::gauge!("ferry_invoker_running", "partition" => self.partition.to_string())
             .set(self.running.len() as f64);
         if !due.is_empty() {
             self.waking.extend(due.iter().cloned());
-            let effects = self.effects.clone();
+            let effects = self.shared.effects.clone();
             self.attempts.spawn(async move {
                 let wakes = due.iter().map(|id| effects.apply(Effect::Wake { id: id.clone() }));
                 futures::future::join_all(wakes).await;
@@ -381,25 +384,36 @@ fn attempt_span(job: &Job) -> Span {
 
 /// Runs [`attempt`]; if it panics, the attempt counts as failed (retried after
 /// a backoff like any failure) rather than holding its slot for ever.
-async fn supervised(job: Job, log: LogNode, client: Client, retry: Arc<RetryPolicy>, effects: EffectSender) -> Done {
+async fn supervised(job: Job, shared: Attempts) -> Done {
     let fallback = job.clone();
-    let run = std::panic::AssertUnwindSafe(attempt(job, log, client, retry.clone(), effects.clone()));
+    let run = std::panic::AssertUnwindSafe(attempt(job, shared.clone()));
     match futures::FutureExt::catch_unwind(run).await {
         Ok(done) => done,
         Err(panic) => {
             let reason = ferry_telemetry::panic_message(panic.as_ref());
             error!(id = %fallback.id, "an attempt panicked: {reason}");
             metrics::counter!("ferry_invoker_attempt_panics_total").increment(1);
-            let failed = fallback.effect(Err(format!("the attempt panicked: {reason}")), &retry, now_ms());
-            effects.apply(failed).await;
+            let failed = fallback.effect(Err(format!("the attempt panicked: {reason}")), &shared.retry, now_ms());
+            shared.effects.apply(failed).await;
             Done::Attempt(fallback.id)
         }
     }
 }
 
-async fn attempt(job: Job, log: LogNode, client: Client, retry: Arc<RetryPolicy>, effects: EffectSender) -> Done {
+/// Tests hold an attempt here, between the scheduler starting it and its
+/// request, for the milliseconds given: `invoker-attempt-hold=return(ms)`.
+fn held_for_test() -> Option<Duration> {
+    fail::fail_point!("invoker-attempt-hold", |ms| ms.and_then(|ms| ms.parse().ok()).map(Duration::from_millis));
+    None
+}
+
+async fn attempt(job: Job, shared: Attempts) -> Done {
     // Tests make attempts panic here.
     fail::fail_point!("invoker-attempt");
+    if let Some(hold) = held_for_test() {
+        tokio::time::sleep(hold).await;
+    }
+    let Attempts { group, log, client, retry, effects } = shared;
     let span = attempt_span(&job);
     let traceparent = TraceContext::of(&span).map(|c| c.traceparent());
     let started = Instant::now();
@@ -413,8 +427,20 @@ async fn attempt(job: Job, log: LogNode, client: Client, retry: Arc<RetryPolicy>
                 service: &job.service,
                 handler: &job.handler,
             };
-            let call = client.attempt_encoded(&endpoint, job.body.clone(), traceparent.as_deref());
-            call.instrument(span.clone()).await.map_err(|e| e.to_string())
+            // The lease is asked again as the journal is written: the
+            // scheduler's answer may be old by then.
+            let lease = log.clone();
+            let may_send = move || lease.holds_lease(group);
+            let call = client.attempt_encoded(&endpoint, job.body.clone(), traceparent.as_deref(), may_send);
+            match call.instrument(span.clone()).await {
+                Err(Error::NotSent { .. }) => {
+                    debug!(id = %job.id, "attempt not sent: the lease on its partition lapsed");
+                    metrics::counter!("ferry_invoker_attempts_total", "outcome" => "not-sent").increment(1);
+                    span.record("ferry.outcome", "not-sent");
+                    return Done::Attempt(job.id);
+                }
+                result => result.map_err(|e| e.to_string()),
+            }
         }
         Err(e) => Err(e),
     };

@@ -105,7 +105,7 @@ async fn case1_a_new_leader_leads_only_once_an_entry_of_its_term_is_applied() {
     // As after a crash that lost the unflushed committed id: the restart
     // applies nothing until the new term's first entry commits.
     {
-        let db = sled::open(dir.path().join("log")).unwrap();
+        let db = when_unlocked(|| std::future::ready(sled::open(dir.path().join("log")))).await.unwrap();
         let meta = db.open_tree(format!("meta-{group}")).unwrap();
         meta.insert(b"committed", ferry_log::wire::encode(&None::<LogId<NodeId>>)).unwrap();
         db.flush().unwrap();
@@ -114,9 +114,17 @@ async fn case1_a_new_leader_leads_only_once_an_entry_of_its_term_is_applied() {
     let gate = Gate::install(&format!("apply-{group}"));
     let (node, tracker, cancel) = open(&options).await;
     gate.wait_hit().await;
-    // Elected, its entries committed, none of them applied yet.
-    let held = status(&node, group);
-    assert_eq!((held.role, held.leader), (Role::Leader, Some(1)), "{held:?}");
+    // Elected, its entries committed, none of them applied yet. The metrics
+    // that say so may come a moment after apply started.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let held = loop {
+        let held = status(&node, group);
+        if (held.role, held.leader) == (Role::Leader, Some(1)) {
+            break held;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never elected: {held:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     assert_eq!(node.read_partition(0, |p| p.invocation_count()).unwrap(), 0);
     assert!(!node.is_leader(group), "leads before applying its term's first entry: {held:?}");
 
