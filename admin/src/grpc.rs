@@ -112,6 +112,13 @@ impl AdminService for AdminGrpc {
         Ok(Response::new(self.0.act_on_invocation(&r.into_inner().id, Action::Purge).await?))
     }
 
+    async fn purge_invocation_journal(
+        &self,
+        r: Request<pb::InvocationActionRequest>,
+    ) -> Reply<pb::InvocationActionResponse> {
+        Ok(Response::new(self.0.act_on_invocation(&r.into_inner().id, Action::PurgeJournal).await?))
+    }
+
     async fn resume_invocation(&self, r: Request<pb::InvocationActionRequest>) -> Reply<pb::InvocationActionResponse> {
         Ok(Response::new(self.0.act_on_invocation(&r.into_inner().id, Action::Resume).await?))
     }

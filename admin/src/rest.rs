@@ -58,6 +58,7 @@ pub fn router(admin: Admin) -> Router {
         .route("/invocations/{id}/cancel", patch(|s, p| act(s, p, Action::Cancel)))
         .route("/invocations/{id}/kill", patch(|s, p| act(s, p, Action::Kill)))
         .route("/invocations/{id}/purge", patch(|s, p| act(s, p, Action::Purge)))
+        .route("/invocations/{id}/purge-journal", patch(|s, p| act(s, p, Action::PurgeJournal)))
         .route("/invocations/{id}/resume", patch(|s, p| act(s, p, Action::Resume)))
         .route(
             "/invocations/{id}",

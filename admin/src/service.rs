@@ -100,6 +100,7 @@ pub enum Action {
     Cancel,
     Kill,
     Purge,
+    PurgeJournal,
     Resume,
 }
 
@@ -109,6 +110,7 @@ impl Action {
             Action::Cancel => "cancel",
             Action::Kill => "kill",
             Action::Purge => "purge",
+            Action::PurgeJournal => "purge the journal of",
             Action::Resume => "resume",
         }
     }
@@ -154,6 +156,12 @@ fn invocation_to_proto(inv: &Invocation, partition: PartitionId) -> pb::Invocati
         payload_size: inv.payload.len() as u64,
         next_retry_at: inv.wake_at_ms.map(timestamp).unwrap_or_default(),
         journal_length: inv.journal.len() as u32,
+        completed_at: inv.completed_at_ms.map(timestamp).unwrap_or_default(),
+        retained_until: inv
+            .completed_at_ms
+            .and_then(|at| at.checked_add(inv.retention.completion_ms))
+            .map(timestamp)
+            .unwrap_or_default(),
     }
 }
 
@@ -484,6 +492,7 @@ impl Admin {
             Action::Cancel => Effect::Cancel { id: id.clone(), signal: ferry_invoker::journal::cancel_signal() },
             Action::Kill => Effect::Kill { id: id.clone() },
             Action::Purge => Effect::Purge { id: id.clone() },
+            Action::PurgeJournal => Effect::PurgeJournal { id: id.clone() },
             Action::Resume => Effect::Resume { id: id.clone() },
         };
         let command = Command::Effects { at_ms: now_ms(), effects: vec![effect] };

@@ -3,6 +3,8 @@
 Served over HTTP/1.1 by hypercorn: `hypercorn --bind 127.0.0.1:PORT handlers:app`.
 """
 
+from datetime import timedelta
+
 import restate
 from restate import Context, ObjectContext, Service, VirtualObject
 
@@ -26,4 +28,13 @@ async def add(ctx: ObjectContext, payload: dict) -> int:
     return count
 
 
-app = restate.app(services=[echo, counter])
+ephemeral = Service("PyEphemeral", journal_retention=timedelta(0))
+
+
+@ephemeral.handler()
+async def run(ctx: Context, payload: dict) -> str:
+    """Returns "done"; its invocations are not kept once completed."""
+    return "done"
+
+
+app = restate.app(services=[echo, counter, ephemeral])

@@ -287,5 +287,11 @@ async fn python_sdk_handlers_run_from_kafka_and_http() -> Result<()> {
         assert_eq!(seen["kafka.offset"], inv["headers"]["kafka.offset"], "{seen}");
         assert_eq!(seen["restate.subscription.id"], subscriptions[1].as_str());
     }
+    // A service that asks for no journal retention has its invocations
+    // removed as they complete; the node's default (a day) keeps the others.
+    assert_eq!(node.ingress("/PyEphemeral/run", Some("{}"), &[]).await?, (200, json!("done")));
+    let kept = node.invocations("").await?;
+    assert!(kept.iter().all(|inv| inv["target_service_name"] != "PyEphemeral"), "kept: {kept:?}");
+    assert!(kept.iter().any(|inv| inv["target_service_name"] == "PyCounter"));
     Ok(())
 }

@@ -32,7 +32,8 @@ use ferry_ingress::record::{self, Origin, Record, Sink};
 use ferry_log::partitioner::partition_of;
 use ferry_log::state::{Completion, GroupState};
 use ferry_log::wire::v1::{
-    AttemptId, Command, Effect, HandlerType, Invoke, JournalEntry, Outcome, Response, ServiceType, Source, StateOp,
+    AttemptId, Command, Effect, HandlerType, Invoke, JournalEntry, Outcome, Response, Retention, ServiceType, Source,
+    StateOp,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -182,6 +183,7 @@ impl Sim {
             service_ty: ServiceType::VirtualObject,
             handler_ty: HandlerType::Exclusive,
             unavailable: None,
+            retention: Retention::FOREVER,
         };
         let origins = (0..KAFKA_PARTITIONS)
             .map(|kp| Origin {

@@ -132,6 +132,10 @@ enum Invocations {
     Purge {
         id: String,
     },
+    /// Drops the journal of a completed invocation, keeping its result.
+    PurgeJournal {
+        id: String,
+    },
     /// Runs a paused invocation again.
     Resume {
         id: String,
@@ -384,9 +388,12 @@ async fn run(cli: Cli) -> Result<()> {
                 let rows = list
                     .invocations
                     .iter()
-                    .map(|i| vec![i.id.clone(), i.target.clone(), i.status.clone(), i.attempts.to_string()])
+                    .map(|i| {
+                        let until = if i.retained_until.is_empty() { "-" } else { &i.retained_until };
+                        vec![i.id.clone(), i.target.clone(), i.status.clone(), i.attempts.to_string(), until.to_owned()]
+                    })
                     .collect();
-                Output::table(list, &["ID", "TARGET", "STATUS", "ATTEMPTS"], rows).print(json)
+                Output::table(list, &["ID", "TARGET", "STATUS", "ATTEMPTS", "RETAINED UNTIL"], rows).print(json)
             }
             Invocations::Describe { id } => {
                 fields(admin.get_invocation(pb::GetInvocationRequest { id }).await?.into_inner())?.print(json)
@@ -403,6 +410,10 @@ async fn run(cli: Cli) -> Result<()> {
             Invocations::Purge { id } => {
                 admin.purge_invocation(pb::InvocationActionRequest { id: id.clone() }).await?;
                 done(format!("purged invocation {id}")).print(json)
+            }
+            Invocations::PurgeJournal { id } => {
+                admin.purge_invocation_journal(pb::InvocationActionRequest { id: id.clone() }).await?;
+                done(format!("purged the journal of invocation {id}")).print(json)
             }
             Invocations::Resume { id } => {
                 admin.resume_invocation(pb::InvocationActionRequest { id: id.clone() }).await?;

@@ -23,7 +23,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use ferry_log::partitioner::partition_of;
 use ferry_log::state::Completion;
-use ferry_log::wire::v1::{Command, HandlerType, Invoke, Response as LogResponse, ServiceType, Source, Target};
+use ferry_log::wire::v1::{
+    Command, HandlerType, Invoke, Response as LogResponse, RetentionPolicy, ServiceType, Source, Target,
+};
 use ferry_log::{partition_group, LogNode, PartitionId};
 use serde::Deserialize;
 use serde_json::json;
@@ -78,12 +80,20 @@ impl From<ferry_log::Error> for Error {
 #[derive(Clone)]
 struct Ingress {
     log: LogNode,
+    retention: RetentionPolicy,
     shutdown: CancellationToken,
 }
 
-/// Serves the HTTP ingress on `listener` until `shutdown` fires.
-pub async fn serve(listener: TcpListener, log: LogNode, shutdown: CancellationToken) -> std::io::Result<()> {
-    let app = router(Ingress { log, shutdown: shutdown.clone() });
+/// Serves the HTTP ingress on `listener` until `shutdown` fires; the
+/// invocations it creates are kept as `retention` says, unless their service
+/// or handler says otherwise.
+pub async fn serve(
+    listener: TcpListener,
+    log: LogNode,
+    retention: RetentionPolicy,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let app = router(Ingress { log, retention, shutdown: shutdown.clone() });
     axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
 }
 
@@ -230,7 +240,12 @@ impl Ingress {
         body: Bytes,
         span: Span,
     ) -> Result<Response, Error> {
-        let (service_ty, handler_ty) = self.log.read_metadata(|m| {
+        let idempotency_key = match headers.get("idempotency-key").map(HeaderValue::to_str) {
+            Some(Ok(key)) => Some(key.to_owned()),
+            Some(Err(_)) => return Err(Error::new(400, "the idempotency-key header is not visible ASCII")),
+            None => None,
+        };
+        let (service_ty, handler_ty, retention) = self.log.read_metadata(|m| {
             let service = m
                 .services
                 .get(&call.service)
@@ -239,7 +254,8 @@ impl Ingress {
                 .def
                 .handler(&call.handler)
                 .ok_or_else(|| Error::new(404, format!("service {} has no handler {}", call.service, call.handler)))?;
-            Ok::<_, Error>((service.def.ty, handler.ty))
+            let retention = service.def.retention(handler, self.retention, idempotency_key.is_some());
+            Ok::<_, Error>((service.def.ty, handler.ty, retention))
         })?;
         if service_ty.is_keyed() != call.key.is_some() {
             let what = if service_ty.is_keyed() { "needs a key" } else { "takes no key" };
@@ -250,11 +266,6 @@ impl Ingress {
             Some(text) => Some(
                 humantime::parse_duration(text).map_err(|e| Error::new(400, format!("invalid delay {text:?}: {e}")))?,
             ),
-            None => None,
-        };
-        let idempotency_key = match headers.get("idempotency-key").map(HeaderValue::to_str) {
-            Some(Ok(key)) => Some(key.to_owned()),
-            Some(Err(_)) => return Err(Error::new(400, "the idempotency-key header is not visible ASCII")),
             None => None,
         };
         let target = Target { service: call.service, handler: call.handler, key: call.key, service_ty, handler_ty };
@@ -279,6 +290,7 @@ impl Ingress {
             failure: None,
             not_before_ms: delay.map(|d| now + d.as_millis() as u64),
             trace: ferry_telemetry::TraceContext::of(&append),
+            retention,
         };
         let command = Command::Invoke(vec![invoke].into());
         let proposal = self.log.propose_until(partition_group(partition), command, APPEND_TIMEOUT);
@@ -320,7 +332,7 @@ impl Ingress {
     /// The result of an invocation, `None` while it runs.
     fn completion(&self, partition: PartitionId, id: &str) -> Result<Option<Completion>, Error> {
         self.log
-            .read_partition(partition, |p| p.invocation(id).map(|inv| inv.completion.clone()))?
+            .read_partition(partition, |p| p.result_of(id))?
             .ok_or_else(|| Error::new(404, format!("invocation {id} not found")))
     }
 

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ferry_log::partitioner::kafka_producer_id;
-use ferry_log::wire::v1::{Command, Invoke, Response, Subscription};
+use ferry_log::wire::v1::{Command, Invoke, Response, RetentionPolicy, Subscription};
 use ferry_log::{partition_group, LogNode, PartitionId};
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
@@ -338,20 +338,23 @@ pub struct KafkaIngress {
     log: LogNode,
     clusters: Arc<Vec<ClusterOptions>>,
     options: Options,
+    retention: RetentionPolicy,
     status: IngressStatus,
     program: Arc<ConsumerProgram>,
 }
 
 impl KafkaIngress {
-    /// An ingress whose consumers run as `program` and report into `status`.
+    /// An ingress whose consumers run as `program` and report into
+    /// `status`; the invocations it creates are kept as `retention` says.
     pub fn new(
         log: LogNode,
         clusters: Vec<ClusterOptions>,
         options: Options,
+        retention: RetentionPolicy,
         status: IngressStatus,
         program: ConsumerProgram,
     ) -> Self {
-        KafkaIngress { log, clusters: Arc::new(clusters), options, status, program: Arc::new(program) }
+        KafkaIngress { log, clusters: Arc::new(clusters), options, retention, status, program: Arc::new(program) }
     }
 
     /// Follows the subscriptions until `cancel` fires, then stops every consumer.
@@ -381,6 +384,7 @@ impl KafkaIngress {
                     log: self.log.clone(),
                     clusters: self.clusters.clone(),
                     options: self.options.clone(),
+                    retention: self.retention,
                     subscription,
                     status: self.status.clone(),
                     program: self.program.clone(),
@@ -527,6 +531,7 @@ struct SubscriptionWorker {
     log: LogNode,
     clusters: Arc<Vec<ClusterOptions>>,
     options: Options,
+    retention: RetentionPolicy,
     subscription: Subscription,
     status: IngressStatus,
     program: Arc<ConsumerProgram>,
@@ -728,6 +733,7 @@ impl SubscriptionWorker {
                 producer: kafka_producer_id(&sub.id, sub.group_id(), &sub.topic, topic_id, partition),
             },
             options: self.options.clone(),
+            retention: self.retention,
             labels: [("subscription", sub.id.clone())],
             assignment: token.clone(),
         };
@@ -879,6 +885,7 @@ struct PartitionWorker {
     subscription: Subscription,
     origin: Origin,
     options: Options,
+    retention: RetentionPolicy,
     labels: [(&'static str, String); 1],
     /// Cancelled when the partition is revoked from this consumer.
     assignment: CancellationToken,
@@ -941,7 +948,7 @@ impl PartitionWorker {
                         }
                         continue;
                     }
-                    let sink = self.log.read_metadata(|m| Sink::resolve(m, &self.subscription));
+                    let sink = self.log.read_metadata(|m| Sink::resolve(m, &self.subscription, self.retention));
                     if let Some(reason) = &sink.unavailable {
                         warn!(subscription = %self.subscription.id, "{reason}; records fail");
                     }

@@ -4,7 +4,9 @@
 use bytes::Bytes;
 use ferry_log::partitioner::{key_hash, partition_of, producer_seq_hash};
 use ferry_log::state::MetadataState;
-use ferry_log::wire::v1::{Dedup, HandlerType, Invoke, KafkaSource, ServiceType, Source, Subscription, Target};
+use ferry_log::wire::v1::{
+    Dedup, HandlerType, Invoke, KafkaSource, Retention, RetentionPolicy, ServiceType, Source, Subscription, Target,
+};
 use ferry_log::PartitionId;
 
 /// A record read from Kafka.
@@ -28,13 +30,22 @@ pub struct Sink {
     /// Why records cannot be delivered now: the service or handler is not
     /// registered (any more), or no longer of the recorded kind.
     pub unavailable: Option<String>,
+    /// How long its invocations are kept once completed.
+    pub retention: Retention,
 }
 
 impl Sink {
-    pub fn resolve(metadata: &MetadataState, subscription: &Subscription) -> Sink {
+    /// The sink of `subscription` as `metadata` has it now; its invocations
+    /// are kept as `defaults` say, unless the service or handler says otherwise.
+    pub fn resolve(metadata: &MetadataState, subscription: &Subscription, defaults: RetentionPolicy) -> Sink {
         let (service, handler) = (&subscription.service, &subscription.handler);
         let recorded = (subscription.service_ty, subscription.handler_ty);
-        let current = metadata.services.get(service).and_then(|s| s.def.handler(handler).map(|h| (s.def.ty, h.ty)));
+        let def = metadata.services.get(service).and_then(|s| Some((&s.def, s.def.handler(handler)?)));
+        let current = def.map(|(service, handler)| (service.ty, handler.ty));
+        let retention = match def {
+            Some((service, handler)) => service.retention(handler, defaults, false),
+            None => defaults.retention(subscription.handler_ty, false),
+        };
         let unavailable = match current {
             None => Some(format!("handler {service}/{handler} is not registered")),
             Some(kind) if kind != recorded => Some(format!(
@@ -50,6 +61,7 @@ impl Sink {
             service_ty: recorded.0,
             handler_ty: recorded.1,
             unavailable,
+            retention,
         }
     }
 }
@@ -135,6 +147,7 @@ pub fn invoke(origin: &Origin, sink: &Sink, mut record: Record, partitions: u32,
         failure,
         not_before_ms: None,
         trace: None,
+        retention: sink.retention,
     };
     (partition_of(partition_key, partitions), invoke)
 }
@@ -158,7 +171,8 @@ mod tests {
     }
 
     fn sink(service_ty: ServiceType, handler_ty: HandlerType) -> Sink {
-        Sink { service: "Counter".into(), handler: "add".into(), service_ty, handler_ty, unavailable: None }
+        let retention = Retention::FOREVER;
+        Sink { service: "Counter".into(), handler: "add".into(), service_ty, handler_ty, unavailable: None, retention }
     }
 
     fn subscription() -> Subscription {
@@ -177,7 +191,9 @@ mod tests {
 
     /// Metadata in which `Counter/add` is registered as `ty`, or not at all.
     fn metadata(ty: Option<ServiceType>) -> MetadataState {
-        use ferry_log::wire::v1::{Deployment, HandlerDef, MetadataCommand, ProtocolMode, ServiceDef};
+        use ferry_log::wire::v1::{
+            Deployment, HandlerDef, MetadataCommand, ProtocolMode, RetentionOverrides, ServiceDef,
+        };
         let mut state = ferry_log::state::GroupState::default();
         if let Some(ty) = ty {
             let handler_ty = if ty == ServiceType::Service { HandlerType::Shared } else { HandlerType::Exclusive };
@@ -192,7 +208,16 @@ mod tests {
                 services: vec![ServiceDef {
                     name: "Counter".into(),
                     ty,
-                    handlers: vec![HandlerDef { name: "add".into(), ty: handler_ty }],
+                    handlers: vec![HandlerDef {
+                        name: "add".into(),
+                        ty: handler_ty,
+                        retention: RetentionOverrides { journal_ms: Some(60_000), ..Default::default() },
+                    }],
+                    retention: RetentionOverrides {
+                        journal_ms: Some(1),
+                        idempotency_ms: Some(2),
+                        ..Default::default()
+                    },
                 }],
                 created_at_ms: 1,
             };
@@ -212,7 +237,15 @@ mod tests {
         let views = [Some(ServiceType::VirtualObject), None, Some(ServiceType::Service)];
         let routed: Vec<(PartitionId, Invoke)> = views
             .iter()
-            .map(|&ty| invoke(&origin(), &Sink::resolve(&metadata(ty), &sub), record(9, Some(b"alice")), 16, 0))
+            .map(|&ty| {
+                invoke(
+                    &origin(),
+                    &Sink::resolve(&metadata(ty), &sub, RetentionPolicy::DEFAULT),
+                    record(9, Some(b"alice")),
+                    16,
+                    0,
+                )
+            })
             .collect();
         let (partition, registered) = &routed[0];
         assert!(registered.failure.is_none(), "{:?}", registered.failure);
@@ -257,6 +290,26 @@ mod tests {
         assert_eq!(partition_of(pkey, 16), p);
     }
 
+    /// A record's invocation is kept as its handler says, else its service,
+    /// else the configured defaults; one whose sink is gone as the defaults say.
+    #[test]
+    fn retention_comes_from_the_handler_then_the_service_then_the_defaults() {
+        let defaults = RetentionPolicy { journal_ms: 10, idempotency_ms: 20, workflow_completion_ms: 30 };
+        let registered = Sink::resolve(&metadata(Some(ServiceType::VirtualObject)), &subscription(), defaults);
+        // The handler's journal retention; no idempotency key, so the result too.
+        assert_eq!(registered.retention, Retention { journal_ms: 60_000, completion_ms: 60_000 });
+        let gone = Sink::resolve(&metadata(None), &subscription(), defaults);
+        assert_eq!(gone.retention, Retention { journal_ms: 10, completion_ms: 10 });
+        let (_, invoke) = invoke(&origin(), &registered, record(1, Some(b"k")), 16, 0);
+        assert_eq!(invoke.retention, registered.retention);
+        // Idempotent calls keep their result longer than their journal; a
+        // workflow's run as long as workflow retention says.
+        assert_eq!(defaults.retention(HandlerType::Shared, true), Retention { journal_ms: 10, completion_ms: 20 });
+        assert_eq!(defaults.retention(HandlerType::Workflow, false), Retention { journal_ms: 10, completion_ms: 30 });
+        let short = RetentionPolicy { journal_ms: 50, ..defaults };
+        assert_eq!(short.retention(HandlerType::Shared, true), Retention { journal_ms: 20, completion_ms: 20 });
+    }
+
     /// Case 8: a workflow's `run` runs once per key, from Kafka as from HTTP:
     /// every record of a key names the invocation that HTTP's attach and
     /// output look up by workflow key.
@@ -268,6 +321,7 @@ mod tests {
             service_ty: ServiceType::Workflow,
             handler_ty: HandlerType::Workflow,
             unavailable: None,
+            retention: Retention::FOREVER,
         };
         let (p1, first) = invoke(&origin(), &workflow, record(1, Some(b"w-1")), 16, 0);
         let (p2, second) = invoke(&origin(), &workflow, record(2, Some(b"w-1")), 16, 0);
@@ -309,8 +363,13 @@ mod tests {
         assert!(bad_key.failure.as_deref().unwrap().contains("UTF-8"));
         let (_, no_key) = invoke(&origin(), &object, record(2, None), 16, 0);
         assert!(no_key.failure.as_deref().unwrap().contains("no key"));
-        let (_, gone) =
-            invoke(&origin(), &Sink::resolve(&metadata(None), &subscription()), record(3, Some(b"k")), 16, 0);
+        let (_, gone) = invoke(
+            &origin(),
+            &Sink::resolve(&metadata(None), &subscription(), RetentionPolicy::DEFAULT),
+            record(3, Some(b"k")),
+            16,
+            0,
+        );
         assert!(gone.failure.as_deref().unwrap().contains("not registered"));
         // All still carry their dedup information and source offset.
         for (i, inv) in [bad_key, no_key, gone].iter().enumerate() {

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use ferry_log::wire::v1::{HandlerDef, HandlerType, ProtocolMode, ServiceDef, ServiceType};
+use ferry_log::wire::v1::{HandlerDef, HandlerType, ProtocolMode, RetentionOverrides, ServiceDef, ServiceType};
 use serde::Deserialize;
 
 use crate::Error;
@@ -47,12 +47,35 @@ struct ManifestService {
     ty: String,
     #[serde(default)]
     handlers: Vec<ManifestHandler>,
+    #[serde(flatten)]
+    retention: ManifestRetention,
 }
 
 #[derive(Deserialize)]
 struct ManifestHandler {
     name: String,
     ty: Option<String>,
+    #[serde(flatten)]
+    retention: ManifestRetention,
+}
+
+/// Retention of a service or handler (manifest v3 and later), in milliseconds.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ManifestRetention {
+    journal_retention: Option<u64>,
+    idempotency_retention: Option<u64>,
+    workflow_completion_retention: Option<u64>,
+}
+
+impl From<ManifestRetention> for RetentionOverrides {
+    fn from(r: ManifestRetention) -> RetentionOverrides {
+        RetentionOverrides {
+            journal_ms: r.journal_retention,
+            idempotency_ms: r.idempotency_retention,
+            workflow_completion_ms: r.workflow_completion_retention,
+        }
+    }
 }
 
 /// The discovery client; cheap to clone.
@@ -192,9 +215,9 @@ pub fn parse_manifest(body: &[u8], http2: bool) -> Result<Discovered, String> {
                     return Err(format!("handler {}/{} has unknown type {other}", service.name, handler.name))
                 }
             };
-            handlers.push(HandlerDef { name: handler.name, ty: handler_ty });
+            handlers.push(HandlerDef { name: handler.name, ty: handler_ty, retention: handler.retention.into() });
         }
-        services.push(ServiceDef { name: service.name, ty, handlers });
+        services.push(ServiceDef { name: service.name, ty, handlers, retention: service.retention.into() });
     }
     Ok(Discovered {
         protocol_mode,
@@ -225,6 +248,23 @@ mod tests {
         assert_eq!(ty(1, 0), HandlerType::Exclusive);
         assert_eq!(ty(1, 1), HandlerType::Shared);
         assert_eq!(ty(2, 0), HandlerType::Workflow);
+    }
+
+    #[test]
+    fn retention_of_services_and_handlers() {
+        let body = br#"{"minProtocolVersion":5,"maxProtocolVersion":6,
+            "services":[{"name":"Flow","ty":"WORKFLOW","journalRetention":60000,"idempotencyRetention":5000,
+              "handlers":[{"name":"run","ty":"WORKFLOW","workflowCompletionRetention":172800000,"journalRetention":0},
+                          {"name":"status","ty":"SHARED"}]}]}"#;
+        let d = parse_manifest(body, true).unwrap();
+        let flow = &d.services[0];
+        let overrides =
+            RetentionOverrides { journal_ms: Some(60_000), idempotency_ms: Some(5_000), workflow_completion_ms: None };
+        assert_eq!(flow.retention, overrides);
+        let run =
+            RetentionOverrides { journal_ms: Some(0), idempotency_ms: None, workflow_completion_ms: Some(172_800_000) };
+        assert_eq!(flow.handlers[0].retention, run);
+        assert_eq!(flow.handlers[1].retention, RetentionOverrides::default());
     }
 
     #[test]

@@ -84,6 +84,7 @@ impl Invoker {
                 attempts: JoinSet::new(),
                 running: HashMap::new(),
                 waking: HashSet::new(),
+                expiring: false,
             };
             partitions.spawn(scheduler.run(cancel.clone()));
         }
@@ -184,7 +185,15 @@ async fn propose_effects(log: &LogNode, group: GroupId, batch: Vec<(Effect, ones
 enum Done {
     Attempt(String),
     Woken(Vec<String>),
+    Expired,
 }
+
+/// Most retention steps one entry takes: a backlog of expiries goes in
+/// entries that each apply quickly.
+const EXPIRE_MAX: u32 = 4096;
+/// How late a retention step may be taken, so that one entry takes the
+/// steps of a second rather than one entry each.
+const EXPIRE_SLACK_MS: u64 = 1_000;
 
 struct Running {
     abort: AbortHandle,
@@ -209,6 +218,8 @@ struct PartitionScheduler {
     running: HashMap<String, Running>,
     /// Invocations whose wake-up is proposed but not applied yet.
     waking: HashSet<String>,
+    /// Whether an [`Command::Expire`] is proposed but not applied yet.
+    expiring: bool,
 }
 
 impl PartitionScheduler {
@@ -232,6 +243,7 @@ impl PartitionScheduler {
                 Some(done) = self.attempts.join_next(), if !self.attempts.is_empty() => match done {
                     Ok(Done::Attempt(id)) => { self.running.remove(&id); }
                     Ok(Done::Woken(ids)) => for id in ids { self.waking.remove(&id); },
+                    Ok(Done::Expired) => self.expiring = false,
                     // Aborted: its slot was freed by whoever aborted it. Attempts
                     // catch their own panics (see `supervised`).
                     Err(_) => {}
@@ -256,6 +268,7 @@ impl PartitionScheduler {
         self.attempts.abort_all();
         self.running.clear();
         self.waking.clear();
+        self.expiring = false;
     }
 
     /// Starts what may run and wakes what is due; returns the next timer.
@@ -294,9 +307,9 @@ impl PartitionScheduler {
                     due.push(id.to_owned());
                 }
             }
-            (outdated, jobs, due, next)
+            (outdated, jobs, due, next, state.next_expiry())
         });
-        let Ok((outdated, jobs, due, next)) = read else {
+        let Ok((outdated, jobs, due, next, expiry)) = read else {
             return None;
         };
         for id in outdated {
@@ -321,6 +334,20 @@ impl PartitionScheduler {
                 Done::Woken(due)
             });
         }
+        // What retention no longer keeps goes in one entry for many
+        // invocations, stamped with this leader's clock.
+        let next = match expiry.map(|at| at.saturating_add(EXPIRE_SLACK_MS)) {
+            Some(at) if at <= now => {
+                if !self.expiring {
+                    self.expiring = true;
+                    let (log, group) = (self.shared.log.clone(), self.shared.group);
+                    self.attempts.spawn(expire(log, group));
+                }
+                next
+            }
+            Some(at) => Some(next.map_or(at, |next| next.min(at))),
+            None => next,
+        };
         // Without the lease, look again shortly: it comes back with the next
         // quorum acknowledgement, which applies nothing that would wake us.
         if lease {
@@ -329,6 +356,19 @@ impl PartitionScheduler {
             Some(next.map_or(now + LEASE_RETRY_MS, |at| at.min(now + LEASE_RETRY_MS)))
         }
     }
+}
+
+/// Proposes that `group` drop what retention no longer keeps.
+async fn expire(log: LogNode, group: GroupId) -> Done {
+    match log.propose_as_leader(group, Command::Expire { at_ms: now_ms(), max: EXPIRE_MAX }).await {
+        Ok(Response::Expired { invocations, journals }) => {
+            metrics::counter!("ferry_invocations_expired_total", "what" => "invocation").increment(invocations.into());
+            metrics::counter!("ferry_invocations_expired_total", "what" => "journal").increment(journals.into());
+        }
+        Ok(other) => warn!(group, "expiry answered with {other:?}"),
+        Err(e) => debug!(group, "proposing expiry failed: {e}"),
+    }
+    Done::Expired
 }
 
 /// The deployment serving a handler, as owned values.

@@ -153,8 +153,9 @@ const KEY_DATA_FORMAT: &[u8] = b"format";
 /// The format of what a node keeps in its data directory (entries,
 /// snapshots, state). A node refuses a directory of another format rather
 /// than misreading it. 2: effects name their attempt (run and journal
-/// length), subscriptions record their sink's kind.
-pub const DATA_FORMAT: u32 = 2;
+/// length), subscriptions record their sink's kind. 3: invocations carry
+/// their retention, services and handlers the retention they ask for.
+pub const DATA_FORMAT: u32 = 3;
 
 impl LogNode {
     /// Opens the node's storage and starts every group. A node whose storage is

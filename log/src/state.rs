@@ -12,7 +12,7 @@ use xxhash_rust::xxh3::Xxh3;
 pub use crate::wire::v1::Completion;
 use crate::wire::v1::{
     AttemptId, Command, Deployment, Effect, Invoke, JournalEntry, MetadataCommand, MetadataResponse, Outcome, Response,
-    ServiceDef, Sleep, Source, StateOp, Subscription, Target,
+    Retention, ServiceDef, Sleep, Source, StateOp, Subscription, Target,
 };
 
 /// The state of one Raft group. The metadata group only uses `metadata`;
@@ -29,6 +29,7 @@ impl GroupState {
             Command::Invoke(batch) => self.partition.apply_invoke(batch),
             Command::Metadata(command) => Response::Metadata(self.metadata.apply(command)),
             Command::Effects { at_ms, effects } => self.partition.apply_effects(at_ms, effects),
+            Command::Expire { at_ms, max } => self.partition.apply_expire(at_ms, max),
         }
     }
 
@@ -45,6 +46,7 @@ impl GroupState {
             &p.runnable,
             p.next_run_seq,
             &p.timers,
+            &p.expiries,
             &self.metadata,
         );
         let mut hasher = Hasher(Xxh3::new());
@@ -84,6 +86,13 @@ pub struct PartitionState {
     next_run_seq: u64,
     /// (due time, invocation) of every backing-off, sleeping or delayed invocation.
     timers: BTreeSet<(u64, String)>,
+    /// (due time, invocation) of the next retention step of every completed
+    /// invocation: dropping its journal, or the invocation.
+    expiries: BTreeSet<(u64, String)>,
+    /// Results of invocations removed lately. Kept on each node, not
+    /// replicated, never encoded.
+    #[serde(skip)]
+    removed: Removed,
     /// How many invocations are in each status, by [`Status::index`]. Derived
     /// from `invocations`, so never encoded: [`PartitionState::recount`]
     /// rebuilds it after decoding.
@@ -119,6 +128,35 @@ pub struct Invocation {
     /// The sampled span its attempts are traced under.
     pub trace: Option<TraceContext>,
     run_seq: Option<u64>,
+    pub retention: Retention,
+    pub completed_at_ms: Option<u64>,
+    /// When its next retention step is due (see [`PartitionState::expiries`]).
+    expires_at_ms: Option<u64>,
+}
+
+/// The results of the invocations removed last, for callers that wait for
+/// one: with a retention of zero an invocation is removed in the very apply
+/// that completes it.
+#[derive(Debug, Default, Clone)]
+struct Removed {
+    results: HashMap<String, Completion>,
+    order: VecDeque<String>,
+}
+
+/// How many results of removed invocations [`Removed`] keeps.
+const REMOVED_KEPT: usize = 16_384;
+
+impl Removed {
+    fn push(&mut self, id: String, completion: Completion) {
+        if self.order.len() >= REMOVED_KEPT {
+            if let Some(oldest) = self.order.pop_front() {
+                self.results.remove(&oldest);
+            }
+        }
+        if self.results.insert(id.clone(), completion).is_none() {
+            self.order.push_back(id);
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -236,11 +274,16 @@ impl PartitionState {
                     wake_at_ms: None,
                     trace: invoke.trace,
                     run_seq: None,
+                    retention: invoke.retention,
+                    completed_at_ms: None,
+                    expires_at_ms: None,
                 },
             );
             self.status_counts[Status::Scheduled.index()] += 1;
             match (invoke.failure, invoke.not_before_ms) {
-                (Some(message), _) => self.complete(&id, Completion::Failure { code: 400, message }),
+                (Some(message), _) => {
+                    self.complete(&id, Completion::Failure { code: 400, message }, invoke.created_at_ms)
+                }
                 (None, Some(at)) => self.set_timer(&id, at),
                 (None, None) => self.enqueue(&id),
             }
@@ -315,7 +358,7 @@ impl PartitionState {
                         self.objects.remove(&object);
                     }
                 }
-                self.complete(&id, result);
+                self.complete(&id, result, at_ms);
             }
             Effect::Failed { id, attempt, message, retry_at_ms, pause } => {
                 if !current(attempt) {
@@ -329,7 +372,7 @@ impl PartitionState {
                         self.set_timer(&id, at);
                     }
                     None if pause => self.unrun(&id, Status::Paused),
-                    None => self.complete(&id, Completion::Failure { code: 500, message }),
+                    None => self.complete(&id, Completion::Failure { code: 500, message }, at_ms),
                 }
             }
             Effect::Wake { id } => {
@@ -356,7 +399,7 @@ impl PartitionState {
                 Status::Completed => return Outcome::NotAllowed("the invocation is completed".to_owned()),
                 // Not started yet: nothing to tell the handler.
                 Status::Scheduled | Status::Pending => {
-                    self.complete(&id, Completion::Failure { code: 409, message: "canceled".to_owned() })
+                    self.complete(&id, Completion::Failure { code: 409, message: "canceled".to_owned() }, at_ms)
                 }
                 _ => {
                     inv.journal.push(signal);
@@ -368,14 +411,24 @@ impl PartitionState {
                 if status == Status::Completed {
                     return Outcome::NotAllowed("the invocation is completed".to_owned());
                 }
-                self.complete(&id, Completion::Failure { code: 409, message: "killed".to_owned() });
+                self.complete(&id, Completion::Failure { code: 409, message: "killed".to_owned() }, at_ms);
             }
             Effect::Purge { id } => {
                 if status != Status::Completed {
                     return Outcome::NotAllowed(format!("the invocation is {}", status.as_str()));
                 }
+                if let Some(at) = inv.expires_at_ms {
+                    self.expiries.remove(&(at, id.clone()));
+                }
                 self.invocations.remove(&id);
                 self.status_counts[status.index()] -= 1;
+            }
+            Effect::PurgeJournal { id } => {
+                if status != Status::Completed {
+                    return Outcome::NotAllowed(format!("the invocation is {}", status.as_str()));
+                }
+                inv.journal = Vec::new();
+                self.retire(&id, at_ms);
             }
             Effect::Resume { id } => {
                 if status != Status::Paused {
@@ -437,18 +490,25 @@ impl PartitionState {
         self.timers.insert((at_ms, id.to_owned()));
     }
 
-    /// Completes an invocation and lets the next one of its key run.
-    fn complete(&mut self, id: &str, result: Completion) {
+    /// Completes an invocation at `at_ms`, lets the next one of its key run,
+    /// and keeps it (and its journal) as long as its retention says.
+    fn complete(&mut self, id: &str, result: Completion, at_ms: u64) {
         let status = self.invocations[id].status;
         self.unrun(id, Status::Completed);
         let inv = self.invocations.get_mut(id).expect("present");
         inv.completion = Some(result);
-        inv.journal = Vec::new();
+        inv.completed_at_ms = Some(at_ms);
         inv.state_ops = Vec::new();
         inv.sleeps = Vec::new();
         if let Some(at) = inv.wake_at_ms.take() {
             self.timers.remove(&(at, id.to_owned()));
         }
+        self.release_key(id, status);
+        self.retire(id, at_ms);
+    }
+
+    /// Lets the next exclusive invocation of a completed one's key run.
+    fn release_key(&mut self, id: &str, status: Status) {
         let inv = &self.invocations[id];
         if status == Status::Scheduled || !inv.target.is_exclusive() {
             return;
@@ -464,6 +524,77 @@ impl PartitionState {
             None => {
                 self.inboxes.remove(&object);
             }
+        }
+    }
+
+    /// Takes the next retention step of a completed invocation if it is due
+    /// at `now`: drops its journal, or the invocation (its result kept in
+    /// [`Removed`] for whoever still waits for it). Then sets when the next
+    /// step is due. Returns (invocations, journals) dropped.
+    fn retire(&mut self, id: &str, now: u64) -> (u32, u32) {
+        let inv = self.invocations.get_mut(id).expect("present");
+        if let Some(at) = inv.expires_at_ms.take() {
+            self.expiries.remove(&(at, id.to_owned()));
+        }
+        let completed = inv.completed_at_ms.expect("retired invocations are completed");
+        if completed.saturating_add(inv.retention.completion_ms) <= now {
+            let inv = self.invocations.remove(id).expect("present");
+            self.status_counts[Status::Completed.index()] -= 1;
+            if let Some(result) = inv.completion {
+                self.removed.push(inv.id, result);
+            }
+            return (1, 0);
+        }
+        let journal_until = completed.saturating_add(inv.retention.journal_ms);
+        let mut journals = 0;
+        if !inv.journal.is_empty() && journal_until <= now {
+            inv.journal = Vec::new();
+            journals = 1;
+        }
+        let next =
+            if inv.journal.is_empty() { completed.saturating_add(inv.retention.completion_ms) } else { journal_until };
+        // Kept for ever: nothing to look at again.
+        if next != u64::MAX {
+            inv.expires_at_ms = Some(next);
+            self.expiries.insert((next, id.to_owned()));
+        }
+        (0, journals)
+    }
+
+    /// Takes the retention steps due at `at_ms`, at most `max` of them.
+    fn apply_expire(&mut self, at_ms: u64, max: u32) -> Response {
+        let (mut invocations, mut journals) = (0, 0);
+        for _ in 0..max {
+            match self.expiries.first() {
+                Some((due, _)) if *due <= at_ms => {}
+                _ => break,
+            }
+            let (_, id) = self.expiries.pop_first().expect("present");
+            self.invocations.get_mut(&id).expect("expiring invocations exist").expires_at_ms = None;
+            let (i, j) = self.retire(&id, at_ms);
+            invocations += i;
+            journals += j;
+        }
+        Response::Expired { invocations, journals }
+    }
+
+    /// When the next retention step is due.
+    pub fn next_expiry(&self) -> Option<u64> {
+        self.expiries.first().map(|(at, _)| *at)
+    }
+
+    /// How many retention steps are due at `now`, counting at most `max`.
+    pub fn expiries_due(&self, now: u64, max: usize) -> usize {
+        self.expiries.iter().take(max).take_while(|(at, _)| *at <= now).count()
+    }
+
+    /// The result of invocation `id`: `Some(None)` while it runs, `None` if
+    /// there is no such invocation. An invocation removed lately by its
+    /// retention still answers with its result.
+    pub fn result_of(&self, id: &str) -> Option<Option<Completion>> {
+        match self.invocations.get(id) {
+            Some(inv) => Some(inv.completion.clone()),
+            None => self.removed.results.get(id).map(|result| Some(result.clone())),
         }
     }
 
@@ -620,6 +751,7 @@ mod tests {
             failure: None,
             not_before_ms: None,
             trace: None,
+            retention: Retention::FOREVER,
         }
     }
 
@@ -774,6 +906,112 @@ mod tests {
         state.partition.runnable().map(|inv| inv.id.as_str()).collect()
     }
 
+    fn expire(state: &mut GroupState, at_ms: u64, max: u32) -> (u32, u32) {
+        let response = state.apply(Command::Expire { at_ms, max });
+        assert_counts_match(&state.partition);
+        match response {
+            Response::Expired { invocations, journals } => (invocations, journals),
+            other => panic!("unexpected response {other:?}"),
+        }
+    }
+
+    /// `id`, a Kafka record from producer 1 at offset `seq`, kept as `retention` says.
+    fn retained(id: &str, seq: u64, retention: Retention) -> Invoke {
+        Invoke { retention, ..invoke(id, None, HandlerType::Shared, Some((1, seq))) }
+    }
+
+    /// Runs `id` (just created, runnable as run `run`) to completion at
+    /// `at_ms`, with a journal of two entries.
+    fn run_to_completion(state: &mut GroupState, id: &str, run: u64, at_ms: u64) {
+        let progress = Effect::Progress {
+            id: id.to_owned(),
+            attempt: at(run, 0),
+            entries: vec![entry(0x0411, b"run"), entry(0x8011, b"done")],
+            state: vec![],
+            sleeps: vec![],
+            run_now: true,
+        };
+        assert_eq!(effect(state, at_ms - 1, progress), Outcome::Applied);
+        let result = Completion::Success(Bytes::from_static(b"out"));
+        let done = Effect::Complete { id: id.to_owned(), attempt: at(run, 2), state: vec![], result };
+        assert_eq!(effect(state, at_ms, done), Outcome::Applied);
+    }
+
+    /// The journal goes at its retention, the invocation at its result's;
+    /// the clock is the one the commands carry. Once removed, its record is
+    /// still deduplicated, and its result still answers for a while.
+    #[test]
+    fn retention_drops_the_journal_then_the_invocation_at_their_times() {
+        let mut state = GroupState::default();
+        apply(&mut state, vec![retained("inv_1", 0, Retention { journal_ms: 100, completion_ms: 1_000 })]);
+        run_to_completion(&mut state, "inv_1", 0, 50);
+        let p = &state.partition;
+        assert_eq!(p.invocation("inv_1").unwrap().journal.len(), 2, "kept after completion");
+        assert_eq!(p.next_expiry(), Some(150));
+
+        assert_eq!(expire(&mut state, 149, 100), (0, 0));
+        assert_eq!(expire(&mut state, 150, 100), (0, 1));
+        let inv = state.partition.invocation("inv_1").unwrap();
+        assert!(inv.journal.is_empty() && inv.completion.is_some());
+        assert_eq!(state.partition.next_expiry(), Some(1_050));
+        assert_eq!(expire(&mut state, 1_049, 100), (0, 0));
+        assert_eq!(expire(&mut state, 1_050, 100), (1, 0));
+        let p = &state.partition;
+        assert!(p.invocation("inv_1").is_none() && p.next_expiry().is_none());
+        assert_eq!(p.result_of("inv_1"), Some(Some(Completion::Success(Bytes::from_static(b"out")))));
+
+        // Kafka delivers the record again: still a duplicate.
+        let again = apply(&mut state, vec![retained("inv_1", 0, Retention { journal_ms: 100, completion_ms: 1_000 })]);
+        assert_eq!(again, Response::Invoked { created: 0, deduplicated: 1 });
+        assert!(state.partition.invocation("inv_1").is_none());
+    }
+
+    #[test]
+    fn with_retention_zero_a_completed_invocation_is_removed_at_once() {
+        let mut state = GroupState::default();
+        let zero = Retention { journal_ms: 0, completion_ms: 0 };
+        apply(&mut state, vec![retained("inv_1", 0, zero)]);
+        run_to_completion(&mut state, "inv_1", 0, 50);
+        let p = &state.partition;
+        assert!(p.invocation("inv_1").is_none() && p.next_expiry().is_none());
+        assert_eq!(p.invocation_count(), 0);
+        assert!(p.result_of("inv_1").is_some_and(|r| r.is_some()));
+        // An undeliverable record completes as it is created: removed too.
+        let mut bad = retained("inv_2", 1, zero);
+        bad.failure = Some("no such handler".to_owned());
+        apply(&mut state, vec![bad]);
+        assert_eq!(state.partition.invocation_count(), 0);
+        // Kept for ever: nothing ever expires.
+        apply(&mut state, vec![retained("inv_3", 2, Retention::FOREVER)]);
+        run_to_completion(&mut state, "inv_3", 1, 60);
+        assert!(state.partition.next_expiry().is_none());
+        assert_eq!(expire(&mut state, u64::MAX, 100), (0, 0));
+        assert_eq!(state.partition.invocation("inv_3").unwrap().journal.len(), 2);
+    }
+
+    #[test]
+    fn expiry_takes_at_most_its_bound_earliest_first_and_purge_journal_drops_a_journal() {
+        let mut state = GroupState::default();
+        let short = Retention { journal_ms: 10, completion_ms: 10 };
+        for (n, id) in ["inv_1", "inv_2", "inv_3"].into_iter().enumerate() {
+            apply(&mut state, vec![retained(id, n as u64, short)]);
+            run_to_completion(&mut state, id, n as u64, 100 + n as u64);
+        }
+        assert_eq!(state.partition.expiries_due(1_000, 10), 3);
+        assert_eq!(expire(&mut state, 1_000, 2), (2, 0));
+        assert!(state.partition.invocation("inv_3").is_some(), "the latest is left for the next command");
+        assert_eq!(expire(&mut state, 1_000, 2), (1, 0));
+
+        apply(&mut state, vec![retained("inv_4", 9, Retention { journal_ms: 500, completion_ms: 500 })]);
+        let purge = Effect::PurgeJournal { id: "inv_4".to_owned() };
+        assert!(matches!(effect(&mut state, 200, purge.clone()), Outcome::NotAllowed(_)), "still running");
+        run_to_completion(&mut state, "inv_4", 3, 300);
+        assert_eq!(effect(&mut state, 301, purge), Outcome::Applied);
+        let inv = state.partition.invocation("inv_4").unwrap();
+        assert!(inv.journal.is_empty() && inv.completion.is_some());
+        assert_eq!(state.partition.next_expiry(), Some(800));
+    }
+
     #[test]
     fn completion_applies_state_and_starts_the_next_of_the_key() {
         let mut state = GroupState::default();
@@ -804,8 +1042,9 @@ mod tests {
         let values = state.partition.object_state("Counter", "k").unwrap();
         assert_eq!(values.get(&b"a"[..]).map(|v| &v[..]), Some(&b"1"[..]));
         assert_eq!(values.get(&b"b"[..]).map(|v| &v[..]), Some(&b"2"[..]));
+        // The journal stays for its retention (here for ever).
         let done = state.partition.invocation("inv_1").unwrap();
-        assert_eq!((done.status, done.journal.len(), done.modified_at_ms), (Status::Completed, 0, 23));
+        assert_eq!((done.status, done.journal.len(), done.modified_at_ms), (Status::Completed, 3, 23));
         assert_eq!(runnable(&state), vec!["inv_2"]);
         assert_eq!(state.partition.inbox("Counter", "k"), vec!["inv_2"]);
         assert_eq!(effect(&mut state, 24, complete("inv_1", at(0, 0), vec![])), Outcome::Stale);
@@ -985,7 +1224,12 @@ mod tests {
             services: vec![ServiceDef {
                 name: "Counter".to_owned(),
                 ty: ServiceType::VirtualObject,
-                handlers: vec![HandlerDef { name: "add".to_owned(), ty: HandlerType::Exclusive }],
+                handlers: vec![HandlerDef {
+                    name: "add".to_owned(),
+                    ty: HandlerType::Exclusive,
+                    retention: Default::default(),
+                }],
+                retention: Default::default(),
             }],
             created_at_ms: 1,
         };

@@ -4,8 +4,10 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use ferry_ingress::ClusterOptions;
+use ferry_log::wire::v1::RetentionPolicy;
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
@@ -97,11 +99,47 @@ impl Default for IngressConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
 pub struct InvocationConfig {
     /// How failed attempts are retried.
     pub default_retry_policy: ferry_invoker::RetryPolicy,
+    /// How long a completed invocation keeps its journal, and (without an
+    /// idempotency key, not a workflow's run) is kept at all.
+    #[serde(with = "humantime_serde")]
+    pub default_journal_retention: Duration,
+    /// How long a completed invocation with an idempotency key is kept.
+    #[serde(with = "humantime_serde")]
+    pub default_idempotency_retention: Duration,
+    /// How long a completed workflow run is kept.
+    #[serde(with = "humantime_serde")]
+    pub default_workflow_completion_retention: Duration,
+}
+
+impl Default for InvocationConfig {
+    fn default() -> Self {
+        let day = Duration::from_millis(RetentionPolicy::DEFAULT.journal_ms);
+        InvocationConfig {
+            default_retry_policy: ferry_invoker::RetryPolicy::default(),
+            default_journal_retention: day,
+            default_idempotency_retention: Duration::from_millis(RetentionPolicy::DEFAULT.idempotency_ms),
+            default_workflow_completion_retention: Duration::from_millis(
+                RetentionPolicy::DEFAULT.workflow_completion_ms,
+            ),
+        }
+    }
+}
+
+impl InvocationConfig {
+    /// The retention defaults, which services and handlers may override.
+    pub fn retention(&self) -> RetentionPolicy {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        RetentionPolicy {
+            journal_ms: ms(self.default_journal_retention),
+            idempotency_ms: ms(self.default_idempotency_retention),
+            workflow_completion_ms: ms(self.default_workflow_completion_retention),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -450,6 +488,24 @@ mod tests {
         assert_eq!(config.invocation.default_retry_policy.max_attempts, Some(3));
         assert_eq!(config.invoker.attempt_timeout, std::time::Duration::from_secs(2));
         clear_env();
+    }
+
+    #[test]
+    fn retention_defaults_to_a_day_as_restates_and_takes_durations() {
+        clear_env();
+        let day =
+            RetentionPolicy { journal_ms: 86_400_000, idempotency_ms: 86_400_000, workflow_completion_ms: 86_400_000 };
+        assert_eq!(Config::default().invocation.retention(), day);
+        let dir = tempfile::tempdir().unwrap();
+        let file = write(&dir, "[invocation]\ndefault-journal-retention = \"60s\"\n");
+        std::env::set_var("FERRY_INVOCATION__DEFAULT_IDEMPOTENCY_RETENTION", "0s");
+        let config = Config::load(Some(&file), &Overrides::default()).unwrap();
+        let expected = RetentionPolicy { journal_ms: 60_000, idempotency_ms: 0, workflow_completion_ms: 86_400_000 };
+        assert_eq!(config.invocation.retention(), expected);
+        clear_env();
+        let bad = write(&dir, "[invocation]\ndefault-journal-retention = \"soon\"\n");
+        let err = Config::load(Some(&bad), &Overrides::default()).unwrap_err().to_string();
+        assert!(err.contains("default-journal-retention"), "{err}");
     }
 
     #[test]

@@ -105,7 +105,8 @@ pub async fn run(
     let invoker = Invoker::new(log.clone(), config.invoker.clone(), config.invocation.default_retry_policy.clone());
     let invoker_task = tokio::spawn(invoker.run(invoker_cancel.clone()));
 
-    let http_ingress = ferry_ingress::http::serve(ingress_listener, log.clone(), servers_cancel.clone());
+    let retention = config.invocation.retention();
+    let http_ingress = ferry_ingress::http::serve(ingress_listener, log.clone(), retention, servers_cancel.clone());
     spawn_server(&servers, "HTTP ingress", http_ingress, &shutdown);
 
     let ingress_cancel = CancellationToken::new();
@@ -113,6 +114,7 @@ pub async fn run(
         log.clone(),
         config.ingress.kafka_clusters.clone(),
         config.ingress.kafka.clone(),
+        retention,
         ingress_status,
         consumer_program,
     );

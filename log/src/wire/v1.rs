@@ -21,6 +21,9 @@ pub enum Command {
     /// What the invoker or an operator did to invocations of a partition,
     /// stamped with the proposer's clock.
     Effects { at_ms: u64, effects: Vec<Effect> },
+    /// Drop what the retention of completed invocations no longer keeps at
+    /// `at_ms` (the proposer's clock): at most `max` steps, the earliest due first.
+    Expire { at_ms: u64, max: u32 },
 }
 
 /// One change to an existing invocation. Effects of an attempt name the
@@ -55,6 +58,8 @@ pub enum Effect {
     Purge { id: String },
     /// Run a paused invocation again.
     Resume { id: String },
+    /// Drop the journal of a completed invocation now, keeping its result.
+    PurgeJournal { id: String },
 }
 
 impl Effect {
@@ -77,7 +82,8 @@ impl Effect {
             | Effect::Cancel { id, .. }
             | Effect::Kill { id }
             | Effect::Purge { id }
-            | Effect::Resume { id } => id,
+            | Effect::Resume { id }
+            | Effect::PurgeJournal { id } => id,
         }
     }
 }
@@ -147,6 +153,11 @@ pub enum Response {
     Metadata(MetadataResponse),
     /// One outcome per effect, in order.
     Effects(Vec<Outcome>),
+    /// What an [`Command::Expire`] dropped.
+    Expired {
+        invocations: u32,
+        journals: u32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -192,6 +203,70 @@ pub struct Invoke {
     pub not_before_ms: Option<u64>,
     /// The sampled span the invocation's attempts are traced under.
     pub trace: Option<TraceContext>,
+    /// How long it is kept once completed.
+    pub retention: Retention,
+}
+
+/// How long a completed invocation is kept, fixed when it is created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retention {
+    /// Its journal, from its completion.
+    pub journal_ms: u64,
+    /// The invocation and its result, from its completion; never shorter
+    /// than `journal_ms`.
+    pub completion_ms: u64,
+}
+
+impl Retention {
+    /// Kept for ever: what an invocation gets unless its creator says otherwise.
+    pub const FOREVER: Retention = Retention { journal_ms: u64::MAX, completion_ms: u64::MAX };
+}
+
+/// Retention a deployment asks for, per service and per handler (endpoint
+/// manifest v3 and later); each one unset falls back to the next level.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetentionOverrides {
+    pub journal_ms: Option<u64>,
+    pub idempotency_ms: Option<u64>,
+    pub workflow_completion_ms: Option<u64>,
+}
+
+/// The retention of every kind of invocation: the configured defaults,
+/// overridden by a service and its handler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetentionPolicy {
+    pub journal_ms: u64,
+    pub idempotency_ms: u64,
+    pub workflow_completion_ms: u64,
+}
+
+impl RetentionPolicy {
+    /// Restate's defaults: a day for each.
+    pub const DEFAULT: RetentionPolicy =
+        RetentionPolicy { journal_ms: 86_400_000, idempotency_ms: 86_400_000, workflow_completion_ms: 86_400_000 };
+
+    /// This policy with what `overrides` sets.
+    pub fn overridden(self, overrides: &RetentionOverrides) -> RetentionPolicy {
+        RetentionPolicy {
+            journal_ms: overrides.journal_ms.unwrap_or(self.journal_ms),
+            idempotency_ms: overrides.idempotency_ms.unwrap_or(self.idempotency_ms),
+            workflow_completion_ms: overrides.workflow_completion_ms.unwrap_or(self.workflow_completion_ms),
+        }
+    }
+
+    /// The retention of an invocation of a `handler_ty` handler, with an
+    /// idempotency key or not. As in Restate: a workflow's run keeps its
+    /// result for the workflow completion retention, an idempotent call for
+    /// the idempotency retention, any other for the journal retention; the
+    /// journal is kept for the journal retention, capped by the result's.
+    pub fn retention(&self, handler_ty: HandlerType, idempotent: bool) -> Retention {
+        let completion_ms = match (handler_ty, idempotent) {
+            (HandlerType::Workflow, _) => self.workflow_completion_ms,
+            (_, true) => self.idempotency_ms,
+            _ => self.journal_ms,
+        };
+        Retention { journal_ms: self.journal_ms.min(completion_ms), completion_ms }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -330,11 +405,18 @@ pub struct ServiceDef {
     pub name: String,
     pub ty: ServiceType,
     pub handlers: Vec<HandlerDef>,
+    pub retention: RetentionOverrides,
 }
 
 impl ServiceDef {
     pub fn handler(&self, name: &str) -> Option<&HandlerDef> {
         self.handlers.iter().find(|h| h.name == name)
+    }
+
+    /// The retention of an invocation of `handler`: `defaults`, overridden
+    /// by the service, then by the handler.
+    pub fn retention(&self, handler: &HandlerDef, defaults: RetentionPolicy, idempotent: bool) -> Retention {
+        defaults.overridden(&self.retention).overridden(&handler.retention).retention(handler.ty, idempotent)
     }
 }
 
@@ -342,6 +424,7 @@ impl ServiceDef {
 pub struct HandlerDef {
     pub name: String,
     pub ty: HandlerType,
+    pub retention: RetentionOverrides,
 }
 
 /// `kafka://<cluster>/<topic>` -> `service://<service>/<handler>`.
