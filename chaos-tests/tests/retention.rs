@@ -1,7 +1,8 @@
 //! Retention on one real node with a real broker and Restate SDK handlers:
 //! completed invocations go when their retention says, a Kafka record whose
 //! invocation is gone is still invoked only once when it is read again, and
-//! an idempotency key is free again once its result expired.
+//! an idempotency key is free again once its result expired; a deleted
+//! subscription's dedup entries go.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -99,5 +100,22 @@ async fn expired_invocations_go_and_their_records_are_still_invoked_once() -> Re
     assert_eq!(node.ingress("/Counter/http/add", Some("{}"), &key).await?, (200, json!(2)));
     let unknown = "/invocations/inv_00000000000000000000000000000000/purge-journal";
     assert_eq!(node.admin(Method::PATCH, unknown, None).await?.0, 404);
+
+    // Deleting the subscription drops its dedup entries: in each Ferry
+    // partition, one per Kafka partition whose records went there (at least
+    // one per Kafka partition), once.
+    let (status, _) = node.admin(Method::DELETE, &format!("/subscriptions/{subscription}"), None).await?;
+    assert_eq!(status, 202);
+    let forgotten = || node.metric("ferry_dedup_producers_forgotten_total");
+    eventually(Duration::from_secs(30), "the dedup entries to go", || async {
+        Ok((forgotten().await? >= 2.0).then_some(()))
+    })
+    .await
+    .with_context(|| node.log_tail())?;
+    // Every partition has looked (they look every five seconds); none drops anything again.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let dropped = forgotten().await?;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(forgotten().await?, dropped, "dedup entries dropped twice");
     Ok(())
 }

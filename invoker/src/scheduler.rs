@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::field::Empty;
-use tracing::{debug, error, warn, Instrument, Span};
+use tracing::{debug, error, info, warn, Instrument, Span};
 
 use crate::client::{Client, Endpoint};
 use crate::codec::ProtocolVersion;
@@ -85,6 +85,7 @@ impl Invoker {
                 running: HashMap::new(),
                 waking: HashSet::new(),
                 expiring: false,
+                forgetting: false,
             };
             partitions.spawn(scheduler.run(cancel.clone()));
         }
@@ -186,7 +187,12 @@ enum Done {
     Attempt(String),
     Woken(Vec<String>),
     Expired,
+    Forgotten,
 }
+
+/// How often a partition leader looks for deleted subscriptions whose dedup
+/// entries it still holds.
+const FORGET_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Most retention steps one entry takes: a backlog of expiries goes in
 /// entries that each apply quickly.
@@ -220,6 +226,8 @@ struct PartitionScheduler {
     waking: HashSet<String>,
     /// Whether an [`Command::Expire`] is proposed but not applied yet.
     expiring: bool,
+    /// Whether [`Command::ForgetSubscription`]s are proposed but not applied yet.
+    forgetting: bool,
 }
 
 impl PartitionScheduler {
@@ -229,6 +237,8 @@ impl PartitionScheduler {
         };
         // What the log holds already (after a restart) runs without waiting for a change.
         let mut next_timer = if self.shared.log.is_leader(self.shared.group) { self.schedule() } else { None };
+        let mut forget = tokio::time::interval(FORGET_INTERVAL);
+        forget.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let leader = self.shared.log.is_leader(self.shared.group);
             let timer = async {
@@ -244,12 +254,14 @@ impl PartitionScheduler {
                     Ok(Done::Attempt(id)) => { self.running.remove(&id); }
                     Ok(Done::Woken(ids)) => for id in ids { self.waking.remove(&id); },
                     Ok(Done::Expired) => self.expiring = false,
+                    Ok(Done::Forgotten) => self.forgetting = false,
                     // Aborted: its slot was freed by whoever aborted it. Attempts
                     // catch their own panics (see `supervised`).
                     Err(_) => {}
                 },
                 _ = timer, if leader => {}
                 _ = tokio::time::sleep(Duration::from_millis(200)), if !leader => {}
+                _ = forget.tick(), if leader => self.forget_deleted(),
             }
             if !self.shared.log.is_leader(self.shared.group) {
                 if !self.running.is_empty() {
@@ -269,6 +281,41 @@ impl PartitionScheduler {
         self.running.clear();
         self.waking.clear();
         self.expiring = false;
+        self.forgetting = false;
+    }
+
+    /// Proposes to drop the dedup entries of subscriptions deleted since
+    /// their records came here.
+    fn forget_deleted(&mut self) {
+        if self.forgetting {
+            return;
+        }
+        let log = &self.shared.log;
+        let Ok(here) =
+            log.read_partition(self.partition, |p| p.subscriptions_with_dedup().map(str::to_owned).collect::<Vec<_>>())
+        else {
+            return;
+        };
+        let deleted: Vec<String> =
+            log.read_metadata(|m| here.into_iter().filter(|s| m.deleted_subscriptions.contains(s)).collect());
+        if deleted.is_empty() {
+            return;
+        }
+        self.forgetting = true;
+        let (log, group) = (log.clone(), self.shared.group);
+        self.attempts.spawn(async move {
+            for id in deleted {
+                match log.propose_as_leader(group, Command::ForgetSubscription { id: id.clone() }).await {
+                    Ok(Response::Forgotten { producers }) => {
+                        info!(group, subscription = %id, producers, "dropped the dedup entries of a deleted subscription");
+                        metrics::counter!("ferry_dedup_producers_forgotten_total").increment(producers.into());
+                    }
+                    Ok(other) => warn!(group, "forgetting {id} answered with {other:?}"),
+                    Err(e) => debug!(group, "forgetting {id} failed: {e}"),
+                }
+            }
+            Done::Forgotten
+        });
     }
 
     /// Starts what may run and wakes what is due; returns the next timer.

@@ -30,6 +30,7 @@ impl GroupState {
             Command::Metadata(command) => Response::Metadata(self.metadata.apply(command)),
             Command::Effects { at_ms, effects } => self.partition.apply_effects(at_ms, effects),
             Command::Expire { at_ms, max } => self.partition.apply_expire(at_ms, max),
+            Command::ForgetSubscription { id } => self.partition.forget_subscription(id),
         }
     }
 
@@ -47,6 +48,8 @@ impl GroupState {
             p.next_run_seq,
             &p.timers,
             &p.expiries,
+            &p.producers,
+            &p.forgotten,
             &self.metadata,
         );
         let mut hasher = Hasher(Xxh3::new());
@@ -75,6 +78,11 @@ impl std::io::Write for Hasher {
 pub struct PartitionState {
     /// The last sequence number applied per producer.
     dedup: HashMap<u64, u64>,
+    /// The producers in `dedup` of each subscription.
+    producers: BTreeMap<String, BTreeSet<u64>>,
+    /// Deleted subscriptions whose dedup entries were dropped here; records
+    /// of them are dropped.
+    forgotten: BTreeSet<String>,
     invocations: BTreeMap<String, Invocation>,
     /// Exclusive invocations per (service, key), in arrival order; the head is
     /// the one allowed to run.
@@ -236,6 +244,14 @@ impl PartitionState {
         // Entries read back from the log hold the only reference.
         let batch = std::sync::Arc::try_unwrap(batch).unwrap_or_else(|shared| (*shared).clone());
         for invoke in batch {
+            let subscription = match &invoke.source {
+                Source::Kafka(kafka) => Some(&kafka.subscription),
+                Source::Ingress => None,
+            };
+            if subscription.is_some_and(|s| self.forgotten.contains(s)) {
+                deduplicated += 1;
+                continue;
+            }
             if let Some(dedup) = invoke.dedup {
                 match self.dedup.get_mut(&dedup.producer) {
                     Some(last) if dedup.seq <= *last => {
@@ -245,6 +261,9 @@ impl PartitionState {
                     Some(last) => *last = dedup.seq,
                     None => {
                         self.dedup.insert(dedup.producer, dedup.seq);
+                        if let Some(subscription) = subscription {
+                            self.producers.entry(subscription.clone()).or_default().insert(dedup.producer);
+                        }
                     }
                 }
             }
@@ -578,6 +597,21 @@ impl PartitionState {
         Response::Expired { invocations, journals }
     }
 
+    /// Drops the dedup entries of deleted subscription `id`.
+    fn forget_subscription(&mut self, id: String) -> Response {
+        let producers = self.producers.remove(&id).unwrap_or_default();
+        for producer in &producers {
+            self.dedup.remove(producer);
+        }
+        self.forgotten.insert(id);
+        Response::Forgotten { producers: producers.len() as u32 }
+    }
+
+    /// The subscriptions with dedup entries here.
+    pub fn subscriptions_with_dedup(&self) -> impl Iterator<Item = &str> + '_ {
+        self.producers.keys().map(String::as_str)
+    }
+
     /// When the next retention step is due.
     pub fn next_expiry(&self) -> Option<u64> {
         self.expiries.first().map(|(at, _)| *at)
@@ -667,6 +701,8 @@ pub struct MetadataState {
     pub deployments: BTreeMap<String, Deployment>,
     pub services: BTreeMap<String, RegisteredService>,
     pub subscriptions: BTreeMap<String, Subscription>,
+    /// Ids of deleted subscriptions: partitions drop their dedup entries.
+    pub deleted_subscriptions: BTreeSet<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -712,6 +748,7 @@ impl MetadataState {
                 if self.subscriptions.remove(&id).is_none() {
                     return MetadataResponse::NotFound;
                 }
+                self.deleted_subscriptions.insert(id);
                 MetadataResponse::Done
             }
         };
@@ -964,6 +1001,28 @@ mod tests {
         let again = apply(&mut state, vec![retained("inv_1", 0, Retention { journal_ms: 100, completion_ms: 1_000 })]);
         assert_eq!(again, Response::Invoked { created: 0, deduplicated: 1 });
         assert!(state.partition.invocation("inv_1").is_none());
+    }
+
+    #[test]
+    fn a_deleted_subscriptions_dedup_entries_go_and_its_late_records_are_dropped() {
+        let mut state = GroupState::default();
+        let mut other = invoke("inv_2", None, HandlerType::Shared, Some((2, 0)));
+        let Source::Kafka(kafka) = &mut other.source else { unreachable!() };
+        kafka.subscription = "sub_2".to_owned();
+        apply(&mut state, vec![invoke("inv_1", None, HandlerType::Shared, Some((1, 0))), other.clone()]);
+        let p = &state.partition;
+        assert_eq!(p.subscriptions_with_dedup().collect::<Vec<_>>(), vec!["sub_1", "sub_2"]);
+
+        let forgotten = state.apply(Command::ForgetSubscription { id: "sub_1".to_owned() });
+        assert_eq!(forgotten, Response::Forgotten { producers: 1 });
+        let p = &state.partition;
+        assert_eq!((p.last_seq(1), p.last_seq(2)), (None, Some(0)));
+        assert_eq!(p.subscriptions_with_dedup().collect::<Vec<_>>(), vec!["sub_2"]);
+        // A record of the deleted subscription still on its way is dropped;
+        // the other subscription is deduplicated as before.
+        let late = apply(&mut state, vec![invoke("inv_3", None, HandlerType::Shared, Some((1, 1))), other]);
+        assert_eq!(late, Response::Invoked { created: 0, deduplicated: 2 });
+        assert!(state.partition.invocation("inv_3").is_none());
     }
 
     #[test]

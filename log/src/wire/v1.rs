@@ -24,6 +24,9 @@ pub enum Command {
     /// Drop what the retention of completed invocations no longer keeps at
     /// `at_ms` (the proposer's clock): at most `max` steps, the earliest due first.
     Expire { at_ms: u64, max: u32 },
+    /// Drop the dedup entries of a deleted subscription (partition groups);
+    /// records of it that still arrive are dropped too.
+    ForgetSubscription { id: String },
 }
 
 /// One change to an existing invocation. Effects of an attempt name the
@@ -157,6 +160,10 @@ pub enum Response {
     Expired {
         invocations: u32,
         journals: u32,
+    },
+    /// How many producers' dedup entries a [`Command::ForgetSubscription`] dropped.
+    Forgotten {
+        producers: u32,
     },
 }
 
