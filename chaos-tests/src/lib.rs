@@ -315,12 +315,16 @@ pub async fn produce(producer: &FutureProducer, topic: &str, records: &[Record])
 
 /// The test handlers (Rust `restate-sdk`).
 pub struct Handlers {
-    _child: Child,
+    child: Child,
     pub uri: String,
     pub record_dir: tempfile::TempDir,
 }
 
 impl Handlers {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     pub async fn start() -> Result<Handlers> {
         Self::start_with_env(&[]).await
     }
@@ -345,14 +349,14 @@ impl Handlers {
             .context("test handlers did not start")??
             .context("test handlers exited")?;
         let address = line.rsplit(' ').next().context("listening line")?.to_owned();
-        Ok(Handlers { _child: child, uri: format!("http://{address}"), record_dir })
+        Ok(Handlers { child, uri: format!("http://{address}"), record_dir })
     }
 }
 
 /// Handlers written with Restate's Python SDK (`chaos-tests/python`), served
 /// over HTTP/1.1 by hypercorn from the virtualenv `scripts/test.sh` makes.
 pub struct PythonHandlers {
-    _child: Child,
+    child: Child,
     pub uri: String,
 }
 
@@ -364,15 +368,25 @@ impl PythonHandlers {
             bail!("{} is missing: scripts/test.sh installs the Python SDK", hypercorn.display());
         }
         let port = free_port();
+        // In a process group of its own, so that its workers go with it.
         let child = Command::new(hypercorn)
             .args(["--bind", &format!("127.0.0.1:{port}"), "handlers:app"])
             .current_dir(root.join("python"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()?;
         wait_for_port(port, Duration::from_secs(30)).await?;
-        Ok(PythonHandlers { _child: child, uri: format!("http://127.0.0.1:{port}") })
+        Ok(PythonHandlers { child, uri: format!("http://127.0.0.1:{port}") })
+    }
+}
+
+impl Drop for PythonHandlers {
+    fn drop(&mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill").args(["-KILL", "--", &format!("-{pid}")]).status();
+        }
     }
 }
 
