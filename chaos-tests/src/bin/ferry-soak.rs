@@ -66,6 +66,36 @@ struct Sample {
     handler_cpu_us: f64,
 }
 
+/// The columns of a sample, as the CSV names them and the table titles them.
+const COLUMNS: [(&str, &str); 9] = [
+    ("seconds", "seconds"),
+    ("completed", "completed"),
+    ("rss_mib", "RSS MiB"),
+    ("disk_mib", "disk MiB"),
+    ("records_per_second", "records/s"),
+    ("p99_record_to_commit_ms", "p99 ms"),
+    ("longest_apply_wait_ms", "apply wait <= ms"),
+    ("ferry_cpu_us_per_invocation", "Ferry CPU us/inv"),
+    ("handler_cpu_us_per_invocation", "handler CPU us/inv"),
+];
+
+impl Sample {
+    /// The values, formatted, in the order of [`COLUMNS`].
+    fn values(&self) -> [String; 9] {
+        [
+            format!("{:.0}", self.seconds),
+            format!("{:.0}", self.completed),
+            format!("{:.1}", self.rss_mib),
+            format!("{:.1}", self.disk_mib),
+            format!("{:.0}", self.records_per_second),
+            self.p99_latency_ms.to_string(),
+            self.longest_apply_wait_ms.to_string(),
+            format!("{:.0}", self.ferry_cpu_us),
+            format!("{:.0}", self.handler_cpu_us),
+        ]
+    }
+}
+
 /// CPU seconds a process and its children (the node's consumer processes) used.
 fn cpu_seconds(pid: u32) -> f64 {
     let ticks = |pid: &str| -> u64 {
@@ -190,24 +220,9 @@ async fn stream(broker: &Broker, args: &Args, topic: &str) -> Result<()> {
 }
 
 fn csv(samples: &[Sample]) -> String {
-    let mut text = String::from(
-        "seconds,completed,rss_mib,disk_mib,records_per_second,p99_record_to_commit_ms,longest_apply_wait_ms,\
-         ferry_cpu_us_per_invocation,handler_cpu_us_per_invocation\n",
-    );
-    for s in samples {
-        let _ = writeln!(
-            text,
-            "{:.0},{:.0},{:.1},{:.1},{:.0},{},{},{:.0},{:.0}",
-            s.seconds,
-            s.completed,
-            s.rss_mib,
-            s.disk_mib,
-            s.records_per_second,
-            s.p99_latency_ms,
-            s.longest_apply_wait_ms,
-            s.ferry_cpu_us,
-            s.handler_cpu_us
-        );
+    let mut text = COLUMNS.map(|(name, _)| name).join(",") + "\n";
+    for sample in samples {
+        text += &(sample.values().join(",") + "\n");
     }
     text
 }
@@ -386,21 +401,10 @@ async fn main() -> Result<()> {
     }
     let restart = killed.elapsed();
 
-    println!("| seconds | completed | RSS MiB | disk MiB | records/s | p99 ms | apply wait <= ms | Ferry CPU us/inv | handler CPU us/inv |");
-    println!("|---|---|---|---|---|---|---|---|---|");
-    for s in &samples {
-        println!(
-            "| {:.0} | {:.0} | {:.1} | {:.1} | {:.0} | {} | {} | {:.0} | {:.0} |",
-            s.seconds,
-            s.completed,
-            s.rss_mib,
-            s.disk_mib,
-            s.records_per_second,
-            s.p99_latency_ms,
-            s.longest_apply_wait_ms,
-            s.ferry_cpu_us,
-            s.handler_cpu_us
-        );
+    println!("| {} |", COLUMNS.map(|(_, title)| title).join(" | "));
+    println!("|{}", "---|".repeat(COLUMNS.len()));
+    for sample in &samples {
+        println!("| {} |", sample.values().join(" | "));
     }
     let at = |n: f64| samples.iter().find(|s| s.completed >= n);
     if let (Some(early), Some(last)) = (at(args.records as f64 / 10.0), samples.last()) {
