@@ -86,6 +86,7 @@ impl Invoker {
                 waking: HashSet::new(),
                 expiring: false,
                 forgetting: false,
+                outdated_checked_ms: 0,
             };
             partitions.spawn(scheduler.run(cancel.clone()));
         }
@@ -190,6 +191,12 @@ enum Done {
     Forgotten,
 }
 
+/// How often running attempts are checked against the state for having been
+/// outdated (their invocation killed, cancelled or woken meanwhile). Their
+/// effects would be stale anyway; the check only frees their slots, and
+/// looking up every running invocation on every applied batch is costly.
+const OUTDATED_CHECK_MS: u64 = 100;
+
 /// How often a partition leader looks for deleted subscriptions whose dedup
 /// entries it still holds.
 const FORGET_INTERVAL: Duration = Duration::from_secs(5);
@@ -228,6 +235,8 @@ struct PartitionScheduler {
     expiring: bool,
     /// Whether [`Command::ForgetSubscription`]s are proposed but not applied yet.
     forgetting: bool,
+    /// When running attempts were last checked for being outdated.
+    outdated_checked_ms: u64,
 }
 
 impl PartitionScheduler {
@@ -325,19 +334,25 @@ impl PartitionScheduler {
         let now = now_ms();
         let lease = self.shared.log.holds_lease(self.shared.group);
         let free = if lease { self.concurrency.saturating_sub(self.running.len()) } else { 0 };
+        let check_outdated = now >= self.outdated_checked_ms + OUTDATED_CHECK_MS;
+        if check_outdated {
+            self.outdated_checked_ms = now;
+        }
         let running = &self.running;
         let waking = &self.waking;
         let read = self.shared.log.read_partition(self.partition, |state| {
             // Attempts whose invocation was killed, cancelled or woken meanwhile.
             let outdated: Vec<String> = running
                 .iter()
+                .filter(|_| check_outdated)
                 .filter(|(id, r)| state.invocation(id).and_then(|inv| inv.attempt()) != Some(r.attempt))
                 .map(|(id, _)| id.clone())
                 .collect();
             let jobs: Vec<Job> = state
-                .runnable()
-                .filter(|inv| !running.contains_key(&inv.id))
+                .runnable_ids()
+                .filter(|id| !running.contains_key(*id))
                 .take(free)
+                .filter_map(|id| state.invocation(id))
                 .map(|inv| {
                     let object = inv.target.key.as_deref().and_then(|k| state.object_state(&inv.target.service, k));
                     Job::new(inv, object, now)
@@ -394,6 +409,14 @@ impl PartitionScheduler {
             }
             Some(at) => Some(next.map_or(at, |next| next.min(at))),
             None => next,
+        };
+        // Attempts not checked this time are checked at the latest when the
+        // interval is up.
+        let next = if !check_outdated && !self.running.is_empty() {
+            let check_at = self.outdated_checked_ms + OUTDATED_CHECK_MS;
+            Some(next.map_or(check_at, |at| at.min(check_at)))
+        } else {
+            next
         };
         // Without the lease, look again shortly: it comes back with the next
         // quorum acknowledgement, which applies nothing that would wake us.

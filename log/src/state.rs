@@ -669,6 +669,11 @@ impl PartitionState {
         self.runnable.values().map(|id| &self.invocations[id])
     }
 
+    /// The ids of [`PartitionState::runnable`], without looking them up.
+    pub fn runnable_ids(&self) -> impl Iterator<Item = &str> + '_ {
+        self.runnable.values().map(String::as_str)
+    }
+
     /// Timers in due order: (due time, invocation id).
     pub fn timers(&self) -> impl Iterator<Item = (u64, &str)> + '_ {
         self.timers.iter().map(|(at, id)| (*at, id.as_str()))
