@@ -7,12 +7,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use ferry_ingress::{ClusterOptions, IngressStatus};
 use ferry_invoker::Discovery;
 use ferry_log::node::{GroupStatus, StateDigest};
-use ferry_log::partitioner::partition_of;
-use ferry_log::state::{Completion, Invocation, MetadataState, RegisteredService};
-use ferry_log::wire::v1::{
+use ferry_log::{partition_group, LogNode, PartitionId, METADATA_GROUP};
+use ferry_partition::partitioner::partition_of;
+use ferry_partition::state::{Completion, Invocation, MetadataState, RegisteredService};
+use ferry_partition::wire::v1::{
     Command, Deployment, Effect, MetadataCommand, MetadataResponse, Outcome, Response, Source, Subscription,
 };
-use ferry_log::{partition_group, LogNode, PartitionId, METADATA_GROUP};
 use ferry_proto::admin as pb;
 use rdkafka::consumer::BaseConsumer;
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use ferry_chaos_tests::{eventually, produce, Broker, Cluster, Handlers, Node, Record};
-use ferry_log::partitioner::{key_hash, partition_of};
+use ferry_partition::partitioner::{key_hash, partition_of};
 use rdkafka::producer::FutureRecord;
 use serde_json::{json, Value};
 

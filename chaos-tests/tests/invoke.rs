@@ -121,7 +121,7 @@ async fn attempts_run_handlers_in_every_shared_version() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_sdk_deployments_register_and_run() -> Result<()> {
     use ferry_chaos_tests::{free_port, Node, PythonHandlers};
-    use ferry_log::wire::v1::ProtocolMode;
+    use ferry_partition::wire::v1::ProtocolMode;
 
     let python = PythonHandlers::start().await?;
     let no_headers = BTreeMap::new();

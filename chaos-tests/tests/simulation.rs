@@ -29,9 +29,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use ferry_ingress::record::{self, Origin, Record, Sink};
-use ferry_log::partitioner::partition_of;
-use ferry_log::state::{Completion, GroupState};
-use ferry_log::wire::v1::{
+use ferry_partition::partitioner::partition_of;
+use ferry_partition::state::{Completion, GroupState};
+use ferry_partition::wire::v1::{
     AttemptId, Command, Effect, HandlerType, Invoke, JournalEntry, Outcome, Response, Retention, ServiceType, Source,
     StateOp,
 };
@@ -190,7 +190,7 @@ impl Sim {
                 subscription: "sub_sim".to_owned(),
                 topic: "t".to_owned(),
                 partition: kp as i32,
-                producer: ferry_log::partitioner::kafka_producer_id("sub_sim", "sub_sim", "t", None, kp as i32),
+                producer: ferry_partition::partitioner::kafka_producer_id("sub_sim", "sub_sim", "t", None, kp as i32),
             })
             .collect();
         Sim {
@@ -592,7 +592,7 @@ impl Sim {
             *counts.entry(key.clone()).or_default() += 1;
         }
         for (key, expected) in counts {
-            let g = partition_of(ferry_log::partitioner::key_hash("Counter", &key), GROUPS) as usize;
+            let g = partition_of(ferry_partition::partitioner::key_hash("Counter", &key), GROUPS) as usize;
             let values = self.groups[g].reference.partition.object_state("Counter", &key).expect("counted");
             let count: u64 = String::from_utf8_lossy(&values[&b"count"[..]]).parse().unwrap();
             assert_eq!(count, expected, "{key}");

@@ -21,12 +21,12 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use ferry_log::partitioner::partition_of;
-use ferry_log::state::Completion;
-use ferry_log::wire::v1::{
+use ferry_log::{partition_group, LogNode, PartitionId};
+use ferry_partition::partitioner::partition_of;
+use ferry_partition::state::Completion;
+use ferry_partition::wire::v1::{
     Command, HandlerType, Invoke, Response as LogResponse, RetentionPolicy, ServiceType, Source, Target,
 };
-use ferry_log::{partition_group, LogNode, PartitionId};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::net::TcpListener;

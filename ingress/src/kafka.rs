@@ -13,9 +13,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ferry_log::partitioner::kafka_producer_id;
-use ferry_log::wire::v1::{Command, Invoke, Response, RetentionPolicy, Subscription};
 use ferry_log::{partition_group, LogNode, PartitionId};
+use ferry_partition::partitioner::kafka_producer_id;
+use ferry_partition::wire::v1::{Command, Invoke, Response, RetentionPolicy, Subscription};
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use rdkafka::config::ClientConfig;

@@ -14,9 +14,9 @@ pub mod record;
 
 pub use kafka::{ClusterOptions, ConsumerProgram, ConsumerState, IngressStatus, KafkaIngress, LagKey, Options};
 
-use ferry_log::partitioner::key_hash;
-use ferry_log::wire::v1::{HandlerType, Target};
 use ferry_log::PartitionId;
+use ferry_partition::partitioner::key_hash;
+use ferry_partition::wire::v1::{HandlerType, Target};
 use tracing::Span;
 
 /// The span of appending invocation `id` to `partition` until it commits, a

@@ -2,12 +2,12 @@
 //! the partition that owns it. Pure, so it is tested without a broker.
 
 use bytes::Bytes;
-use ferry_log::partitioner::{key_hash, partition_of, producer_seq_hash};
-use ferry_log::state::MetadataState;
-use ferry_log::wire::v1::{
+use ferry_log::PartitionId;
+use ferry_partition::partitioner::{key_hash, partition_of, producer_seq_hash};
+use ferry_partition::state::MetadataState;
+use ferry_partition::wire::v1::{
     Dedup, HandlerType, Invoke, KafkaSource, Retention, RetentionPolicy, ServiceType, Source, Subscription, Target,
 };
-use ferry_log::PartitionId;
 
 /// A record read from Kafka.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -191,10 +191,10 @@ mod tests {
 
     /// Metadata in which `Counter/add` is registered as `ty`, or not at all.
     fn metadata(ty: Option<ServiceType>) -> MetadataState {
-        use ferry_log::wire::v1::{
+        use ferry_partition::wire::v1::{
             Deployment, HandlerDef, MetadataCommand, ProtocolMode, RetentionOverrides, ServiceDef,
         };
-        let mut state = ferry_log::state::GroupState::default();
+        let mut state = ferry_partition::state::GroupState::default();
         if let Some(ty) = ty {
             let handler_ty = if ty == ServiceType::Service { HandlerType::Shared } else { HandlerType::Exclusive };
             let deployment = Deployment {
@@ -221,7 +221,7 @@ mod tests {
                 }],
                 created_at_ms: 1,
             };
-            state.apply(ferry_log::wire::v1::Command::Metadata(MetadataCommand::PutDeployment(deployment)));
+            state.apply(ferry_partition::wire::v1::Command::Metadata(MetadataCommand::PutDeployment(deployment)));
         }
         state.metadata
     }
@@ -255,10 +255,10 @@ mod tests {
         }
         assert!(routed[1].1.failure.as_deref().unwrap().contains("not registered"));
         assert!(routed[2].1.failure.as_deref().unwrap().contains("create the subscription again"));
-        let mut state = ferry_log::state::GroupState::default();
+        let mut state = ferry_partition::state::GroupState::default();
         let batch = routed.into_iter().map(|(_, invoke)| invoke).collect::<Vec<_>>();
-        let applied = state.apply(ferry_log::wire::v1::Command::Invoke(batch.into()));
-        assert_eq!(applied, ferry_log::wire::v1::Response::Invoked { created: 1, deduplicated: 2 });
+        let applied = state.apply(ferry_partition::wire::v1::Command::Invoke(batch.into()));
+        assert_eq!(applied, ferry_partition::wire::v1::Response::Invoked { created: 1, deduplicated: 2 });
     }
 
     #[test]
@@ -333,9 +333,9 @@ mod tests {
         // Both records still advance the producer's sequence.
         assert_eq!((first.dedup.unwrap().seq, second.dedup.unwrap().seq), (1, 2));
 
-        let mut state = ferry_log::state::GroupState::default();
-        let created = state.apply(ferry_log::wire::v1::Command::Invoke(vec![first, second, other].into()));
-        assert_eq!(created, ferry_log::wire::v1::Response::Invoked { created: 2, deduplicated: 1 });
+        let mut state = ferry_partition::state::GroupState::default();
+        let created = state.apply(ferry_partition::wire::v1::Command::Invoke(vec![first, second, other].into()));
+        assert_eq!(created, ferry_partition::wire::v1::Response::Invoked { created: 2, deduplicated: 1 });
     }
 
     /// Case 6: a record too large for one command is created failed, without
@@ -349,8 +349,8 @@ mod tests {
         assert!(failed.failure.as_deref().unwrap().contains("over the limit"), "{:?}", failed.failure);
         assert!(failed.payload.is_empty());
         assert_eq!(failed.dedup.unwrap().seq, 4);
-        let command = ferry_log::wire::v1::Command::Invoke(vec![failed].into());
-        assert!(ferry_log::wire::encode(&command).len() < ferry_log::COMMAND_BYTES_MAX);
+        let command = ferry_partition::wire::v1::Command::Invoke(vec![failed].into());
+        assert!(ferry_partition::wire::encode(&command).len() < ferry_log::COMMAND_BYTES_MAX);
         let mut fits = record(5, Some(b"k"));
         fits.payload = Bytes::from(vec![7u8; RECORD_BYTES_MAX - 64]);
         assert!(invoke(&origin(), &service, fits, 16, 0).1.failure.is_none());

@@ -4,12 +4,12 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use ferry_log::state::Completion;
-use ferry_log::wire::v1::{
+use ferry_log::{partition_group, LogNode, Options, METADATA_GROUP};
+use ferry_partition::state::Completion;
+use ferry_partition::wire::v1::{
     Command, Deployment, Effect, HandlerDef, HandlerType, MetadataCommand, ProtocolMode, RetentionPolicy, ServiceDef,
     ServiceType,
 };
-use ferry_log::{partition_group, LogNode, Options, METADATA_GROUP};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -66,7 +66,8 @@ impl Served {
     async fn first_invocation(&self) -> String {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
-            let first = |p: &ferry_log::state::PartitionState| p.invocations_after(None).next().map(|i| i.id.clone());
+            let first =
+                |p: &ferry_partition::state::PartitionState| p.invocations_after(None).next().map(|i| i.id.clone());
             if let Some(id) = self.log.read_partition(0, first).unwrap() {
                 return id;
             }

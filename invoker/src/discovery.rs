@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use ferry_log::wire::v1::{HandlerDef, HandlerType, ProtocolMode, RetentionOverrides, ServiceDef, ServiceType};
+use ferry_partition::wire::v1::{HandlerDef, HandlerType, ProtocolMode, RetentionOverrides, ServiceDef, ServiceType};
 use serde::Deserialize;
 
 use crate::Error;

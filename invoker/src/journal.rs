@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use ferry_log::state::{Completion, Invocation};
-use ferry_log::wire::v1::{AttemptId, Effect, JournalEntry, Sleep, StateOp};
+use ferry_partition::state::{Completion, Invocation};
+use ferry_partition::wire::v1::{AttemptId, Effect, JournalEntry, Sleep, StateOp};
 use ferry_proto::service_protocol as pb;
 use ferry_telemetry::TraceContext;
 

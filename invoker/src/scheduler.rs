@@ -12,8 +12,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ferry_log::wire::v1::{AttemptId, Command, Effect, Outcome, Response};
 use ferry_log::{partition_group, GroupId, LogNode, PartitionId};
+use ferry_partition::wire::v1::{AttemptId, Command, Effect, Outcome, Response};
 use ferry_telemetry::TraceContext;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
@@ -138,14 +138,14 @@ fn batches<R>(effects: impl Iterator<Item = (Effect, R)>) -> Vec<Vec<(Effect, R)
     let mut batches = vec![Vec::new()];
     let mut bytes = 0;
     for (effect, reply) in effects {
-        let mut size = ferry_log::wire::encoded_len(&effect);
+        let mut size = ferry_partition::wire::encoded_len(&effect);
         let effect = match effect.attempt() {
             Some(attempt) if size > EFFECT_BYTES_MAX => {
                 let message = format!("the attempt's result is {size} bytes, over the limit of {EFFECT_BYTES_MAX}");
                 warn!(id = effect.id(), "{message}");
                 let failed =
                     Effect::Failed { id: effect.id().to_owned(), attempt, message, retry_at_ms: None, pause: true };
-                size = ferry_log::wire::encoded_len(&failed);
+                size = ferry_partition::wire::encoded_len(&failed);
                 failed
             }
             _ => effect,
@@ -584,7 +584,7 @@ fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
-    use ferry_log::state::Completion;
+    use ferry_partition::state::Completion;
 
     use super::*;
 
@@ -609,7 +609,7 @@ mod tests {
         // "d" becomes a small failure, which fits beside "c".
         assert_eq!(ids, vec![vec!["a", "b"], vec!["c", "d"]]);
         for batch in &batches {
-            let bytes: usize = batch.iter().map(|(e, _)| ferry_log::wire::encoded_len(e)).sum();
+            let bytes: usize = batch.iter().map(|(e, _)| ferry_partition::wire::encoded_len(e)).sum();
             assert!(bytes <= EFFECTS_BYTES_MAX || batch.len() == 1, "{bytes}");
         }
         match &batches[1][1].0 {

@@ -3,8 +3,7 @@
 //! Every partition of the key space is one openraft group; cluster metadata
 //! (deployments, services, subscriptions) is one more group. All groups of a
 //! node share one sled `Db`, one flusher (group commit) and one gRPC channel per
-//! peer. Applying an entry is deterministic: no clocks, randomness or I/O happen
-//! inside [`state`]; the proposer stamps times and ids into the entry.
+//! peer. What the groups replicate and how it is applied is `ferry-partition`'s.
 
 // openraft's storage traits fix `StorageError` (a large type) as the error of
 // every storage call; boxing it here would only add allocations.
@@ -12,26 +11,20 @@
 
 pub mod network;
 pub mod node;
-pub mod partitioner;
 pub mod placement;
-pub mod state;
 pub mod storage;
-pub mod wire;
 
 pub use node::{LogNode, Options};
 
 // `declare_raft_types!` names the default snapshot type unqualified.
+pub use ferry_partition::{Command, PartitionId, Response};
 use std::io::Cursor;
-pub use wire::v1::{Command, Response};
 
 /// A node of the cluster.
 pub type NodeId = u64;
 
 /// A Raft group: [`METADATA_GROUP`] or a partition's group (`partition + 1`).
 pub type GroupId = u32;
-
-/// A partition of the key space.
-pub type PartitionId = u32;
 
 /// The group that holds cluster metadata.
 pub const METADATA_GROUP: GroupId = 0;
@@ -82,8 +75,8 @@ pub enum Error {
     DataFormat { dir: String, found: u32, expected: u32 },
     #[error("this node was created with {stored} partitions, the configuration says {configured}")]
     PartitionCountChanged { stored: u32, configured: u32 },
-    #[error("decode: {0}")]
-    Decode(String),
+    #[error(transparent)]
+    Decode(#[from] ferry_partition::wire::DecodeError),
     #[error("raft group {group}: a command of {bytes} bytes is over the limit of {max} bytes")]
     TooLarge { group: GroupId, bytes: u64, max: usize },
     #[error("unknown group {0}")]

@@ -26,8 +26,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Channel;
 
-use crate::wire::{self, v1::Command, v1::Response};
 use crate::{GroupId, NodeId, Raft, TypeConfig, MESSAGE_BYTES_MAX};
+use ferry_partition::wire::{self, v1::Command, v1::Response};
 
 /// How long a proposal forwarded to the leader may take before it fails (and
 /// is retried by whoever proposed it).

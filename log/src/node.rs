@@ -16,10 +16,10 @@ use tracing::{error, info, warn};
 
 use crate::network::{self, propose_local, Acks, Channels, NetworkFactory, NodeServer, ProposeError, FORWARD_TIMEOUT};
 use crate::placement::{self, Nodes};
-use crate::state::{MetadataState, PartitionState, Status};
 use crate::storage::{self, CommittedIndex, Flusher, StateMachineStore};
-use crate::wire::{self, v1::Command, v1::Response};
 use crate::{partition_group, Error, GroupId, NodeId, PartitionId, Raft, METADATA_GROUP};
+use ferry_partition::state::{MetadataState, PartitionState, Status};
+use ferry_partition::wire::{self, v1::Command, v1::Response};
 
 /// How the log of a node is set up.
 #[derive(Debug, Clone)]
@@ -295,7 +295,7 @@ impl LogNode {
     async fn propose_routed(&self, group: GroupId, command: Command, forward: bool) -> Result<(Response, u64), Error> {
         let started = Instant::now();
         let g = self.group(group)?;
-        let bytes = bincode::serialized_size(&command).unwrap_or(u64::MAX);
+        let bytes = ferry_partition::wire::encoded_len(&command) as u64;
         if bytes > crate::COMMAND_BYTES_MAX as u64 {
             return Err(Error::TooLarge { group, bytes, max: crate::COMMAND_BYTES_MAX });
         }

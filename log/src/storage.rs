@@ -20,9 +20,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::state::GroupState;
-use crate::wire::{self, v1::Response};
 use crate::{GroupId, NodeId, TypeConfig};
+use ferry_partition::state::GroupState;
+use ferry_partition::wire::{self, v1::Response};
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 

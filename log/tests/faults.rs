@@ -12,10 +12,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::{invoke, when_unlocked};
 use ferry_log::node::{GroupStatus, Role};
-use ferry_log::state::GroupState;
 use ferry_log::storage::{self, Applied, Flusher};
-use ferry_log::wire::v1::Command;
 use ferry_log::{network, partition_group, LogNode, NodeId, Options};
+use ferry_partition::state::GroupState;
+use ferry_partition::wire::v1::Command;
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, SnapshotMeta, StoredMembership};
 use tokio_util::sync::CancellationToken;
@@ -107,7 +107,7 @@ async fn case1_a_new_leader_leads_only_once_an_entry_of_its_term_is_applied() {
     {
         let db = when_unlocked(|| std::future::ready(sled::open(dir.path().join("log")))).await.unwrap();
         let meta = db.open_tree(format!("meta-{group}")).unwrap();
-        meta.insert(b"committed", ferry_log::wire::encode(&None::<LogId<NodeId>>)).unwrap();
+        meta.insert(b"committed", ferry_partition::wire::encode(&None::<LogId<NodeId>>)).unwrap();
         db.flush().unwrap();
     }
 
@@ -199,7 +199,7 @@ async fn case5_a_slow_snapshot_build_never_replaces_a_newer_installed_snapshot()
         last_membership: StoredMembership::default(),
         snapshot_id: "installed".to_owned(),
     };
-    sm.install_snapshot(&meta, Box::new(Cursor::new(ferry_log::wire::encode(&installed)))).await.unwrap();
+    sm.install_snapshot(&meta, Box::new(Cursor::new(ferry_partition::wire::encode(&installed)))).await.unwrap();
 
     gate.open();
     let built = build.await.unwrap().unwrap();

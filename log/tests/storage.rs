@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use common::{invoke, when_unlocked};
 use ferry_log::storage::{self, Flusher, LogStore, StateMachineStore};
-use ferry_log::wire::v1::{Command, Response};
 use ferry_log::{partition_group, LogNode, NodeId, Options, TypeConfig};
+use ferry_partition::wire::v1::{Command, Response};
 use openraft::testing::{StoreBuilder, Suite};
 use openraft::StorageError;
 use tokio_util::sync::CancellationToken;
@@ -99,7 +99,7 @@ async fn a_data_directory_of_another_format_is_refused_with_what_to_do() {
     // What a node of the first format leaves: a partition count, no format.
     {
         let db = sled::open(dir.path().join("log")).unwrap();
-        db.open_tree("cluster").unwrap().insert(b"partitions", ferry_log::wire::encode(&2u32)).unwrap();
+        db.open_tree("cluster").unwrap().insert(b"partitions", ferry_partition::wire::encode(&2u32)).unwrap();
         db.flush().unwrap();
     }
     let (tracker, cancel) = (TaskTracker::new(), CancellationToken::new());

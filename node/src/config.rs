@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferry_ingress::ClusterOptions;
-use ferry_log::wire::v1::RetentionPolicy;
+use ferry_partition::wire::v1::RetentionPolicy;
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};

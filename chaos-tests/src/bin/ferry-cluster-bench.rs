@@ -23,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use ferry_chaos_tests::{eventually, Broker, Cluster, Handlers, Node};
-use ferry_log::partitioner::partition_of;
+use ferry_partition::partitioner::partition_of;
 use rdkafka::producer::{FutureRecord, Producer};
 use serde_json::{json, Value};
 

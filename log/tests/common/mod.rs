@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use ferry_log::wire::v1::{Dedup, HandlerType, Invoke, Retention, ServiceType, Source, Target};
+use ferry_partition::wire::v1::{Dedup, HandlerType, Invoke, Retention, ServiceType, Source, Target};
 
 /// openraft's tasks release their storage handles shortly after `shutdown`
 /// returns; an in-process reopen waits for sled's file lock to be free.

@@ -7,8 +7,6 @@ pub mod v1;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::Error;
-
 /// The version this build writes.
 pub const VERSION: u8 = 1;
 
@@ -26,12 +24,17 @@ pub fn encoded_len<T: Serialize>(value: &T) -> usize {
     1 + bincode::serialized_size(value).map_or(usize::MAX - 1, |n| n as usize)
 }
 
+/// A value that does not decode: corrupt, or written by a newer version.
+#[derive(Debug, thiserror::Error)]
+#[error("decode: {0}")]
+pub struct DecodeError(pub String);
+
 /// Decodes a value written by this or an earlier version.
-pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
     match bytes.split_first() {
-        Some((&1, body)) => bincode::deserialize(body).map_err(|e| Error::Decode(e.to_string())),
-        Some((version, _)) => Err(Error::Decode(format!("unknown format version {version}"))),
-        None => Err(Error::Decode("empty value".to_owned())),
+        Some((&1, body)) => bincode::deserialize(body).map_err(|e| DecodeError(e.to_string())),
+        Some((version, _)) => Err(DecodeError(format!("unknown format version {version}"))),
+        None => Err(DecodeError("empty value".to_owned())),
     }
 }
 

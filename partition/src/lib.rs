@@ -1,0 +1,13 @@
+//! A partition's state machine and the cluster metadata's: the commands a
+//! Raft group replicates, their versioned encoding, and `apply`. Applying a
+//! command is deterministic: no clocks, randomness or I/O happen inside
+//! [`state`]; the proposer stamps times and ids into the command.
+
+pub mod partitioner;
+pub mod state;
+pub mod wire;
+
+pub use wire::v1::{Command, Response};
+
+/// A partition of the key space.
+pub type PartitionId = u32;
