@@ -1,6 +1,7 @@
 //! The admin operations, shared by the gRPC service and the REST gateway.
 
 use std::collections::BTreeMap;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -479,7 +480,7 @@ impl Admin {
         let not_found = || Error::NotFound(format!("invocation {id} not found"));
         let partition = self.partition_of_id(id).ok_or_else(not_found)?;
         self.log
-            .read_partition(partition, |p| p.invocation(id).map(|inv| invocation_to_proto(inv, partition)))?
+            .read_partition(partition, |p| Ok(p.invocation(id)?.map(|inv| invocation_to_proto(&inv, partition))))?
             .ok_or_else(not_found)
     }
 
@@ -502,8 +503,9 @@ impl Admin {
         };
         match outcome {
             Outcome::Applied => {
-                let completed =
-                    self.log.read_partition(partition, |p| p.invocation(&id).is_none_or(|i| i.completion.is_some()))?;
+                let completed = self
+                    .log
+                    .read_partition(partition, |p| Ok(p.invocation(&id)?.is_none_or(|i| i.completion.is_some())))?;
                 Ok(pb::InvocationActionResponse { accepted: action == Action::Cancel && !completed })
             }
             Outcome::NotFound => Err(Error::NotFound(format!("invocation {id} not found"))),
@@ -553,13 +555,17 @@ impl Admin {
         for partition in first_partition..self.log.partitions() {
             let after = if partition == first_partition { after } else { None };
             self.log.read_partition(partition, |p| {
-                for inv in p.invocations_after(after).filter(|inv| matches(inv)) {
+                p.invocations_after(after, |inv| {
+                    if !matches(&inv) {
+                        return ControlFlow::Continue(());
+                    }
                     if invocations.len() == limit {
                         more = true;
-                        return;
+                        return ControlFlow::Break(());
                     }
-                    invocations.push(invocation_to_proto(inv, partition));
-                }
+                    invocations.push(invocation_to_proto(&inv, partition));
+                    ControlFlow::Continue(())
+                })
             })?;
             if more {
                 break;

@@ -566,6 +566,19 @@ impl Node {
         Ok((status, value))
     }
 
+    /// Each group's applied index and state digest on this node.
+    pub async fn state_digests(&self) -> Result<BTreeMap<u64, (Value, Value)>> {
+        let status = self.get("/cluster?state_digests=true").await?;
+        let groups = status["groups"].as_array().context("groups")?;
+        Ok(groups
+            .iter()
+            .map(|g| {
+                let state = &g["state"];
+                (g["group"].as_u64().unwrap_or_default(), (state["applied_index"].clone(), state["digest"].clone()))
+            })
+            .collect())
+    }
+
     pub async fn get(&self, path: &str) -> Result<Value> {
         let (status, body) = self.admin(reqwest::Method::GET, path, None).await?;
         if status != 200 {

@@ -37,22 +37,6 @@ const CHUNKS_MIN: usize = 30;
 const KEYS: usize = 61;
 const SESSION_TIMEOUT: Duration = Duration::from_secs(6);
 
-/// Each node's view of a subscription's invocations: (id, status) sorted.
-/// Each group's applied index and state digest on node `id`.
-async fn states(cluster: &Cluster, id: u64) -> Result<BTreeMap<u64, (Value, Value)>> {
-    let status = cluster.node(id).get("/cluster?state_digests=true").await?;
-    let groups = status["groups"].as_array().context("groups")?;
-    Ok(groups
-        .iter()
-        .map(|g| {
-            (
-                g["group"].as_u64().unwrap_or_default(),
-                (g["state"]["applied_index"].clone(), g["state"]["digest"].clone()),
-            )
-        })
-        .collect())
-}
-
 /// The run-once checker over `Once/run`'s records (see the test handlers):
 /// per (invocation, step), every execution and every time the handler went on
 /// past the step, in the handler process's order. Going on past the step
@@ -343,7 +327,11 @@ async fn three_nodes_lose_and_double_nothing_under_faults() -> Result<()> {
     // same digest at the same index on all three.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let groups = loop {
-        let nodes = [states(&cluster, 1).await?, states(&cluster, 2).await?, states(&cluster, 3).await?];
+        let nodes = [
+            cluster.node(1).state_digests().await?,
+            cluster.node(2).state_digests().await?,
+            cluster.node(3).state_digests().await?,
+        ];
         if nodes[0] == nodes[1] && nodes[1] == nodes[2] {
             break nodes[0].clone();
         }

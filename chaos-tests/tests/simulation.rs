@@ -24,13 +24,15 @@
 //! `SIM_SEEDS=<n>` runs n seeds (default 300), `SIM_SEED=<s>` one; a
 //! failure prints the command that replays it.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use ferry_ingress::record::{self, Origin, Record, Sink};
 use ferry_partition::partitioner::partition_of;
-use ferry_partition::state::{Completion, GroupState};
+use ferry_partition::state::{Completion, GroupState, Status};
 use ferry_partition::wire::v1::{
     AttemptId, Command, Effect, HandlerType, Invoke, JournalEntry, Outcome, Response, Retention, ServiceType, Source,
     StateOp,
@@ -138,6 +140,9 @@ struct Sim {
     origins: Vec<Origin>,
     steps: usize,
     next_attempt: u64,
+    /// The Kafka record of each invocation id seen: it never changes, so
+    /// each invocation is decoded once however often the checks run.
+    records: RefCell<HashMap<String, Option<(i32, i64)>>>,
 }
 
 fn fail(seed: u64, what: &str) -> ! {
@@ -206,6 +211,7 @@ impl Sim {
             origins,
             steps: 0,
             next_attempt: 0,
+            records: RefCell::default(),
         }
     }
 
@@ -435,7 +441,18 @@ impl Sim {
         let state = &self.groups[g].replicas[node].state;
         let running_ids: BTreeSet<&str> =
             self.attempts.iter().filter(|a| a.group == g as u32).map(|a| a.id.as_str()).collect();
-        let Some(inv) = state.partition.runnable().find(|inv| !running_ids.contains(inv.id.as_str())) else { return };
+        let mut next = None;
+        state
+            .partition()
+            .runnable_ids(|id| {
+                if running_ids.contains(id) {
+                    return ControlFlow::Continue(());
+                }
+                next = Some(id.to_owned());
+                ControlFlow::Break(())
+            })
+            .unwrap();
+        let Some(inv) = next.and_then(|id| state.partition().invocation(&id).unwrap()) else { return };
         let attempt: AttemptId = inv.attempt().expect("runnable invocations are ready");
         let id = inv.id.clone();
         let effect = match inv.journal.first() {
@@ -454,12 +471,9 @@ impl Sim {
                 assert_eq!(self.committed_steps.get(&id), Some(&token), "{id} went on past an uncommitted step");
                 let key = inv.target.key.clone().expect("keyed");
                 let seq: u64 = String::from_utf8_lossy(&inv.payload).parse().expect("seq payload");
-                let values = state.partition.object_state("Counter", &key);
-                let read = |name: &str| {
-                    values
-                        .and_then(|v| v.get(name.as_bytes()))
-                        .map_or(0, |b| String::from_utf8_lossy(b).parse().unwrap())
-                };
+                let values = state.partition().object_state("Counter", &key).unwrap();
+                let read =
+                    |name: &str| values.get(name.as_bytes()).map_or(0, |b| String::from_utf8_lossy(b).parse().unwrap());
                 let (count, last): (u64, u64) = (read("count"), read("last"));
                 assert!(seq > last, "{key}: record {seq} handled after {last}");
                 let set = |name: &str, value: u64| StateOp::Set {
@@ -557,12 +571,22 @@ impl Sim {
     /// offset has exactly one invocation in the committed logs.
     fn check(&self) {
         let mut invoked: HashMap<(i32, i64), usize> = HashMap::new();
+        let mut records = self.records.borrow_mut();
         for group in &self.groups {
-            for inv in group.reference.partition.invocations_after(None) {
-                if let Source::Kafka(source) = &inv.source {
-                    *invoked.entry((source.partition, source.offset)).or_default() += 1;
+            let p = group.reference.partition();
+            p.invocation_ids(|id| {
+                let record = records.entry(id.to_owned()).or_insert_with(|| {
+                    match p.invocation(id).unwrap().expect("listed").source {
+                        Source::Kafka(source) => Some((source.partition, source.offset)),
+                        Source::Ingress => None,
+                    }
+                });
+                if let Some(record) = record {
+                    *invoked.entry(*record).or_default() += 1;
                 }
-            }
+                ControlFlow::Continue(())
+            })
+            .unwrap();
         }
         if let Some((at, n)) = invoked.iter().find(|(_, &n)| n > 1) {
             panic!("offset {at:?} has {n} invocations");
@@ -580,7 +604,8 @@ impl Sim {
     fn done(&self) -> bool {
         self.consumers.iter().zip(&self.topic).all(|(c, t)| c.committed == t.len())
             && self.groups.iter().all(|g| {
-                g.reference.partition.invocations_after(None).all(|inv| inv.completion.is_some())
+                let counts = g.reference.partition().status_counts().unwrap();
+                counts[Status::Completed.index()] == counts.iter().sum::<u64>()
                     && g.replicas.iter().all(|r| r.applied == g.log.len())
             })
     }
@@ -593,7 +618,7 @@ impl Sim {
         }
         for (key, expected) in counts {
             let g = partition_of(ferry_partition::partitioner::key_hash("Counter", &key), GROUPS) as usize;
-            let values = self.groups[g].reference.partition.object_state("Counter", &key).expect("counted");
+            let values = self.groups[g].reference.partition().object_state("Counter", &key).unwrap();
             let count: u64 = String::from_utf8_lossy(&values[&b"count"[..]]).parse().unwrap();
             assert_eq!(count, expected, "{key}");
         }

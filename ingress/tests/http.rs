@@ -66,9 +66,15 @@ impl Served {
     async fn first_invocation(&self) -> String {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
-            let first =
-                |p: &ferry_partition::state::PartitionState| p.invocations_after(None).next().map(|i| i.id.clone());
-            if let Some(id) = self.log.read_partition(0, first).unwrap() {
+            let first = self.log.read_partition(0, |p| {
+                let mut first = None;
+                p.invocations_after(None, |inv| {
+                    first = Some(inv.id);
+                    std::ops::ControlFlow::Break(())
+                })?;
+                Ok(first)
+            });
+            if let Some(id) = first.unwrap() {
                 return id;
             }
             assert!(tokio::time::Instant::now() < deadline, "the call created no invocation");
@@ -113,7 +119,7 @@ async fn case10_a_caller_waiting_on_a_purged_invocation_is_answered() {
     // The key is free again: the same request creates a new invocation.
     let again = tokio::spawn(call(url));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while log.read_partition(0, |p| p.invocation(&id).is_none()).unwrap() {
+    while log.read_partition(0, |p| Ok(p.invocation(&id)?.is_none())).unwrap() {
         assert!(tokio::time::Instant::now() < deadline, "the key created nothing new");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -130,13 +136,13 @@ async fn a_caller_gets_the_result_of_an_invocation_removed_as_it_completes() {
     let log = &served.log;
     let waiting = tokio::spawn(call(served.url.clone()));
     let id = served.first_invocation().await;
-    let attempt = log.read_partition(0, |p| p.invocation(&id).and_then(|inv| inv.attempt())).unwrap().unwrap();
+    let attempt = log.read_partition(0, |p| Ok(p.invocation(&id)?.and_then(|inv| inv.attempt()))).unwrap().unwrap();
     let result = Completion::Success(Bytes::from_static(b"\"hello\""));
     let done = Effect::Complete { id: id.clone(), attempt, state: vec![], result };
     log.propose(partition_group(0), Command::Effects { at_ms: 2, effects: vec![done] }).await.unwrap();
 
     let (status, body) = tokio::time::timeout(Duration::from_secs(10), waiting).await.unwrap().unwrap();
     assert_eq!((status, body.as_str()), (200, "\"hello\""));
-    assert!(log.read_partition(0, |p| p.invocation(&id).is_none()).unwrap(), "the invocation was kept");
+    assert!(log.read_partition(0, |p| Ok(p.invocation(&id)?.is_none())).unwrap(), "the invocation was kept");
     served.stop().await;
 }

@@ -9,6 +9,7 @@
 //! applied, so it never runs twice at once on one node.
 
 use std::collections::{HashMap, HashSet};
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -300,9 +301,7 @@ impl PartitionScheduler {
             return;
         }
         let log = &self.shared.log;
-        let Ok(here) =
-            log.read_partition(self.partition, |p| p.subscriptions_with_dedup().map(str::to_owned).collect::<Vec<_>>())
-        else {
+        let Ok(here) = log.read_partition(self.partition, |p| p.subscriptions_with_dedup()) else {
             return;
         };
         let deleted: Vec<String> =
@@ -342,34 +341,46 @@ impl PartitionScheduler {
         let waking = &self.waking;
         let read = self.shared.log.read_partition(self.partition, |state| {
             // Attempts whose invocation was killed, cancelled or woken meanwhile.
-            let outdated: Vec<String> = running
-                .iter()
-                .filter(|_| check_outdated)
-                .filter(|(id, r)| state.invocation(id).and_then(|inv| inv.attempt()) != Some(r.attempt))
-                .map(|(id, _)| id.clone())
-                .collect();
-            let jobs: Vec<Job> = state
-                .runnable_ids()
-                .filter(|id| !running.contains_key(*id))
-                .take(free)
-                .filter_map(|id| state.invocation(id))
-                .map(|inv| {
-                    let object = inv.target.key.as_deref().and_then(|k| state.object_state(&inv.target.service, k));
-                    Job::new(inv, object, now)
-                })
-                .collect();
+            let mut outdated = Vec::new();
+            if check_outdated {
+                for (id, r) in running {
+                    if state.invocation(id)?.and_then(|inv| inv.attempt()) != Some(r.attempt) {
+                        outdated.push(id.clone());
+                    }
+                }
+            }
+            let mut ids = Vec::new();
+            state.runnable_ids(|id| {
+                if ids.len() == free {
+                    return ControlFlow::Break(());
+                }
+                if !running.contains_key(id) {
+                    ids.push(id.to_owned());
+                }
+                ControlFlow::Continue(())
+            })?;
+            let mut jobs = Vec::with_capacity(ids.len());
+            for id in ids {
+                let Some(inv) = state.invocation(&id)? else { continue };
+                let object = match inv.target.key.as_deref() {
+                    Some(key) => Some(state.object_state(&inv.target.service, key)?),
+                    None => None,
+                };
+                jobs.push(Job::new(&inv, object.as_ref(), now));
+            }
             let mut due = Vec::new();
             let mut next = None;
-            for (at, id) in state.timers() {
+            state.timers(|at, id| {
                 if at > now {
                     next = Some(at);
-                    break;
+                    return ControlFlow::Break(());
                 }
                 if !waking.contains(id) {
                     due.push(id.to_owned());
                 }
-            }
-            (outdated, jobs, due, next, state.next_expiry())
+                ControlFlow::Continue(())
+            })?;
+            Ok((outdated, jobs, due, next, state.next_expiry()?))
         });
         let Ok((outdated, jobs, due, next, expiry)) = read else {
             return None;

@@ -13,12 +13,11 @@ pub mod network;
 pub mod node;
 pub mod placement;
 pub mod storage;
+pub mod tables;
 
 pub use node::{LogNode, Options};
 
-// `declare_raft_types!` names the default snapshot type unqualified.
 pub use ferry_partition::{Command, PartitionId, Response};
-use std::io::Cursor;
 
 /// A node of the cluster.
 pub type NodeId = u64;
@@ -48,6 +47,7 @@ openraft::declare_raft_types!(
     pub TypeConfig:
         D = Command,
         R = Response,
+        SnapshotData = storage::SnapshotData,
 );
 
 pub type Raft = openraft::Raft<TypeConfig>;
@@ -77,6 +77,8 @@ pub enum Error {
     PartitionCountChanged { stored: u32, configured: u32 },
     #[error(transparent)]
     Decode(#[from] ferry_partition::wire::DecodeError),
+    #[error(transparent)]
+    Store(#[from] ferry_partition::store::StoreError),
     #[error("raft group {group}: a command of {bytes} bytes is over the limit of {max} bytes")]
     TooLarge { group: GroupId, bytes: u64, max: usize },
     #[error("unknown group {0}")]

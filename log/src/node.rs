@@ -16,9 +16,10 @@ use tracing::{error, info, warn};
 
 use crate::network::{self, propose_local, Acks, Channels, NetworkFactory, NodeServer, ProposeError, FORWARD_TIMEOUT};
 use crate::placement::{self, Nodes};
-use crate::storage::{self, CommittedIndex, Flusher, StateMachineStore};
+use crate::storage::{self, CommittedIndex, Flusher, StateMachineStore, StateOptions};
 use crate::{partition_group, Error, GroupId, NodeId, PartitionId, Raft, METADATA_GROUP};
-use ferry_partition::state::{MetadataState, PartitionState, Status};
+use ferry_partition::state::{MetadataState, PartitionRead, Status};
+use ferry_partition::store::{StoreError, StoreRead};
 use ferry_partition::wire::{self, v1::Command, v1::Response};
 
 /// How the log of a node is set up.
@@ -41,7 +42,10 @@ pub struct Options {
     pub entries_kept_after_snapshot: u64,
     /// Most append and vote requests waiting on one flush.
     pub flush_queue_max: usize,
+    /// sled's page cache, for the log.
     pub cache_bytes: u64,
+    /// The page cache of the state databases, shared out among the groups.
+    pub state_cache_bytes: u64,
 }
 
 impl Options {
@@ -59,6 +63,7 @@ impl Options {
             entries_kept_after_snapshot: 1_000,
             flush_queue_max: 4096,
             cache_bytes: 256 << 20,
+            state_cache_bytes: 64 << 20,
         }
     }
 }
@@ -154,8 +159,9 @@ const KEY_DATA_FORMAT: &[u8] = b"format";
 /// snapshots, state). A node refuses a directory of another format rather
 /// than misreading it. 2: effects name their attempt (run and journal
 /// length), subscriptions record their sink's kind. 3: invocations carry
-/// their retention, services and handlers the retention they ask for.
-pub const DATA_FORMAT: u32 = 3;
+/// their retention, services and handlers the retention they ask for. 4:
+/// partition state is kept as tables of rows (`ferry_partition::store`).
+pub const DATA_FORMAT: u32 = 4;
 
 impl LogNode {
     /// Opens the node's storage and starts every group. A node whose storage is
@@ -215,8 +221,12 @@ impl LogNode {
         let channels = Channels::new(options.nodes.clone(), window);
         let mut groups = BTreeMap::new();
         let group_ids = std::iter::once(METADATA_GROUP).chain((0..options.partitions).map(partition_group));
+        let state_options = StateOptions {
+            dir: options.data_dir.join("state"),
+            cache_bytes: (options.state_cache_bytes / (u64::from(options.partitions) + 1)).max(1 << 20) as usize,
+        };
         for group in group_ids {
-            let (log, state) = storage::open(&db, group, flusher.clone())?;
+            let (log, state) = storage::open(&db, group, flusher.clone(), state_options.clone())?;
             let committed = log.committed_index();
             let acks = Acks::default();
             let network = NetworkFactory { group, channels: channels.clone(), acks: acks.clone() };
@@ -356,7 +366,7 @@ impl LogNode {
         let mut changes = g.state.subscribe();
         loop {
             changes.borrow_and_update();
-            if g.state.read(|a| a.last_applied.is_some_and(|id| id.index >= index)) {
+            if g.state.last_applied().is_some_and(|id| id.index >= index) {
                 return Ok(());
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -371,13 +381,17 @@ impl LogNode {
     }
 
     /// Reads the applied state of a partition.
-    pub fn read_partition<R>(&self, partition: PartitionId, f: impl FnOnce(&PartitionState) -> R) -> Result<R, Error> {
-        Ok(self.group(partition_group(partition))?.state.read(|a| f(&a.state.partition)))
+    pub fn read_partition<R>(
+        &self,
+        partition: PartitionId,
+        f: impl FnOnce(&PartitionRead<'_, dyn StoreRead + '_>) -> Result<R, StoreError>,
+    ) -> Result<R, Error> {
+        Ok(self.group(partition_group(partition))?.state.read_partition(f)?)
     }
 
     /// Reads the applied cluster metadata.
     pub fn read_metadata<R>(&self, f: impl FnOnce(&MetadataState) -> R) -> R {
-        self.inner.groups[&METADATA_GROUP].state.read(|a| f(&a.state.metadata))
+        self.inner.groups[&METADATA_GROUP].state.read_metadata(f)
     }
 
     /// A receiver that sees a new value whenever metadata changes may have been applied.
@@ -488,7 +502,16 @@ impl LogNode {
                 // A handler may run for minutes without writing to the log:
                 // while any invocation may be running on the leader, moving
                 // leadership would abort it and run it again.
-                let no_attempts = || g.state.read(|a| a.state.partition.runnable().next().is_none());
+                let no_attempts = || {
+                    let mut none = true;
+                    let read = g.state.read_partition(|p| {
+                        p.runnable_ids(|_| {
+                            none = false;
+                            std::ops::ControlFlow::Break(())
+                        })
+                    });
+                    read.is_ok() && none
+                };
                 if preferred
                     && metrics.current_leader.is_some()
                     && membership.voter_ids().any(|v| v == me)
@@ -532,19 +555,19 @@ impl LogNode {
     }
 
     /// Per group, the index this node has applied and the digest of the state
-    /// at that index ([`GroupState::digest`]), read together. Replicas agree
+    /// at that index ([`ferry_partition::state::digest`]), read together. Replicas agree
     /// when they show the same digest at the same index. Hashes every group's
     /// whole state: meant for checks, not for every scrape.
     pub fn state_digests(&self) -> BTreeMap<GroupId, StateDigest> {
         self.inner
             .groups
             .iter()
-            .map(|(&group, g)| {
-                let digest = g.state.read(|a| StateDigest {
-                    applied_index: a.last_applied.map(|id| id.index),
-                    digest: a.state.digest(),
-                });
-                (group, digest)
+            .filter_map(|(&group, g)| match g.state.digest() {
+                Ok((applied_index, digest)) => Some((group, StateDigest { applied_index, digest })),
+                Err(e) => {
+                    warn!(group, "cannot read the state to digest it: {e}");
+                    None
+                }
             })
             .collect()
     }
@@ -553,7 +576,7 @@ impl LogNode {
     /// `ferry_raft_leader` (1 when this node leads) and
     /// `ferry_raft_last_applied`; and `ferry_invocations` by status, summed
     /// over the partitions this node leads. Meant to run when metrics are
-    /// scraped: each partition's state is locked only to copy its counts.
+    /// scraped: each partition's counts are read from a view of its state.
     pub fn publish_metrics(&self) {
         let mut invocations = [0u64; Status::ALL.len()];
         for status in self.group_statuses() {
@@ -565,7 +588,8 @@ impl LogNode {
                 metrics::gauge!("ferry_raft_last_applied", "group" => group).set(index as f64);
             }
             if leads && status.group != METADATA_GROUP {
-                let counts = self.inner.groups[&status.group].state.read(|a| a.state.partition.status_counts());
+                let counts = self.inner.groups[&status.group].state.read_partition(|p| p.status_counts());
+                let Ok(counts) = counts else { continue };
                 for (total, count) in invocations.iter_mut().zip(counts) {
                     *total += count;
                 }
@@ -581,6 +605,10 @@ impl LogNode {
         for (&group, g) in &self.inner.groups {
             if let Err(e) = g.raft.shutdown().await {
                 warn!(group, "raft group did not stop cleanly: {e}");
+            }
+            // What was applied need not be replayed at the next start.
+            if let Err(e) = g.state.sync().await {
+                warn!(group, "the state was not made durable: {e}");
             }
         }
         if let Err(e) = self.inner.db.flush_async().await {

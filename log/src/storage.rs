@@ -1,35 +1,43 @@
-//! openraft storage on sled: one `Db` per node, two trees per group (entries,
-//! and the group's vote, committed id and snapshot). Appends from every group
-//! go through one [`Flusher`], so a single `flush` makes many groups' entries
-//! durable before openraft hears they are (group commit).
+//! openraft storage. The log is in sled: one `Db` per node, two trees per
+//! group (entries, and the group's vote and committed id). Appends from every
+//! group go through one [`Flusher`], so a single `flush` makes many groups'
+//! entries durable before openraft hears they are (group commit). The state
+//! machine is in redb, one database per group ([`crate::tables`]).
 
 use std::fmt::Debug;
-use std::io::Cursor;
+use std::future::Future;
+use std::io::SeekFrom;
 use std::ops::{Bound, RangeBounds};
+use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
 
+use ferry_partition::state::{apply, MetadataState, PartitionRead, Removed};
+use ferry_partition::store::{StoreError, StoreRead};
+use ferry_partition::wire::{self, v1::Command, v1::Response};
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
 use openraft::{
     BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta,
     StorageError, StorageIOError, StoredMembership, Vote,
 };
+use redb::Database;
 use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncSeek, AsyncSeekExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::tables::{self, ReadTables, WriteTables};
 use crate::{GroupId, NodeId, TypeConfig};
-use ferry_partition::state::GroupState;
-use ferry_partition::wire::{self, v1::Response};
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 
 const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
 const KEY_LAST_PURGED: &[u8] = b"last_purged";
-const KEY_SNAPSHOT: &[u8] = b"snapshot";
 
 enum FlushRequest {
     /// Entries of one group written at `started`, timed into `latency` once durable.
@@ -104,25 +112,6 @@ fn log_key(index: u64) -> [u8; 8] {
 
 fn tree_names(group: GroupId) -> (String, String) {
     (format!("log-{group}"), format!("meta-{group}"))
-}
-
-/// Opens the trees of `group`.
-pub fn open(db: &sled::Db, group: GroupId, flusher: Flusher) -> Result<(LogStore, StateMachineStore), crate::Error> {
-    let (log_name, meta_name) = tree_names(group);
-    let log = db.open_tree(log_name)?;
-    let meta = db.open_tree(meta_name)?;
-    let sm = StateMachineStore::open(group, meta.clone(), flusher.clone())?;
-    let store = LogStore {
-        group,
-        log,
-        meta,
-        flusher,
-        committed: CommittedIndex::default(),
-        append_seconds: metrics::histogram!("ferry_log_append_seconds", "group" => group.to_string()),
-    };
-    let committed = store.get_meta::<Option<LogId<NodeId>>>(KEY_COMMITTED)?.flatten();
-    store.committed.set(committed);
-    Ok((store, sm))
 }
 
 /// The highest log index a group has seen committed, readable while openraft
@@ -287,67 +276,123 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
-/// What a group has applied. Shared between the state machine (which writes
-/// it) and readers such as the admin API.
-#[derive(Debug, Default, Serialize, Deserialize)]
+/// Where and how a node keeps its groups' state.
+#[derive(Debug, Clone)]
+pub struct StateOptions {
+    /// The directory of the state databases, one file per group.
+    pub dir: PathBuf,
+    /// The page cache of each group's database.
+    pub cache_bytes: usize,
+}
+
+/// How often apply makes the state durable. Between those commits the state
+/// on disk may lag what was applied: a restart replays the log from what is
+/// durable, and the log is purged only behind it.
+const DURABLE_EVERY: Duration = Duration::from_secs(1);
+
+/// What a group has applied, as readers see it: updated after each commit.
+#[derive(Debug, Default, Clone)]
 pub struct Applied {
     pub last_applied: Option<LogId<NodeId>>,
     pub membership: StoredMembership<NodeId, BasicNode>,
-    pub state: GroupState,
+    pub metadata: MetadataState,
 }
 
-#[derive(Serialize, Deserialize)]
-struct StoredSnapshot {
-    meta: SnapshotMeta<NodeId, BasicNode>,
-    data: Vec<u8>,
-}
-
-/// The state machine of one group: in memory, rebuilt at start-up from the
-/// last snapshot plus the committed log after it.
+/// The state machine of one group, in its redb database. Apply writes each
+/// batch in one transaction; readers, digests and snapshots read a
+/// consistent view without stopping it.
 #[derive(Clone)]
 pub struct StateMachineStore {
     group: GroupId,
+    options: StateOptions,
+    /// Replaced when a snapshot is installed.
+    db: Arc<RwLock<Arc<Database>>>,
     applied: Arc<RwLock<Applied>>,
-    meta: sled::Tree,
-    flusher: Flusher,
+    removed: Arc<Removed>,
+    last_durable: Arc<Mutex<Instant>>,
     /// Bumped after every applied batch, so readers can wait for changes.
     changes: Arc<watch::Sender<u64>>,
-    snapshot_seq: Arc<std::sync::atomic::AtomicU64>,
-    /// The last log id the stored snapshot covers. Held while a snapshot is
-    /// stored, so that a slow build never replaces a newer installed one.
-    snapshot_stored: Arc<Mutex<Option<LogId<NodeId>>>>,
-    /// `ferry_log_apply_wait_seconds` and `ferry_log_snapshot_encode_seconds`
-    /// of this group.
+    /// `ferry_log_apply_wait_seconds` (waiting to write) and
+    /// `ferry_log_apply_seconds` (writing and committing a batch) of this group.
     apply_wait: metrics::Histogram,
-    snapshot_encode: metrics::Histogram,
+    apply_seconds: metrics::Histogram,
+}
+
+fn db_path(options: &StateOptions, group: GroupId) -> PathBuf {
+    options.dir.join(format!("{group}.redb"))
+}
+
+/// Where a snapshot is installed before it replaces the group's database.
+fn installing_path(options: &StateOptions, group: GroupId) -> PathBuf {
+    options.dir.join(format!("{group}.redb.installing"))
+}
+
+fn storage_error(e: StoreError) -> StorageError<NodeId> {
+    StorageIOError::<NodeId>::write_state_machine(&e).into()
 }
 
 impl StateMachineStore {
-    fn open(group: GroupId, meta: sled::Tree, flusher: Flusher) -> Result<Self, crate::Error> {
-        let mut applied = Applied::default();
-        let mut snapshot_stored = None;
-        if let Some(bytes) = meta.get(KEY_SNAPSHOT)? {
-            let stored: StoredSnapshot = wire::decode(&bytes)?;
-            applied = wire::decode(&stored.data)?;
-            applied.state.partition.recount();
-            snapshot_stored = stored.meta.last_log_id;
-        }
+    fn open(group: GroupId, options: StateOptions) -> Result<Self, crate::Error> {
+        std::fs::create_dir_all(&options.dir).map_err(|e| StoreError(format!("{}: {e}", options.dir.display())))?;
+        // An install that did not finish.
+        let _ = std::fs::remove_file(installing_path(&options, group));
+        let db = tables::open_db(&db_path(&options, group), options.cache_bytes)?;
+        let applied = read_applied(&ReadTables::open(&db)?)?;
         Ok(StateMachineStore {
             group,
+            options,
+            db: Arc::new(RwLock::new(Arc::new(db))),
             applied: Arc::new(RwLock::new(applied)),
-            meta,
-            flusher,
+            removed: Arc::default(),
+            last_durable: Arc::new(Mutex::new(Instant::now())),
             changes: Arc::new(watch::channel(0).0),
-            snapshot_seq: Arc::default(),
-            snapshot_stored: Arc::new(Mutex::new(snapshot_stored)),
             apply_wait: metrics::histogram!("ferry_log_apply_wait_seconds", "group" => group.to_string()),
-            snapshot_encode: metrics::histogram!("ferry_log_snapshot_encode_seconds", "group" => group.to_string()),
+            apply_seconds: metrics::histogram!("ferry_log_apply_seconds", "group" => group.to_string()),
         })
     }
 
-    /// Reads the applied state.
-    pub fn read<R>(&self, f: impl FnOnce(&Applied) -> R) -> R {
-        f(&self.applied.read().expect("state lock poisoned"))
+    fn db(&self) -> Arc<Database> {
+        self.db.read().expect("state db lock poisoned").clone()
+    }
+
+    /// The last log id applied.
+    pub fn last_applied(&self) -> Option<LogId<NodeId>> {
+        self.applied.read().expect("state lock poisoned").last_applied
+    }
+
+    /// Reads the applied cluster metadata.
+    pub fn read_metadata<R>(&self, f: impl FnOnce(&MetadataState) -> R) -> R {
+        f(&self.applied.read().expect("state lock poisoned").metadata)
+    }
+
+    /// Reads a consistent view of the applied partition state.
+    pub fn read_partition<R>(
+        &self,
+        f: impl FnOnce(&PartitionRead<'_, dyn StoreRead + '_>) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        let view = ReadTables::open(&self.db())?;
+        f(&PartitionRead::new(&view, &self.removed))
+    }
+
+    /// The digest of the group's state ([`ferry_partition::state::digest`])
+    /// and the index it was applied to, read from one view.
+    pub fn digest(&self) -> Result<(Option<u64>, u128), StoreError> {
+        let view = ReadTables::open(&self.db())?;
+        let applied = read_applied(&view)?;
+        let digest = ferry_partition::state::digest(&view, &applied.metadata)?;
+        Ok((applied.last_applied.map(|id| id.index), digest))
+    }
+
+    /// Makes everything applied so far durable.
+    pub async fn sync(&self) -> Result<(), StoreError> {
+        let (db, last_durable) = (self.db(), self.last_durable.clone());
+        tokio::task::spawn_blocking(move || {
+            tables::sync(&db)?;
+            *last_durable.lock().expect("durable lock poisoned") = Instant::now();
+            Ok(())
+        })
+        .await
+        .map_err(tables::store_error)?
     }
 
     /// A receiver that sees a new value after every applied batch.
@@ -355,69 +400,86 @@ impl StateMachineStore {
         self.changes.subscribe()
     }
 
-    fn stored_snapshot(&self) -> StorageResult<Option<StoredSnapshot>> {
-        match self.meta.get(KEY_SNAPSHOT).map_err(|e| StorageIOError::read_snapshot(None, &e))? {
-            Some(bytes) => Ok(Some(wire::decode(&bytes).map_err(|e| StorageIOError::read_snapshot(None, &e))?)),
-            None => Ok(None),
-        }
-    }
-
-    /// Stores `stored` unless the stored snapshot already covers as much of
-    /// the log: a build that read the state before a newer snapshot was
-    /// installed must not replace it, or a restart would find the log purged
-    /// behind a snapshot that does not reach it. The encoding and the write
-    /// run on a blocking thread, never on the runtime's.
-    async fn store_snapshot(&self, stored: StoredSnapshot) -> StorageResult<StoredSnapshot> {
-        let signature = Some(stored.meta.signature());
-        let (group, tree, newest) = (self.group, self.meta.clone(), self.snapshot_stored.clone());
-        let (stored, written) = blocking(move || {
-            let mut newest = newest.lock().expect("snapshot lock poisoned");
-            if newest.is_some() && stored.meta.last_log_id <= *newest {
-                tracing::debug!(group, snapshot = %stored.meta.snapshot_id, "a newer snapshot is stored");
-                return Ok((stored, false));
-            }
-            tree.insert(KEY_SNAPSHOT, wire::encode(&stored))
-                .map_err(|e| StorageIOError::write_snapshot(Some(stored.meta.signature()), &e))?;
-            *newest = stored.meta.last_log_id;
-            Ok((stored, true))
-        })
-        .await?;
-        if written {
-            self.flusher.sync().await.map_err(|e| StorageIOError::write_snapshot(signature, &e))?;
-        }
-        Ok(stored)
+    /// The snapshot of what `view` holds.
+    fn snapshot_of(&self, view: ReadTables) -> StorageResult<Snapshot<TypeConfig>> {
+        let applied = read_applied(&view).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+        let snapshot_id = match applied.last_applied {
+            Some(last) => format!("{}-{}-{}", self.group, last.leader_id, last.index),
+            None => format!("{}-none", self.group),
+        };
+        let meta = SnapshotMeta { last_log_id: applied.last_applied, last_membership: applied.membership, snapshot_id };
+        let (dir, group) = (self.options.dir.clone(), self.group);
+        let dump = move || {
+            let started = Instant::now();
+            let mut file = tempfile::tempfile_in(&dir)?;
+            view.dump(&mut file)?;
+            let bytes = std::io::Seek::seek(&mut file, SeekFrom::Current(0))?;
+            std::io::Seek::seek(&mut file, SeekFrom::Start(0))?;
+            metrics::counter!("ferry_log_snapshot_dumps_total", "group" => group.to_string()).increment(1);
+            metrics::gauge!("ferry_log_snapshot_bytes", "group" => group.to_string()).set(bytes as f64);
+            tracing::info!(group, bytes, seconds = started.elapsed().as_secs_f64(), "snapshot written out to send");
+            Ok(file)
+        };
+        Ok(Snapshot { meta, snapshot: Box::new(SnapshotData::view(dump)) })
     }
 }
 
-/// Runs `f` on a blocking thread: encoding or decoding a whole state takes
-/// long enough to stall the runtime's few threads, and with them every
-/// group's heartbeats.
+/// The group's own rows of a view.
+fn read_applied(view: &ReadTables) -> Result<Applied, StoreError> {
+    let (last_applied, membership) = match view.get_group(tables::APPLIED)? {
+        Some(bytes) => wire::decode(&bytes)?,
+        None => (None, StoredMembership::default()),
+    };
+    let metadata = match view.get_group(tables::METADATA)? {
+        Some(bytes) => wire::decode(&bytes)?,
+        None => MetadataState::default(),
+    };
+    Ok(Applied { last_applied, membership, metadata })
+}
+
+/// Opens the trees of `group` and its state.
+pub fn open(
+    db: &sled::Db,
+    group: GroupId,
+    flusher: Flusher,
+    state: StateOptions,
+) -> Result<(LogStore, StateMachineStore), crate::Error> {
+    let (log_name, meta_name) = tree_names(group);
+    let log = db.open_tree(log_name)?;
+    let meta = db.open_tree(meta_name)?;
+    let sm = StateMachineStore::open(group, state)?;
+    let store = LogStore {
+        group,
+        log,
+        meta,
+        flusher,
+        committed: CommittedIndex::default(),
+        append_seconds: metrics::histogram!("ferry_log_append_seconds", "group" => group.to_string()),
+    };
+    let committed = store.get_meta::<Option<LogId<NodeId>>>(KEY_COMMITTED)?.flatten();
+    store.committed.set(committed);
+    Ok((store, sm))
+}
+
+/// Runs `f` on a blocking thread: apply, commits and snapshot dumps and
+/// loads may wait for the disk, and must not hold the runtime's few threads
+/// (and with them every group's heartbeats).
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> StorageResult<T> + Send + 'static) -> StorageResult<T> {
     tokio::task::spawn_blocking(f).await.map_err(|e| StorageIOError::read_state_machine(&e))?
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    /// A snapshot is a view of the state as applied now, made durable first
+    /// so that the log may be purged behind it. Building one copies nothing:
+    /// the view is written out only when a follower needs it.
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
-        let (applied, encode_seconds) = (self.applied.clone(), self.snapshot_encode.clone());
-        let (data, last_log_id, last_membership) = blocking(move || {
-            let applied = applied.read().expect("state lock poisoned");
-            let started = Instant::now();
-            let encoded = (wire::encode(&*applied), applied.last_applied, applied.membership.clone());
-            encode_seconds.record(started.elapsed().as_secs_f64());
-            Ok(encoded)
-        })
-        .await?;
-        // Tests hold a build here, between reading the state and storing it.
-        fail::fail_point!("snapshot-build-before-store");
-        let seq = self.snapshot_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let snapshot_id = match last_log_id {
-            Some(id) => format!("{}-{}-{}-{seq}", self.group, id.leader_id, id.index),
-            None => format!("{}-none-{seq}", self.group),
-        };
-        let meta = SnapshotMeta { last_log_id, last_membership, snapshot_id };
-        let stored = self.store_snapshot(StoredSnapshot { meta: meta.clone(), data }).await?;
-        metrics::gauge!("ferry_log_snapshot_bytes", "group" => self.group.to_string()).set(stored.data.len() as f64);
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(stored.data)) })
+        let db = self.db();
+        let view =
+            blocking(move || ReadTables::open(&db).map_err(|e| StorageIOError::read_snapshot(None, &e).into())).await?;
+        // Tests hold a build here, between taking its view and making it durable.
+        fail::fail_point!("snapshot-build-before-sync");
+        self.sync().await.map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        self.snapshot_of(view)
     }
 }
 
@@ -436,31 +498,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     {
         // Tests hold one group's apply here: `apply-<group>`.
         fail::fail_point!(&format!("apply-{}", self.group));
-        // On a blocking thread: while a snapshot build reads the state, the
-        // apply waits there, not on one of the runtime's threads.
         let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
-        let (applied, wait_seconds) = (self.applied.clone(), self.apply_wait.clone());
-        let responses = blocking(move || {
-            // How long apply waits for the state: a snapshot encoding holds it.
-            let waiting = Instant::now();
-            let mut applied = applied.write().expect("state lock poisoned");
-            wait_seconds.record(waiting.elapsed().as_secs_f64());
-            let mut responses = Vec::with_capacity(entries.len());
-            for entry in entries {
-                applied.last_applied = Some(entry.log_id);
-                let response = match entry.payload {
-                    EntryPayload::Blank => Response::Empty,
-                    EntryPayload::Normal(command) => applied.state.apply(command),
-                    EntryPayload::Membership(membership) => {
-                        applied.membership = StoredMembership::new(Some(entry.log_id), membership);
-                        Response::Empty
-                    }
-                };
-                responses.push(response);
-            }
-            Ok(responses)
-        })
-        .await?;
+        let this = self.clone();
+        let responses = blocking(move || this.apply_batch(entries).map_err(storage_error)).await?;
         self.changes.send_modify(|v| *v += 1);
         Ok(responses)
     }
@@ -469,36 +509,220 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Cursor<Vec<u8>>>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<SnapshotData>> {
+        let dir = self.options.dir.clone();
+        let file =
+            blocking(move || tempfile::tempfile_in(&dir).map_err(|e| StorageIOError::write_snapshot(None, &e).into()))
+                .await?;
+        Ok(Box::new(SnapshotData::file(file)))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, BasicNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<SnapshotData>,
     ) -> StorageResult<()> {
-        let data = snapshot.into_inner();
         let signature = Some(meta.signature());
-        let (mut installed, data) = blocking(move || {
-            let mut installed: Applied =
-                wire::decode(&data).map_err(|e| StorageIOError::read_snapshot(signature, &e))?;
-            installed.state.partition.recount();
-            Ok((installed, data))
+        let file = snapshot.into_file().await.map_err(|e| StorageIOError::read_snapshot(signature.clone(), &e))?;
+        let (this, installing) = (self.clone(), meta.clone());
+        let installed = blocking(move || {
+            this.install(&installing, file)
+                .map_err(|e| StorageIOError::write_snapshot(Some(installing.signature()), &e).into())
         })
         .await?;
-        // The snapshot's meta is authoritative for what it covers.
-        installed.last_applied = meta.last_log_id;
-        installed.membership = meta.last_membership.clone();
-        self.store_snapshot(StoredSnapshot { meta: meta.clone(), data }).await?;
-        *self.applied.write().expect("state lock poisoned") = installed;
+        let (db, applied) = installed;
+        *self.db.write().expect("state db lock poisoned") = Arc::new(db);
+        *self.applied.write().expect("state lock poisoned") = applied;
+        *self.last_durable.lock().expect("durable lock poisoned") = Instant::now();
         self.changes.send_modify(|v| *v += 1);
+        metrics::counter!("ferry_log_snapshots_installed_total", "group" => self.group.to_string()).increment(1);
+        tracing::info!(group = self.group, snapshot = %meta.snapshot_id, "snapshot installed");
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
-        Ok(self
-            .stored_snapshot()?
-            .map(|stored| Snapshot { meta: stored.meta, snapshot: Box::new(Cursor::new(stored.data)) }))
+        let db = self.db();
+        let view =
+            blocking(move || ReadTables::open(&db).map_err(|e| StorageIOError::read_snapshot(None, &e).into())).await?;
+        // Nothing applied, nothing to send.
+        let snapshot = self.snapshot_of(view)?;
+        Ok(snapshot.meta.last_log_id.is_some().then_some(snapshot))
+    }
+}
+
+impl StateMachineStore {
+    /// Applies `entries` in one write transaction and publishes the result.
+    fn apply_batch(&self, entries: Vec<Entry<TypeConfig>>) -> Result<Vec<Response>, StoreError> {
+        let db = self.db();
+        let waiting = Instant::now();
+        let mut txn = db.begin_write().map_err(tables::store_error)?;
+        let started = Instant::now();
+        self.apply_wait.record(started.duration_since(waiting).as_secs_f64());
+        let durable = self.last_durable.lock().expect("durable lock poisoned").elapsed() >= DURABLE_EVERY;
+        if durable {
+            txn.set_quick_repair(true);
+        } else {
+            txn.set_durability(redb::Durability::None).map_err(tables::store_error)?;
+        }
+        let mut applied = self.applied.read().expect("state lock poisoned").clone();
+        let mut responses = Vec::with_capacity(entries.len());
+        {
+            let mut tables = WriteTables::open(&txn)?;
+            let mut metadata_changed = false;
+            for entry in entries {
+                applied.last_applied = Some(entry.log_id);
+                let response = match entry.payload {
+                    EntryPayload::Blank => Response::Empty,
+                    EntryPayload::Normal(command) => {
+                        metadata_changed |= matches!(command, Command::Metadata(_));
+                        apply(&mut tables, &self.removed, &mut applied.metadata, command)?
+                    }
+                    EntryPayload::Membership(membership) => {
+                        applied.membership = StoredMembership::new(Some(entry.log_id), membership);
+                        Response::Empty
+                    }
+                };
+                responses.push(response);
+            }
+            tables.put_group(tables::APPLIED, &wire::encode(&(applied.last_applied, &applied.membership)))?;
+            if metadata_changed {
+                tables.put_group(tables::METADATA, &wire::encode(&applied.metadata))?;
+            }
+        }
+        txn.commit().map_err(tables::store_error)?;
+        if durable {
+            *self.last_durable.lock().expect("durable lock poisoned") = Instant::now();
+        }
+        self.apply_seconds.record(started.elapsed().as_secs_f64());
+        *self.applied.write().expect("state lock poisoned") = applied;
+        Ok(responses)
+    }
+
+    /// Loads a snapshot into a new database beside the group's, then puts it
+    /// in its place: a crash before that leaves the old state whole, one
+    /// after leaves the new one.
+    fn install(
+        &self,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        file: std::fs::File,
+    ) -> Result<(Database, Applied), StoreError> {
+        let (path, installing) = (db_path(&self.options, self.group), installing_path(&self.options, self.group));
+        let io = |e: std::io::Error| StoreError(format!("{}: {e}", installing.display()));
+        match std::fs::remove_file(&installing) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+            _ => {}
+        }
+        let db = tables::open_db(&installing, self.options.cache_bytes)?;
+        let applied_row = wire::encode(&(meta.last_log_id, &meta.last_membership));
+        tables::load(&db, file, |tables| tables.put_group(tables::APPLIED, &applied_row))?;
+        std::fs::rename(&installing, &path).map_err(io)?;
+        std::fs::File::open(&self.options.dir).and_then(|dir| dir.sync_all()).map_err(io)?;
+        let applied = read_applied(&ReadTables::open(&db)?)?;
+        Ok((db, applied))
+    }
+}
+
+/// The bytes of a snapshot as openraft moves them. A snapshot built here is
+/// a view that is written to an unnamed file only when it is first read;
+/// one being received is such a file from the start. Either way a snapshot
+/// is never held in memory whole.
+pub struct SnapshotData {
+    state: DataState,
+    /// A seek started before the file was there.
+    seek: Option<SeekFrom>,
+}
+
+type Dump = Box<dyn FnOnce() -> std::io::Result<std::fs::File> + Send>;
+
+enum DataState {
+    View(Option<Dump>),
+    Dumping(tokio::task::JoinHandle<std::io::Result<std::fs::File>>),
+    File(tokio::fs::File),
+}
+
+impl SnapshotData {
+    fn view(dump: impl FnOnce() -> std::io::Result<std::fs::File> + Send + 'static) -> Self {
+        SnapshotData { state: DataState::View(Some(Box::new(dump))), seek: None }
+    }
+
+    fn file(file: std::fs::File) -> Self {
+        SnapshotData { state: DataState::File(tokio::fs::File::from_std(file)), seek: None }
+    }
+
+    /// Drives the snapshot to its file: starts or waits for the dump of a view.
+    fn poll_file(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        loop {
+            match &mut self.state {
+                DataState::View(dump) => {
+                    let dump = dump.take().expect("a view is dumped once");
+                    self.state = DataState::Dumping(tokio::task::spawn_blocking(dump));
+                }
+                DataState::Dumping(dumping) => {
+                    let file = ready!(Pin::new(dumping).poll(cx)).map_err(std::io::Error::other)??;
+                    self.state = DataState::File(tokio::fs::File::from_std(file));
+                }
+                DataState::File(_) => return Poll::Ready(Ok(())),
+            }
+        }
+    }
+
+    fn file_mut(&mut self) -> &mut tokio::fs::File {
+        match &mut self.state {
+            DataState::File(file) => file,
+            _ => unreachable!("polled to its file first"),
+        }
+    }
+
+    /// The snapshot's file, from its start.
+    async fn into_file(mut self) -> std::io::Result<std::fs::File> {
+        std::future::poll_fn(|cx| self.poll_file(cx)).await?;
+        let DataState::File(mut file) = self.state else { unreachable!("polled to its file") };
+        file.flush().await?;
+        file.seek(SeekFrom::Start(0)).await?;
+        Ok(file.into_std().await)
+    }
+}
+
+impl AsyncRead for SnapshotData {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_file(cx))?;
+        Pin::new(this.file_mut()).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for SnapshotData {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        ready!(this.poll_file(cx))?;
+        Pin::new(this.file_mut()).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_file(cx))?;
+        Pin::new(this.file_mut()).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_file(cx))?;
+        Pin::new(this.file_mut()).poll_shutdown(cx)
+    }
+}
+
+impl AsyncSeek for SnapshotData {
+    fn start_seek(self: Pin<&mut Self>, position: SeekFrom) -> std::io::Result<()> {
+        self.get_mut().seek = Some(position);
+        Ok(())
+    }
+
+    fn poll_complete(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<u64>> {
+        let this = self.get_mut();
+        ready!(this.poll_file(cx))?;
+        if let Some(position) = this.seek.take() {
+            Pin::new(this.file_mut()).start_seek(position)?;
+        }
+        Pin::new(this.file_mut()).poll_complete(cx)
     }
 }

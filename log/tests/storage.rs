@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{invoke, when_unlocked};
-use ferry_log::storage::{self, Flusher, LogStore, StateMachineStore};
+use ferry_log::storage::{self, Flusher, LogStore, StateMachineStore, StateOptions};
 use ferry_log::{partition_group, LogNode, NodeId, Options, TypeConfig};
 use ferry_partition::wire::v1::{Command, Response};
 use openraft::testing::{StoreBuilder, Suite};
@@ -19,9 +19,10 @@ struct SledBuilder;
 impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> for SledBuilder {
     async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError<NodeId>> {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let db = sled::Config::new().path(dir.path().join("log")).open().unwrap();
         let flusher = Flusher::start(db.clone(), 64, &TaskTracker::new(), CancellationToken::new());
-        let (log, sm) = storage::open(&db, 1, flusher).unwrap();
+        let state = StateOptions { dir: dir.path().join("state"), cache_bytes: 1 << 20 };
+        let (log, sm) = storage::open(&db, 1, flusher, state).unwrap();
         Ok((dir, log, sm))
     }
 }
@@ -71,7 +72,7 @@ async fn committed_invocations_survive_a_restart_and_stay_deduplicated() {
         let db = when_unlocked(|| std::future::ready(sled::open(dir.path().join("log")))).await.unwrap();
         let entries = db.open_tree("log-1").unwrap().len();
         assert!(entries <= 20, "round {round}: {entries} entries left in the log");
-        assert!(db.open_tree("meta-1").unwrap().contains_key(b"snapshot").unwrap());
+        assert!(dir.path().join("state/1.redb").exists(), "the partition's state is on disk");
     }
 }
 
@@ -95,15 +96,24 @@ async fn partition_count_is_fixed_at_creation() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_data_directory_of_another_format_is_refused_with_what_to_do() {
-    let dir = tempfile::tempdir().unwrap();
-    // What a node of the first format leaves: a partition count, no format.
-    {
-        let db = sled::open(dir.path().join("log")).unwrap();
-        db.open_tree("cluster").unwrap().insert(b"partitions", ferry_partition::wire::encode(&2u32)).unwrap();
-        db.flush().unwrap();
+    // What a node of the first format leaves: a partition count, no format;
+    // of the third: partition state kept only in snapshots in sled.
+    for format in [None, Some(3u32)] {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path().join("log")).unwrap();
+            let cluster = db.open_tree("cluster").unwrap();
+            cluster.insert(b"partitions", ferry_partition::wire::encode(&2u32)).unwrap();
+            if let Some(format) = format {
+                cluster.insert(b"format", ferry_partition::wire::encode(&format)).unwrap();
+            }
+            db.flush().unwrap();
+        }
+        let (tracker, cancel) = (TaskTracker::new(), CancellationToken::new());
+        let options = Options::single_node(dir.path().to_owned(), 2);
+        let err = LogNode::open(options, &tracker, cancel).await.err().unwrap().to_string();
+        let found = format!("data format {}", format.unwrap_or(1));
+        assert!(err.contains(&found) && err.contains("empty base-dir"), "{err}");
+        assert!(!dir.path().join("state").exists(), "a refused directory is left as it was");
     }
-    let (tracker, cancel) = (TaskTracker::new(), CancellationToken::new());
-    let options = Options::single_node(dir.path().to_owned(), 2);
-    let err = LogNode::open(options, &tracker, cancel).await.err().unwrap().to_string();
-    assert!(err.contains("data format 1") && err.contains("empty base-dir"), "{err}");
 }

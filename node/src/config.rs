@@ -154,8 +154,11 @@ pub struct RaftConfig {
     pub entries_kept_after_snapshot: u64,
     /// Most appends waiting for one flush to disk.
     pub flush_queue_max: usize,
-    /// sled's page cache.
+    /// sled's page cache, for the Raft log.
     pub cache_bytes: u64,
+    /// The page cache of the partition-state databases, shared out among
+    /// the node's groups.
+    pub state_cache_bytes: u64,
 }
 
 impl Default for RaftConfig {
@@ -169,6 +172,7 @@ impl Default for RaftConfig {
             entries_kept_after_snapshot: defaults.entries_kept_after_snapshot,
             flush_queue_max: defaults.flush_queue_max,
             cache_bytes: defaults.cache_bytes,
+            state_cache_bytes: defaults.state_cache_bytes,
         }
     }
 }
@@ -421,6 +425,7 @@ impl Config {
             entries_kept_after_snapshot: self.raft.entries_kept_after_snapshot,
             flush_queue_max: self.raft.flush_queue_max,
             cache_bytes: self.raft.cache_bytes,
+            state_cache_bytes: self.raft.state_cache_bytes,
         }
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod partitioner;
 pub mod state;
+pub mod store;
 pub mod wire;
 
 pub use wire::v1::{Command, Response};

@@ -1,111 +1,93 @@
 //! The deterministic state machines. `apply` takes the state and a command and
 //! returns the response; it reads no clock, draws no randomness and does no
-//! I/O, so replicas with the same log hold the same state.
+//! I/O but through its [`Store`], so replicas with the same log hold the same
+//! state.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::ops::{Bound, ControlFlow};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use ferry_telemetry::TraceContext;
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::Xxh3;
 
+use crate::store::{key, scan_prefix, MemStore, Row, Store, StoreError, StoreRead, Table};
 pub use crate::wire::v1::Completion;
 use crate::wire::v1::{
     AttemptId, Command, Deployment, Effect, Invoke, JournalEntry, MetadataCommand, MetadataResponse, Outcome, Response,
     Retention, ServiceDef, Sleep, Source, StateOp, Subscription, Target,
 };
+use crate::wire::{decode, encode};
 
-/// The state of one Raft group. The metadata group only uses `metadata`;
-/// partition groups only use `partition`.
+/// Applies `command` to a group's state: partition tables in `store`, the
+/// cluster metadata in `metadata`. Only a failing store fails it.
+pub fn apply<S: Store + ?Sized>(
+    store: &mut S,
+    removed: &Removed,
+    metadata: &mut MetadataState,
+    command: Command,
+) -> Result<Response, StoreError> {
+    let mut partition = Partition { store, removed };
+    match command {
+        Command::Invoke(batch) => partition.apply_invoke(batch),
+        Command::Metadata(command) => Ok(Response::Metadata(metadata.apply(command))),
+        Command::Effects { at_ms, effects } => {
+            let outcomes = effects.into_iter().map(|e| partition.apply_effect(at_ms, e)).collect::<Result<_, _>>()?;
+            Ok(Response::Effects(outcomes))
+        }
+        Command::Expire { at_ms, max } => partition.apply_expire(at_ms, max),
+        Command::ForgetSubscription { id } => partition.forget_subscription(id),
+    }
+}
+
+/// A 128-bit hash of a group's state. Replicas that applied the same log
+/// have the same digest: tables are hashed in key order.
+pub fn digest(store: &(impl StoreRead + ?Sized), metadata: &MetadataState) -> Result<u128, StoreError> {
+    let mut hasher = Xxh3::new();
+    for table in Table::ALL {
+        hasher.update(table.name().as_bytes());
+        store.scan(table, Bound::Unbounded, Bound::Unbounded, &mut |k, v| {
+            hasher.update(&(k.len() as u64).to_le_bytes());
+            hasher.update(k);
+            hasher.update(&(v.len() as u64).to_le_bytes());
+            hasher.update(v);
+            ControlFlow::Continue(())
+        })?;
+    }
+    hasher.update(&encode(metadata));
+    Ok(hasher.digest128())
+}
+
+/// The state of one Raft group, in memory. The metadata group only uses
+/// `metadata`; partition groups only use the partition tables.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct GroupState {
-    pub partition: PartitionState,
+    tables: MemStore,
     pub metadata: MetadataState,
+    /// Kept on each node, not replicated, never encoded.
+    #[serde(skip)]
+    removed: Removed,
 }
 
 impl GroupState {
     pub fn apply(&mut self, command: Command) -> Response {
-        match command {
-            Command::Invoke(batch) => self.partition.apply_invoke(batch),
-            Command::Metadata(command) => Response::Metadata(self.metadata.apply(command)),
-            Command::Effects { at_ms, effects } => self.partition.apply_effects(at_ms, effects),
-            Command::Expire { at_ms, max } => self.partition.apply_expire(at_ms, max),
-            Command::ForgetSubscription { id } => self.partition.forget_subscription(id),
-        }
+        apply(&mut self.tables, &self.removed, &mut self.metadata, command).expect("memory stores do not fail")
     }
 
-    /// A 128-bit hash of everything the group has applied. Replicas that
-    /// applied the same log have the same digest: maps are hashed in key
-    /// order, whatever order they were filled in.
     pub fn digest(&self) -> u128 {
-        let p = &self.partition;
-        let canonical = (
-            p.dedup.iter().collect::<BTreeMap<_, _>>(),
-            &p.invocations,
-            p.inboxes.iter().collect::<BTreeMap<_, _>>(),
-            p.objects.iter().collect::<BTreeMap<_, _>>(),
-            &p.runnable,
-            p.next_run_seq,
-            &p.timers,
-            &p.expiries,
-            &p.producers,
-            &p.forgotten,
-            &self.metadata,
-        );
-        let mut hasher = Hasher(Xxh3::new());
-        bincode::serialize_into(&mut hasher, &canonical).expect("hashing cannot fail");
-        hasher.0.digest128()
-    }
-}
-
-/// Feeds an encoder's output to a hash, so nothing is buffered.
-struct Hasher(Xxh3);
-
-impl std::io::Write for Hasher {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.update(buf);
-        Ok(buf.len())
+        digest(&self.tables, &self.metadata).expect("memory stores do not fail")
     }
 
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+    /// Reads of the partition state.
+    pub fn partition(&self) -> PartitionRead<'_, dyn StoreRead + '_> {
+        PartitionRead { store: &self.tables, removed: &self.removed }
     }
-}
 
-/// Invocations, the dedup table, per-key inboxes, object state and timers of
-/// one partition.
-#[derive(Debug, Default, Clone, Serialize, Deserialize)]
-pub struct PartitionState {
-    /// The last sequence number applied per producer.
-    dedup: HashMap<u64, u64>,
-    /// The producers in `dedup` of each subscription.
-    producers: BTreeMap<String, BTreeSet<u64>>,
-    /// Deleted subscriptions whose dedup entries were dropped here; records
-    /// of them are dropped.
-    forgotten: BTreeSet<String>,
-    invocations: BTreeMap<String, Invocation>,
-    /// Exclusive invocations per (service, key), in arrival order; the head is
-    /// the one allowed to run.
-    inboxes: HashMap<ObjectId, VecDeque<String>>,
-    /// The state of every Virtual Object and Workflow key.
-    objects: HashMap<ObjectId, BTreeMap<Bytes, Bytes>>,
-    /// Invocations allowed to run, in the order they became so.
-    runnable: BTreeMap<u64, String>,
-    next_run_seq: u64,
-    /// (due time, invocation) of every backing-off, sleeping or delayed invocation.
-    timers: BTreeSet<(u64, String)>,
-    /// (due time, invocation) of the next retention step of every completed
-    /// invocation: dropping its journal, or the invocation.
-    expiries: BTreeSet<(u64, String)>,
-    /// Results of invocations removed lately. Kept on each node, not
-    /// replicated, never encoded.
-    #[serde(skip)]
-    removed: Removed,
-    /// How many invocations are in each status, by [`Status::index`]. Derived
-    /// from `invocations`, so never encoded: [`PartitionState::recount`]
-    /// rebuilds it after decoding.
-    #[serde(skip)]
-    status_counts: [u64; Status::ALL.len()],
+    /// The partition tables, to change by hand in tests.
+    pub fn tables_mut(&mut self) -> &mut MemStore {
+        &mut self.tables
+    }
 }
 
 /// A Virtual Object or Workflow instance: (service, key).
@@ -135,18 +117,25 @@ pub struct Invocation {
     pub wake_at_ms: Option<u64>,
     /// The sampled span its attempts are traced under.
     pub trace: Option<TraceContext>,
+    /// Its row in [`Table::Runnable`] while it may run.
     run_seq: Option<u64>,
     pub retention: Retention,
     pub completed_at_ms: Option<u64>,
-    /// When its next retention step is due (see [`PartitionState::expiries`]).
+    /// When its next retention step is due (its row in [`Table::Expiries`]).
     expires_at_ms: Option<u64>,
+    /// Its row in its key's inbox ([`Table::Inboxes`]) while it is queued there.
+    inbox_seq: Option<u64>,
 }
 
 /// The results of the invocations removed last, for callers that wait for
 /// one: with a retention of zero an invocation is removed in the very apply
-/// that completes it.
+/// that completes it. Kept on each node, not replicated; shared between
+/// apply and readers.
+#[derive(Debug, Default)]
+pub struct Removed(Mutex<RemovedResults>);
+
 #[derive(Debug, Default, Clone)]
-struct Removed {
+struct RemovedResults {
     results: HashMap<String, Completion>,
     order: VecDeque<String>,
 }
@@ -155,15 +144,26 @@ struct Removed {
 const REMOVED_KEPT: usize = 16_384;
 
 impl Removed {
-    fn push(&mut self, id: String, completion: Completion) {
-        if self.order.len() >= REMOVED_KEPT {
-            if let Some(oldest) = self.order.pop_front() {
-                self.results.remove(&oldest);
+    fn push(&self, id: String, completion: Completion) {
+        let mut removed = self.0.lock().expect("removed results lock poisoned");
+        if removed.order.len() >= REMOVED_KEPT {
+            if let Some(oldest) = removed.order.pop_front() {
+                removed.results.remove(&oldest);
             }
         }
-        if self.results.insert(id.clone(), completion).is_none() {
-            self.order.push_back(id);
+        if removed.results.insert(id.clone(), completion).is_none() {
+            removed.order.push_back(id);
         }
+    }
+
+    fn get(&self, id: &str) -> Option<Completion> {
+        self.0.lock().expect("removed results lock poisoned").results.get(id).cloned()
+    }
+}
+
+impl Clone for Removed {
+    fn clone(&self) -> Self {
+        Removed(Mutex::new(self.0.lock().expect("removed results lock poisoned").clone()))
     }
 }
 
@@ -203,8 +203,9 @@ impl Invocation {
         }
     }
 
-    fn object(&self) -> Option<ObjectId> {
-        Some((self.target.service.clone(), self.target.key.clone()?))
+    /// The row prefix of its object's state and inbox, if it is keyed.
+    fn object_key(&self) -> Option<Vec<u8>> {
+        Some(key::object(&self.target.service, self.target.key.as_deref()?))
     }
 }
 
@@ -236,108 +237,161 @@ impl Status {
             Status::Completed => "completed",
         }
     }
+
+    /// Its row in [`Table::Counters`].
+    fn counter(self) -> [u8; 7] {
+        let mut name = *b"status/";
+        name[6] = b'0' + self.index() as u8;
+        name
+    }
 }
 
-impl PartitionState {
-    fn apply_invoke(&mut self, batch: std::sync::Arc<Vec<Invoke>>) -> Response {
+/// Rows of [`Table::Counters`].
+const NEXT_RUN_SEQ: &[u8] = b"next_run_seq";
+const NEXT_INBOX_SEQ: &[u8] = b"next_inbox_seq";
+
+fn counter(store: &(impl StoreRead + ?Sized), name: &[u8]) -> Result<u64, StoreError> {
+    Ok(store.get(Table::Counters, name)?.as_deref().and_then(key::u64_of).unwrap_or(0))
+}
+
+fn load(store: &(impl StoreRead + ?Sized), id: &str) -> Result<Option<Invocation>, StoreError> {
+    Ok(store.get(Table::Invocations, id.as_bytes())?.map(|bytes| decode(&bytes)).transpose()?)
+}
+
+/// The first row of `table` whose key starts with `prefix`.
+fn first_with_prefix(
+    store: &(impl StoreRead + ?Sized),
+    table: Table,
+    prefix: &[u8],
+) -> Result<Option<Row>, StoreError> {
+    let mut first = None;
+    scan_prefix(store, table, prefix, &mut |k, v| {
+        first = Some((k.to_vec(), v.to_vec()));
+        ControlFlow::Break(())
+    })?;
+    Ok(first)
+}
+
+/// What [`Partition::retire`] did.
+struct Retired {
+    /// The invocation is gone: its copy must not be stored again.
+    removed: bool,
+    journals: u32,
+}
+
+/// The writes of one partition's commands. Every change to an invocation is
+/// made on a copy the caller stores back when it is done with it.
+struct Partition<'a, S: ?Sized> {
+    store: &'a mut S,
+    removed: &'a Removed,
+}
+
+impl<S: Store + ?Sized> Partition<'_, S> {
+    fn apply_invoke(&mut self, batch: Arc<Vec<Invoke>>) -> Result<Response, StoreError> {
         let (mut created, mut deduplicated) = (0, 0);
         // Entries read back from the log hold the only reference.
-        let batch = std::sync::Arc::try_unwrap(batch).unwrap_or_else(|shared| (*shared).clone());
+        let batch = Arc::try_unwrap(batch).unwrap_or_else(|shared| (*shared).clone());
         for invoke in batch {
             let subscription = match &invoke.source {
-                Source::Kafka(kafka) => Some(&kafka.subscription),
+                Source::Kafka(kafka) => Some(kafka.subscription.as_str()),
                 Source::Ingress => None,
             };
-            if subscription.is_some_and(|s| self.forgotten.contains(s)) {
-                deduplicated += 1;
-                continue;
+            if let Some(subscription) = subscription {
+                if self.store.get(Table::Forgotten, subscription.as_bytes())?.is_some() {
+                    deduplicated += 1;
+                    continue;
+                }
             }
             if let Some(dedup) = invoke.dedup {
-                match self.dedup.get_mut(&dedup.producer) {
-                    Some(last) if dedup.seq <= *last => {
-                        deduplicated += 1;
-                        continue;
-                    }
-                    Some(last) => *last = dedup.seq,
-                    None => {
-                        self.dedup.insert(dedup.producer, dedup.seq);
-                        if let Some(subscription) = subscription {
-                            self.producers.entry(subscription.clone()).or_default().insert(dedup.producer);
-                        }
-                    }
+                let producer = dedup.producer.to_be_bytes();
+                let last = self.store.get(Table::Dedup, &producer)?.as_deref().and_then(key::u64_of);
+                if last.is_some_and(|last| dedup.seq <= last) {
+                    deduplicated += 1;
+                    continue;
+                }
+                self.store.put(Table::Dedup, &producer, &dedup.seq.to_be_bytes())?;
+                if let (None, Some(subscription)) = (last, subscription) {
+                    let mut row = Vec::with_capacity(12 + subscription.len());
+                    key::push_str(&mut row, subscription);
+                    row.extend_from_slice(&producer);
+                    self.store.put(Table::Producers, &row, &[])?;
                 }
             }
             // Ids derived from an idempotency key repeat: the first one wins.
-            if self.invocations.contains_key(&invoke.id) {
+            if self.store.get(Table::Invocations, invoke.id.as_bytes())?.is_some() {
                 deduplicated += 1;
                 continue;
             }
-            let id = invoke.id.clone();
-            self.invocations.insert(
-                id.clone(),
-                Invocation {
-                    id: invoke.id,
-                    target: invoke.target,
-                    payload: invoke.payload,
-                    headers: invoke.headers,
-                    source: invoke.source,
-                    status: Status::Scheduled,
-                    created_at_ms: invoke.created_at_ms,
-                    modified_at_ms: invoke.created_at_ms,
-                    attempts: 0,
-                    last_failure: None,
-                    completion: None,
-                    journal: Vec::new(),
-                    state_ops: Vec::new(),
-                    sleeps: Vec::new(),
-                    wake_at_ms: None,
-                    trace: invoke.trace,
-                    run_seq: None,
-                    retention: invoke.retention,
-                    completed_at_ms: None,
-                    expires_at_ms: None,
-                },
-            );
-            self.status_counts[Status::Scheduled.index()] += 1;
-            match (invoke.failure, invoke.not_before_ms) {
+            let mut inv = Invocation {
+                id: invoke.id,
+                target: invoke.target,
+                payload: invoke.payload,
+                headers: invoke.headers,
+                source: invoke.source,
+                status: Status::Scheduled,
+                created_at_ms: invoke.created_at_ms,
+                modified_at_ms: invoke.created_at_ms,
+                attempts: 0,
+                last_failure: None,
+                completion: None,
+                journal: Vec::new(),
+                state_ops: Vec::new(),
+                sleeps: Vec::new(),
+                wake_at_ms: None,
+                trace: invoke.trace,
+                run_seq: None,
+                retention: invoke.retention,
+                completed_at_ms: None,
+                expires_at_ms: None,
+                inbox_seq: None,
+            };
+            self.count(Status::Scheduled, 1)?;
+            let kept = match (invoke.failure, invoke.not_before_ms) {
                 (Some(message), _) => {
-                    self.complete(&id, Completion::Failure { code: 400, message }, invoke.created_at_ms)
+                    self.complete(&mut inv, Completion::Failure { code: 400, message }, invoke.created_at_ms)?
                 }
-                (None, Some(at)) => self.set_timer(&id, at),
-                (None, None) => self.enqueue(&id),
+                (None, Some(at)) => {
+                    self.set_timer(&mut inv, at)?;
+                    true
+                }
+                (None, None) => {
+                    self.enqueue(&mut inv)?;
+                    true
+                }
+            };
+            if kept {
+                self.save(&inv)?;
             }
             created += 1;
         }
-        Response::Invoked { created, deduplicated }
-    }
-
-    fn apply_effects(&mut self, at_ms: u64, effects: Vec<Effect>) -> Response {
-        Response::Effects(effects.into_iter().map(|effect| self.apply_effect(at_ms, effect)).collect())
+        Ok(Response::Invoked { created, deduplicated })
     }
 
     /// Applies one effect; only an applied one changes `modified_at_ms`.
-    fn apply_effect(&mut self, at_ms: u64, effect: Effect) -> Outcome {
-        let id = effect.id().to_owned();
-        let outcome = self.change(at_ms, effect);
-        if outcome == Outcome::Applied {
-            if let Some(inv) = self.invocations.get_mut(&id) {
+    fn apply_effect(&mut self, at_ms: u64, effect: Effect) -> Result<Outcome, StoreError> {
+        let Some(mut inv) = load(self.store, effect.id())? else {
+            return Ok(Outcome::NotFound);
+        };
+        let (outcome, kept) = self.change(&mut inv, at_ms, effect)?;
+        if kept {
+            if outcome == Outcome::Applied {
                 inv.modified_at_ms = at_ms;
             }
+            self.save(&inv)?;
         }
-        outcome
+        Ok(outcome)
     }
 
-    fn change(&mut self, at_ms: u64, effect: Effect) -> Outcome {
-        let Some(inv) = self.invocations.get_mut(effect.id()) else {
-            return Outcome::NotFound;
-        };
+    /// Changes `inv` as `effect` says; answers whether `inv` still exists.
+    fn change(&mut self, inv: &mut Invocation, at_ms: u64, effect: Effect) -> Result<(Outcome, bool), StoreError> {
         let status = inv.status;
         // An attempt's effect counts only if nothing changed the invocation since the attempt started.
-        let current = |attempt: AttemptId| inv.attempt() == Some(attempt);
+        let current = inv.attempt();
+        let stale = Ok((Outcome::Stale, true));
         match effect {
-            Effect::Progress { id, attempt, entries, state, sleeps, run_now } => {
-                if !current(attempt) {
-                    return Outcome::Stale;
+            Effect::Progress { attempt, entries, state, sleeps, run_now, .. } => {
+                if current != Some(attempt) {
+                    return stale;
                 }
                 inv.journal.extend(entries);
                 inv.state_ops.extend(state);
@@ -347,222 +401,263 @@ impl PartitionState {
                 if !run_now {
                     match inv.sleeps.iter().map(|s| s.wake_at_ms).min() {
                         Some(at) => {
-                            self.unrun(&id, Status::Suspended);
-                            self.set_timer(&id, at);
+                            self.unrun(inv, Status::Suspended)?;
+                            self.set_timer(inv, at)?;
                         }
-                        None => self.unrun(&id, Status::Paused),
+                        None => self.unrun(inv, Status::Paused)?,
                     }
                 }
             }
-            Effect::Complete { id, attempt, state, result } => {
-                if !current(attempt) {
-                    return Outcome::Stale;
+            Effect::Complete { attempt, state, result, .. } => {
+                if current != Some(attempt) {
+                    return stale;
                 }
                 inv.state_ops.extend(state);
                 let ops = std::mem::take(&mut inv.state_ops);
-                if let Some(object) = inv.object() {
-                    let values = self.objects.entry(object.clone()).or_default();
-                    for op in ops {
-                        match op {
-                            StateOp::Set { key, value } => {
-                                values.insert(key, value);
-                            }
-                            StateOp::Clear { key } => {
-                                values.remove(&key);
-                            }
-                            StateOp::ClearAll => values.clear(),
-                        }
-                    }
-                    if values.is_empty() {
-                        self.objects.remove(&object);
-                    }
+                if let Some(object) = inv.object_key() {
+                    self.change_object(&object, ops)?;
                 }
-                self.complete(&id, result, at_ms);
+                let kept = self.complete(inv, result, at_ms)?;
+                return Ok((Outcome::Applied, kept));
             }
-            Effect::Failed { id, attempt, message, retry_at_ms, pause } => {
-                if !current(attempt) {
-                    return Outcome::Stale;
+            Effect::Failed { attempt, message, retry_at_ms, pause, .. } => {
+                if current != Some(attempt) {
+                    return stale;
                 }
                 inv.attempts += 1;
                 inv.last_failure = Some(message.clone());
                 match retry_at_ms {
                     Some(at) => {
-                        self.unrun(&id, Status::BackingOff);
-                        self.set_timer(&id, at);
+                        self.unrun(inv, Status::BackingOff)?;
+                        self.set_timer(inv, at)?;
                     }
-                    None if pause => self.unrun(&id, Status::Paused),
-                    None => self.complete(&id, Completion::Failure { code: 500, message }, at_ms),
+                    None if pause => self.unrun(inv, Status::Paused)?,
+                    None => {
+                        let kept = self.complete(inv, Completion::Failure { code: 500, message }, at_ms)?;
+                        return Ok((Outcome::Applied, kept));
+                    }
                 }
             }
-            Effect::Wake { id } => {
+            Effect::Wake { .. } => {
                 let Some(due) = inv.wake_at_ms.filter(|&t| t <= at_ms) else {
-                    return Outcome::Stale;
+                    return stale;
                 };
-                self.timers.remove(&(due, id.clone()));
-                let inv = self.invocations.get_mut(&id).expect("present");
+                self.store.remove(Table::Timers, &key::due(due, &inv.id))?;
                 inv.wake_at_ms = None;
                 match status {
-                    Status::Scheduled => self.enqueue(&id),
-                    Status::BackingOff => self.make_runnable(&id),
+                    Status::Scheduled => self.enqueue(inv)?,
+                    Status::BackingOff => self.make_runnable(inv)?,
                     Status::Suspended => {
                         let (due, later): (Vec<_>, Vec<_>) =
                             std::mem::take(&mut inv.sleeps).into_iter().partition(|s| s.wake_at_ms <= at_ms);
                         inv.journal.extend(due.into_iter().map(|s| s.notification));
                         inv.sleeps = later;
-                        self.make_runnable(&id);
+                        self.make_runnable(inv)?;
                     }
-                    _ => return Outcome::Stale,
+                    _ => return stale,
                 }
             }
-            Effect::Cancel { id, signal } => match status {
-                Status::Completed => return Outcome::NotAllowed("the invocation is completed".to_owned()),
+            Effect::Cancel { signal, .. } => match status {
+                Status::Completed => {
+                    return Ok((Outcome::NotAllowed("the invocation is completed".to_owned()), true));
+                }
                 // Not started yet: nothing to tell the handler.
                 Status::Scheduled | Status::Pending => {
-                    self.complete(&id, Completion::Failure { code: 409, message: "canceled".to_owned() }, at_ms)
+                    let canceled = Completion::Failure { code: 409, message: "canceled".to_owned() };
+                    let kept = self.complete(inv, canceled, at_ms)?;
+                    return Ok((Outcome::Applied, kept));
                 }
                 _ => {
                     inv.journal.push(signal);
                     inv.attempts = 0;
-                    self.make_runnable(&id);
+                    self.make_runnable(inv)?;
                 }
             },
-            Effect::Kill { id } => {
+            Effect::Kill { .. } => {
                 if status == Status::Completed {
-                    return Outcome::NotAllowed("the invocation is completed".to_owned());
+                    return Ok((Outcome::NotAllowed("the invocation is completed".to_owned()), true));
                 }
-                self.complete(&id, Completion::Failure { code: 409, message: "killed".to_owned() }, at_ms);
+                let killed = Completion::Failure { code: 409, message: "killed".to_owned() };
+                let kept = self.complete(inv, killed, at_ms)?;
+                return Ok((Outcome::Applied, kept));
             }
-            Effect::Purge { id } => {
+            Effect::Purge { .. } => {
                 if status != Status::Completed {
-                    return Outcome::NotAllowed(format!("the invocation is {}", status.as_str()));
+                    return Ok((Outcome::NotAllowed(format!("the invocation is {}", status.as_str())), true));
                 }
-                if let Some(at) = inv.expires_at_ms {
-                    self.expiries.remove(&(at, id.clone()));
+                if let Some(at) = inv.expires_at_ms.take() {
+                    self.store.remove(Table::Expiries, &key::due(at, &inv.id))?;
                 }
-                self.invocations.remove(&id);
-                self.status_counts[status.index()] -= 1;
+                self.store.remove(Table::Invocations, inv.id.as_bytes())?;
+                self.count(status, -1)?;
+                return Ok((Outcome::Applied, false));
             }
-            Effect::PurgeJournal { id } => {
+            Effect::PurgeJournal { .. } => {
                 if status != Status::Completed {
-                    return Outcome::NotAllowed(format!("the invocation is {}", status.as_str()));
+                    return Ok((Outcome::NotAllowed(format!("the invocation is {}", status.as_str())), true));
                 }
                 inv.journal = Vec::new();
-                self.retire(&id, at_ms);
+                let retired = self.retire(inv, at_ms)?;
+                return Ok((Outcome::Applied, !retired.removed));
             }
-            Effect::Resume { id } => {
+            Effect::Resume { .. } => {
                 if status != Status::Paused {
-                    return Outcome::NotAllowed(format!("the invocation is {}", status.as_str()));
+                    return Ok((Outcome::NotAllowed(format!("the invocation is {}", status.as_str())), true));
                 }
                 inv.attempts = 0;
-                self.make_runnable(&id);
+                self.make_runnable(inv)?;
             }
         }
-        Outcome::Applied
+        Ok((Outcome::Applied, true))
+    }
+
+    /// Applies a completed invocation's state changes to its object.
+    fn change_object(&mut self, object: &[u8], ops: Vec<StateOp>) -> Result<(), StoreError> {
+        let row = |key: &[u8]| [object, key].concat();
+        for op in ops {
+            match op {
+                StateOp::Set { key, value } => self.store.put(Table::Objects, &row(&key), &value)?,
+                StateOp::Clear { key } => self.store.remove(Table::Objects, &row(&key))?,
+                StateOp::ClearAll => {
+                    let mut rows = Vec::new();
+                    scan_prefix(self.store, Table::Objects, object, &mut |k, _| {
+                        rows.push(k.to_vec());
+                        ControlFlow::Continue(())
+                    })?;
+                    for row in rows {
+                        self.store.remove(Table::Objects, &row)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn save(&mut self, inv: &Invocation) -> Result<(), StoreError> {
+        self.store.put(Table::Invocations, inv.id.as_bytes(), &encode(inv))
+    }
+
+    /// Adds `delta` to the count of invocations in `status`.
+    fn count(&mut self, status: Status, delta: i64) -> Result<(), StoreError> {
+        let name = status.counter();
+        let count = counter(self.store, &name)?.checked_add_signed(delta).expect("status counts stay positive");
+        self.store.put(Table::Counters, &name, &count.to_be_bytes())
+    }
+
+    /// Takes the next value of sequence counter `name`.
+    fn next(&mut self, name: &[u8]) -> Result<u64, StoreError> {
+        let next = counter(self.store, name)?;
+        self.store.put(Table::Counters, name, &(next + 1).to_be_bytes())?;
+        Ok(next)
     }
 
     /// Queues a new or delayed invocation: exclusive ones in their key's inbox.
-    fn enqueue(&mut self, id: &str) {
-        let inv = &self.invocations[id];
+    fn enqueue(&mut self, inv: &mut Invocation) -> Result<(), StoreError> {
         if inv.target.is_exclusive() {
-            let inbox = self.inboxes.entry(inv.object().expect("exclusive targets are keyed")).or_default();
-            inbox.push_back(id.to_owned());
-            if inbox.len() > 1 {
-                self.set_status(id, Status::Pending);
-                return;
+            let object = inv.object_key().expect("exclusive targets are keyed");
+            let seq = self.next(NEXT_INBOX_SEQ)?;
+            inv.inbox_seq = Some(seq);
+            let head = first_with_prefix(self.store, Table::Inboxes, &object)?;
+            self.store.put(Table::Inboxes, &[&object[..], &seq.to_be_bytes()].concat(), inv.id.as_bytes())?;
+            if head.is_some() {
+                return self.set_status(inv, Status::Pending);
             }
         }
-        self.make_runnable(id);
+        self.make_runnable(inv)
     }
 
-    fn make_runnable(&mut self, id: &str) {
-        self.set_status(id, Status::Ready);
-        let inv = self.invocations.get_mut(id).expect("present");
+    fn make_runnable(&mut self, inv: &mut Invocation) -> Result<(), StoreError> {
+        self.set_status(inv, Status::Ready)?;
         if inv.run_seq.is_none() {
-            inv.run_seq = Some(self.next_run_seq);
-            self.runnable.insert(self.next_run_seq, id.to_owned());
-            self.next_run_seq += 1;
+            let seq = self.next(NEXT_RUN_SEQ)?;
+            inv.run_seq = Some(seq);
+            self.store.put(Table::Runnable, &seq.to_be_bytes(), inv.id.as_bytes())?;
         }
+        Ok(())
     }
 
     /// Takes an invocation out of the runnable set, into `status`.
-    fn unrun(&mut self, id: &str, status: Status) {
-        self.set_status(id, status);
-        let inv = self.invocations.get_mut(id).expect("present");
+    fn unrun(&mut self, inv: &mut Invocation, status: Status) -> Result<(), StoreError> {
+        self.set_status(inv, status)?;
         if let Some(seq) = inv.run_seq.take() {
-            self.runnable.remove(&seq);
+            self.store.remove(Table::Runnable, &seq.to_be_bytes())?;
         }
+        Ok(())
     }
 
     /// The one place an invocation's status changes, keeping the counts.
-    fn set_status(&mut self, id: &str, status: Status) {
-        let inv = self.invocations.get_mut(id).expect("present");
-        self.status_counts[inv.status.index()] -= 1;
-        self.status_counts[status.index()] += 1;
-        inv.status = status;
+    fn set_status(&mut self, inv: &mut Invocation, status: Status) -> Result<(), StoreError> {
+        if inv.status != status {
+            self.count(inv.status, -1)?;
+            self.count(status, 1)?;
+            inv.status = status;
+        }
+        Ok(())
     }
 
-    fn set_timer(&mut self, id: &str, at_ms: u64) {
-        let inv = self.invocations.get_mut(id).expect("present");
+    fn set_timer(&mut self, inv: &mut Invocation, at_ms: u64) -> Result<(), StoreError> {
         if let Some(old) = inv.wake_at_ms.replace(at_ms) {
-            self.timers.remove(&(old, id.to_owned()));
+            self.store.remove(Table::Timers, &key::due(old, &inv.id))?;
         }
-        self.timers.insert((at_ms, id.to_owned()));
+        self.store.put(Table::Timers, &key::due(at_ms, &inv.id), &[])
     }
 
     /// Completes an invocation at `at_ms`, lets the next one of its key run,
-    /// and keeps it (and its journal) as long as its retention says.
-    fn complete(&mut self, id: &str, result: Completion, at_ms: u64) {
-        let status = self.invocations[id].status;
-        self.unrun(id, Status::Completed);
-        let inv = self.invocations.get_mut(id).expect("present");
+    /// and keeps it (and its journal) as long as its retention says. Answers
+    /// whether it is kept.
+    fn complete(&mut self, inv: &mut Invocation, result: Completion, at_ms: u64) -> Result<bool, StoreError> {
+        let status = inv.status;
+        self.unrun(inv, Status::Completed)?;
         inv.completion = Some(result);
         inv.completed_at_ms = Some(at_ms);
         inv.state_ops = Vec::new();
         inv.sleeps = Vec::new();
         if let Some(at) = inv.wake_at_ms.take() {
-            self.timers.remove(&(at, id.to_owned()));
+            self.store.remove(Table::Timers, &key::due(at, &inv.id))?;
         }
-        self.release_key(id, status);
-        self.retire(id, at_ms);
+        self.release_key(inv, status)?;
+        Ok(!self.retire(inv, at_ms)?.removed)
     }
 
-    /// Lets the next exclusive invocation of a completed one's key run.
-    fn release_key(&mut self, id: &str, status: Status) {
-        let inv = &self.invocations[id];
+    /// Takes a completed exclusive invocation out of its key's inbox and lets
+    /// the next one there run.
+    fn release_key(&mut self, inv: &mut Invocation, status: Status) -> Result<(), StoreError> {
         if status == Status::Scheduled || !inv.target.is_exclusive() {
-            return;
+            return Ok(());
         }
-        let object = inv.object().expect("exclusive targets are keyed");
-        let Some(inbox) = self.inboxes.get_mut(&object) else { return };
-        if let Some(at) = inbox.iter().position(|queued| queued == id) {
-            inbox.remove(at);
+        let object = inv.object_key().expect("exclusive targets are keyed");
+        if let Some(seq) = inv.inbox_seq.take() {
+            self.store.remove(Table::Inboxes, &[&object[..], &seq.to_be_bytes()].concat())?;
         }
-        match inbox.front().cloned() {
-            Some(next) if self.invocations[&next].status == Status::Pending => self.make_runnable(&next),
-            Some(_) => {}
-            None => {
-                self.inboxes.remove(&object);
-            }
+        let Some((_, next)) = first_with_prefix(self.store, Table::Inboxes, &object)? else {
+            return Ok(());
+        };
+        let next = std::str::from_utf8(&next).map_err(|e| StoreError(format!("inbox row: {e}")))?;
+        let mut next =
+            load(self.store, next)?.ok_or_else(|| StoreError(format!("queued invocation {next} is gone")))?;
+        if next.status == Status::Pending {
+            self.make_runnable(&mut next)?;
+            self.save(&next)?;
         }
+        Ok(())
     }
 
     /// Takes the next retention step of a completed invocation if it is due
     /// at `now`: drops its journal, or the invocation (its result kept in
     /// [`Removed`] for whoever still waits for it). Then sets when the next
-    /// step is due. Returns (invocations, journals) dropped.
-    fn retire(&mut self, id: &str, now: u64) -> (u32, u32) {
-        let inv = self.invocations.get_mut(id).expect("present");
+    /// step is due.
+    fn retire(&mut self, inv: &mut Invocation, now: u64) -> Result<Retired, StoreError> {
         if let Some(at) = inv.expires_at_ms.take() {
-            self.expiries.remove(&(at, id.to_owned()));
+            self.store.remove(Table::Expiries, &key::due(at, &inv.id))?;
         }
         let completed = inv.completed_at_ms.expect("retired invocations are completed");
         if completed.saturating_add(inv.retention.completion_ms) <= now {
-            let inv = self.invocations.remove(id).expect("present");
-            self.status_counts[Status::Completed.index()] -= 1;
-            if let Some(result) = inv.completion {
-                self.removed.push(inv.id, result);
+            self.store.remove(Table::Invocations, inv.id.as_bytes())?;
+            self.count(Status::Completed, -1)?;
+            if let Some(result) = inv.completion.take() {
+                self.removed.push(std::mem::take(&mut inv.id), result);
             }
-            return (1, 0);
+            return Ok(Retired { removed: true, journals: 0 });
         }
         let journal_until = completed.saturating_add(inv.retention.journal_ms);
         let mut journals = 0;
@@ -575,126 +670,202 @@ impl PartitionState {
         // Kept for ever: nothing to look at again.
         if next != u64::MAX {
             inv.expires_at_ms = Some(next);
-            self.expiries.insert((next, id.to_owned()));
+            self.store.put(Table::Expiries, &key::due(next, &inv.id), &[])?;
         }
-        (0, journals)
+        Ok(Retired { removed: false, journals })
     }
 
     /// Takes the retention steps due at `at_ms`, at most `max` of them.
-    fn apply_expire(&mut self, at_ms: u64, max: u32) -> Response {
-        let (mut invocations, mut journals) = (0, 0);
-        for _ in 0..max {
-            match self.expiries.first() {
-                Some((due, _)) if *due <= at_ms => {}
-                _ => break,
+    fn apply_expire(&mut self, at_ms: u64, max: u32) -> Result<Response, StoreError> {
+        let mut due = Vec::new();
+        self.store.scan(Table::Expiries, Bound::Unbounded, Bound::Unbounded, &mut |k, _| match key::split_due(k) {
+            Some((at, id)) if at <= at_ms && due.len() < max as usize => {
+                due.push((k.to_vec(), id.to_owned()));
+                ControlFlow::Continue(())
             }
-            let (_, id) = self.expiries.pop_first().expect("present");
-            self.invocations.get_mut(&id).expect("expiring invocations exist").expires_at_ms = None;
-            let (i, j) = self.retire(&id, at_ms);
-            invocations += i;
-            journals += j;
+            _ => ControlFlow::Break(()),
+        })?;
+        let (mut invocations, mut journals) = (0, 0);
+        for (row, id) in due {
+            self.store.remove(Table::Expiries, &row)?;
+            let mut inv =
+                load(self.store, &id)?.ok_or_else(|| StoreError(format!("expiring invocation {id} is gone")))?;
+            inv.expires_at_ms = None;
+            let retired = self.retire(&mut inv, at_ms)?;
+            if retired.removed {
+                invocations += 1;
+            } else {
+                self.save(&inv)?;
+            }
+            journals += retired.journals;
         }
-        Response::Expired { invocations, journals }
+        Ok(Response::Expired { invocations, journals })
     }
 
     /// Drops the dedup entries of deleted subscription `id`.
-    fn forget_subscription(&mut self, id: String) -> Response {
-        let producers = self.producers.remove(&id).unwrap_or_default();
-        for producer in &producers {
-            self.dedup.remove(producer);
+    fn forget_subscription(&mut self, id: String) -> Result<Response, StoreError> {
+        let mut prefix = Vec::new();
+        key::push_str(&mut prefix, &id);
+        let mut rows = Vec::new();
+        scan_prefix(self.store, Table::Producers, &prefix, &mut |k, _| {
+            rows.push(k.to_vec());
+            ControlFlow::Continue(())
+        })?;
+        for row in &rows {
+            self.store.remove(Table::Producers, row)?;
+            self.store.remove(Table::Dedup, &row[prefix.len()..])?;
         }
-        self.forgotten.insert(id);
-        Response::Forgotten { producers: producers.len() as u32 }
+        self.store.put(Table::Forgotten, id.as_bytes(), &[])?;
+        Ok(Response::Forgotten { producers: rows.len() as u32 })
+    }
+}
+
+/// Reads of one partition's state.
+pub struct PartitionRead<'a, S: ?Sized> {
+    store: &'a S,
+    removed: &'a Removed,
+}
+
+impl<'a, S: StoreRead + ?Sized> PartitionRead<'a, S> {
+    pub fn new(store: &'a S, removed: &'a Removed) -> Self {
+        PartitionRead { store, removed }
     }
 
     /// The subscriptions with dedup entries here.
-    pub fn subscriptions_with_dedup(&self) -> impl Iterator<Item = &str> + '_ {
-        self.producers.keys().map(String::as_str)
+    pub fn subscriptions_with_dedup(&self) -> Result<Vec<String>, StoreError> {
+        let mut subscriptions: Vec<String> = Vec::new();
+        self.store.scan(Table::Producers, Bound::Unbounded, Bound::Unbounded, &mut |k, _| {
+            if let Some((subscription, _)) = key::take_str(k) {
+                if subscriptions.last().is_none_or(|last| last != subscription) {
+                    subscriptions.push(subscription.to_owned());
+                }
+            }
+            ControlFlow::Continue(())
+        })?;
+        Ok(subscriptions)
     }
 
     /// When the next retention step is due.
-    pub fn next_expiry(&self) -> Option<u64> {
-        self.expiries.first().map(|(at, _)| *at)
+    pub fn next_expiry(&self) -> Result<Option<u64>, StoreError> {
+        let mut next = None;
+        self.store.scan(Table::Expiries, Bound::Unbounded, Bound::Unbounded, &mut |k, _| {
+            next = key::split_due(k).map(|(at, _)| at);
+            ControlFlow::Break(())
+        })?;
+        Ok(next)
     }
 
     /// How many retention steps are due at `now`, counting at most `max`.
-    pub fn expiries_due(&self, now: u64, max: usize) -> usize {
-        self.expiries.iter().take(max).take_while(|(at, _)| *at <= now).count()
+    pub fn expiries_due(&self, now: u64, max: usize) -> Result<usize, StoreError> {
+        let mut due = 0;
+        self.store.scan(Table::Expiries, Bound::Unbounded, Bound::Unbounded, &mut |k, _| match key::split_due(k) {
+            Some((at, _)) if at <= now && due < max => {
+                due += 1;
+                ControlFlow::Continue(())
+            }
+            _ => ControlFlow::Break(()),
+        })?;
+        Ok(due)
     }
 
     /// The result of invocation `id`: `Some(None)` while it runs, `None` if
     /// there is no such invocation. An invocation removed lately by its
     /// retention still answers with its result.
-    pub fn result_of(&self, id: &str) -> Option<Option<Completion>> {
-        match self.invocations.get(id) {
-            Some(inv) => Some(inv.completion.clone()),
-            None => self.removed.results.get(id).map(|result| Some(result.clone())),
+    pub fn result_of(&self, id: &str) -> Result<Option<Option<Completion>>, StoreError> {
+        Ok(match load(self.store, id)? {
+            Some(inv) => Some(inv.completion),
+            None => self.removed.get(id).map(Some),
+        })
+    }
+
+    pub fn invocation(&self, id: &str) -> Result<Option<Invocation>, StoreError> {
+        load(self.store, id)
+    }
+
+    /// Calls `f` with the invocations with ids after `after`, in id order,
+    /// until it breaks.
+    pub fn invocations_after(
+        &self,
+        after: Option<&str>,
+        mut f: impl FnMut(Invocation) -> ControlFlow<()>,
+    ) -> Result<(), StoreError> {
+        let from = after.map_or(Bound::Unbounded, |id| Bound::Excluded(id.as_bytes()));
+        let mut failed = None;
+        self.store.scan(Table::Invocations, from, Bound::Unbounded, &mut |_, v| match decode(v) {
+            Ok(inv) => f(inv),
+            Err(e) => {
+                failed = Some(e);
+                ControlFlow::Break(())
+            }
+        })?;
+        match failed {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
         }
     }
 
-    pub fn invocation(&self, id: &str) -> Option<&Invocation> {
-        self.invocations.get(id)
+    /// Calls `f` with the ids of the invocations, in order, until it breaks;
+    /// decodes none of them.
+    pub fn invocation_ids(&self, mut f: impl FnMut(&str) -> ControlFlow<()>) -> Result<(), StoreError> {
+        self.store.scan(Table::Invocations, Bound::Unbounded, Bound::Unbounded, &mut |id, _| {
+            std::str::from_utf8(id).map_or(ControlFlow::Continue(()), &mut f)
+        })
     }
 
-    /// Invocations with ids after `after`, in id order.
-    pub fn invocations_after<'a>(&'a self, after: Option<&str>) -> impl Iterator<Item = &'a Invocation> + 'a {
-        use std::ops::Bound;
-        let lower = match after {
-            Some(id) => Bound::Excluded(id.to_owned()),
-            None => Bound::Unbounded,
-        };
-        self.invocations.range((lower, Bound::Unbounded)).map(|(_, inv)| inv)
-    }
-
-    pub fn invocation_count(&self) -> usize {
-        self.invocations.len()
+    pub fn invocation_count(&self) -> Result<u64, StoreError> {
+        Ok(self.status_counts()?.iter().sum())
     }
 
     /// How many invocations are in each status, in the order of [`Status::ALL`].
-    pub fn status_counts(&self) -> [u64; Status::ALL.len()] {
-        self.status_counts
-    }
-
-    /// Rebuilds the per-status counts from the invocations, as after decoding
-    /// a snapshot.
-    pub fn recount(&mut self) {
-        self.status_counts = [0; Status::ALL.len()];
-        for inv in self.invocations.values() {
-            self.status_counts[inv.status.index()] += 1;
+    pub fn status_counts(&self) -> Result<[u64; Status::ALL.len()], StoreError> {
+        let mut counts = [0; Status::ALL.len()];
+        for status in Status::ALL {
+            counts[status.index()] = counter(self.store, &status.counter())?;
         }
+        Ok(counts)
     }
 
-    /// Invocations allowed to run, in the order they became so.
-    pub fn runnable(&self) -> impl Iterator<Item = &Invocation> + '_ {
-        self.runnable.values().map(|id| &self.invocations[id])
+    /// Calls `f` with the ids of the invocations allowed to run, in the
+    /// order they became so, until it breaks.
+    pub fn runnable_ids(&self, mut f: impl FnMut(&str) -> ControlFlow<()>) -> Result<(), StoreError> {
+        self.store.scan(Table::Runnable, Bound::Unbounded, Bound::Unbounded, &mut |_, id| {
+            std::str::from_utf8(id).map_or(ControlFlow::Continue(()), &mut f)
+        })
     }
 
-    /// The ids of [`PartitionState::runnable`], without looking them up.
-    pub fn runnable_ids(&self) -> impl Iterator<Item = &str> + '_ {
-        self.runnable.values().map(String::as_str)
-    }
-
-    /// Timers in due order: (due time, invocation id).
-    pub fn timers(&self) -> impl Iterator<Item = (u64, &str)> + '_ {
-        self.timers.iter().map(|(at, id)| (*at, id.as_str()))
+    /// Calls `f` with the timers in due order, (due time, invocation id),
+    /// until it breaks.
+    pub fn timers(&self, mut f: impl FnMut(u64, &str) -> ControlFlow<()>) -> Result<(), StoreError> {
+        self.store.scan(Table::Timers, Bound::Unbounded, Bound::Unbounded, &mut |k, _| match key::split_due(k) {
+            Some((at, id)) => f(at, id),
+            None => ControlFlow::Continue(()),
+        })
     }
 
     /// The state of a Virtual Object or Workflow key.
-    pub fn object_state(&self, service: &str, key: &str) -> Option<&BTreeMap<Bytes, Bytes>> {
-        self.objects.get(&(service.to_owned(), key.to_owned()))
+    pub fn object_state(&self, service: &str, key: &str) -> Result<BTreeMap<Bytes, Bytes>, StoreError> {
+        let object = key::object(service, key);
+        let mut state = BTreeMap::new();
+        scan_prefix(self.store, Table::Objects, &object, &mut |k, v| {
+            state.insert(Bytes::copy_from_slice(&k[object.len()..]), Bytes::copy_from_slice(v));
+            ControlFlow::Continue(())
+        })?;
+        Ok(state)
     }
 
     /// The last sequence number applied for `producer`.
-    pub fn last_seq(&self, producer: u64) -> Option<u64> {
-        self.dedup.get(&producer).copied()
+    pub fn last_seq(&self, producer: u64) -> Result<Option<u64>, StoreError> {
+        Ok(self.store.get(Table::Dedup, &producer.to_be_bytes())?.as_deref().and_then(key::u64_of))
     }
 
     /// The exclusive invocations queued for a key, head first.
-    pub fn inbox(&self, service: &str, key: &str) -> Vec<&str> {
-        self.inboxes
-            .get(&(service.to_owned(), key.to_owned()))
-            .map(|q| q.iter().map(String::as_str).collect())
-            .unwrap_or_default()
+    pub fn inbox(&self, service: &str, key: &str) -> Result<Vec<String>, StoreError> {
+        let mut queued = Vec::new();
+        scan_prefix(self.store, Table::Inboxes, &key::object(service, key), &mut |_, id| {
+            queued.push(String::from_utf8_lossy(id).into_owned());
+            ControlFlow::Continue(())
+        })?;
+        Ok(queued)
     }
 }
 
@@ -799,16 +970,99 @@ mod tests {
 
     fn apply(state: &mut GroupState, batch: Vec<Invoke>) -> Response {
         let response = state.apply(Command::Invoke(batch.into()));
-        assert_counts_match(&state.partition);
+        assert_counts_match(state);
         response
     }
 
     /// The kept per-status counts equal a count of the invocations.
-    fn assert_counts_match(p: &PartitionState) {
-        let mut counted = p.clone();
-        counted.recount();
-        assert_eq!(p.status_counts(), counted.status_counts());
-        assert_eq!(p.status_counts().iter().sum::<u64>(), p.invocation_count() as u64);
+    fn assert_counts_match(state: &GroupState) {
+        let mut counted = [0; Status::ALL.len()];
+        for inv in view(state).invocations() {
+            counted[inv.status.index()] += 1;
+        }
+        assert_eq!(view(state).status_counts(), counted);
+    }
+
+    /// Reads of a state in memory, which cannot fail.
+    struct View<'a>(PartitionRead<'a, dyn StoreRead + 'a>);
+
+    fn view(state: &GroupState) -> View<'_> {
+        View(state.partition())
+    }
+
+    impl View<'_> {
+        fn invocation(&self, id: &str) -> Option<Invocation> {
+            self.0.invocation(id).unwrap()
+        }
+
+        fn invocations(&self) -> Vec<Invocation> {
+            let mut all = Vec::new();
+            self.0
+                .invocations_after(None, |inv| {
+                    all.push(inv);
+                    ControlFlow::Continue(())
+                })
+                .unwrap();
+            all
+        }
+
+        fn invocation_count(&self) -> u64 {
+            self.0.invocation_count().unwrap()
+        }
+
+        fn status_counts(&self) -> [u64; Status::ALL.len()] {
+            self.0.status_counts().unwrap()
+        }
+
+        fn last_seq(&self, producer: u64) -> Option<u64> {
+            self.0.last_seq(producer).unwrap()
+        }
+
+        fn inbox(&self, service: &str, key: &str) -> Vec<String> {
+            self.0.inbox(service, key).unwrap()
+        }
+
+        fn next_expiry(&self) -> Option<u64> {
+            self.0.next_expiry().unwrap()
+        }
+
+        fn expiries_due(&self, now: u64, max: usize) -> usize {
+            self.0.expiries_due(now, max).unwrap()
+        }
+
+        fn result_of(&self, id: &str) -> Option<Option<Completion>> {
+            self.0.result_of(id).unwrap()
+        }
+
+        fn subscriptions_with_dedup(&self) -> Vec<String> {
+            self.0.subscriptions_with_dedup().unwrap()
+        }
+
+        fn object_state(&self, service: &str, key: &str) -> Option<BTreeMap<Bytes, Bytes>> {
+            Some(self.0.object_state(service, key).unwrap()).filter(|state| !state.is_empty())
+        }
+
+        fn timers(&self) -> Vec<(u64, String)> {
+            let mut timers = Vec::new();
+            self.0
+                .timers(|at, id| {
+                    timers.push((at, id.to_owned()));
+                    ControlFlow::Continue(())
+                })
+                .unwrap();
+            timers
+        }
+
+        fn runnable(&self) -> Vec<String> {
+            let mut ids = Vec::new();
+            self.0
+                .runnable_ids(|id| {
+                    ids.push(id.to_owned());
+                    ControlFlow::Continue(())
+                })
+                .unwrap();
+            ids
+        }
     }
 
     #[test]
@@ -826,10 +1080,10 @@ mod tests {
             ],
         );
         assert_eq!(r, Response::Invoked { created: 2, deduplicated: 2 });
-        assert_eq!(state.partition.last_seq(7), Some(5));
-        assert_eq!(state.partition.last_seq(8), Some(0));
-        assert!(state.partition.invocation("inv_c").is_none());
-        assert_eq!(state.partition.invocation_count(), 3);
+        assert_eq!(view(&state).last_seq(7), Some(5));
+        assert_eq!(view(&state).last_seq(8), Some(0));
+        assert!(view(&state).invocation("inv_c").is_none());
+        assert_eq!(view(&state).invocation_count(), 3);
     }
 
     #[test]
@@ -844,7 +1098,7 @@ mod tests {
                 invoke("inv_4", Some("k"), HandlerType::Shared, None),
             ],
         );
-        let p = &state.partition;
+        let p = view(&state);
         assert_eq!(p.inbox("Counter", "k"), vec!["inv_1", "inv_3"]);
         assert_eq!(p.inbox("Counter", "j"), vec!["inv_2"]);
         assert_eq!(p.invocation("inv_1").unwrap().status, Status::Ready);
@@ -860,7 +1114,7 @@ mod tests {
         let mut bad = invoke("inv_1", Some("k"), HandlerType::Exclusive, Some((1, 0)));
         bad.failure = Some("handler Counter/add is gone".to_owned());
         apply(&mut state, vec![bad, invoke("inv_2", Some("k"), HandlerType::Exclusive, Some((1, 1)))]);
-        let p = &state.partition;
+        let p = view(&state);
         let failed = p.invocation("inv_1").unwrap();
         assert_eq!(failed.status, Status::Completed);
         assert!(matches!(&failed.completion, Some(Completion::Failure { message, .. }) if message.contains("gone")));
@@ -886,7 +1140,7 @@ mod tests {
         for c in commands() {
             b.apply(c);
         }
-        assert_eq!(crate::wire::encode(&a.partition.invocations), crate::wire::encode(&b.partition.invocations));
+        assert_eq!(view(&a).invocations(), view(&b).invocations());
         assert_eq!(a.digest(), b.digest());
     }
 
@@ -903,15 +1157,19 @@ mod tests {
         let (mut a, mut b) = (keys(), keys());
         assert_eq!(a.digest(), b.digest());
         // The same entries inserted in opposite orders.
+        let dedup = |state: &mut GroupState, producer: u64, seq: u64| {
+            state.tables_mut().put(Table::Dedup, &producer.to_be_bytes(), &seq.to_be_bytes()).unwrap()
+        };
         for n in 0..100 {
-            a.partition.dedup.insert(1000 + n, n);
-            b.partition.dedup.insert(1000 + 99 - n, 99 - n);
+            dedup(&mut a, 1000 + n, n);
+            dedup(&mut b, 1000 + 99 - n, 99 - n);
         }
         assert_eq!(a.digest(), b.digest());
-        b.partition.dedup.insert(7, 0);
+        dedup(&mut b, 7, 0);
         assert_ne!(a.digest(), b.digest(), "the dedup table is part of the state");
         let mut c = keys();
-        c.partition.objects.entry(("Counter".into(), "k1".into())).or_default().insert("n".into(), "1".into());
+        let row = [key::object("Counter", "k1"), b"n".to_vec()].concat();
+        c.tables_mut().put(Table::Objects, &row, b"1").unwrap();
         assert_ne!(keys().digest(), c.digest(), "object state is part of the state");
         let mut d = keys();
         d.metadata.version += 1;
@@ -923,7 +1181,7 @@ mod tests {
             Response::Effects(mut outcomes) => outcomes.remove(0),
             other => panic!("unexpected response {other:?}"),
         };
-        assert_counts_match(&state.partition);
+        assert_counts_match(state);
         outcome
     }
 
@@ -944,13 +1202,13 @@ mod tests {
         Effect::Complete { id: id.to_owned(), attempt, state, result: Completion::Success(Bytes::new()) }
     }
 
-    fn runnable(state: &GroupState) -> Vec<&str> {
-        state.partition.runnable().map(|inv| inv.id.as_str()).collect()
+    fn runnable(state: &GroupState) -> Vec<String> {
+        view(state).runnable()
     }
 
     fn expire(state: &mut GroupState, at_ms: u64, max: u32) -> (u32, u32) {
         let response = state.apply(Command::Expire { at_ms, max });
-        assert_counts_match(&state.partition);
+        assert_counts_match(state);
         match response {
             Response::Expired { invocations, journals } => (invocations, journals),
             other => panic!("unexpected response {other:?}"),
@@ -987,25 +1245,25 @@ mod tests {
         let mut state = GroupState::default();
         apply(&mut state, vec![retained("inv_1", 0, Retention { journal_ms: 100, completion_ms: 1_000 })]);
         run_to_completion(&mut state, "inv_1", 0, 50);
-        let p = &state.partition;
+        let p = view(&state);
         assert_eq!(p.invocation("inv_1").unwrap().journal.len(), 2, "kept after completion");
         assert_eq!(p.next_expiry(), Some(150));
 
         assert_eq!(expire(&mut state, 149, 100), (0, 0));
         assert_eq!(expire(&mut state, 150, 100), (0, 1));
-        let inv = state.partition.invocation("inv_1").unwrap();
+        let inv = view(&state).invocation("inv_1").unwrap();
         assert!(inv.journal.is_empty() && inv.completion.is_some());
-        assert_eq!(state.partition.next_expiry(), Some(1_050));
+        assert_eq!(view(&state).next_expiry(), Some(1_050));
         assert_eq!(expire(&mut state, 1_049, 100), (0, 0));
         assert_eq!(expire(&mut state, 1_050, 100), (1, 0));
-        let p = &state.partition;
+        let p = view(&state);
         assert!(p.invocation("inv_1").is_none() && p.next_expiry().is_none());
         assert_eq!(p.result_of("inv_1"), Some(Some(Completion::Success(Bytes::from_static(b"out")))));
 
         // Kafka delivers the record again: still a duplicate.
         let again = apply(&mut state, vec![retained("inv_1", 0, Retention { journal_ms: 100, completion_ms: 1_000 })]);
         assert_eq!(again, Response::Invoked { created: 0, deduplicated: 1 });
-        assert!(state.partition.invocation("inv_1").is_none());
+        assert!(view(&state).invocation("inv_1").is_none());
     }
 
     #[test]
@@ -1015,19 +1273,19 @@ mod tests {
         let Source::Kafka(kafka) = &mut other.source else { unreachable!() };
         kafka.subscription = "sub_2".to_owned();
         apply(&mut state, vec![invoke("inv_1", None, HandlerType::Shared, Some((1, 0))), other.clone()]);
-        let p = &state.partition;
-        assert_eq!(p.subscriptions_with_dedup().collect::<Vec<_>>(), vec!["sub_1", "sub_2"]);
+        let p = view(&state);
+        assert_eq!(p.subscriptions_with_dedup(), vec!["sub_1", "sub_2"]);
 
         let forgotten = state.apply(Command::ForgetSubscription { id: "sub_1".to_owned() });
         assert_eq!(forgotten, Response::Forgotten { producers: 1 });
-        let p = &state.partition;
+        let p = view(&state);
         assert_eq!((p.last_seq(1), p.last_seq(2)), (None, Some(0)));
-        assert_eq!(p.subscriptions_with_dedup().collect::<Vec<_>>(), vec!["sub_2"]);
+        assert_eq!(p.subscriptions_with_dedup(), vec!["sub_2"]);
         // A record of the deleted subscription still on its way is dropped;
         // the other subscription is deduplicated as before.
         let late = apply(&mut state, vec![invoke("inv_3", None, HandlerType::Shared, Some((1, 1))), other]);
         assert_eq!(late, Response::Invoked { created: 0, deduplicated: 2 });
-        assert!(state.partition.invocation("inv_3").is_none());
+        assert!(view(&state).invocation("inv_3").is_none());
     }
 
     #[test]
@@ -1036,7 +1294,7 @@ mod tests {
         let zero = Retention { journal_ms: 0, completion_ms: 0 };
         apply(&mut state, vec![retained("inv_1", 0, zero)]);
         run_to_completion(&mut state, "inv_1", 0, 50);
-        let p = &state.partition;
+        let p = view(&state);
         assert!(p.invocation("inv_1").is_none() && p.next_expiry().is_none());
         assert_eq!(p.invocation_count(), 0);
         assert!(p.result_of("inv_1").is_some_and(|r| r.is_some()));
@@ -1044,13 +1302,13 @@ mod tests {
         let mut bad = retained("inv_2", 1, zero);
         bad.failure = Some("no such handler".to_owned());
         apply(&mut state, vec![bad]);
-        assert_eq!(state.partition.invocation_count(), 0);
+        assert_eq!(view(&state).invocation_count(), 0);
         // Kept for ever: nothing ever expires.
         apply(&mut state, vec![retained("inv_3", 2, Retention::FOREVER)]);
         run_to_completion(&mut state, "inv_3", 1, 60);
-        assert!(state.partition.next_expiry().is_none());
+        assert!(view(&state).next_expiry().is_none());
         assert_eq!(expire(&mut state, u64::MAX, 100), (0, 0));
-        assert_eq!(state.partition.invocation("inv_3").unwrap().journal.len(), 2);
+        assert_eq!(view(&state).invocation("inv_3").unwrap().journal.len(), 2);
     }
 
     #[test]
@@ -1061,9 +1319,9 @@ mod tests {
             apply(&mut state, vec![retained(id, n as u64, short)]);
             run_to_completion(&mut state, id, n as u64, 100 + n as u64);
         }
-        assert_eq!(state.partition.expiries_due(1_000, 10), 3);
+        assert_eq!(view(&state).expiries_due(1_000, 10), 3);
         assert_eq!(expire(&mut state, 1_000, 2), (2, 0));
-        assert!(state.partition.invocation("inv_3").is_some(), "the latest is left for the next command");
+        assert!(view(&state).invocation("inv_3").is_some(), "the latest is left for the next command");
         assert_eq!(expire(&mut state, 1_000, 2), (1, 0));
 
         apply(&mut state, vec![retained("inv_4", 9, Retention { journal_ms: 500, completion_ms: 500 })]);
@@ -1071,9 +1329,9 @@ mod tests {
         assert!(matches!(effect(&mut state, 200, purge.clone()), Outcome::NotAllowed(_)), "still running");
         run_to_completion(&mut state, "inv_4", 3, 300);
         assert_eq!(effect(&mut state, 301, purge), Outcome::Applied);
-        let inv = state.partition.invocation("inv_4").unwrap();
+        let inv = view(&state).invocation("inv_4").unwrap();
         assert!(inv.journal.is_empty() && inv.completion.is_some());
-        assert_eq!(state.partition.next_expiry(), Some(800));
+        assert_eq!(view(&state).next_expiry(), Some(800));
     }
 
     #[test]
@@ -1098,21 +1356,21 @@ mod tests {
         };
         assert_eq!(effect(&mut state, 20, progress.clone()), Outcome::Applied);
         assert_eq!(effect(&mut state, 21, progress), Outcome::Stale);
-        assert!(state.partition.object_state("Counter", "k").is_none());
-        assert_eq!(state.partition.invocation("inv_1").unwrap().journal.len(), 3);
+        assert!(view(&state).object_state("Counter", "k").is_none());
+        assert_eq!(view(&state).invocation("inv_1").unwrap().journal.len(), 3);
         // A completion from an attempt that started before the suspension is stale.
         assert_eq!(effect(&mut state, 22, complete("inv_1", at(0, 0), vec![])), Outcome::Stale);
         assert_eq!(effect(&mut state, 23, complete("inv_1", at(0, 3), vec![set(b"b", b"2")])), Outcome::Applied);
-        let values = state.partition.object_state("Counter", "k").unwrap();
+        let values = view(&state).object_state("Counter", "k").unwrap();
         assert_eq!(values.get(&b"a"[..]).map(|v| &v[..]), Some(&b"1"[..]));
         assert_eq!(values.get(&b"b"[..]).map(|v| &v[..]), Some(&b"2"[..]));
         // The journal stays for its retention (here for ever).
-        let done = state.partition.invocation("inv_1").unwrap();
+        let done = view(&state).invocation("inv_1").unwrap();
         assert_eq!((done.status, done.journal.len(), done.modified_at_ms), (Status::Completed, 3, 23));
         assert_eq!(runnable(&state), vec!["inv_2"]);
-        assert_eq!(state.partition.inbox("Counter", "k"), vec!["inv_2"]);
+        assert_eq!(view(&state).inbox("Counter", "k"), vec!["inv_2"]);
         assert_eq!(effect(&mut state, 24, complete("inv_1", at(0, 0), vec![])), Outcome::Stale);
-        assert_eq!(state.partition.invocation("inv_1").unwrap().modified_at_ms, 23, "a stale effect changes nothing");
+        assert_eq!(view(&state).invocation("inv_1").unwrap().modified_at_ms, 23, "a stale effect changes nothing");
     }
 
     #[test]
@@ -1135,24 +1393,24 @@ mod tests {
             pause,
         };
         assert_eq!(effect(&mut state, 10, failed(0, Some(500), false)), Outcome::Applied);
-        let inv = state.partition.invocation("inv_1").unwrap();
+        let inv = view(&state).invocation("inv_1").unwrap();
         assert_eq!((inv.status, inv.attempts, inv.last_failure.as_deref()), (Status::BackingOff, 1, Some("boom")));
         // The key stays held; other keys run.
         assert_eq!(runnable(&state), vec!["inv_3"]);
-        assert_eq!(state.partition.timers().collect::<Vec<_>>(), vec![(500, "inv_1")]);
+        assert_eq!(view(&state).timers(), vec![(500, "inv_1".to_owned())]);
         let wake = || Effect::Wake { id: "inv_1".to_owned() };
         assert_eq!(effect(&mut state, 499, wake()), Outcome::Stale);
         assert_eq!(effect(&mut state, 500, wake()), Outcome::Applied);
         assert_eq!(runnable(&state), vec!["inv_3", "inv_1"]);
-        assert_eq!(state.partition.timers().count(), 0);
+        assert!(view(&state).timers().is_empty());
         assert_eq!(effect(&mut state, 505, failed(0, None, true)), Outcome::Stale, "from the run before the backoff");
         assert_eq!(effect(&mut state, 510, failed(2, None, true)), Outcome::Applied);
-        assert_eq!(state.partition.invocation("inv_1").unwrap().status, Status::Paused);
+        assert_eq!(view(&state).invocation("inv_1").unwrap().status, Status::Paused);
         assert_eq!(runnable(&state), vec!["inv_3"]);
         assert_eq!(effect(&mut state, 520, Effect::Resume { id: "inv_1".to_owned() }), Outcome::Applied);
         assert_eq!(effect(&mut state, 525, failed(2, None, false)), Outcome::Stale, "from the run before the pause");
         assert_eq!(effect(&mut state, 530, failed(3, None, false)), Outcome::Applied);
-        let inv = state.partition.invocation("inv_1").unwrap();
+        let inv = view(&state).invocation("inv_1").unwrap();
         assert_eq!(inv.completion, Some(Completion::Failure { code: 500, message: "boom".to_owned() }));
         assert_eq!(runnable(&state), vec!["inv_3", "inv_2"]);
     }
@@ -1171,10 +1429,10 @@ mod tests {
             run_now: false,
         };
         assert_eq!(effect(&mut state, 10, progress), Outcome::Applied);
-        assert_eq!(state.partition.invocation("inv_1").unwrap().status, Status::Suspended);
+        assert_eq!(view(&state).invocation("inv_1").unwrap().status, Status::Suspended);
         assert!(runnable(&state).is_empty());
         assert_eq!(effect(&mut state, 1_000, Effect::Wake { id: "inv_1".to_owned() }), Outcome::Applied);
-        let inv = state.partition.invocation("inv_1").unwrap();
+        let inv = view(&state).invocation("inv_1").unwrap();
         assert_eq!(inv.journal, vec![entry(0x040C, b"sleep"), entry(0x800C, b"woke")]);
         assert!(inv.sleeps.is_empty());
         assert_eq!(runnable(&state), vec!["inv_1"]);
@@ -1186,11 +1444,11 @@ mod tests {
         let mut delayed = invoke("inv_1", Some("k"), HandlerType::Exclusive, None);
         delayed.not_before_ms = Some(100);
         apply(&mut state, vec![delayed, invoke("inv_2", Some("k"), HandlerType::Exclusive, None)]);
-        assert_eq!(state.partition.invocation("inv_1").unwrap().status, Status::Scheduled);
+        assert_eq!(view(&state).invocation("inv_1").unwrap().status, Status::Scheduled);
         assert_eq!(runnable(&state), vec!["inv_2"]);
         assert_eq!(effect(&mut state, 100, Effect::Wake { id: "inv_1".to_owned() }), Outcome::Applied);
-        assert_eq!(state.partition.inbox("Counter", "k"), vec!["inv_2", "inv_1"]);
-        assert_eq!(state.partition.invocation("inv_1").unwrap().status, Status::Pending);
+        assert_eq!(view(&state).inbox("Counter", "k"), vec!["inv_2", "inv_1"]);
+        assert_eq!(view(&state).invocation("inv_1").unwrap().status, Status::Pending);
     }
 
     #[test]
@@ -1208,12 +1466,12 @@ mod tests {
         let cancel = |id: &str| Effect::Cancel { id: id.to_owned(), signal: signal.clone() };
         // A queued invocation that never started completes at once.
         assert_eq!(effect(&mut state, 1, cancel("inv_2")), Outcome::Applied);
-        let inv = state.partition.invocation("inv_2").unwrap();
+        let inv = view(&state).invocation("inv_2").unwrap();
         assert_eq!(inv.completion, Some(Completion::Failure { code: 409, message: "canceled".to_owned() }));
-        assert_eq!(state.partition.inbox("Counter", "k"), vec!["inv_1", "inv_3"]);
+        assert_eq!(view(&state).inbox("Counter", "k"), vec!["inv_1", "inv_3"]);
         // A running one is told through its journal; its current attempt becomes stale.
         assert_eq!(effect(&mut state, 2, cancel("inv_1")), Outcome::Applied);
-        assert_eq!(state.partition.invocation("inv_1").unwrap().journal, vec![signal.clone()]);
+        assert_eq!(view(&state).invocation("inv_1").unwrap().journal, vec![signal.clone()]);
         assert_eq!(effect(&mut state, 3, complete("inv_1", at(0, 0), vec![])), Outcome::Stale);
         // Kill releases the key.
         assert_eq!(effect(&mut state, 4, Effect::Kill { id: "inv_1".to_owned() }), Outcome::Applied);
@@ -1232,15 +1490,15 @@ mod tests {
     fn case10_an_effect_of_a_purged_invocation_never_completes_its_successor() {
         let mut state = GroupState::default();
         apply(&mut state, vec![invoke("inv_1", None, HandlerType::Shared, None)]);
-        let first = state.partition.invocation("inv_1").unwrap().attempt().unwrap();
+        let first = view(&state).invocation("inv_1").unwrap().attempt().unwrap();
         assert_eq!(effect(&mut state, 1, Effect::Kill { id: "inv_1".to_owned() }), Outcome::Applied);
         assert_eq!(effect(&mut state, 2, Effect::Purge { id: "inv_1".to_owned() }), Outcome::Applied);
         apply(&mut state, vec![invoke("inv_1", None, HandlerType::Shared, None)]);
-        let second = state.partition.invocation("inv_1").unwrap().attempt().unwrap();
+        let second = view(&state).invocation("inv_1").unwrap().attempt().unwrap();
         assert_eq!(first.base, second.base, "both start from an empty journal");
         assert_ne!(first, second);
         assert_eq!(effect(&mut state, 3, complete("inv_1", first, vec![])), Outcome::Stale);
-        assert_eq!(state.partition.invocation("inv_1").unwrap().status, Status::Ready);
+        assert_eq!(view(&state).invocation("inv_1").unwrap().status, Status::Ready);
         assert_eq!(effect(&mut state, 4, complete("inv_1", second, vec![])), Outcome::Applied);
     }
 
@@ -1255,13 +1513,12 @@ mod tests {
             ],
         );
         assert_eq!(effect(&mut state, 1, complete("inv_1", at(0, 0), vec![])), Outcome::Applied);
-        let mut decoded: GroupState = crate::wire::decode(&crate::wire::encode(&state)).unwrap();
-        assert_eq!(decoded.partition.status_counts(), [0; Status::ALL.len()], "counts are not encoded");
-        decoded.partition.recount();
+        let decoded: GroupState = crate::wire::decode(&crate::wire::encode(&state)).unwrap();
         let mut expected = [0; Status::ALL.len()];
         expected[Status::Ready.index()] = 1;
         expected[Status::Completed.index()] = 1;
-        assert_eq!(decoded.partition.status_counts(), expected);
+        assert_eq!(view(&decoded).status_counts(), expected);
+        assert_eq!(decoded.digest(), state.digest());
     }
 
     #[test]

@@ -62,12 +62,13 @@ struct Sample {
     records_per_second: f64,
     p99_latency_ms: f64,
     longest_apply_wait_ms: f64,
+    longest_apply_ms: f64,
     ferry_cpu_us: f64,
     handler_cpu_us: f64,
 }
 
 /// The columns of a sample, as the CSV names them and the table titles them.
-const COLUMNS: [(&str, &str); 9] = [
+const COLUMNS: [(&str, &str); 10] = [
     ("seconds", "seconds"),
     ("completed", "completed"),
     ("rss_mib", "RSS MiB"),
@@ -75,13 +76,14 @@ const COLUMNS: [(&str, &str); 9] = [
     ("records_per_second", "records/s"),
     ("p99_record_to_commit_ms", "p99 ms"),
     ("longest_apply_wait_ms", "apply wait <= ms"),
+    ("longest_apply_ms", "apply <= ms"),
     ("ferry_cpu_us_per_invocation", "Ferry CPU us/inv"),
     ("handler_cpu_us_per_invocation", "handler CPU us/inv"),
 ];
 
 impl Sample {
     /// The values, formatted, in the order of [`COLUMNS`].
-    fn values(&self) -> [String; 9] {
+    fn values(&self) -> [String; 10] {
         [
             format!("{:.0}", self.seconds),
             format!("{:.0}", self.completed),
@@ -90,6 +92,7 @@ impl Sample {
             format!("{:.0}", self.records_per_second),
             self.p99_latency_ms.to_string(),
             self.longest_apply_wait_ms.to_string(),
+            self.longest_apply_ms.to_string(),
             format!("{:.0}", self.ferry_cpu_us),
             format!("{:.0}", self.handler_cpu_us),
         ]
@@ -355,12 +358,17 @@ async fn main() -> Result<()> {
                 &buckets(&page, "ferry_log_apply_wait_seconds"),
                 1.0,
             ),
+            longest_apply_ms: quantile_ms(
+                &buckets(&previous.1, "ferry_log_apply_seconds"),
+                &buckets(&page, "ferry_log_apply_seconds"),
+                1.0,
+            ),
             ferry_cpu_us: (ferry_cpu - previous.2) * 1e6 / done,
             handler_cpu_us: (handler_cpu - previous.3) * 1e6 / done,
         };
         eprintln!(
             "{:>5.0}s {:>9.0} done {:>7.1} MiB RSS {:>7.1} MiB disk {:>6.0}/s p99 {:>6} ms apply wait <= {:>5} ms \
-             cpu {:.0}/{:.0} us",
+             apply <= {:>5} ms cpu {:.0}/{:.0} us",
             sample.seconds,
             sample.completed,
             sample.rss_mib,
@@ -368,6 +376,7 @@ async fn main() -> Result<()> {
             sample.records_per_second,
             sample.p99_latency_ms,
             sample.longest_apply_wait_ms,
+            sample.longest_apply_ms,
             sample.ferry_cpu_us,
             sample.handler_cpu_us
         );
@@ -414,11 +423,12 @@ async fn main() -> Result<()> {
         );
     }
     println!(
-        "CPU per invocation over the run: Ferry {:.0} us, handler {:.0} us; longest apply wait <= {} ms; SIGKILL to \
-         the first new invocation answered: {:.2} s",
+        "CPU per invocation over the run: Ferry {:.0} us, handler {:.0} us; longest apply wait <= {} ms, longest \
+         applied batch <= {} ms; SIGKILL to the first new invocation answered: {:.2} s",
         cpu_per_invocation.0,
         cpu_per_invocation.1,
         samples.iter().map(|s| s.longest_apply_wait_ms).fold(0.0, f64::max),
+        samples.iter().map(|s| s.longest_apply_ms).fold(0.0, f64::max),
         restart.as_secs_f64()
     );
     println!("samples: {}, plot: {}", csv_path.display(), svg_path.display());

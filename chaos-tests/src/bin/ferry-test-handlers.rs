@@ -11,6 +11,8 @@
 //!   per-key ordering of `{"seq": N}` payloads (and fails, retryably, for
 //!   `{"poison": true}`); exclusive `reset` takes a JSON number as the new
 //!   count; shared `get` returns the counters as JSON.
+//! * `Blob` (virtual object): exclusive `put` keeps its payload (a JSON
+//!   string) as the key's state and returns its length; shared `get` returns it.
 //! * `Flow` (workflow): `run` returns a string, shared `status` reports progress.
 //! * `Flaky/run` (service): appends a line to
 //!   `$FERRY_TEST_RECORD_DIR/flaky.jsonl` inside `ctx.run` (a journaled side
@@ -75,6 +77,7 @@ const STATE_LAST_SEQ: &str = "last_seq";
 const STATE_OUT_OF_ORDER: &str = "out_of_order";
 const STATE_DUPLICATES: &str = "duplicates";
 const STATE_FLOW_STATUS: &str = "status";
+const STATE_BLOB: &str = "blob";
 
 #[derive(Debug, Parser)]
 #[command(name = "ferry-test-handlers", about = "Restate test handlers for Ferry")]
@@ -209,6 +212,29 @@ impl Sink {
         tracing::debug!(invocation_id = ctx.invocation_id(), "Sink/handle");
         append_record(SINK_FILE, &record)?;
         Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Blob
+// ---------------------------------------------------------------------------
+
+struct Blob;
+
+#[restate_sdk::object]
+impl Blob {
+    /// Keeps `value` as the key's state; returns its length.
+    #[handler]
+    async fn put(&self, ctx: ObjectContext<'_>, value: String) -> Result<u64, HandlerError> {
+        let len = value.len() as u64;
+        ctx.set(STATE_BLOB, value);
+        Ok(len)
+    }
+
+    /// The value kept, or an empty string.
+    #[handler]
+    async fn get(&self, ctx: SharedObjectContext<'_>) -> Result<String, HandlerError> {
+        Ok(ctx.get::<String>(STATE_BLOB).await?.unwrap_or_default())
     }
 }
 
@@ -591,6 +617,7 @@ async fn main() -> anyhow::Result<()> {
     let endpoint = Endpoint::builder()
         .bind(Sink)
         .bind(Counter)
+        .bind(Blob)
         .bind(Flow)
         .bind(Flaky::default())
         .bind(Once::default())

@@ -1,5 +1,5 @@
 //! The versioned encoding of everything Ferry writes to disk or sends between
-//! nodes: log entries, snapshots and Raft RPCs. Every encoded value starts with
+//! nodes: log entries, the values of state rows and Raft RPCs. Every encoded value starts with
 //! one version byte; a node decodes every version it has ever written.
 
 pub mod v1;

@@ -1,0 +1,261 @@
+//! A group's state on disk: one redb database per group, holding the
+//! partition tables of [`ferry_partition::store`] and the group's own table
+//! (what it has applied, its membership, the cluster metadata). A write
+//! transaction is one applied batch; a read transaction is a consistent view
+//! that readers and snapshots take without stopping apply.
+//!
+//! A snapshot on the wire is a dump of such a view: a header, then every row
+//! as (table, key, value), then an end mark.
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::ops::{Bound, ControlFlow};
+use std::path::Path;
+
+use ferry_partition::store::{Store, StoreError, StoreRead, Table, Visit};
+use redb::{Database, ReadOnlyTable, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+
+type Rows = TableDefinition<'static, &'static [u8], &'static [u8]>;
+
+/// The partition tables, in the order of [`Table::ALL`].
+const PARTITION_TABLES: [Rows; Table::ALL.len()] = {
+    let mut defs = [TableDefinition::new("-"); Table::ALL.len()];
+    let mut i = 0;
+    while i < Table::ALL.len() {
+        defs[i] = TableDefinition::new(Table::ALL[i].name());
+        i += 1;
+    }
+    defs
+};
+
+/// The group's own rows: [`APPLIED`] and [`METADATA`].
+const GROUP_TABLE: Rows = TableDefinition::new("group");
+
+/// (last applied log id, membership) of the group.
+pub const APPLIED: &[u8] = b"applied";
+/// The cluster metadata, in the metadata group.
+pub const METADATA: &[u8] = b"metadata";
+
+const SNAPSHOT_MAGIC: &[u8; 8] = b"FERRYSNP";
+const SNAPSHOT_VERSION: u8 = 1;
+/// The table number of [`GROUP_TABLE`] in a snapshot.
+const SNAPSHOT_GROUP: u8 = Table::ALL.len() as u8;
+const SNAPSHOT_END: u8 = u8::MAX;
+/// How many bytes of rows one write transaction takes while a snapshot is loaded.
+const LOAD_BATCH_BYTES: usize = 16 << 20;
+
+pub fn store_error(e: impl std::fmt::Display) -> StoreError {
+    StoreError(e.to_string())
+}
+
+/// Opens the database at `path`, creating it and its tables if needed.
+pub fn open_db(path: &Path, cache_bytes: usize) -> Result<Database, StoreError> {
+    let db = Database::builder().set_cache_size(cache_bytes).create(path).map_err(store_error)?;
+    let txn = db.begin_write().map_err(store_error)?;
+    {
+        for def in PARTITION_TABLES.iter().chain([&GROUP_TABLE]) {
+            txn.open_table(*def).map_err(store_error)?;
+        }
+    }
+    txn.commit().map_err(store_error)?;
+    Ok(db)
+}
+
+/// Makes every commit so far durable.
+pub fn sync(db: &Database) -> Result<(), StoreError> {
+    let mut txn = db.begin_write().map_err(store_error)?;
+    txn.set_durability(redb::Durability::Immediate).map_err(store_error)?;
+    txn.set_quick_repair(true);
+    txn.commit().map_err(store_error)
+}
+
+/// The tables of one write transaction.
+pub struct WriteTables<'txn> {
+    partition: Vec<redb::Table<'txn, &'static [u8], &'static [u8]>>,
+    group: redb::Table<'txn, &'static [u8], &'static [u8]>,
+}
+
+impl<'txn> WriteTables<'txn> {
+    pub fn open(txn: &'txn WriteTransaction) -> Result<Self, StoreError> {
+        let partition =
+            PARTITION_TABLES.iter().map(|def| txn.open_table(*def)).collect::<Result<_, _>>().map_err(store_error)?;
+        Ok(WriteTables { partition, group: txn.open_table(GROUP_TABLE).map_err(store_error)? })
+    }
+
+    pub fn put_group(&mut self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.group.insert(key, value).map_err(store_error)?;
+        Ok(())
+    }
+
+    /// Writes row `(table, key, value)` of a snapshot.
+    fn put_row(&mut self, table: u8, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        let table = match self.partition.get_mut(table as usize) {
+            Some(table) => table,
+            None if table == SNAPSHOT_GROUP => &mut self.group,
+            None => return Err(StoreError(format!("snapshot names unknown table {table}"))),
+        };
+        table.insert(key, value).map_err(store_error)?;
+        Ok(())
+    }
+}
+
+fn get(table: &impl ReadableTable<&'static [u8], &'static [u8]>, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+    Ok(table.get(key).map_err(store_error)?.map(|value| value.value().to_vec()))
+}
+
+fn scan(
+    table: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    from: Bound<&[u8]>,
+    to: Bound<&[u8]>,
+    f: &mut Visit<'_>,
+) -> Result<(), StoreError> {
+    for row in table.range::<&[u8]>((from, to)).map_err(store_error)? {
+        let (key, value) = row.map_err(store_error)?;
+        if f(key.value(), value.value()).is_break() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+impl StoreRead for WriteTables<'_> {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        get(&self.partition[table.index()], key)
+    }
+
+    fn scan(&self, table: Table, from: Bound<&[u8]>, to: Bound<&[u8]>, f: &mut Visit<'_>) -> Result<(), StoreError> {
+        scan(&self.partition[table.index()], from, to, f)
+    }
+}
+
+impl Store for WriteTables<'_> {
+    fn put(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.partition[table.index()].insert(key, value).map_err(store_error)?;
+        Ok(())
+    }
+
+    fn remove(&mut self, table: Table, key: &[u8]) -> Result<(), StoreError> {
+        self.partition[table.index()].remove(key).map_err(store_error)?;
+        Ok(())
+    }
+}
+
+/// A consistent view of a group's tables: what was committed when it was
+/// taken, whatever is committed after.
+pub struct ReadTables {
+    partition: Vec<ReadOnlyTable<&'static [u8], &'static [u8]>>,
+    group: ReadOnlyTable<&'static [u8], &'static [u8]>,
+}
+
+impl ReadTables {
+    pub fn open(db: &Database) -> Result<Self, StoreError> {
+        let txn = db.begin_read().map_err(store_error)?;
+        let partition =
+            PARTITION_TABLES.iter().map(|def| txn.open_table(*def)).collect::<Result<_, _>>().map_err(store_error)?;
+        Ok(ReadTables { partition, group: txn.open_table(GROUP_TABLE).map_err(store_error)? })
+    }
+
+    pub fn get_group(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        get(&self.group, key)
+    }
+
+    /// Writes every row of the view to `out` in the snapshot format.
+    pub fn dump(&self, out: impl Write) -> std::io::Result<()> {
+        let mut out = BufWriter::with_capacity(1 << 20, out);
+        out.write_all(SNAPSHOT_MAGIC)?;
+        out.write_all(&[SNAPSHOT_VERSION])?;
+        let tables = self.partition.iter().chain([&self.group]);
+        for (number, table) in (0u8..).zip(tables) {
+            let mut written = Ok(());
+            scan(table, Bound::Unbounded, Bound::Unbounded, &mut |key, value| {
+                written = write_row(&mut out, number, key, value);
+                if written.is_ok() {
+                    ControlFlow::Continue(())
+                } else {
+                    ControlFlow::Break(())
+                }
+            })
+            .map_err(std::io::Error::other)?;
+            written?;
+        }
+        out.write_all(&[SNAPSHOT_END])?;
+        out.flush()
+    }
+}
+
+fn write_row(out: &mut impl Write, table: u8, key: &[u8], value: &[u8]) -> std::io::Result<()> {
+    out.write_all(&[table])?;
+    out.write_all(&(key.len() as u32).to_be_bytes())?;
+    out.write_all(key)?;
+    out.write_all(&(value.len() as u32).to_be_bytes())?;
+    out.write_all(value)
+}
+
+impl StoreRead for ReadTables {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        get(&self.partition[table.index()], key)
+    }
+
+    fn scan(&self, table: Table, from: Bound<&[u8]>, to: Bound<&[u8]>, f: &mut Visit<'_>) -> Result<(), StoreError> {
+        scan(&self.partition[table.index()], from, to, f)
+    }
+}
+
+/// Loads a snapshot written by [`ReadTables::dump`] into `db`, which is
+/// empty, in transactions of bounded size; `last` writes the group's own
+/// rows in the final one, which is durable.
+pub fn load(
+    db: &Database,
+    input: File,
+    last: impl FnOnce(&mut WriteTables<'_>) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let mut input = BufReader::with_capacity(1 << 20, input);
+    let corrupt = |what: &str| StoreError(format!("snapshot: {what}"));
+    let mut header = [0; 9];
+    input.read_exact(&mut header).map_err(|_| corrupt("no header"))?;
+    if &header[..8] != SNAPSHOT_MAGIC {
+        return Err(corrupt("not a snapshot"));
+    }
+    if header[8] != SNAPSHOT_VERSION {
+        return Err(corrupt(&format!("unknown version {}", header[8])));
+    }
+    let (mut key, mut value) = (Vec::new(), Vec::new());
+    let read_field = |input: &mut BufReader<File>, buf: &mut Vec<u8>| -> Result<(), StoreError> {
+        let mut len = [0; 4];
+        input.read_exact(&mut len).map_err(|_| corrupt("truncated"))?;
+        buf.resize(u32::from_be_bytes(len) as usize, 0);
+        input.read_exact(buf).map_err(|_| corrupt("truncated"))
+    };
+    let mut last = Some(last);
+    loop {
+        let mut txn = db.begin_write().map_err(store_error)?;
+        txn.set_durability(redb::Durability::None).map_err(store_error)?;
+        let mut batch = 0;
+        let mut ended = false;
+        {
+            let mut tables = WriteTables::open(&txn)?;
+            while batch < LOAD_BATCH_BYTES {
+                let mut table = [0];
+                input.read_exact(&mut table).map_err(|_| corrupt("truncated"))?;
+                if table[0] == SNAPSHOT_END {
+                    ended = true;
+                    break;
+                }
+                read_field(&mut input, &mut key)?;
+                read_field(&mut input, &mut value)?;
+                tables.put_row(table[0], &key, &value)?;
+                batch += key.len() + value.len();
+            }
+            if let (true, Some(last)) = (ended, last.take()) {
+                last(&mut tables)?;
+            }
+        }
+        if ended {
+            txn.set_durability(redb::Durability::Immediate).map_err(store_error)?;
+            txn.set_quick_repair(true);
+            txn.commit().map_err(store_error)?;
+            return Ok(());
+        }
+        txn.commit().map_err(store_error)?;
+    }
+}

@@ -1,0 +1,259 @@
+//! Where a partition's state lives: ordered tables of byte keys and values,
+//! behind [`Store`], so `apply` runs the same against memory (unit tests,
+//! [`MemStore`]) and against the node's embedded store.
+//!
+//! Keys sort as bytes: integers are big-endian, and a string followed by
+//! more is length-prefixed, so a prefix scan finds exactly one owner's rows.
+
+use std::collections::BTreeMap;
+use std::ops::{Bound, ControlFlow};
+
+use serde::{Deserialize, Serialize};
+
+/// The tables of a partition's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    /// id -> [`crate::state::Invocation`].
+    Invocations,
+    /// run sequence -> id: the invocations allowed to run, in the order they became so.
+    Runnable,
+    /// (due time, id) -> (): backing-off, sleeping and delayed invocations.
+    Timers,
+    /// (due time, id) -> (): the next retention step of completed invocations.
+    Expiries,
+    /// (object, sequence) -> id: exclusive invocations per key, in arrival order.
+    Inboxes,
+    /// (object, state key) -> value: Virtual Object and Workflow state.
+    Objects,
+    /// producer -> last sequence number applied.
+    Dedup,
+    /// (subscription, producer) -> (): the producers in `Dedup` of each subscription.
+    Producers,
+    /// subscription -> (): deleted subscriptions whose dedup entries were dropped.
+    Forgotten,
+    /// name -> u64: sequence counters and per-status counts.
+    Counters,
+}
+
+impl Table {
+    /// Every table, in the order of [`Table::index`].
+    pub const ALL: [Table; 10] = [
+        Table::Invocations,
+        Table::Runnable,
+        Table::Timers,
+        Table::Expiries,
+        Table::Inboxes,
+        Table::Objects,
+        Table::Dedup,
+        Table::Producers,
+        Table::Forgotten,
+        Table::Counters,
+    ];
+
+    /// The position of this table in [`Table::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The table's name on disk.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Table::Invocations => "invocations",
+            Table::Runnable => "runnable",
+            Table::Timers => "timers",
+            Table::Expiries => "expiries",
+            Table::Inboxes => "inboxes",
+            Table::Objects => "objects",
+            Table::Dedup => "dedup",
+            Table::Producers => "producers",
+            Table::Forgotten => "forgotten",
+            Table::Counters => "counters",
+        }
+    }
+}
+
+/// A store that failed to read or write: the group cannot go on.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("state store: {0}")]
+pub struct StoreError(pub String);
+
+impl From<crate::wire::DecodeError> for StoreError {
+    fn from(e: crate::wire::DecodeError) -> Self {
+        StoreError(e.to_string())
+    }
+}
+
+/// What a scan calls with each (key, value) row; it breaks to stop the scan.
+pub type Visit<'a> = dyn FnMut(&[u8], &[u8]) -> ControlFlow<()> + 'a;
+
+/// A (key, value) row.
+pub type Row = (Vec<u8>, Vec<u8>);
+
+/// Reads of a consistent view of the tables.
+pub trait StoreRead {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Calls `f` with the rows of `table` in key order between the bounds,
+    /// until it breaks.
+    fn scan(&self, table: Table, from: Bound<&[u8]>, to: Bound<&[u8]>, f: &mut Visit<'_>) -> Result<(), StoreError>;
+}
+
+/// Writes, seen by the same store's reads at once.
+pub trait Store: StoreRead {
+    fn put(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<(), StoreError>;
+    fn remove(&mut self, table: Table, key: &[u8]) -> Result<(), StoreError>;
+}
+
+/// Calls `f` with the rows of `table` whose key starts with `prefix`.
+pub fn scan_prefix(
+    store: &(impl StoreRead + ?Sized),
+    table: Table,
+    prefix: &[u8],
+    f: &mut Visit<'_>,
+) -> Result<(), StoreError> {
+    match prefix_end(prefix) {
+        Some(end) => store.scan(table, Bound::Included(prefix), Bound::Excluded(&end), f),
+        None => store.scan(table, Bound::Included(prefix), Bound::Unbounded, f),
+    }
+}
+
+/// The first key after every key that starts with `prefix`, if there is one.
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// The tables in memory.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MemStore {
+    tables: [BTreeMap<Vec<u8>, Vec<u8>>; Table::ALL.len()],
+}
+
+impl MemStore {
+    /// How many rows `table` has.
+    pub fn len(&self, table: Table) -> usize {
+        self.tables[table.index()].len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tables.iter().all(BTreeMap::is_empty)
+    }
+}
+
+impl StoreRead for MemStore {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.tables[table.index()].get(key).cloned())
+    }
+
+    fn scan(&self, table: Table, from: Bound<&[u8]>, to: Bound<&[u8]>, f: &mut Visit<'_>) -> Result<(), StoreError> {
+        for (key, value) in self.tables[table.index()].range::<[u8], _>((from, to)) {
+            if f(key, value).is_break() {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Store for MemStore {
+    fn put(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.tables[table.index()].insert(key.to_vec(), value.to_vec());
+        Ok(())
+    }
+
+    fn remove(&mut self, table: Table, key: &[u8]) -> Result<(), StoreError> {
+        self.tables[table.index()].remove(key);
+        Ok(())
+    }
+}
+
+/// Key encodings.
+pub mod key {
+    /// Appends `s` with its length first, so that it sorts and prefixes exactly.
+    pub fn push_str(buf: &mut Vec<u8>, s: &str) {
+        buf.extend_from_slice(&(s.len() as u32).to_be_bytes());
+        buf.extend_from_slice(s.as_bytes());
+    }
+
+    /// Splits a string written by [`push_str`] off the front of `buf`.
+    pub fn take_str(buf: &[u8]) -> Option<(&str, &[u8])> {
+        let (len, rest) = buf.split_first_chunk::<4>()?;
+        let len = u32::from_be_bytes(*len) as usize;
+        if rest.len() < len {
+            return None;
+        }
+        let (s, rest) = rest.split_at(len);
+        Some((std::str::from_utf8(s).ok()?, rest))
+    }
+
+    /// A Virtual Object or Workflow instance: (service, key).
+    pub fn object(service: &str, key: &str) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(8 + service.len() + key.len());
+        push_str(&mut buf, service);
+        push_str(&mut buf, key);
+        buf
+    }
+
+    /// (time, id): timers and expiries, in due order.
+    pub fn due(at_ms: u64, id: &str) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(8 + id.len());
+        buf.extend_from_slice(&at_ms.to_be_bytes());
+        buf.extend_from_slice(id.as_bytes());
+        buf
+    }
+
+    /// Splits a key written by [`due`].
+    pub fn split_due(key: &[u8]) -> Option<(u64, &str)> {
+        let (at, id) = key.split_first_chunk::<8>()?;
+        Some((u64::from_be_bytes(*at), std::str::from_utf8(id).ok()?))
+    }
+
+    /// Reads a big-endian u64 value or key.
+    pub fn u64_of(bytes: &[u8]) -> Option<u64> {
+        Some(u64::from_be_bytes(*bytes.first_chunk::<8>()?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_prefix_scan_finds_exactly_one_owners_rows() {
+        let mut store = MemStore::default();
+        for (service, k) in [("A", "k"), ("A", "k2"), ("Ak", ""), ("A", "")] {
+            let mut row = key::object(service, k);
+            row.extend_from_slice(b"state");
+            store.put(Table::Objects, &row, service.as_bytes()).unwrap();
+        }
+        let mut found = Vec::new();
+        scan_prefix(&store, Table::Objects, &key::object("A", "k"), &mut |k, _| {
+            found.push(k.to_vec());
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        let mut expected = key::object("A", "k");
+        expected.extend_from_slice(b"state");
+        assert_eq!(found, vec![expected]);
+        assert_eq!(prefix_end(&[1, 255, 255]), Some(vec![2]));
+        assert_eq!(prefix_end(&[255]), None);
+    }
+
+    #[test]
+    fn keys_split_back_and_sort_by_time() {
+        let (early, late) = (key::due(5, "inv_b"), key::due(300, "inv_a"));
+        assert!(early < late);
+        assert_eq!(key::split_due(&late), Some((300, "inv_a")));
+        let mut buf = Vec::new();
+        key::push_str(&mut buf, "sub");
+        buf.extend_from_slice(&7u64.to_be_bytes());
+        let (s, rest) = key::take_str(&buf).unwrap();
+        assert_eq!((s, key::u64_of(rest)), ("sub", Some(7)));
+    }
+}
