@@ -204,7 +204,7 @@ const FORGET_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Most retention steps one entry takes: a backlog of expiries goes in
 /// entries that each apply quickly.
-const EXPIRE_MAX: u32 = 4096;
+const EXPIRE_MAX: u32 = 1024;
 /// How late a retention step may be taken, so that one entry takes the
 /// steps of a second rather than one entry each.
 const EXPIRE_SLACK_MS: u64 = 1_000;

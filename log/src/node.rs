@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use openraft::error::Fatal;
@@ -59,11 +59,11 @@ impl Options {
             heartbeat_interval_ms: 100,
             election_timeout_min_ms: 500,
             election_timeout_max_ms: 1000,
-            snapshot_entries_since_last: 20_000,
+            snapshot_entries_since_last: 2_000,
             entries_kept_after_snapshot: 1_000,
             flush_queue_max: 4096,
-            cache_bytes: 256 << 20,
-            state_cache_bytes: 64 << 20,
+            cache_bytes: 32 << 20,
+            state_cache_bytes: 96 << 20,
         }
     }
 }
@@ -76,6 +76,35 @@ struct Group {
     propose_seconds: metrics::Histogram,
     /// When its peers last accepted this node's leadership.
     acks: Acks,
+    leadership: Leadership,
+}
+
+/// Where this node's leadership of a group began: (term, the end of its log
+/// when this node first saw itself lead in that term). A leader restored at
+/// start-up keeps its term and appends no entry of its own, so an applied
+/// entry of its term does not show that its log is applied: entries
+/// committed before the restart may still be on their way to the state.
+#[derive(Default)]
+struct Leadership(Mutex<Option<(u64, u64)>>);
+
+impl Leadership {
+    /// [`leads`], and everything in the log when the leadership began is
+    /// applied.
+    fn leads(&self, metrics: &RaftMetrics<NodeId, BasicNode>, me: NodeId) -> bool {
+        if !leads(metrics, me) {
+            return false;
+        }
+        let mut began = self.0.lock().expect("leadership lock poisoned");
+        let floor = match *began {
+            Some((term, floor)) if term == metrics.current_term => floor,
+            _ => {
+                let floor = metrics.last_log_index.unwrap_or(0);
+                *began = Some((metrics.current_term, floor));
+                floor
+            }
+        };
+        metrics.last_applied.is_some_and(|applied| applied.index >= floor)
+    }
 }
 
 /// What this node knows about one of its Raft groups.
@@ -234,7 +263,10 @@ impl LogNode {
                 .await
                 .map_err(|e| Error::Write { group, message: e.to_string() })?;
             let propose_seconds = metrics::histogram!("ferry_log_propose_seconds", "group" => group.to_string());
-            groups.insert(group, Group { raft, state, committed, propose_seconds, acks });
+            groups.insert(
+                group,
+                Group { raft, state, committed, propose_seconds, acks, leadership: Leadership::default() },
+            );
         }
 
         for (&group, g) in &groups {
@@ -407,7 +439,7 @@ impl LogNode {
     /// Whether this node leads `group` now and its applied state is complete:
     /// what an effect may be based on. See [`leads`].
     pub fn is_leader(&self, group: GroupId) -> bool {
-        self.group(group).is_ok_and(|g| leads(&g.raft.metrics().borrow(), self.node_id()))
+        self.group(group).is_ok_and(|g| g.leadership.leads(&g.raft.metrics().borrow(), self.node_id()))
     }
 
     /// Whether this node may start new work on `group`'s behalf (attempts
@@ -429,7 +461,7 @@ impl LogNode {
             let metrics = g.raft.metrics();
             let metrics = metrics.borrow();
             let configs = metrics.membership_config.membership().get_joint_config().clone();
-            leads(&metrics, self.node_id())
+            g.leadership.leads(&metrics, self.node_id())
                 && g.acks.quorum_within(self.node_id(), &configs, &metrics.vote, Duration::from_millis(lease_ms))
         })
     }
@@ -684,6 +716,26 @@ mod tests {
         assert!(leads(&leader(3, 3), 1));
         assert!(!leads(&leader(3, 2), 1), "elected, but the entries of earlier terms are not all applied");
         assert!(!leads(&leader(3, 3), 2), "another node's leadership");
+    }
+
+    #[test]
+    fn a_leader_restored_in_its_term_leads_once_its_log_is_applied() {
+        let leadership = Leadership::default();
+        // Restarted: leader of term 3 again, entries 8 and 9 not applied yet.
+        let mut metrics = leader(3, 3);
+        metrics.last_log_index = Some(9);
+        assert!(!leadership.leads(&metrics, 1), "leads before its log is applied");
+        metrics.last_applied = Some(LogId::new(CommittedLeaderId::new(3, 1), 9));
+        assert!(leadership.leads(&metrics, 1));
+        // New entries arrive faster than they apply: it still leads.
+        metrics.last_log_index = Some(20);
+        metrics.last_applied = Some(LogId::new(CommittedLeaderId::new(3, 1), 12));
+        assert!(leadership.leads(&metrics, 1));
+        // A new term starts over from the end of the log then.
+        let mut next = leader(4, 4);
+        next.last_log_index = Some(25);
+        next.last_applied = Some(LogId::new(CommittedLeaderId::new(4, 1), 21));
+        assert!(!leadership.leads(&next, 1));
     }
 
     #[test]

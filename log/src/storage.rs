@@ -316,6 +316,9 @@ pub struct StateMachineStore {
     /// `ferry_log_apply_seconds` (writing and committing a batch) of this group.
     apply_wait: metrics::Histogram,
     apply_seconds: metrics::Histogram,
+    /// `ferry_log_state_durable_commit_seconds`: the commits that make the
+    /// state durable (an fsync).
+    durable_commit: metrics::Histogram,
 }
 
 fn db_path(options: &StateOptions, group: GroupId) -> PathBuf {
@@ -337,17 +340,22 @@ impl StateMachineStore {
         // An install that did not finish.
         let _ = std::fs::remove_file(installing_path(&options, group));
         let db = tables::open_db(&db_path(&options, group), options.cache_bytes)?;
-        let applied = read_applied(&ReadTables::open(&db)?)?;
+        let db = Arc::new(db);
+        let applied = read_applied(&ReadTables::open(db.clone())?)?;
         Ok(StateMachineStore {
             group,
             options,
-            db: Arc::new(RwLock::new(Arc::new(db))),
+            db: Arc::new(RwLock::new(db)),
             applied: Arc::new(RwLock::new(applied)),
             removed: Arc::default(),
             last_durable: Arc::new(Mutex::new(Instant::now())),
             changes: Arc::new(watch::channel(0).0),
             apply_wait: metrics::histogram!("ferry_log_apply_wait_seconds", "group" => group.to_string()),
             apply_seconds: metrics::histogram!("ferry_log_apply_seconds", "group" => group.to_string()),
+            durable_commit: metrics::histogram!(
+                "ferry_log_state_durable_commit_seconds",
+                "group" => group.to_string()
+            ),
         })
     }
 
@@ -370,14 +378,14 @@ impl StateMachineStore {
         &self,
         f: impl FnOnce(&PartitionRead<'_, dyn StoreRead + '_>) -> Result<R, StoreError>,
     ) -> Result<R, StoreError> {
-        let view = ReadTables::open(&self.db())?;
+        let view = ReadTables::open(self.db())?;
         f(&PartitionRead::new(&view, &self.removed))
     }
 
     /// The digest of the group's state ([`ferry_partition::state::digest`])
     /// and the index it was applied to, read from one view.
     pub fn digest(&self) -> Result<(Option<u64>, u128), StoreError> {
-        let view = ReadTables::open(&self.db())?;
+        let view = ReadTables::open(self.db())?;
         let applied = read_applied(&view)?;
         let digest = ferry_partition::state::digest(&view, &applied.metadata)?;
         Ok((applied.last_applied.map(|id| id.index), digest))
@@ -475,7 +483,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
         let db = self.db();
         let view =
-            blocking(move || ReadTables::open(&db).map_err(|e| StorageIOError::read_snapshot(None, &e).into())).await?;
+            blocking(move || ReadTables::open(db).map_err(|e| StorageIOError::read_snapshot(None, &e).into())).await?;
         // Tests hold a build here, between taking its view and making it durable.
         fail::fail_point!("snapshot-build-before-sync");
         self.sync().await.map_err(|e| StorageIOError::write_snapshot(None, &e))?;
@@ -531,7 +539,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         })
         .await?;
         let (db, applied) = installed;
-        *self.db.write().expect("state db lock poisoned") = Arc::new(db);
+        *self.db.write().expect("state db lock poisoned") = db;
         *self.applied.write().expect("state lock poisoned") = applied;
         *self.last_durable.lock().expect("durable lock poisoned") = Instant::now();
         self.changes.send_modify(|v| *v += 1);
@@ -543,7 +551,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
         let db = self.db();
         let view =
-            blocking(move || ReadTables::open(&db).map_err(|e| StorageIOError::read_snapshot(None, &e).into())).await?;
+            blocking(move || ReadTables::open(db).map_err(|e| StorageIOError::read_snapshot(None, &e).into())).await?;
         // Nothing applied, nothing to send.
         let snapshot = self.snapshot_of(view)?;
         Ok(snapshot.meta.last_log_id.is_some().then_some(snapshot))
@@ -589,9 +597,11 @@ impl StateMachineStore {
                 tables.put_group(tables::METADATA, &wire::encode(&applied.metadata))?;
             }
         }
+        let committing = Instant::now();
         txn.commit().map_err(tables::store_error)?;
         if durable {
             *self.last_durable.lock().expect("durable lock poisoned") = Instant::now();
+            self.durable_commit.record(committing.elapsed().as_secs_f64());
         }
         self.apply_seconds.record(started.elapsed().as_secs_f64());
         *self.applied.write().expect("state lock poisoned") = applied;
@@ -605,7 +615,7 @@ impl StateMachineStore {
         &self,
         meta: &SnapshotMeta<NodeId, BasicNode>,
         file: std::fs::File,
-    ) -> Result<(Database, Applied), StoreError> {
+    ) -> Result<(Arc<Database>, Applied), StoreError> {
         let (path, installing) = (db_path(&self.options, self.group), installing_path(&self.options, self.group));
         let io = |e: std::io::Error| StoreError(format!("{}: {e}", installing.display()));
         match std::fs::remove_file(&installing) {
@@ -617,7 +627,8 @@ impl StateMachineStore {
         tables::load(&db, file, |tables| tables.put_group(tables::APPLIED, &applied_row))?;
         std::fs::rename(&installing, &path).map_err(io)?;
         std::fs::File::open(&self.options.dir).and_then(|dir| dir.sync_all()).map_err(io)?;
-        let applied = read_applied(&ReadTables::open(&db)?)?;
+        let db = Arc::new(db);
+        let applied = read_applied(&ReadTables::open(db.clone())?)?;
         Ok((db, applied))
     }
 }

@@ -7,13 +7,17 @@
 //! A snapshot on the wire is a dump of such a view: a header, then every row
 //! as (table, key, value), then an end mark.
 
+use std::cell::OnceCell;
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::ops::{Bound, ControlFlow};
 use std::path::Path;
+use std::sync::Arc;
 
 use ferry_partition::store::{Store, StoreError, StoreRead, Table, Visit};
-use redb::{Database, ReadOnlyTable, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{
+    Database, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+};
 
 type Rows = TableDefinition<'static, &'static [u8], &'static [u8]>;
 
@@ -141,22 +145,37 @@ impl Store for WriteTables<'_> {
 }
 
 /// A consistent view of a group's tables: what was committed when it was
-/// taken, whatever is committed after.
+/// taken, whatever is committed after. Tables are opened as they are read.
 pub struct ReadTables {
-    partition: Vec<ReadOnlyTable<&'static [u8], &'static [u8]>>,
-    group: ReadOnlyTable<&'static [u8], &'static [u8]>,
+    txn: ReadTransaction,
+    /// Kept open while the view is read, even after an installed snapshot
+    /// replaced it as the group's database.
+    _db: Arc<Database>,
+    partition: [OnceCell<ReadOnlyTable<&'static [u8], &'static [u8]>>; Table::ALL.len()],
+    group: OnceCell<ReadOnlyTable<&'static [u8], &'static [u8]>>,
 }
 
 impl ReadTables {
-    pub fn open(db: &Database) -> Result<Self, StoreError> {
+    pub fn open(db: Arc<Database>) -> Result<Self, StoreError> {
         let txn = db.begin_read().map_err(store_error)?;
-        let partition =
-            PARTITION_TABLES.iter().map(|def| txn.open_table(*def)).collect::<Result<_, _>>().map_err(store_error)?;
-        Ok(ReadTables { partition, group: txn.open_table(GROUP_TABLE).map_err(store_error)? })
+        Ok(ReadTables { txn, _db: db, partition: Default::default(), group: OnceCell::new() })
+    }
+
+    /// Table `number`: a partition table by its index, or the group's.
+    fn table(&self, number: usize) -> Result<&ReadOnlyTable<&'static [u8], &'static [u8]>, StoreError> {
+        let (cell, def) = match self.partition.get(number) {
+            Some(cell) => (cell, PARTITION_TABLES[number]),
+            None => (&self.group, GROUP_TABLE),
+        };
+        if let Some(table) = cell.get() {
+            return Ok(table);
+        }
+        let _ = cell.set(self.txn.open_table(def).map_err(store_error)?);
+        Ok(cell.get().expect("just set"))
     }
 
     pub fn get_group(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        get(&self.group, key)
+        get(self.table(Table::ALL.len())?, key)
     }
 
     /// Writes every row of the view to `out` in the snapshot format.
@@ -164,11 +183,11 @@ impl ReadTables {
         let mut out = BufWriter::with_capacity(1 << 20, out);
         out.write_all(SNAPSHOT_MAGIC)?;
         out.write_all(&[SNAPSHOT_VERSION])?;
-        let tables = self.partition.iter().chain([&self.group]);
-        for (number, table) in (0u8..).zip(tables) {
+        for number in 0..=Table::ALL.len() {
+            let table = self.table(number).map_err(std::io::Error::other)?;
             let mut written = Ok(());
             scan(table, Bound::Unbounded, Bound::Unbounded, &mut |key, value| {
-                written = write_row(&mut out, number, key, value);
+                written = write_row(&mut out, number as u8, key, value);
                 if written.is_ok() {
                     ControlFlow::Continue(())
                 } else {
@@ -193,11 +212,11 @@ fn write_row(out: &mut impl Write, table: u8, key: &[u8], value: &[u8]) -> std::
 
 impl StoreRead for ReadTables {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        get(&self.partition[table.index()], key)
+        get(self.table(table.index())?, key)
     }
 
     fn scan(&self, table: Table, from: Bound<&[u8]>, to: Bound<&[u8]>, f: &mut Visit<'_>) -> Result<(), StoreError> {
-        scan(&self.partition[table.index()], from, to, f)
+        scan(self.table(table.index())?, from, to, f)
     }
 }
 

@@ -28,17 +28,19 @@ pub fn apply<S: Store + ?Sized>(
     metadata: &mut MetadataState,
     command: Command,
 ) -> Result<Response, StoreError> {
-    let mut partition = Partition { store, removed };
-    match command {
-        Command::Invoke(batch) => partition.apply_invoke(batch),
-        Command::Metadata(command) => Ok(Response::Metadata(metadata.apply(command))),
+    let mut partition = Partition { store, removed, counters: BTreeMap::new() };
+    let response = match command {
+        Command::Invoke(batch) => partition.apply_invoke(batch)?,
+        Command::Metadata(command) => Response::Metadata(metadata.apply(command)),
         Command::Effects { at_ms, effects } => {
             let outcomes = effects.into_iter().map(|e| partition.apply_effect(at_ms, e)).collect::<Result<_, _>>()?;
-            Ok(Response::Effects(outcomes))
+            Response::Effects(outcomes)
         }
-        Command::Expire { at_ms, max } => partition.apply_expire(at_ms, max),
-        Command::ForgetSubscription { id } => partition.forget_subscription(id),
-    }
+        Command::Expire { at_ms, max } => partition.apply_expire(at_ms, max)?,
+        Command::ForgetSubscription { id } => partition.forget_subscription(id)?,
+    };
+    partition.write_counters()?;
+    Ok(response)
 }
 
 /// A 128-bit hash of a group's state. Replicas that applied the same log
@@ -246,6 +248,11 @@ impl Status {
     }
 }
 
+/// What a row of [`Table::Expiries`] says is due: the invocation's journal
+/// goes, or the invocation.
+const EXPIRY_JOURNAL: u8 = 0;
+const EXPIRY_REMOVE: u8 = 1;
+
 /// Rows of [`Table::Counters`].
 const NEXT_RUN_SEQ: &[u8] = b"next_run_seq";
 const NEXT_INBOX_SEQ: &[u8] = b"next_inbox_seq";
@@ -284,6 +291,9 @@ struct Retired {
 struct Partition<'a, S: ?Sized> {
     store: &'a mut S,
     removed: &'a Removed,
+    /// The counters read or changed by this command, and whether they
+    /// changed: written back once, at its end.
+    counters: BTreeMap<Vec<u8>, (u64, bool)>,
 }
 
 impl<S: Store + ?Sized> Partition<'_, S> {
@@ -537,18 +547,38 @@ impl<S: Store + ?Sized> Partition<'_, S> {
         self.store.put(Table::Invocations, inv.id.as_bytes(), &encode(inv))
     }
 
+    /// The value of counter `name`, for this command to change.
+    fn counter_mut(&mut self, name: &[u8]) -> Result<&mut (u64, bool), StoreError> {
+        if !self.counters.contains_key(name) {
+            let value = counter(self.store, name)?;
+            self.counters.insert(name.to_vec(), (value, false));
+        }
+        Ok(self.counters.get_mut(name).expect("inserted"))
+    }
+
     /// Adds `delta` to the count of invocations in `status`.
     fn count(&mut self, status: Status, delta: i64) -> Result<(), StoreError> {
-        let name = status.counter();
-        let count = counter(self.store, &name)?.checked_add_signed(delta).expect("status counts stay positive");
-        self.store.put(Table::Counters, &name, &count.to_be_bytes())
+        let count = self.counter_mut(&status.counter())?;
+        count.0 = count.0.checked_add_signed(delta).expect("status counts stay positive");
+        count.1 = true;
+        Ok(())
     }
 
     /// Takes the next value of sequence counter `name`.
     fn next(&mut self, name: &[u8]) -> Result<u64, StoreError> {
-        let next = counter(self.store, name)?;
-        self.store.put(Table::Counters, name, &(next + 1).to_be_bytes())?;
+        let counter = self.counter_mut(name)?;
+        let next = counter.0;
+        *counter = (next + 1, true);
         Ok(next)
+    }
+
+    fn write_counters(&mut self) -> Result<(), StoreError> {
+        for (name, (value, changed)) in std::mem::take(&mut self.counters) {
+            if changed {
+                self.store.put(Table::Counters, &name, &value.to_be_bytes())?;
+            }
+        }
+        Ok(())
     }
 
     /// Queues a new or delayed invocation: exclusive ones in their key's inbox.
@@ -670,24 +700,33 @@ impl<S: Store + ?Sized> Partition<'_, S> {
         // Kept for ever: nothing to look at again.
         if next != u64::MAX {
             inv.expires_at_ms = Some(next);
-            self.store.put(Table::Expiries, &key::due(next, &inv.id), &[])?;
+            let step = if inv.journal.is_empty() { EXPIRY_REMOVE } else { EXPIRY_JOURNAL };
+            self.store.put(Table::Expiries, &key::due(next, &inv.id), &[step])?;
         }
         Ok(Retired { removed: false, journals })
     }
 
-    /// Takes the retention steps due at `at_ms`, at most `max` of them.
+    /// Takes the retention steps due at `at_ms`, at most `max` of them. An
+    /// invocation whose time is up goes without being read: its result is
+    /// no longer kept anywhere.
     fn apply_expire(&mut self, at_ms: u64, max: u32) -> Result<Response, StoreError> {
         let mut due = Vec::new();
-        self.store.scan(Table::Expiries, Bound::Unbounded, Bound::Unbounded, &mut |k, _| match key::split_due(k) {
+        self.store.scan(Table::Expiries, Bound::Unbounded, Bound::Unbounded, &mut |k, v| match key::split_due(k) {
             Some((at, id)) if at <= at_ms && due.len() < max as usize => {
-                due.push((k.to_vec(), id.to_owned()));
+                due.push((k.to_vec(), id.to_owned(), v.first() == Some(&EXPIRY_REMOVE)));
                 ControlFlow::Continue(())
             }
             _ => ControlFlow::Break(()),
         })?;
         let (mut invocations, mut journals) = (0, 0);
-        for (row, id) in due {
+        for (row, id, remove) in due {
             self.store.remove(Table::Expiries, &row)?;
+            if remove {
+                self.store.remove(Table::Invocations, id.as_bytes())?;
+                self.count(Status::Completed, -1)?;
+                invocations += 1;
+                continue;
+            }
             let mut inv =
                 load(self.store, &id)?.ok_or_else(|| StoreError(format!("expiring invocation {id} is gone")))?;
             inv.expires_at_ms = None;
@@ -1239,7 +1278,7 @@ mod tests {
 
     /// The journal goes at its retention, the invocation at its result's;
     /// the clock is the one the commands carry. Once removed, its record is
-    /// still deduplicated, and its result still answers for a while.
+    /// still deduplicated.
     #[test]
     fn retention_drops_the_journal_then_the_invocation_at_their_times() {
         let mut state = GroupState::default();
@@ -1258,7 +1297,7 @@ mod tests {
         assert_eq!(expire(&mut state, 1_050, 100), (1, 0));
         let p = view(&state);
         assert!(p.invocation("inv_1").is_none() && p.next_expiry().is_none());
-        assert_eq!(p.result_of("inv_1"), Some(Some(Completion::Success(Bytes::from_static(b"out")))));
+        assert_eq!(p.result_of("inv_1"), None, "its result went with it");
 
         // Kafka delivers the record again: still a duplicate.
         let again = apply(&mut state, vec![retained("inv_1", 0, Retention { journal_ms: 100, completion_ms: 1_000 })]);
