@@ -143,6 +143,42 @@ async fn case9_a_stalled_raft_partition_does_not_stall_other_kafka_partitions() 
     Ok(())
 }
 
+/// Case 9: a Kafka partition held back while its worker is full goes on
+/// from the next record when released, losing and repeating nothing, also
+/// when the broker stores its records in batches of thousands (where a
+/// consumer that fetches again from inside a batch loses the rest of it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn case9_a_partition_held_back_goes_on_from_the_next_record() -> Result<()> {
+    const N: usize = 20_000;
+    let config =
+        [("FERRY_INGRESS__KAFKA__BATCH_RECORDS_MAX", "16"), ("FERRY_INGRESS__KAFKA__BUFFER_RECORDS_MAX", "32")];
+    let (broker, _handlers, _dir, node) = started(&config).await?;
+    broker.create_topic("backlog", 2).await?;
+    broker.produce_backlog("backlog", N, 100).await?;
+    let sub = node.subscribe_from_start("backlog", "service://Sink/handle").await?;
+    let appended = eventually(Duration::from_secs(240), "every record appended", || async {
+        let appended = node.metric("ferry_ingress_records_appended_total").await?;
+        Ok((appended >= N as f64).then_some(appended))
+    })
+    .await;
+    let consumed = node.metric("ferry_ingress_records_consumed_total").await?;
+    let deduplicated = node.metric("ferry_ingress_records_deduplicated_total").await?;
+    let appended =
+        appended.with_context(|| format!("consumed {consumed}, deduplicated {deduplicated}\n{}", node.log_tail()))?;
+    assert_eq!(appended, N as f64);
+    let holds = node.metric("ferry_ingress_partition_holds_total").await?;
+    assert!(holds > 0.0, "the workers were never full: the test shows nothing");
+    assert_eq!((consumed, deduplicated), (N as f64, 0.0), "no record is read twice");
+    let invocations = node.invocations(&format!("subscription={sub}")).await?;
+    let offsets: std::collections::BTreeSet<(i64, i64)> = invocations
+        .iter()
+        .map(|inv| (inv["source"]["partition"].as_i64().unwrap(), inv["source"]["offset"].as_i64().unwrap()))
+        .collect();
+    assert_eq!((invocations.len(), offsets.len()), (N, N), "one invocation per offset");
+    println!("{N} records, {holds} holds");
+    Ok(())
+}
+
 /// The leader of `group` as node `node` sees it.
 async fn leader_of(cluster: &Cluster, node: u64, group: u64) -> Result<Option<u64>> {
     let groups = cluster.node(node).get("/cluster").await?["groups"].as_array().cloned().context("groups")?;

@@ -16,16 +16,24 @@
 //! rebalances take: a store names the assignment generation it was made for,
 //! and one for a partition revoked since (or assigned again since) is
 //! dropped.
+//!
+//! Each assigned partition has its own librdkafka queue. A partition the
+//! node holds back (its worker is full) is simply not polled: librdkafka
+//! keeps what it prefetched and stops fetching once the queue is at its
+//! limits, and polling goes on from the next record when the node releases
+//! it. Nothing is dropped and fetched again, so a hold never moves the read
+//! position (a fetch from inside a stored batch is where brokers differ).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{BufWriter, Read, Write};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Headers, Message};
@@ -57,10 +65,11 @@ pub(crate) struct Start {
 /// What the node asks of the child.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) enum Control {
-    /// Stop fetching a partition, dropping what was prefetched.
-    Pause(i32),
-    /// Fetch it again, from the record after the last one handed over.
-    Resume(i32),
+    /// Hand over no more records of `partition` until it is released, if it
+    /// is still assigned under `generation`.
+    Hold { partition: i32, generation: u64 },
+    /// Hand over its records again, from the one after the last handed over.
+    Release { partition: i32, generation: u64 },
     /// Store `offset` (everything up to it is in the partition log) for the
     /// next commit, if the partition is still assigned under `generation`.
     Store { partition: i32, generation: u64, offset: i64 },
@@ -177,14 +186,94 @@ struct ChildContext {
     topic: String,
     out: Arc<Output>,
     /// The generation of each assigned partition. Rebalances change it and
-    /// stores read it under this lock.
+    /// stores and holds read it under this lock.
     assigned: Mutex<HashMap<i32, u64>>,
     generations: AtomicU64,
+    /// The consumer this context belongs to, which splits off partition
+    /// queues.
+    consumer: OnceLock<Weak<BaseConsumer<ChildContext>>>,
+    /// The queue of each assigned partition. Lock order: `assigned`, then
+    /// `queues`, then `held`.
+    queues: Mutex<HashMap<i32, PartitionQueue<ChildContext>>>,
+    /// Partitions the node holds back.
+    held: Mutex<HashSet<i32>>,
+    /// Set when a queue has records or a held partition is released.
+    wake: Arc<Wake>,
+}
+
+/// Wakes the polling loop: librdkafka calls it when a queue goes from empty
+/// to not empty, the control thread when a partition is released.
+#[derive(Default)]
+struct Wake {
+    ready: Mutex<bool>,
+    signal: Condvar,
+}
+
+impl Wake {
+    fn notify(&self) {
+        *self.ready.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.signal.notify_one();
+    }
+
+    /// Waits until notified (or `timeout`), and clears the notice.
+    fn wait(&self, timeout: Duration) {
+        let ready = self.ready.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut ready, _) =
+            self.signal.wait_timeout_while(ready, timeout, |ready| !*ready).unwrap_or_else(|e| e.into_inner());
+        *ready = false;
+    }
 }
 
 impl ChildContext {
     fn lock_assigned(&self) -> std::sync::MutexGuard<'_, HashMap<i32, u64>> {
         self.assigned.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_queues(&self) -> std::sync::MutexGuard<'_, HashMap<i32, PartitionQueue<ChildContext>>> {
+        self.queues.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_held(&self) -> std::sync::MutexGuard<'_, HashSet<i32>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Gives each partition of `tpl` a queue of its own, before it is
+    /// assigned: librdkafka then keeps its records there and never forwards
+    /// them to the consumer's queue.
+    fn split_queues(&self, tpl: &TopicPartitionList) {
+        let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else { return };
+        let mut queues = self.lock_queues();
+        let mut held = self.lock_held();
+        for element in tpl.elements().iter().filter(|e| e.topic() == self.topic) {
+            let partition = element.partition();
+            held.remove(&partition);
+            match consumer.split_partition_queue(&self.topic, partition) {
+                Some(mut queue) => {
+                    let wake = self.wake.clone();
+                    queue.set_nonempty_callback(move || wake.notify());
+                    queues.insert(partition, queue);
+                }
+                None => self.out.log(
+                    LogLevel::Warn,
+                    format!("partition {partition} has no queue of its own: it cannot be held back"),
+                ),
+            }
+        }
+    }
+
+    /// Holds `partition` back (or releases it) if it is still assigned under
+    /// `generation`.
+    fn hold(&self, partition: i32, generation: u64, hold: bool) {
+        let assigned = self.lock_assigned();
+        if assigned.get(&partition) != Some(&generation) {
+            return;
+        }
+        let mut held = self.lock_held();
+        if hold {
+            held.insert(partition);
+        } else if held.remove(&partition) {
+            self.wake.notify();
+        }
     }
 
     /// Assigns `tpl` and reports it with the topic's id, which the node
@@ -210,6 +299,7 @@ impl ChildContext {
             .map(|e| (e.partition(), self.generations.fetch_add(1, Ordering::SeqCst) + 1))
             .collect();
         assigned.extend(partitions.iter().copied());
+        self.split_queues(tpl);
         let result = match consumer.rebalance_protocol() {
             RebalanceProtocol::Cooperative => consumer.incremental_assign(tpl),
             _ => consumer.assign(tpl),
@@ -224,7 +314,16 @@ impl ChildContext {
     fn revoke(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
         let partitions: Vec<i32> = {
             let mut assigned = self.lock_assigned();
-            tpl.elements().iter().filter_map(|e| assigned.remove(&e.partition()).map(|_| e.partition())).collect()
+            let mut queues = self.lock_queues();
+            let mut held = self.lock_held();
+            tpl.elements()
+                .iter()
+                .filter_map(|e| {
+                    queues.remove(&e.partition());
+                    held.remove(&e.partition());
+                    assigned.remove(&e.partition()).map(|_| e.partition())
+                })
+                .collect()
         };
         self.out.log(LogLevel::Info, format!("revoked {}", describe(tpl)));
         self.out.send(&Event::Revoked { partitions });
@@ -299,7 +398,10 @@ impl ConsumerContext for ChildContext {
                 if let Err(e) = consumer.unassign() {
                     self.out.log(LogLevel::Warn, format!("unassigning: {e}"));
                 }
-                self.lock_assigned().clear();
+                let mut assigned = self.lock_assigned();
+                assigned.clear();
+                self.lock_queues().clear();
+                self.lock_held().clear();
             }
         }
         self.out.flush();
@@ -480,20 +582,31 @@ pub fn process_main() -> ExitCode {
         config.set(k, v);
     }
     config.set_log_level(RDKafkaLogLevel::Info);
+    let wake = Arc::new(Wake::default());
     let context = ChildContext {
         topic: start.topic.clone(),
         out: out.clone(),
         assigned: Mutex::default(),
         generations: AtomicU64::new(0),
+        consumer: OnceLock::new(),
+        queues: Mutex::default(),
+        held: Mutex::default(),
+        wake: wake.clone(),
     };
-    let consumer: Arc<BaseConsumer<ChildContext>> = match config.create_with_context(context) {
-        Ok(consumer) => Arc::new(consumer),
-        Err(e) => {
-            out.send(&Event::Error { message: format!("cannot create the consumer: {e}"), topic_missing: false });
-            out.flush();
-            return ExitCode::from(3);
-        }
-    };
+    let consumer: Arc<BaseConsumer<ChildContext>> =
+        match config.create_with_context::<_, BaseConsumer<ChildContext>>(context) {
+            Ok(mut consumer) => {
+                let wake = wake.clone();
+                consumer.set_nonempty_callback(move || wake.notify());
+                Arc::new(consumer)
+            }
+            Err(e) => {
+                out.send(&Event::Error { message: format!("cannot create the consumer: {e}"), topic_missing: false });
+                out.flush();
+                return ExitCode::from(3);
+            }
+        };
+    let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
     if let Err(e) = consumer.subscribe(&[&start.topic]) {
         out.send(&Event::Error { message: format!("cannot subscribe to {}: {e}", start.topic), topic_missing: false });
         out.flush();
@@ -521,7 +634,6 @@ pub fn process_main() -> ExitCode {
     {
         let consumer = consumer.clone();
         let stopping = stopping.clone();
-        let topic = start.topic.clone();
         std::thread::Builder::new()
             .name("control".to_owned())
             .spawn(move || loop {
@@ -531,11 +643,16 @@ pub fn process_main() -> ExitCode {
                     Ok(Some(Control::Store { partition, generation, offset })) => {
                         consumer.context().store(&consumer, partition, generation, offset)
                     }
-                    Ok(Some(Control::Pause(partition))) => pause(&consumer, &topic, partition, true),
-                    Ok(Some(Control::Resume(partition))) => pause(&consumer, &topic, partition, false),
+                    Ok(Some(Control::Hold { partition, generation })) => {
+                        consumer.context().hold(partition, generation, true)
+                    }
+                    Ok(Some(Control::Release { partition, generation })) => {
+                        consumer.context().hold(partition, generation, false)
+                    }
                     Ok(Some(Control::Ping)) => {}
                     Ok(Some(Control::Stop)) => {
                         stopping.store(true, Ordering::SeqCst);
+                        consumer.context().wake.notify();
                         return;
                     }
                     // The node is gone: so is this process, without a commit.
@@ -552,40 +669,61 @@ pub fn process_main() -> ExitCode {
         count: 0,
     };
     while !stopping.load(Ordering::SeqCst) {
-        let timeout = if pending.count == 0 { Duration::from_millis(100) } else { Duration::ZERO };
-        match consumer.poll(timeout) {
-            Some(Ok(message)) => {
-                let record = record_of(&message);
-                pending.push(&out, message.partition(), record);
-                if pending.count < pending.batch_records_max {
-                    continue;
+        let mut received = 0;
+        // The consumer's own queue: rebalances, statistics, commits and
+        // errors, and the records of a partition without a queue of its own.
+        let mut empty_polls = 0;
+        while empty_polls < 2 && received < pending.batch_records_max {
+            match consumer.poll(Duration::ZERO) {
+                Some(Ok(message)) => {
+                    received += 1;
+                    pending.push(&out, message.partition(), record_of(&message));
+                }
+                Some(Err(e)) => consumer_error(&out, &mut pending, &e),
+                // A rebalance or commit event was served, or nothing waits.
+                None => empty_polls += 1,
+            }
+        }
+        {
+            let queues = consumer.context().lock_queues();
+            let held = consumer.context().lock_held();
+            for (&partition, queue) in queues.iter().filter(|(partition, _)| !held.contains(partition)) {
+                for _ in 0..pending.batch_records_max {
+                    match queue.poll(Duration::ZERO) {
+                        Some(Ok(message)) => {
+                            received += 1;
+                            pending.push(&out, partition, record_of(&message));
+                        }
+                        Some(Err(e)) => consumer_error(&out, &mut pending, &e),
+                        None => break,
+                    }
                 }
             }
-            Some(Err(e)) => {
-                pending.send_all(&out);
-                out.send(&Event::Error { message: e.to_string(), topic_missing: topic_missing(&e) });
-            }
-            None => {}
         }
         pending.send_all(&out);
+        if received == 0 {
+            wake.wait(IDLE_WAIT);
+        }
     }
     pending.send_all(&out);
     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
         out.log(LogLevel::Debug, format!("final offset commit: {e}"));
     }
     consumer.unsubscribe();
+    // The partition queues hold the consumer: drop them before it.
+    consumer.context().lock_queues().clear();
     out.flush();
     ExitCode::SUCCESS
 }
 
-fn pause(consumer: &BaseConsumer<ChildContext>, topic: &str, partition: i32, paused: bool) {
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition(topic, partition);
-    let result = if paused { consumer.pause(&tpl) } else { consumer.resume(&tpl) };
-    if let Err(e) = result {
-        let what = if paused { "pause" } else { "resume" };
-        consumer.context().out.log(LogLevel::Debug, format!("cannot {what} partition {partition}: {e}"));
-    }
+/// The longest the polling loop sleeps when nothing woke it: it serves the
+/// consumer's callbacks at least this often.
+const IDLE_WAIT: Duration = Duration::from_millis(100);
+
+/// Reports a consumer error, after the records read before it.
+fn consumer_error(out: &Output, pending: &mut Pending, error: &KafkaError) {
+    pending.send_all(out);
+    out.send(&Event::Error { message: error.to_string(), topic_missing: topic_missing(error) });
 }
 
 #[cfg(test)]
@@ -596,9 +734,9 @@ mod tests {
     fn frames_round_trip_and_end_cleanly() {
         let mut buf = Vec::new();
         let controls = [
-            Control::Pause(3),
+            Control::Hold { partition: 3, generation: 2 },
             Control::Store { partition: 1, generation: 7, offset: 41 },
-            Control::Resume(3),
+            Control::Release { partition: 3, generation: 2 },
             Control::Stop,
         ];
         for control in &controls {

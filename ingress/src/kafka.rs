@@ -186,6 +186,11 @@ pub fn consumer_config(cluster: &ClusterOptions, subscription: &Subscription, cl
     for (k, v) in &subscription.options {
         config.set(k, v);
     }
+    // Each partition has a queue of its own in the consumer process, and
+    // librdkafka's prefetch limit applies to each: 64 MiB by default.
+    if config.get("queued.max.messages.kbytes").is_none() {
+        config.set("queued.max.messages.kbytes", QUEUED_KBYTES_DEFAULT);
+    }
     // Statistics carry the partition offsets the consumer lag is computed from.
     if config.get("statistics.interval.ms").is_none() {
         config.set("statistics.interval.ms", STATISTICS_INTERVAL_MS_DEFAULT);
@@ -196,6 +201,10 @@ pub fn consumer_config(cluster: &ClusterOptions, subscription: &Subscription, cl
     config.set("enable.auto.offset.store", "false");
     config
 }
+
+/// What librdkafka prefetches of one partition at most, in KiB, unless the
+/// cluster or subscription says otherwise.
+const QUEUED_KBYTES_DEFAULT: &str = "16384";
 
 /// How often librdkafka reports the statistics that consumer lag comes
 /// from, unless the cluster or the subscription sets `statistics.interval.ms`.
@@ -748,8 +757,8 @@ type Permit = (i32, u64, Result<mpsc::OwnedPermit<Record>, mpsc::error::SendErro
 
 /// Hands records from the consumer to the worker of their Kafka partition
 /// without ever waiting on one: a worker that is full (its Raft partition
-/// takes no appends) gets its partition paused in the consumer and its
-/// records held here, while every other partition goes on.
+/// takes no appends) gets its partition held back in the consumer process
+/// and its records kept here, while every other partition goes on.
 struct Feeds<'a> {
     worker: &'a SubscriptionWorker,
     controls: Controls,
@@ -767,6 +776,8 @@ struct Feeds<'a> {
 
 struct Feed {
     id: u64,
+    /// The assignment its worker reads for.
+    generation: u64,
     tx: mpsc::Sender<Record>,
     /// Cancelled when the partition is revoked.
     token: CancellationToken,
@@ -793,7 +804,8 @@ impl Feeds<'_> {
                 token.clone(),
             );
             self.feeds_started += 1;
-            self.feeds.insert(partition, Feed { id: self.feeds_started, tx, token, stalled: VecDeque::new() });
+            let feed = Feed { id: self.feeds_started, generation, tx, token, stalled: VecDeque::new() };
+            self.feeds.insert(partition, feed);
         }
         let feed = self.feeds.get_mut(&partition).expect("a feed per partition");
         if !feed.stalled.is_empty() {
@@ -804,8 +816,8 @@ impl Feeds<'_> {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(record)) => {
                 feed.stalled.push_back(record);
-                let (id, tx) = (feed.id, feed.tx.clone());
-                self.pause(partition, true);
+                let (id, generation, tx) = (feed.id, feed.generation, feed.tx.clone());
+                self.hold(partition, generation, true);
                 self.permits.push(Box::pin(async move { (partition, id, tx.reserve_owned().await) }));
             }
             // The worker ended (it was revoked): the records of its
@@ -833,10 +845,11 @@ impl Feeds<'_> {
     ) {
         // A permit of a feed since replaced (its worker was revoked) is void.
         let Some(feed) = self.feeds.get_mut(&partition).filter(|feed| feed.id == id) else { return };
+        let generation = feed.generation;
         let Ok(permit) = permit else {
             // The worker is gone; its partition was revoked.
             feed.stalled.clear();
-            self.pause(partition, false);
+            self.hold(partition, generation, false);
             return;
         };
         let Some(first) = feed.stalled.pop_front() else { return };
@@ -853,16 +866,25 @@ impl Feeds<'_> {
                 Err(mpsc::error::TrySendError::Closed(_)) => feed.stalled.clear(),
             }
         }
-        self.pause(partition, false);
+        self.hold(partition, generation, false);
     }
 
-    /// Pauses or resumes fetching `partition`. While paused, librdkafka drops
-    /// what it prefetched and, once resumed, fetches again from the record
-    /// after the last one it handed over; those in between wait here.
-    fn pause(&self, partition: i32, paused: bool) {
-        let what = if paused { "paused: its worker is full" } else { "resumed" };
+    /// Holds `partition` back in the consumer process, or releases it. The
+    /// process stops handing over its records and librdkafka keeps what it
+    /// prefetched, up to its queue limits; the records already on their way
+    /// wait here.
+    fn hold(&self, partition: i32, generation: u64, hold: bool) {
+        let what = if hold { "held back: its worker is full" } else { "released" };
         debug!(subscription = %self.worker.subscription.id, partition, "{what}");
-        self.controls.send(if paused { Control::Pause(partition) } else { Control::Resume(partition) });
+        if hold {
+            let labels = [("subscription", self.worker.subscription.id.clone())];
+            metrics::counter!("ferry_ingress_partition_holds_total", &labels).increment(1);
+        }
+        self.controls.send(if hold {
+            Control::Hold { partition, generation }
+        } else {
+            Control::Release { partition, generation }
+        });
     }
 }
 
