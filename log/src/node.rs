@@ -19,7 +19,7 @@ use crate::placement::{self, Nodes};
 use crate::storage::{self, CommittedIndex, Flusher, StateMachineStore, StateOptions};
 use crate::{partition_group, Error, GroupId, NodeId, PartitionId, Raft, METADATA_GROUP};
 use ferry_partition::state::{MetadataState, PartitionRead, Status};
-use ferry_partition::store::{StoreError, StoreRead};
+use ferry_partition::store::{StoreError, StoreRead, Table};
 use ferry_partition::wire::{self, v1::Command, v1::Response};
 
 /// How the log of a node is set up.
@@ -416,7 +416,7 @@ impl LogNode {
     pub fn read_partition<R>(
         &self,
         partition: PartitionId,
-        f: impl FnOnce(&PartitionRead<'_, dyn StoreRead + '_>) -> Result<R, StoreError>,
+        f: impl FnOnce(&PartitionRead<'_, dyn StoreRead<Table> + '_>) -> Result<R, StoreError>,
     ) -> Result<R, Error> {
         Ok(self.group(partition_group(partition))?.state.read_partition(f)?)
     }

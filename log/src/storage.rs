@@ -10,13 +10,13 @@ use std::io::SeekFrom;
 use std::ops::{Bound, RangeBounds};
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use ferry_partition::state::{apply, MetadataState, PartitionRead, Removed};
-use ferry_partition::store::{StoreError, StoreRead};
+use ferry_partition::store::{StoreError, StoreRead, Table};
 use ferry_partition::wire::{self, v1::Command, v1::Response};
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
 use openraft::{
@@ -290,62 +290,6 @@ pub struct StateOptions {
 /// durable, and the log is purged only behind it.
 const DURABLE_EVERY: Duration = Duration::from_secs(1);
 
-/// How long after a durable commit the pages written since start going to
-/// disk, off the apply path, so that the next durable commit's fsync finds
-/// little left to write.
-const FLUSH_AHEAD_AFTER: Duration = Duration::from_millis(700);
-
-/// When apply next makes the state durable.
-struct DurableClock {
-    last: Instant,
-    /// Set once the early flush started since `last` is done.
-    flushed: Option<Arc<AtomicBool>>,
-}
-
-impl DurableClock {
-    fn new() -> Self {
-        DurableClock { last: Instant::now(), flushed: None }
-    }
-
-    /// Whether the batch applied now commits durably; starts the early
-    /// flush of the file at `path` when it is time. A durable commit waits
-    /// for that flush, for at most another [`DURABLE_EVERY`].
-    fn due(&mut self, now: Instant, path: &std::path::Path, group: GroupId) -> bool {
-        let since = now.saturating_duration_since(self.last);
-        if since >= FLUSH_AHEAD_AFTER && self.flushed.is_none() {
-            let flushed = Arc::new(AtomicBool::new(false));
-            self.flushed = Some(flushed.clone());
-            let path = path.to_owned();
-            let spawned = std::thread::Builder::new().name("state-flush".to_owned()).spawn(move || {
-                flush_file(&path, group);
-                flushed.store(true, Ordering::Release);
-            });
-            if spawned.is_err() {
-                self.flushed = Some(Arc::new(AtomicBool::new(true)));
-            }
-        }
-        let flushed = self.flushed.as_ref().is_some_and(|f| f.load(Ordering::Acquire));
-        (since >= DURABLE_EVERY && flushed) || since >= 2 * DURABLE_EVERY
-    }
-
-    fn durable_now(&mut self) {
-        *self = DurableClock::new();
-    }
-}
-
-/// Writes the pages of the database file at `path` that are written but not
-/// yet on disk. Its commit record is written only by a durable commit, so
-/// this makes nothing visible early; it leaves that commit's fsync less to
-/// do. A failure is the durable commit's to report.
-fn flush_file(path: &std::path::Path, group: GroupId) {
-    let started = Instant::now();
-    if let Err(e) = std::fs::File::open(path).and_then(|file| file.sync_data()) {
-        tracing::debug!(group, "early flush of {}: {e}", path.display());
-    }
-    metrics::histogram!("ferry_log_state_flush_ahead_seconds", "group" => group.to_string())
-        .record(started.elapsed().as_secs_f64());
-}
-
 /// What a group has applied, as readers see it: updated after each commit.
 #[derive(Debug, Default, Clone)]
 pub struct Applied {
@@ -361,13 +305,11 @@ pub struct Applied {
 pub struct StateMachineStore {
     group: GroupId,
     options: StateOptions,
-    /// The group's database file.
-    path: Arc<PathBuf>,
     /// Replaced when a snapshot is installed.
     db: Arc<RwLock<Arc<Database>>>,
     applied: Arc<RwLock<Applied>>,
     removed: Arc<Removed>,
-    durable: Arc<Mutex<DurableClock>>,
+    last_durable: Arc<Mutex<Instant>>,
     /// Bumped after every applied batch, so readers can wait for changes.
     changes: Arc<watch::Sender<u64>>,
     /// `ferry_log_apply_wait_seconds` (waiting to write) and
@@ -402,12 +344,11 @@ impl StateMachineStore {
         let applied = read_applied(&ReadTables::open(db.clone())?)?;
         Ok(StateMachineStore {
             group,
-            path: Arc::new(db_path(&options, group)),
             options,
             db: Arc::new(RwLock::new(db)),
             applied: Arc::new(RwLock::new(applied)),
             removed: Arc::default(),
-            durable: Arc::new(Mutex::new(DurableClock::new())),
+            last_durable: Arc::new(Mutex::new(Instant::now())),
             changes: Arc::new(watch::channel(0).0),
             apply_wait: metrics::histogram!("ferry_log_apply_wait_seconds", "group" => group.to_string()),
             apply_seconds: metrics::histogram!("ferry_log_apply_seconds", "group" => group.to_string()),
@@ -435,7 +376,7 @@ impl StateMachineStore {
     /// Reads a consistent view of the applied partition state.
     pub fn read_partition<R>(
         &self,
-        f: impl FnOnce(&PartitionRead<'_, dyn StoreRead + '_>) -> Result<R, StoreError>,
+        f: impl FnOnce(&PartitionRead<'_, dyn StoreRead<Table> + '_>) -> Result<R, StoreError>,
     ) -> Result<R, StoreError> {
         let view = ReadTables::open(self.db())?;
         f(&PartitionRead::new(&view, &self.removed))
@@ -450,16 +391,12 @@ impl StateMachineStore {
         Ok((applied.last_applied.map(|id| id.index), digest))
     }
 
-    /// Makes everything applied so far durable. The pages already written
-    /// go to disk first, while apply goes on; the commit that follows
-    /// writes only the rest.
+    /// Makes everything applied so far durable.
     pub async fn sync(&self) -> Result<(), StoreError> {
-        let (db, durable) = (self.db(), self.durable.clone());
-        let (path, group) = (self.path.clone(), self.group);
+        let (db, last_durable) = (self.db(), self.last_durable.clone());
         tokio::task::spawn_blocking(move || {
-            flush_file(&path, group);
             tables::sync(&db)?;
-            durable.lock().expect("durable lock poisoned").durable_now();
+            *last_durable.lock().expect("durable lock poisoned") = Instant::now();
             Ok(())
         })
         .await
@@ -604,7 +541,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let (db, applied) = installed;
         *self.db.write().expect("state db lock poisoned") = db;
         *self.applied.write().expect("state lock poisoned") = applied;
-        self.durable.lock().expect("durable lock poisoned").durable_now();
+        *self.last_durable.lock().expect("durable lock poisoned") = Instant::now();
         self.changes.send_modify(|v| *v += 1);
         metrics::counter!("ferry_log_snapshots_installed_total", "group" => self.group.to_string()).increment(1);
         tracing::info!(group = self.group, snapshot = %meta.snapshot_id, "snapshot installed");
@@ -629,7 +566,7 @@ impl StateMachineStore {
         let mut txn = db.begin_write().map_err(tables::store_error)?;
         let started = Instant::now();
         self.apply_wait.record(started.duration_since(waiting).as_secs_f64());
-        let durable = self.durable.lock().expect("durable lock poisoned").due(Instant::now(), &self.path, self.group);
+        let durable = self.last_durable.lock().expect("durable lock poisoned").elapsed() >= DURABLE_EVERY;
         if durable {
             txn.set_quick_repair(true);
         } else {
@@ -663,7 +600,7 @@ impl StateMachineStore {
         let committing = Instant::now();
         txn.commit().map_err(tables::store_error)?;
         if durable {
-            self.durable.lock().expect("durable lock poisoned").durable_now();
+            *self.last_durable.lock().expect("durable lock poisoned") = Instant::now();
             self.durable_commit.record(committing.elapsed().as_secs_f64());
         }
         self.apply_seconds.record(started.elapsed().as_secs_f64());
@@ -798,38 +735,5 @@ impl AsyncSeek for SnapshotData {
             Pin::new(this.file_mut()).start_seek(position)?;
         }
         Pin::new(this.file_mut()).poll_complete(cx)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_durable_commit_comes_after_the_early_flush() {
-        let file = tempfile::NamedTempFile::new().unwrap();
-        let mut clock = DurableClock::new();
-        let start = clock.last;
-        let at = |ms| start + Duration::from_millis(ms);
-        assert!(!clock.due(at(100), file.path(), 1));
-        assert!(clock.flushed.is_none(), "too early to flush");
-        assert!(!clock.due(at(750), file.path(), 1));
-        let flushed = clock.flushed.clone().expect("the early flush started");
-        while !flushed.load(Ordering::Acquire) {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        assert!(clock.due(at(1_000), file.path(), 1));
-        clock.durable_now();
-        assert!(clock.flushed.is_none());
-    }
-
-    #[test]
-    fn a_flush_that_does_not_end_holds_durability_back_only_so_long() {
-        let mut clock = DurableClock::new();
-        let start = clock.last;
-        clock.flushed = Some(Arc::new(AtomicBool::new(false)));
-        let path = std::path::Path::new("/nonexistent");
-        assert!(!clock.due(start + DURABLE_EVERY, path, 1));
-        assert!(clock.due(start + 2 * DURABLE_EVERY, path, 1));
     }
 }

@@ -122,7 +122,7 @@ fn scan(
     Ok(())
 }
 
-impl StoreRead for WriteTables<'_> {
+impl StoreRead<Table> for WriteTables<'_> {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         get(&self.partition[table.index()], key)
     }
@@ -132,7 +132,7 @@ impl StoreRead for WriteTables<'_> {
     }
 }
 
-impl Store for WriteTables<'_> {
+impl Store<Table> for WriteTables<'_> {
     fn put(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
         self.partition[table.index()].insert(key, value).map_err(store_error)?;
         Ok(())
@@ -210,7 +210,7 @@ fn write_row(out: &mut impl Write, table: u8, key: &[u8], value: &[u8]) -> std::
     out.write_all(value)
 }
 
-impl StoreRead for ReadTables {
+impl StoreRead<Table> for ReadTables {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         get(self.table(table.index())?, key)
     }

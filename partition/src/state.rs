@@ -22,7 +22,7 @@ use crate::wire::{decode, encode};
 
 /// Applies `command` to a group's state: partition tables in `store`, the
 /// cluster metadata in `metadata`. Only a failing store fails it.
-pub fn apply<S: Store + ?Sized>(
+pub fn apply<S: Store<Table> + ?Sized>(
     store: &mut S,
     removed: &Removed,
     metadata: &mut MetadataState,
@@ -45,7 +45,7 @@ pub fn apply<S: Store + ?Sized>(
 
 /// A 128-bit hash of a group's state. Replicas that applied the same log
 /// have the same digest: tables are hashed in key order.
-pub fn digest(store: &(impl StoreRead + ?Sized), metadata: &MetadataState) -> Result<u128, StoreError> {
+pub fn digest(store: &(impl StoreRead<Table> + ?Sized), metadata: &MetadataState) -> Result<u128, StoreError> {
     let mut hasher = Xxh3::new();
     for table in Table::ALL {
         hasher.update(table.name().as_bytes());
@@ -65,7 +65,7 @@ pub fn digest(store: &(impl StoreRead + ?Sized), metadata: &MetadataState) -> Re
 /// `metadata`; partition groups only use the partition tables.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct GroupState {
-    tables: MemStore,
+    tables: MemStore<Table>,
     pub metadata: MetadataState,
     /// Kept on each node, not replicated, never encoded.
     #[serde(skip)]
@@ -82,12 +82,12 @@ impl GroupState {
     }
 
     /// Reads of the partition state.
-    pub fn partition(&self) -> PartitionRead<'_, dyn StoreRead + '_> {
+    pub fn partition(&self) -> PartitionRead<'_, dyn StoreRead<Table> + '_> {
         PartitionRead { store: &self.tables, removed: &self.removed }
     }
 
     /// The partition tables, to change by hand in tests.
-    pub fn tables_mut(&mut self) -> &mut MemStore {
+    pub fn tables_mut(&mut self) -> &mut MemStore<Table> {
         &mut self.tables
     }
 }
@@ -257,17 +257,17 @@ const EXPIRY_REMOVE: u8 = 1;
 const NEXT_RUN_SEQ: &[u8] = b"next_run_seq";
 const NEXT_INBOX_SEQ: &[u8] = b"next_inbox_seq";
 
-fn counter(store: &(impl StoreRead + ?Sized), name: &[u8]) -> Result<u64, StoreError> {
+fn counter(store: &(impl StoreRead<Table> + ?Sized), name: &[u8]) -> Result<u64, StoreError> {
     Ok(store.get(Table::Counters, name)?.as_deref().and_then(key::u64_of).unwrap_or(0))
 }
 
-fn load(store: &(impl StoreRead + ?Sized), id: &str) -> Result<Option<Invocation>, StoreError> {
+fn load(store: &(impl StoreRead<Table> + ?Sized), id: &str) -> Result<Option<Invocation>, StoreError> {
     Ok(store.get(Table::Invocations, id.as_bytes())?.map(|bytes| decode(&bytes)).transpose()?)
 }
 
 /// The first row of `table` whose key starts with `prefix`.
 fn first_with_prefix(
-    store: &(impl StoreRead + ?Sized),
+    store: &(impl StoreRead<Table> + ?Sized),
     table: Table,
     prefix: &[u8],
 ) -> Result<Option<Row>, StoreError> {
@@ -296,7 +296,7 @@ struct Partition<'a, S: ?Sized> {
     counters: BTreeMap<Vec<u8>, (u64, bool)>,
 }
 
-impl<S: Store + ?Sized> Partition<'_, S> {
+impl<S: Store<Table> + ?Sized> Partition<'_, S> {
     fn apply_invoke(&mut self, batch: Arc<Vec<Invoke>>) -> Result<Response, StoreError> {
         let (mut created, mut deduplicated) = (0, 0);
         // Entries read back from the log hold the only reference.
@@ -765,7 +765,7 @@ pub struct PartitionRead<'a, S: ?Sized> {
     removed: &'a Removed,
 }
 
-impl<'a, S: StoreRead + ?Sized> PartitionRead<'a, S> {
+impl<'a, S: StoreRead<Table> + ?Sized> PartitionRead<'a, S> {
     pub fn new(store: &'a S, removed: &'a Removed) -> Self {
         PartitionRead { store, removed }
     }
@@ -1023,7 +1023,7 @@ mod tests {
     }
 
     /// Reads of a state in memory, which cannot fail.
-    struct View<'a>(PartitionRead<'a, dyn StoreRead + 'a>);
+    struct View<'a>(PartitionRead<'a, dyn StoreRead<Table> + 'a>);
 
     fn view(state: &GroupState) -> View<'_> {
         View(state.partition())

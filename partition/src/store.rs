@@ -1,14 +1,12 @@
-//! Where a partition's state lives: ordered tables of byte keys and values,
-//! behind [`Store`], so `apply` runs the same against memory (unit tests,
-//! [`MemStore`]) and against the node's embedded store.
+//! The tables of a partition's state and the encoding of their keys. The
+//! tables are read and written through `ferry_store`'s traits, so `apply`
+//! runs the same against memory (unit tests, [`MemStore`]) and against the
+//! node's embedded store.
 //!
 //! Keys sort as bytes: integers are big-endian, and a string followed by
 //! more is length-prefixed, so a prefix scan finds exactly one owner's rows.
 
-use std::collections::BTreeMap;
-use std::ops::{Bound, ControlFlow};
-
-use serde::{Deserialize, Serialize};
+pub use ferry_store::{scan_prefix, MemStore, Row, Store, StoreError, StoreRead, TableSet, Visit};
 
 /// The tables of a partition's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,104 +70,21 @@ impl Table {
     }
 }
 
-/// A store that failed to read or write: the group cannot go on.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("state store: {0}")]
-pub struct StoreError(pub String);
+impl TableSet for Table {
+    const ALL: &'static [Table] = &Table::ALL;
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    fn name(self) -> &'static str {
+        Table::name(self)
+    }
+}
 
 impl From<crate::wire::DecodeError> for StoreError {
     fn from(e: crate::wire::DecodeError) -> Self {
         StoreError(e.to_string())
-    }
-}
-
-/// What a scan calls with each (key, value) row; it breaks to stop the scan.
-pub type Visit<'a> = dyn FnMut(&[u8], &[u8]) -> ControlFlow<()> + 'a;
-
-/// A (key, value) row.
-pub type Row = (Vec<u8>, Vec<u8>);
-
-/// Reads of a consistent view of the tables.
-pub trait StoreRead {
-    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
-
-    /// Calls `f` with the rows of `table` in key order between the bounds,
-    /// until it breaks.
-    fn scan(&self, table: Table, from: Bound<&[u8]>, to: Bound<&[u8]>, f: &mut Visit<'_>) -> Result<(), StoreError>;
-}
-
-/// Writes, seen by the same store's reads at once.
-pub trait Store: StoreRead {
-    fn put(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<(), StoreError>;
-    fn remove(&mut self, table: Table, key: &[u8]) -> Result<(), StoreError>;
-}
-
-/// Calls `f` with the rows of `table` whose key starts with `prefix`.
-pub fn scan_prefix(
-    store: &(impl StoreRead + ?Sized),
-    table: Table,
-    prefix: &[u8],
-    f: &mut Visit<'_>,
-) -> Result<(), StoreError> {
-    match prefix_end(prefix) {
-        Some(end) => store.scan(table, Bound::Included(prefix), Bound::Excluded(&end), f),
-        None => store.scan(table, Bound::Included(prefix), Bound::Unbounded, f),
-    }
-}
-
-/// The first key after every key that starts with `prefix`, if there is one.
-fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < u8::MAX {
-            end.push(last + 1);
-            return Some(end);
-        }
-    }
-    None
-}
-
-/// The tables in memory.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct MemStore {
-    tables: [BTreeMap<Vec<u8>, Vec<u8>>; Table::ALL.len()],
-}
-
-impl MemStore {
-    /// How many rows `table` has.
-    pub fn len(&self, table: Table) -> usize {
-        self.tables[table.index()].len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.tables.iter().all(BTreeMap::is_empty)
-    }
-}
-
-impl StoreRead for MemStore {
-    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.tables[table.index()].get(key).cloned())
-    }
-
-    fn scan(&self, table: Table, from: Bound<&[u8]>, to: Bound<&[u8]>, f: &mut Visit<'_>) -> Result<(), StoreError> {
-        for (key, value) in self.tables[table.index()].range::<[u8], _>((from, to)) {
-            if f(key, value).is_break() {
-                break;
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Store for MemStore {
-    fn put(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
-        self.tables[table.index()].insert(key.to_vec(), value.to_vec());
-        Ok(())
-    }
-
-    fn remove(&mut self, table: Table, key: &[u8]) -> Result<(), StoreError> {
-        self.tables[table.index()].remove(key);
-        Ok(())
     }
 }
 
@@ -222,6 +137,8 @@ pub mod key {
 
 #[cfg(test)]
 mod tests {
+    use std::ops::ControlFlow;
+
     use super::*;
 
     #[test]
@@ -241,8 +158,6 @@ mod tests {
         let mut expected = key::object("A", "k");
         expected.extend_from_slice(b"state");
         assert_eq!(found, vec![expected]);
-        assert_eq!(prefix_end(&[1, 255, 255]), Some(vec![2]));
-        assert_eq!(prefix_end(&[255]), None);
     }
 
     #[test]

@@ -53,12 +53,16 @@ struct Args {
     label: String,
 }
 
+const MIB: f64 = (1 << 20) as f64;
+
 /// One sample of the node.
 struct Sample {
     seconds: f64,
     completed: f64,
     rss_mib: f64,
     disk_mib: f64,
+    disk_used_mib: f64,
+    state_mib: f64,
     records_per_second: f64,
     p99_latency_ms: f64,
     longest_apply_wait_ms: f64,
@@ -68,11 +72,13 @@ struct Sample {
 }
 
 /// The columns of a sample, as the CSV names them and the table titles them.
-const COLUMNS: [(&str, &str); 10] = [
+const COLUMNS: [(&str, &str); 12] = [
     ("seconds", "seconds"),
     ("completed", "completed"),
     ("rss_mib", "RSS MiB"),
     ("disk_mib", "disk MiB"),
+    ("disk_used_mib", "disk used MiB"),
+    ("state_mib", "state MiB"),
     ("records_per_second", "records/s"),
     ("p99_record_to_commit_ms", "p99 ms"),
     ("longest_apply_wait_ms", "apply wait <= ms"),
@@ -83,12 +89,14 @@ const COLUMNS: [(&str, &str); 10] = [
 
 impl Sample {
     /// The values, formatted, in the order of [`COLUMNS`].
-    fn values(&self) -> [String; 10] {
+    fn values(&self) -> [String; 12] {
         [
             format!("{:.0}", self.seconds),
             format!("{:.0}", self.completed),
             format!("{:.1}", self.rss_mib),
             format!("{:.1}", self.disk_mib),
+            format!("{:.1}", self.disk_used_mib),
+            format!("{:.1}", self.state_mib),
             format!("{:.0}", self.records_per_second),
             self.p99_latency_ms.to_string(),
             self.longest_apply_wait_ms.to_string(),
@@ -143,15 +151,22 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 fn dir_bytes(path: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(path) else { return 0 };
+    dir_sizes(path).0
+}
+
+/// The lengths of the files under `path`, and the disk space they take
+/// (less where they are sparse).
+fn dir_sizes(path: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(path) else { return (0, 0) };
     entries
         .filter_map(Result::ok)
         .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
-            Ok(m) => m.len(),
-            Err(_) => 0,
+            Ok(m) if m.is_dir() => dir_sizes(&e.path()),
+            Ok(m) => (m.len(), m.blocks() * 512),
+            Err(_) => (0, 0),
         })
-        .sum()
+        .fold((0, 0), |(len, used), (l, u)| (len + l, used + u))
 }
 
 /// A histogram's cumulative bucket counts (upper bound -> count), summed
@@ -346,11 +361,14 @@ async fn main() -> Result<()> {
         let (ferry_cpu, handler_cpu) = (cpu_seconds(node_pid), cpu_seconds(handler_pid));
         let done = (completed - previous.0).max(1.0);
         let latency = "ferry_ingress_record_commit_latency_seconds";
+        let disk = dir_sizes(&base_dir);
         let sample = Sample {
             seconds: started.elapsed().as_secs_f64(),
             completed,
             rss_mib: rss_kib(node_pid) as f64 / 1024.0,
-            disk_mib: dir_bytes(&base_dir) as f64 / (1 << 20) as f64,
+            disk_mib: disk.0 as f64 / MIB,
+            disk_used_mib: disk.1 as f64 / MIB,
+            state_mib: dir_bytes(&base_dir.join("state")) as f64 / MIB,
             records_per_second: (completed - previous.0) / args.sample_seconds as f64,
             p99_latency_ms: quantile_ms(&buckets(&previous.1, latency), &buckets(&page, latency), 0.99),
             longest_apply_wait_ms: quantile_ms(
@@ -367,12 +385,14 @@ async fn main() -> Result<()> {
             handler_cpu_us: (handler_cpu - previous.3) * 1e6 / done,
         };
         eprintln!(
-            "{:>5.0}s {:>9.0} done {:>7.1} MiB RSS {:>7.1} MiB disk {:>6.0}/s p99 {:>6} ms apply wait <= {:>5} ms \
+            "{:>5.0}s {:>9.0} done {:>7.1} MiB RSS {:>7.1} MiB disk ({:.1} used, {:.1} state) {:>6.0}/s p99 {:>6} ms apply wait <= {:>5} ms \
              apply <= {:>5} ms cpu {:.0}/{:.0} us",
             sample.seconds,
             sample.completed,
             sample.rss_mib,
             sample.disk_mib,
+            sample.disk_used_mib,
+            sample.state_mib,
             sample.records_per_second,
             sample.p99_latency_ms,
             sample.longest_apply_wait_ms,
