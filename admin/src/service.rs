@@ -8,12 +8,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use ferry_ingress::{ClusterOptions, IngressStatus};
 use ferry_invoker::Discovery;
 use ferry_log::node::{GroupStatus, StateDigest};
-use ferry_log::{partition_group, LogNode, PartitionId, METADATA_GROUP};
+use ferry_log::{partition_group, PartitionId, METADATA_GROUP};
 use ferry_partition::partitioner::partition_of;
 use ferry_partition::state::{Completion, Invocation, MetadataState, RegisteredService};
 use ferry_partition::wire::v1::{
     Command, Deployment, Effect, MetadataCommand, MetadataResponse, Outcome, Response, Source, Subscription,
 };
+use ferry_partition::{Log, LogReads};
 use ferry_proto::admin as pb;
 use rdkafka::consumer::BaseConsumer;
 
@@ -29,7 +30,7 @@ const MAX_PAGE: u32 = 10_000;
 /// The admin API of a node; cheap to clone.
 #[derive(Clone)]
 pub struct Admin {
-    log: LogNode,
+    log: Log,
     discovery: Discovery,
     clusters: Arc<Vec<ClusterOptions>>,
     ingress: IngressStatus,
@@ -205,7 +206,7 @@ impl Admin {
     /// The admin API of `log`'s node; `ingress` is where its Kafka consumers
     /// report how they do; `names` holds the name of each node.
     pub fn new(
-        log: LogNode,
+        log: Log,
         discovery: Discovery,
         clusters: Vec<ClusterOptions>,
         ingress: IngressStatus,

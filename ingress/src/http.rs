@@ -21,12 +21,13 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use ferry_log::{partition_group, LogNode, PartitionId};
+use ferry_log::{partition_group, PartitionId};
 use ferry_partition::partitioner::partition_of;
 use ferry_partition::state::Completion;
 use ferry_partition::wire::v1::{
     Command, HandlerType, Invoke, Response as LogResponse, RetentionPolicy, ServiceType, Source, Target,
 };
+use ferry_partition::{Log, LogReads};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -79,7 +80,7 @@ impl From<ferry_log::Error> for Error {
 
 #[derive(Clone)]
 struct Ingress {
-    log: LogNode,
+    log: Log,
     retention: RetentionPolicy,
     shutdown: CancellationToken,
 }
@@ -89,7 +90,7 @@ struct Ingress {
 /// or handler says otherwise.
 pub async fn serve(
     listener: TcpListener,
-    log: LogNode,
+    log: Log,
     retention: RetentionPolicy,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
@@ -339,7 +340,7 @@ impl Ingress {
     /// Waits for the result of an invocation. An invocation that is not
     /// there, or no longer (killed and purged meanwhile), answers 404: after
     /// a proposal returns, this node has applied it (see
-    /// [`LogNode::propose_until`]), so a missing invocation is not one that is
+    /// [`Log::propose_until`]), so a missing invocation is not one that is
     /// still on its way.
     async fn wait(&self, partition: PartitionId, id: &str) -> Result<Completion, Error> {
         let mut changes = self.log.partition_changes(partition)?;

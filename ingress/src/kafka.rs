@@ -13,9 +13,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ferry_log::{partition_group, LogNode, PartitionId};
+use ferry_log::{partition_group, PartitionId};
 use ferry_partition::partitioner::kafka_producer_id;
 use ferry_partition::wire::v1::{Command, Invoke, Response, RetentionPolicy, Subscription};
+use ferry_partition::{Log, LogReads};
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use rdkafka::config::ClientConfig;
@@ -344,7 +345,7 @@ pub struct ConsumerProgram {
 
 /// Runs the consumers of every subscription on this node.
 pub struct KafkaIngress {
-    log: LogNode,
+    log: Log,
     clusters: Arc<Vec<ClusterOptions>>,
     options: Options,
     retention: RetentionPolicy,
@@ -356,7 +357,7 @@ impl KafkaIngress {
     /// An ingress whose consumers run as `program` and report into
     /// `status`; the invocations it creates are kept as `retention` says.
     pub fn new(
-        log: LogNode,
+        log: Log,
         clusters: Vec<ClusterOptions>,
         options: Options,
         retention: RetentionPolicy,
@@ -537,7 +538,7 @@ impl ConsumerProcess {
 }
 
 struct SubscriptionWorker {
-    log: LogNode,
+    log: Log,
     clusters: Arc<Vec<ClusterOptions>>,
     options: Options,
     retention: RetentionPolicy,
@@ -900,7 +901,7 @@ struct Lane {
 }
 
 struct PartitionWorker {
-    log: LogNode,
+    log: Log,
     controls: Controls,
     /// The assignment this worker reads for: its stores name it.
     generation: u64,

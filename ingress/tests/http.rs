@@ -4,12 +4,13 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use ferry_log::{partition_group, LogNode, Options, METADATA_GROUP};
+use ferry_log::{partition_group, Options, METADATA_GROUP};
 use ferry_partition::state::Completion;
 use ferry_partition::wire::v1::{
     Command, Deployment, Effect, HandlerDef, HandlerType, MetadataCommand, ProtocolMode, RetentionPolicy, ServiceDef,
     ServiceType,
 };
+use ferry_partition::{Log, LogReads, Machine};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -39,7 +40,7 @@ fn deployment() -> Deployment {
 /// A single-node log with `Greeter` registered and the HTTP ingress over it,
 /// with `retention`; the url of `Greeter/greet`.
 struct Served {
-    log: LogNode,
+    log: Log,
     url: String,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     tracker: TaskTracker,
@@ -53,7 +54,7 @@ impl Served {
         let mut options = Options::single_node(dir.path().to_owned(), 1);
         options.advertised_address = "127.0.0.1:1".to_owned();
         let (tracker, cancel) = (TaskTracker::new(), CancellationToken::new());
-        let log = LogNode::open(options, &tracker, cancel.clone()).await.unwrap();
+        let log = Log::open(options, |_| Machine::default(), &tracker, cancel.clone()).await.unwrap();
         log.wait_for_leaders(Duration::from_secs(10)).await.unwrap();
         log.propose(METADATA_GROUP, Command::Metadata(MetadataCommand::PutDeployment(deployment()))).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -13,8 +13,9 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ferry_log::{partition_group, GroupId, LogNode, PartitionId};
+use ferry_log::{partition_group, GroupId, PartitionId};
 use ferry_partition::wire::v1::{AttemptId, Command, Effect, Outcome, Response};
+use ferry_partition::{Log, LogReads};
 use ferry_telemetry::TraceContext;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
@@ -53,14 +54,14 @@ impl Default for Options {
 
 /// Runs invocations on the partitions this node leads.
 pub struct Invoker {
-    log: LogNode,
+    log: Log,
     client: Client,
     options: Options,
     retry: Arc<RetryPolicy>,
 }
 
 impl Invoker {
-    pub fn new(log: LogNode, options: Options, retry: RetryPolicy) -> Invoker {
+    pub fn new(log: Log, options: Options, retry: RetryPolicy) -> Invoker {
         Invoker { log, client: Client::new(options.attempt_timeout), options, retry: Arc::new(retry) }
     }
 
@@ -112,7 +113,7 @@ impl EffectSender {
 /// Proposes the effects of a partition, as many per entry as are waiting
 /// and fit in [`EFFECTS_BYTES_MAX`].
 async fn write_effects(
-    log: LogNode,
+    log: Log,
     group: GroupId,
     mut rx: mpsc::Receiver<(Effect, oneshot::Sender<Option<Outcome>>)>,
     max_batch: usize,
@@ -163,7 +164,7 @@ fn batches<R>(effects: impl Iterator<Item = (Effect, R)>) -> Vec<Vec<(Effect, R)
     batches
 }
 
-async fn propose_effects(log: &LogNode, group: GroupId, batch: Vec<(Effect, oneshot::Sender<Option<Outcome>>)>) {
+async fn propose_effects(log: &Log, group: GroupId, batch: Vec<(Effect, oneshot::Sender<Option<Outcome>>)>) {
     let (effects, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
     let count = effects.len();
     let completions: Vec<bool> = effects.iter().map(|e| matches!(e, Effect::Complete { .. })).collect();
@@ -218,7 +219,7 @@ struct Running {
 #[derive(Clone)]
 struct Attempts {
     group: GroupId,
-    log: LogNode,
+    log: Log,
     client: Client,
     retry: Arc<RetryPolicy>,
     effects: EffectSender,
@@ -440,7 +441,7 @@ impl PartitionScheduler {
 }
 
 /// Proposes that `group` drop what retention no longer keeps.
-async fn expire(log: LogNode, group: GroupId) -> Done {
+async fn expire(log: Log, group: GroupId) -> Done {
     match log.propose_as_leader(group, Command::Expire { at_ms: now_ms(), max: EXPIRE_MAX }).await {
         Ok(Response::Expired { invocations, journals }) => {
             metrics::counter!("ferry_invocations_expired_total", "what" => "invocation").increment(invocations.into());
@@ -460,7 +461,7 @@ struct Target {
     version: ProtocolVersion,
 }
 
-fn resolve(log: &LogNode, service: &str) -> Result<Target, String> {
+fn resolve(log: &Log, service: &str) -> Result<Target, String> {
     log.read_metadata(|m| {
         let registered = m.services.get(service).ok_or_else(|| format!("service {service} is not registered"))?;
         let deployment = m

@@ -3,21 +3,25 @@
 //! Every partition of the key space is one openraft group; cluster metadata
 //! (deployments, services, subscriptions) is one more group. All groups of a
 //! node share one sled `Db`, one flusher (group commit) and one gRPC channel per
-//! peer. What the groups replicate and how it is applied is `ferry-partition`'s.
+//! peer. What the groups replicate and how it is applied is a
+//! [`StateMachine`]'s: the log is generic over it.
 
 // openraft's storage traits fix `StorageError` (a large type) as the error of
 // every storage call; boxing it here would only add allocations.
 #![allow(clippy::result_large_err)]
 
+pub mod machine;
 pub mod network;
 pub mod node;
 pub mod placement;
 pub mod storage;
 pub mod tables;
 
+pub use machine::{Raft, StateMachine, TypeConfig};
 pub use node::{LogNode, Options};
 
-pub use ferry_partition::{Command, PartitionId, Response};
+/// A partition of the key space.
+pub type PartitionId = u32;
 
 /// A node of the cluster.
 pub type NodeId = u64;
@@ -41,16 +45,6 @@ pub const COMMAND_BYTES_MAX: usize = 16 << 20;
 pub fn partition_group(partition: PartitionId) -> GroupId {
     partition + 1
 }
-
-openraft::declare_raft_types!(
-    /// The openraft types of every Ferry group.
-    pub TypeConfig:
-        D = Command,
-        R = Response,
-        SnapshotData = storage::SnapshotData,
-);
-
-pub type Raft = openraft::Raft<TypeConfig>;
 
 /// Errors of the log.
 #[derive(Debug, thiserror::Error)]
@@ -76,9 +70,9 @@ pub enum Error {
     #[error("this node was created with {stored} partitions, the configuration says {configured}")]
     PartitionCountChanged { stored: u32, configured: u32 },
     #[error(transparent)]
-    Decode(#[from] ferry_partition::wire::DecodeError),
+    Decode(#[from] ferry_store::codec::DecodeError),
     #[error(transparent)]
-    Store(#[from] ferry_partition::store::StoreError),
+    Store(#[from] ferry_store::StoreError),
     #[error("raft group {group}: a command of {bytes} bytes is over the limit of {max} bytes")]
     TooLarge { group: GroupId, bytes: u64, max: usize },
     #[error("unknown group {0}")]

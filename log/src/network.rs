@@ -5,6 +5,7 @@
 //! node's idle groups cost one RPC per window between them.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::marker::PhantomData;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,8 +27,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Channel;
 
-use crate::{GroupId, NodeId, Raft, TypeConfig, MESSAGE_BYTES_MAX};
-use ferry_partition::wire::{self, v1::Command, v1::Response};
+use crate::machine::{Raft, StateMachine, TypeConfig};
+use crate::{GroupId, NodeId, MESSAGE_BYTES_MAX};
+use ferry_store::codec as wire;
 
 /// How long a proposal forwarded to the leader may take before it fails (and
 /// is retried by whoever proposed it).
@@ -190,17 +192,23 @@ impl Acks {
 }
 
 /// Creates the per-target network of one group.
-#[derive(Clone)]
-pub struct NetworkFactory {
+pub struct NetworkFactory<M> {
     pub group: GroupId,
     pub channels: Channels,
     pub acks: Acks,
+    pub machine: PhantomData<fn() -> M>,
 }
 
-impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
-    type Network = Network;
+impl<M> NetworkFactory<M> {
+    pub fn new(group: GroupId, channels: Channels, acks: Acks) -> Self {
+        NetworkFactory { group, channels, acks, machine: PhantomData }
+    }
+}
 
-    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Network {
+impl<M: StateMachine> RaftNetworkFactory<TypeConfig<M>> for NetworkFactory<M> {
+    type Network = Network<M>;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Network<M> {
         let addr = self.channels.address(target, &node.addr);
         Network {
             group: self.group,
@@ -208,11 +216,12 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             peer: self.channels.peer(addr),
             commit_sent: None,
             acks: self.acks.clone(),
+            machine: PhantomData,
         }
     }
 }
 
-pub struct Network {
+pub struct Network<M> {
     group: GroupId,
     target: NodeId,
     peer: Result<Peer, String>,
@@ -220,6 +229,7 @@ pub struct Network {
     /// The leader commit of the last AppendEntries sent to the target: one
     /// that brings a newer commit goes at once, not with the heartbeats.
     commit_sent: Option<Option<LogId<NodeId>>>,
+    machine: PhantomData<fn() -> M>,
 }
 
 type RpcResult<T, E = RaftError<NodeId>> = Result<T, RPCError<NodeId, BasicNode, E>>;
@@ -228,7 +238,7 @@ type RpcResult<T, E = RaftError<NodeId>> = Result<T, RPCError<NodeId, BasicNode,
 #[error("{0}")]
 struct Message(String);
 
-impl Network {
+impl<M: StateMachine> Network<M> {
     async fn call<Resp, E, Fut>(
         &mut self,
         payload: Vec<u8>,
@@ -253,7 +263,7 @@ impl Network {
     /// Queues a heartbeat with the others bound for the same peer.
     async fn heartbeat(
         &mut self,
-        rpc: &AppendEntriesRequest<TypeConfig>,
+        rpc: &AppendEntriesRequest<TypeConfig<M>>,
         option: &RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
         let peer = match &self.peer {
@@ -291,10 +301,10 @@ fn rpc_error<E: std::error::Error>(status: tonic::Status) -> RPCError<NodeId, Ba
     }
 }
 
-impl RaftNetwork<TypeConfig> for Network {
+impl<M: StateMachine> RaftNetwork<TypeConfig<M>> for Network<M> {
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        rpc: AppendEntriesRequest<TypeConfig<M>>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
         let (sent, vote) = (Instant::now(), rpc.vote);
@@ -320,7 +330,7 @@ impl RaftNetwork<TypeConfig> for Network {
 
     async fn install_snapshot(
         &mut self,
-        rpc: InstallSnapshotRequest<TypeConfig>,
+        rpc: InstallSnapshotRequest<TypeConfig<M>>,
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>> {
         self.call(wire::encode(&rpc), &option, |mut c, r| async move { c.install_snapshot(r).await }).await
@@ -348,13 +358,13 @@ pub fn entries_that_fit(entries: usize, bytes: usize) -> Option<u64> {
 
 /// Sends a proposal to the leader of `group` at `addr`; fails after `timeout`
 /// however the leader behaves (it may accept the connection and never answer).
-pub async fn forward(
+pub async fn forward<M: StateMachine>(
     channels: &Channels,
     group: GroupId,
     addr: &str,
-    command: &Command,
+    command: &M::Command,
     timeout: Duration,
-) -> Result<(Response, u64), ProposeError> {
+) -> Result<(M::Response, u64), ProposeError> {
     let mut client = channels.client(addr).map_err(ProposeError::Failed)?;
     let mut request = tonic::Request::new(RaftRequest { group, payload: wire::encode(command) });
     request.set_timeout(timeout);
@@ -363,7 +373,7 @@ pub async fn forward(
         Ok(response) => response.map_err(|s| ProposeError::Failed(s.to_string()))?,
         Err(_) => return Err(ProposeError::Failed(format!("the leader at {addr} did not answer in {timeout:?}"))),
     };
-    wire::decode::<Result<(Response, u64), ProposeError>>(&response.into_inner().payload)
+    wire::decode::<Result<(M::Response, u64), ProposeError>>(&response.into_inner().payload)
         .map_err(|e| ProposeError::Failed(e.to_string()))?
 }
 
@@ -380,16 +390,16 @@ pub enum ProposeError {
 }
 
 /// Serves this node's groups to its peers.
-pub struct NodeServer {
-    groups: Arc<BTreeMap<GroupId, Raft>>,
+pub struct NodeServer<M: StateMachine> {
+    groups: Arc<BTreeMap<GroupId, Raft<M>>>,
 }
 
-impl NodeServer {
-    pub fn new(groups: Arc<BTreeMap<GroupId, Raft>>) -> Self {
+impl<M: StateMachine> NodeServer<M> {
+    pub fn new(groups: Arc<BTreeMap<GroupId, Raft<M>>>) -> Self {
         NodeServer { groups }
     }
 
-    fn raft(&self, group: GroupId) -> Result<&Raft, tonic::Status> {
+    fn raft(&self, group: GroupId) -> Result<&Raft<M>, tonic::Status> {
         self.groups.get(&group).ok_or_else(|| tonic::Status::not_found(format!("no raft group {group} on this node")))
     }
 }
@@ -406,7 +416,10 @@ fn respond<T: Serialize>(value: &T) -> Result<tonic::Response<RaftResponse>, ton
 /// form a remote caller can act on.
 /// Appends `command` on this node, which must lead the group: its response
 /// and the index of its entry.
-pub async fn propose_local(raft: &Raft, command: Command) -> Result<(Response, u64), ProposeError> {
+pub async fn propose_local<M: StateMachine>(
+    raft: &Raft<M>,
+    command: M::Command,
+) -> Result<(M::Response, u64), ProposeError> {
     use openraft::error::ClientWriteError;
     match raft.client_write(command).await {
         Ok(response) => Ok((response.data, response.log_id.index)),
@@ -419,7 +432,7 @@ pub async fn propose_local(raft: &Raft, command: Command) -> Result<(Response, u
 }
 
 #[tonic::async_trait]
-impl NodeService for NodeServer {
+impl<M: StateMachine> NodeService for NodeServer<M> {
     async fn append_entries(
         &self,
         request: tonic::Request<RaftRequest>,

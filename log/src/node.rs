@@ -1,6 +1,6 @@
 //! A node's log: opens the sled `Db`, starts one Raft per group, bootstraps a
 //! new cluster, and offers a cheap cloneable handle to propose commands and
-//! read applied state.
+//! read applied state. Every group runs a [`StateMachine`] `M`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -14,13 +14,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use crate::machine::{Raft, StateMachine};
 use crate::network::{self, propose_local, Acks, Channels, NetworkFactory, NodeServer, ProposeError, FORWARD_TIMEOUT};
 use crate::placement::{self, Nodes};
 use crate::storage::{self, CommittedIndex, Flusher, StateMachineStore, StateOptions};
-use crate::{partition_group, Error, GroupId, NodeId, PartitionId, Raft, METADATA_GROUP};
-use ferry_partition::state::{MetadataState, PartitionRead, Status};
-use ferry_partition::store::{StoreError, StoreRead, Table};
-use ferry_partition::wire::{self, v1::Command, v1::Response};
+use crate::tables::ReadTables;
+use crate::{partition_group, Error, GroupId, NodeId, METADATA_GROUP};
+use ferry_store::codec as wire;
+use ferry_store::StoreError;
 
 /// How the log of a node is set up.
 #[derive(Debug, Clone)]
@@ -68,9 +69,9 @@ impl Options {
     }
 }
 
-struct Group {
-    raft: Raft,
-    state: StateMachineStore,
+struct Group<M: StateMachine> {
+    raft: Raft<M>,
+    state: StateMachineStore<M>,
     committed: CommittedIndex,
     /// `ferry_log_propose_seconds` of this group.
     propose_seconds: metrics::Histogram,
@@ -118,6 +119,10 @@ pub struct GroupStatus {
     pub last_log_index: Option<u64>,
     pub committed_index: Option<u64>,
     pub last_applied_index: Option<u64>,
+    /// The last entry of the group's latest snapshot on this node.
+    pub snapshot_index: Option<u64>,
+    /// The log is purged up to here on this node.
+    pub purged_index: Option<u64>,
     pub voters: Vec<NodeId>,
     pub learners: Vec<NodeId>,
     /// The address of every member, voter or learner.
@@ -165,10 +170,10 @@ impl From<ServerState> for Role {
     }
 }
 
-struct Inner {
+struct Inner<M: StateMachine> {
     options: Options,
-    groups: BTreeMap<GroupId, Group>,
-    rafts: Arc<BTreeMap<GroupId, Raft>>,
+    groups: BTreeMap<GroupId, Group<M>>,
+    rafts: Arc<BTreeMap<GroupId, Raft<M>>>,
     channels: Channels,
     db: sled::Db,
     /// Set once a group stopped on a fatal error: what went wrong.
@@ -176,26 +181,29 @@ struct Inner {
 }
 
 /// A handle to the node's groups.
-#[derive(Clone)]
-pub struct LogNode {
-    inner: Arc<Inner>,
+pub struct LogNode<M: StateMachine> {
+    inner: Arc<Inner<M>>,
+}
+
+impl<M: StateMachine> Clone for LogNode<M> {
+    fn clone(&self) -> Self {
+        LogNode { inner: self.inner.clone() }
+    }
 }
 
 const KEY_PARTITIONS: &[u8] = b"partitions";
 const KEY_DATA_FORMAT: &[u8] = b"format";
 
-/// The format of what a node keeps in its data directory (entries,
-/// snapshots, state). A node refuses a directory of another format rather
-/// than misreading it. 2: effects name their attempt (run and journal
-/// length), subscriptions record their sink's kind. 3: invocations carry
-/// their retention, services and handlers the retention they ask for. 4:
-/// partition state is kept as tables of rows (`ferry_partition::store`).
-pub const DATA_FORMAT: u32 = 4;
-
-impl LogNode {
-    /// Opens the node's storage and starts every group. A node whose storage is
-    /// new bootstraps each group with itself as the only member.
-    pub async fn open(options: Options, tracker: &TaskTracker, cancel: CancellationToken) -> Result<LogNode, Error> {
+impl<M: StateMachine> LogNode<M> {
+    /// Opens the node's storage and starts every group, each applying what
+    /// `machine` makes for it. A node whose storage is new bootstraps each
+    /// group with itself as the only member.
+    pub async fn open(
+        options: Options,
+        machine: impl Fn(GroupId) -> M,
+        tracker: &TaskTracker,
+        cancel: CancellationToken,
+    ) -> Result<LogNode<M>, Error> {
         std::fs::create_dir_all(&options.data_dir).map_err(|e| {
             Error::Storage(sled::Error::Io(std::io::Error::new(
                 e.kind(),
@@ -212,9 +220,9 @@ impl LogNode {
             Some(bytes) => {
                 // Directories of the first format have no format key.
                 let found = cluster.get(KEY_DATA_FORMAT)?.map(|f| wire::decode(&f)).transpose()?.unwrap_or(1);
-                if found != DATA_FORMAT {
+                if found != M::DATA_FORMAT {
                     let dir = options.data_dir.display().to_string();
-                    return Err(Error::DataFormat { dir, found, expected: DATA_FORMAT });
+                    return Err(Error::DataFormat { dir, found, expected: M::DATA_FORMAT });
                 }
                 let stored: u32 = wire::decode(&bytes)?;
                 if stored != options.partitions {
@@ -222,7 +230,7 @@ impl LogNode {
                 }
             }
             None => {
-                cluster.insert(KEY_DATA_FORMAT, wire::encode(&DATA_FORMAT))?;
+                cluster.insert(KEY_DATA_FORMAT, wire::encode(&M::DATA_FORMAT))?;
                 cluster.insert(KEY_PARTITIONS, wire::encode(&options.partitions))?;
                 db.flush_async().await?;
             }
@@ -255,10 +263,10 @@ impl LogNode {
             cache_bytes: (options.state_cache_bytes / (u64::from(options.partitions) + 1)).max(1 << 20) as usize,
         };
         for group in group_ids {
-            let (log, state) = storage::open(&db, group, flusher.clone(), state_options.clone())?;
+            let (log, state) = storage::open(&db, group, machine(group), flusher.clone(), state_options.clone())?;
             let committed = log.committed_index();
             let acks = Acks::default();
-            let network = NetworkFactory { group, channels: channels.clone(), acks: acks.clone() };
+            let network = NetworkFactory::new(group, channels.clone(), acks.clone());
             let raft = Raft::new(options.node_id, config.clone(), network, log, state.clone())
                 .await
                 .map_err(|e| Error::Write { group, message: e.to_string() })?;
@@ -302,25 +310,25 @@ impl LogNode {
     }
 
     /// The gRPC service peers call.
-    pub fn node_server(&self) -> NodeServer {
+    pub fn node_server(&self) -> NodeServer<M> {
         NodeServer::new(self.inner.rafts.clone())
     }
 
-    fn group(&self, group: GroupId) -> Result<&Group, Error> {
+    fn group(&self, group: GroupId) -> Result<&Group<M>, Error> {
         self.inner.groups.get(&group).ok_or(Error::UnknownGroup(group))
     }
 
     /// Appends `command` to `group` and waits until it is committed and applied,
     /// forwarding it to the group's leader when that is another node. A
     /// [`Error::NotLeader`] means leadership moved meanwhile: retry.
-    pub async fn propose(&self, group: GroupId, command: Command) -> Result<Response, Error> {
+    pub async fn propose(&self, group: GroupId, command: M::Command) -> Result<M::Response, Error> {
         self.propose_routed(group, command, true).await.map(|(response, _)| response)
     }
 
     /// [`LogNode::propose`], answered once this node has applied the entry
     /// too, so that what the caller reads here next includes what it wrote
     /// (read your writes), wherever the group's leader is.
-    pub async fn propose_and_read(&self, group: GroupId, command: Command) -> Result<Response, Error> {
+    pub async fn propose_and_read(&self, group: GroupId, command: M::Command) -> Result<M::Response, Error> {
         let (response, index) = self.propose_routed(group, command, true).await?;
         self.wait_applied(group, index, Instant::now() + FORWARD_TIMEOUT).await?;
         Ok(response)
@@ -329,15 +337,20 @@ impl LogNode {
     /// Appends `command` to `group` only if this node leads it, never
     /// forwarding: for what only the leader may write, such as the effects of
     /// the attempts it ran. Fails with [`Error::NotLeader`] otherwise.
-    pub async fn propose_as_leader(&self, group: GroupId, command: Command) -> Result<Response, Error> {
+    pub async fn propose_as_leader(&self, group: GroupId, command: M::Command) -> Result<M::Response, Error> {
         self.propose_routed(group, command, false).await.map(|(response, _)| response)
     }
 
     /// Proposes with `forward`, answering the response and the index of the entry.
-    async fn propose_routed(&self, group: GroupId, command: Command, forward: bool) -> Result<(Response, u64), Error> {
+    async fn propose_routed(
+        &self,
+        group: GroupId,
+        command: M::Command,
+        forward: bool,
+    ) -> Result<(M::Response, u64), Error> {
         let started = Instant::now();
         let g = self.group(group)?;
-        let bytes = ferry_partition::wire::encoded_len(&command) as u64;
+        let bytes = wire::encoded_len(&command) as u64;
         if bytes > crate::COMMAND_BYTES_MAX as u64 {
             return Err(Error::TooLarge { group, bytes, max: crate::COMMAND_BYTES_MAX });
         }
@@ -356,7 +369,7 @@ impl LogNode {
             }
         };
         let result = match remote_leader {
-            Some(addr) => network::forward(&self.inner.channels, group, &addr, &command, FORWARD_TIMEOUT).await,
+            Some(addr) => network::forward::<M>(&self.inner.channels, group, &addr, &command, FORWARD_TIMEOUT).await,
             None => propose_local(raft, command).await,
         };
         g.propose_seconds.record(started.elapsed().as_secs_f64());
@@ -372,7 +385,12 @@ impl LogNode {
     /// the entry too, so that reads here see what it wrote. Only for commands
     /// that are safe to apply twice, such as invokes, which the state machine
     /// deduplicates by id.
-    pub async fn propose_until(&self, group: GroupId, command: Command, timeout: Duration) -> Result<Response, Error> {
+    pub async fn propose_until(
+        &self,
+        group: GroupId,
+        command: M::Command,
+        timeout: Duration,
+    ) -> Result<M::Response, Error> {
         let deadline = Instant::now() + timeout;
         let mut delay = Duration::from_millis(50);
         loop {
@@ -412,28 +430,23 @@ impl LogNode {
         }
     }
 
-    /// Reads the applied state of a partition.
-    pub fn read_partition<R>(
+    /// Reads a consistent view of what `group` has applied, with its machine.
+    pub fn read<R>(
         &self,
-        partition: PartitionId,
-        f: impl FnOnce(&PartitionRead<'_, dyn StoreRead<Table> + '_>) -> Result<R, StoreError>,
+        group: GroupId,
+        f: impl FnOnce(&M, &ReadTables<M::Tables>) -> Result<R, StoreError>,
     ) -> Result<R, Error> {
-        Ok(self.group(partition_group(partition))?.state.read_partition(f)?)
+        Ok(self.group(group)?.state.read(f)?)
     }
 
-    /// Reads the applied cluster metadata.
-    pub fn read_metadata<R>(&self, f: impl FnOnce(&MetadataState) -> R) -> R {
-        self.inner.groups[&METADATA_GROUP].state.read_metadata(f)
+    /// Reads the resident part of what `group` has applied.
+    pub fn read_resident<R>(&self, group: GroupId, f: impl FnOnce(&M::Resident) -> R) -> Result<R, Error> {
+        Ok(self.group(group)?.state.read_resident(f))
     }
 
-    /// A receiver that sees a new value whenever metadata changes may have been applied.
-    pub fn metadata_changes(&self) -> watch::Receiver<u64> {
-        self.inner.groups[&METADATA_GROUP].state.subscribe()
-    }
-
-    /// A receiver that sees a new value whenever entries of a partition have been applied.
-    pub fn partition_changes(&self, partition: PartitionId) -> Result<watch::Receiver<u64>, Error> {
-        Ok(self.group(partition_group(partition))?.state.subscribe())
+    /// A receiver that sees a new value whenever entries of `group` have been applied.
+    pub fn changes(&self, group: GroupId) -> Result<watch::Receiver<u64>, Error> {
+        Ok(self.group(group)?.state.subscribe())
     }
 
     /// Whether this node leads `group` now and its applied state is complete:
@@ -531,19 +544,10 @@ impl LogNode {
                     }
                 };
                 let caught_up = metrics.last_applied.map(|l| l.index) == last;
-                // A handler may run for minutes without writing to the log:
-                // while any invocation may be running on the leader, moving
-                // leadership would abort it and run it again.
-                let no_attempts = || {
-                    let mut none = true;
-                    let read = g.state.read_partition(|p| {
-                        p.runnable_ids(|_| {
-                            none = false;
-                            std::ops::ControlFlow::Break(())
-                        })
-                    });
-                    read.is_ok() && none
-                };
+                // Work may run for minutes without writing to the log (a
+                // handler's attempt): moving leadership meanwhile would cut
+                // it short.
+                let no_attempts = || g.state.read(|machine, view| machine.busy(view)).is_ok_and(|busy| !busy);
                 if preferred
                     && metrics.current_leader.is_some()
                     && membership.voter_ids().any(|v| v == me)
@@ -578,6 +582,8 @@ impl LogNode {
                     last_log_index: m.last_log_index,
                     committed_index: g.committed.get(),
                     last_applied_index: m.last_applied.map(|id| id.index),
+                    snapshot_index: m.snapshot.map(|id| id.index),
+                    purged_index: m.purged.map(|id| id.index),
                     voters: membership.voter_ids().collect(),
                     learners: membership.learner_ids().collect(),
                     nodes: membership.nodes().map(|(&id, node)| (id, node.addr.clone())).collect(),
@@ -587,7 +593,7 @@ impl LogNode {
     }
 
     /// Per group, the index this node has applied and the digest of the state
-    /// at that index ([`ferry_partition::state::digest`]), read together. Replicas agree
+    /// at that index ([`StateMachine::digest`]), read together. Replicas agree
     /// when they show the same digest at the same index. Hashes every group's
     /// whole state: meant for checks, not for every scrape.
     pub fn state_digests(&self) -> BTreeMap<GroupId, StateDigest> {
@@ -606,11 +612,8 @@ impl LogNode {
 
     /// Sets the gauges that describe the groups: per group `ferry_raft_term`,
     /// `ferry_raft_leader` (1 when this node leads) and
-    /// `ferry_raft_last_applied`; and `ferry_invocations` by status, summed
-    /// over the partitions this node leads. Meant to run when metrics are
-    /// scraped: each partition's counts are read from a view of its state.
+    /// `ferry_raft_last_applied`. Meant to run when metrics are scraped.
     pub fn publish_metrics(&self) {
-        let mut invocations = [0u64; Status::ALL.len()];
         for status in self.group_statuses() {
             let group = status.group.to_string();
             let leads = status.role == Role::Leader;
@@ -619,16 +622,6 @@ impl LogNode {
             if let Some(index) = status.last_applied_index {
                 metrics::gauge!("ferry_raft_last_applied", "group" => group).set(index as f64);
             }
-            if leads && status.group != METADATA_GROUP {
-                let counts = self.inner.groups[&status.group].state.read_partition(|p| p.status_counts());
-                let Ok(counts) = counts else { continue };
-                for (total, count) in invocations.iter_mut().zip(counts) {
-                    *total += count;
-                }
-            }
-        }
-        for (status, count) in Status::ALL.iter().zip(invocations) {
-            metrics::gauge!("ferry_invocations", "status" => status.as_str()).set(count as f64);
         }
     }
 
@@ -664,7 +657,12 @@ pub fn leads(metrics: &RaftMetrics<NodeId, BasicNode>, me: NodeId) -> bool {
 
 /// Reports into `failed` when `group` stops on a fatal error (not when it is
 /// shut down).
-async fn watch_fatal(group: GroupId, raft: Raft, failed: watch::Sender<Option<String>>, cancel: CancellationToken) {
+async fn watch_fatal<M: StateMachine>(
+    group: GroupId,
+    raft: Raft<M>,
+    failed: watch::Sender<Option<String>>,
+    cancel: CancellationToken,
+) {
     let mut metrics = raft.metrics();
     loop {
         let fatal = match &metrics.borrow_and_update().running_state {

@@ -2,7 +2,7 @@
 //! group (entries, and the group's vote and committed id). Appends from every
 //! group go through one [`Flusher`], so a single `flush` makes many groups'
 //! entries durable before openraft hears they are (group commit). The state
-//! machine is in redb, one database per group ([`crate::tables`]).
+//! machine's tables are in redb, one database per group ([`crate::tables`]).
 
 use std::fmt::Debug;
 use std::future::Future;
@@ -11,13 +11,12 @@ use std::ops::{Bound, RangeBounds};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
-use ferry_partition::state::{apply, MetadataState, PartitionRead, Removed};
-use ferry_partition::store::{StoreError, StoreRead, Table};
-use ferry_partition::wire::{self, v1::Command, v1::Response};
+use ferry_store::codec as wire;
+use ferry_store::StoreError;
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
 use openraft::{
     BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta,
@@ -30,8 +29,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::machine::{StateMachine, TypeConfig};
 use crate::tables::{self, ReadTables, WriteTables};
-use crate::{GroupId, NodeId, TypeConfig};
+use crate::{GroupId, NodeId};
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 
@@ -39,10 +39,10 @@ const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
 const KEY_LAST_PURGED: &[u8] = b"last_purged";
 
-enum FlushRequest {
+enum FlushRequest<M: StateMachine> {
     /// Entries of one group written at `started`, timed into `latency` once durable.
     Log {
-        callback: LogFlushed<TypeConfig>,
+        callback: LogFlushed<TypeConfig<M>>,
         started: Instant,
         latency: metrics::Histogram,
     },
@@ -51,16 +51,21 @@ enum FlushRequest {
 
 /// Makes writes durable in batches: every request waiting when a flush starts
 /// is answered by that flush.
-#[derive(Clone)]
-pub struct Flusher {
-    tx: mpsc::Sender<FlushRequest>,
+pub struct Flusher<M: StateMachine> {
+    tx: mpsc::Sender<FlushRequest<M>>,
 }
 
-impl Flusher {
+impl<M: StateMachine> Clone for Flusher<M> {
+    fn clone(&self) -> Self {
+        Flusher { tx: self.tx.clone() }
+    }
+}
+
+impl<M: StateMachine> Flusher<M> {
     /// Starts the flush loop on `tracker`; it ends once every handle is dropped
     /// or `cancel` fires, after flushing what it holds.
-    pub fn start(db: sled::Db, queue_max: usize, tracker: &TaskTracker, cancel: CancellationToken) -> Flusher {
-        let (tx, mut rx) = mpsc::channel::<FlushRequest>(queue_max);
+    pub fn start(db: sled::Db, queue_max: usize, tracker: &TaskTracker, cancel: CancellationToken) -> Flusher<M> {
+        let (tx, mut rx) = mpsc::channel::<FlushRequest<M>>(queue_max);
         tracker.spawn(async move {
             let mut pending = Vec::with_capacity(queue_max);
             loop {
@@ -132,18 +137,30 @@ impl CommittedIndex {
 }
 
 /// The Raft log of one group.
-#[derive(Clone)]
-pub struct LogStore {
+pub struct LogStore<M: StateMachine> {
     group: GroupId,
     log: sled::Tree,
     meta: sled::Tree,
-    flusher: Flusher,
+    flusher: Flusher<M>,
     committed: CommittedIndex,
     /// From an append call until its entries are durable.
     append_seconds: metrics::Histogram,
 }
 
-impl LogStore {
+impl<M: StateMachine> Clone for LogStore<M> {
+    fn clone(&self) -> Self {
+        LogStore {
+            group: self.group,
+            log: self.log.clone(),
+            meta: self.meta.clone(),
+            flusher: self.flusher.clone(),
+            committed: self.committed.clone(),
+            append_seconds: self.append_seconds.clone(),
+        }
+    }
+}
+
+impl<M: StateMachine> LogStore<M> {
     /// The group's committed index, kept current as openraft saves it.
     pub fn committed_index(&self) -> CommittedIndex {
         self.committed.clone()
@@ -162,15 +179,15 @@ impl LogStore {
     }
 }
 
-fn decode_entry(bytes: &[u8]) -> StorageResult<Entry<TypeConfig>> {
+fn decode_entry<M: StateMachine>(bytes: &[u8]) -> StorageResult<Entry<TypeConfig<M>>> {
     wire::decode(bytes).map_err(|e| StorageIOError::read_logs(&e).into())
 }
 
-impl RaftLogReader<TypeConfig> for LogStore {
+impl<M: StateMachine> RaftLogReader<TypeConfig<M>> for LogStore<M> {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
         range: RB,
-    ) -> StorageResult<Vec<Entry<TypeConfig>>> {
+    ) -> StorageResult<Vec<Entry<TypeConfig<M>>>> {
         let start = match range.start_bound() {
             Bound::Included(i) => Bound::Included(log_key(*i)),
             Bound::Excluded(i) => Bound::Excluded(log_key(*i)),
@@ -191,13 +208,13 @@ impl RaftLogReader<TypeConfig> for LogStore {
     }
 }
 
-impl RaftLogStorage<TypeConfig> for LogStore {
-    type LogReader = LogStore;
+impl<M: StateMachine> RaftLogStorage<TypeConfig<M>> for LogStore<M> {
+    type LogReader = LogStore<M>;
 
-    async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
+    async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig<M>>> {
         let last_purged_log_id: Option<LogId<NodeId>> = self.get_meta(KEY_LAST_PURGED)?;
         let last = match self.log.last().map_err(|e| StorageIOError::read_logs(&e))? {
-            Some((_, bytes)) => Some(decode_entry(&bytes)?.log_id),
+            Some((_, bytes)) => Some(decode_entry::<M>(&bytes)?.log_id),
             None => last_purged_log_id,
         };
         Ok(LogState { last_purged_log_id, last_log_id: last })
@@ -229,9 +246,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(self.get_meta::<Option<LogId<NodeId>>>(KEY_COMMITTED)?.flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig<M>>) -> StorageResult<()>
     where
-        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I: IntoIterator<Item = Entry<TypeConfig<M>>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
         let started = Instant::now();
@@ -287,29 +304,42 @@ pub struct StateOptions {
 
 /// How often apply makes the state durable. Between those commits the state
 /// on disk may lag what was applied: a restart replays the log from what is
-/// durable, and the log is purged only behind it.
-const DURABLE_EVERY: Duration = Duration::from_secs(1);
+/// durable, and the log is purged only behind it. A durable commit writes out
+/// what the commits since the last one changed, while apply waits: the
+/// shorter the interval, the shorter each wait.
+const DURABLE_EVERY: Duration = Duration::from_millis(250);
+
+/// How long a snapshot build waits for apply to make its view durable
+/// before it makes it durable itself (the group is idle).
+const DURABLE_WAIT: Duration = Duration::from_secs(1);
+
+/// When the state was last made durable, and up to which log index.
+#[derive(Debug, Clone, Copy)]
+struct Durable {
+    at: Instant,
+    index: Option<u64>,
+}
 
 /// What a group has applied, as readers see it: updated after each commit.
 #[derive(Debug, Default, Clone)]
-pub struct Applied {
+pub struct Applied<R> {
     pub last_applied: Option<LogId<NodeId>>,
     pub membership: StoredMembership<NodeId, BasicNode>,
-    pub metadata: MetadataState,
+    /// The state machine's resident part.
+    pub resident: R,
 }
 
 /// The state machine of one group, in its redb database. Apply writes each
 /// batch in one transaction; readers, digests and snapshots read a
 /// consistent view without stopping it.
-#[derive(Clone)]
-pub struct StateMachineStore {
+pub struct StateMachineStore<M: StateMachine> {
     group: GroupId,
     options: StateOptions,
+    machine: Arc<M>,
     /// Replaced when a snapshot is installed.
     db: Arc<RwLock<Arc<Database>>>,
-    applied: Arc<RwLock<Applied>>,
-    removed: Arc<Removed>,
-    last_durable: Arc<Mutex<Instant>>,
+    applied: Arc<RwLock<Applied<M::Resident>>>,
+    durable: Arc<watch::Sender<Durable>>,
     /// Bumped after every applied batch, so readers can wait for changes.
     changes: Arc<watch::Sender<u64>>,
     /// `ferry_log_apply_wait_seconds` (waiting to write) and
@@ -319,6 +349,23 @@ pub struct StateMachineStore {
     /// `ferry_log_state_durable_commit_seconds`: the commits that make the
     /// state durable (an fsync).
     durable_commit: metrics::Histogram,
+}
+
+impl<M: StateMachine> Clone for StateMachineStore<M> {
+    fn clone(&self) -> Self {
+        StateMachineStore {
+            group: self.group,
+            options: self.options.clone(),
+            machine: self.machine.clone(),
+            db: self.db.clone(),
+            applied: self.applied.clone(),
+            durable: self.durable.clone(),
+            changes: self.changes.clone(),
+            apply_wait: self.apply_wait.clone(),
+            apply_seconds: self.apply_seconds.clone(),
+            durable_commit: self.durable_commit.clone(),
+        }
+    }
 }
 
 fn db_path(options: &StateOptions, group: GroupId) -> PathBuf {
@@ -334,21 +381,23 @@ fn storage_error(e: StoreError) -> StorageError<NodeId> {
     StorageIOError::<NodeId>::write_state_machine(&e).into()
 }
 
-impl StateMachineStore {
-    fn open(group: GroupId, options: StateOptions) -> Result<Self, crate::Error> {
+impl<M: StateMachine> StateMachineStore<M> {
+    fn open(group: GroupId, machine: M, options: StateOptions) -> Result<Self, crate::Error> {
         std::fs::create_dir_all(&options.dir).map_err(|e| StoreError(format!("{}: {e}", options.dir.display())))?;
         // An install that did not finish.
         let _ = std::fs::remove_file(installing_path(&options, group));
-        let db = tables::open_db(&db_path(&options, group), options.cache_bytes)?;
+        let db = tables::open_db::<M::Tables>(&db_path(&options, group), options.cache_bytes)?;
         let db = Arc::new(db);
-        let applied = read_applied(&ReadTables::open(db.clone())?)?;
+        let applied = read_applied::<M>(&ReadTables::open(db.clone())?)?;
+        // What a database holds when it is opened is durable.
+        let durable = Durable { at: Instant::now(), index: applied.last_applied.map(|id| id.index) };
         Ok(StateMachineStore {
             group,
             options,
+            machine: Arc::new(machine),
             db: Arc::new(RwLock::new(db)),
             applied: Arc::new(RwLock::new(applied)),
-            removed: Arc::default(),
-            last_durable: Arc::new(Mutex::new(Instant::now())),
+            durable: Arc::new(watch::channel(durable).0),
             changes: Arc::new(watch::channel(0).0),
             apply_wait: metrics::histogram!("ferry_log_apply_wait_seconds", "group" => group.to_string()),
             apply_seconds: metrics::histogram!("ferry_log_apply_seconds", "group" => group.to_string()),
@@ -368,39 +417,57 @@ impl StateMachineStore {
         self.applied.read().expect("state lock poisoned").last_applied
     }
 
-    /// Reads the applied cluster metadata.
-    pub fn read_metadata<R>(&self, f: impl FnOnce(&MetadataState) -> R) -> R {
-        f(&self.applied.read().expect("state lock poisoned").metadata)
+    /// Reads the applied resident part of the state.
+    pub fn read_resident<R>(&self, f: impl FnOnce(&M::Resident) -> R) -> R {
+        f(&self.applied.read().expect("state lock poisoned").resident)
     }
 
-    /// Reads a consistent view of the applied partition state.
-    pub fn read_partition<R>(
+    /// Reads a consistent view of the applied tables.
+    pub fn read<R>(
         &self,
-        f: impl FnOnce(&PartitionRead<'_, dyn StoreRead<Table> + '_>) -> Result<R, StoreError>,
+        f: impl FnOnce(&M, &ReadTables<M::Tables>) -> Result<R, StoreError>,
     ) -> Result<R, StoreError> {
         let view = ReadTables::open(self.db())?;
-        f(&PartitionRead::new(&view, &self.removed))
+        f(&self.machine, &view)
     }
 
-    /// The digest of the group's state ([`ferry_partition::state::digest`])
-    /// and the index it was applied to, read from one view.
+    /// The digest of the group's state ([`StateMachine::digest`]) and the
+    /// index it was applied to, read from one view.
     pub fn digest(&self) -> Result<(Option<u64>, u128), StoreError> {
         let view = ReadTables::open(self.db())?;
-        let applied = read_applied(&view)?;
-        let digest = ferry_partition::state::digest(&view, &applied.metadata)?;
+        let applied = read_applied::<M>(&view)?;
+        let digest = self.machine.digest(&view, &applied.resident)?;
         Ok((applied.last_applied.map(|id| id.index), digest))
     }
 
     /// Makes everything applied so far durable.
     pub async fn sync(&self) -> Result<(), StoreError> {
-        let (db, last_durable) = (self.db(), self.last_durable.clone());
+        let this = self.clone();
         tokio::task::spawn_blocking(move || {
-            tables::sync(&db)?;
-            *last_durable.lock().expect("durable lock poisoned") = Instant::now();
+            // Committed, so covered by the durable commit below.
+            let index = this.last_applied().map(|id| id.index);
+            tables::sync(&this.db())?;
+            this.made_durable(index);
             Ok(())
         })
         .await
         .map_err(tables::store_error)?
+    }
+
+    fn made_durable(&self, index: Option<u64>) {
+        self.durable.send_modify(|durable| *durable = Durable { at: Instant::now(), index: index.max(durable.index) });
+    }
+
+    /// Waits until what is applied up to `index` is durable: made so by
+    /// apply's next durable commit, or here when none comes soon.
+    async fn durable_to(&self, index: Option<u64>) -> Result<(), StoreError> {
+        let mut durable = self.durable.subscribe();
+        let wait = async { durable.wait_for(|d| d.index >= index).await.is_ok() };
+        let covered = tokio::time::timeout(DURABLE_WAIT, wait).await.unwrap_or(false);
+        if !covered {
+            self.sync().await?;
+        }
+        Ok(())
     }
 
     /// A receiver that sees a new value after every applied batch.
@@ -409,8 +476,8 @@ impl StateMachineStore {
     }
 
     /// The snapshot of what `view` holds.
-    fn snapshot_of(&self, view: ReadTables) -> StorageResult<Snapshot<TypeConfig>> {
-        let applied = read_applied(&view).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+    fn snapshot_of(&self, view: ReadTables<M::Tables>) -> StorageResult<Snapshot<TypeConfig<M>>> {
+        let applied = read_applied::<M>(&view).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
         let snapshot_id = match applied.last_applied {
             Some(last) => format!("{}-{}-{}", self.group, last.leader_id, last.index),
             None => format!("{}-none", self.group),
@@ -433,29 +500,30 @@ impl StateMachineStore {
 }
 
 /// The group's own rows of a view.
-fn read_applied(view: &ReadTables) -> Result<Applied, StoreError> {
+fn read_applied<M: StateMachine>(view: &ReadTables<M::Tables>) -> Result<Applied<M::Resident>, StoreError> {
     let (last_applied, membership) = match view.get_group(tables::APPLIED)? {
         Some(bytes) => wire::decode(&bytes)?,
         None => (None, StoredMembership::default()),
     };
-    let metadata = match view.get_group(tables::METADATA)? {
+    let resident = match view.get_group(tables::RESIDENT)? {
         Some(bytes) => wire::decode(&bytes)?,
-        None => MetadataState::default(),
+        None => M::Resident::default(),
     };
-    Ok(Applied { last_applied, membership, metadata })
+    Ok(Applied { last_applied, membership, resident })
 }
 
-/// Opens the trees of `group` and its state.
-pub fn open(
+/// Opens the trees of `group` and its state, applied by `machine`.
+pub fn open<M: StateMachine>(
     db: &sled::Db,
     group: GroupId,
-    flusher: Flusher,
+    machine: M,
+    flusher: Flusher<M>,
     state: StateOptions,
-) -> Result<(LogStore, StateMachineStore), crate::Error> {
+) -> Result<(LogStore<M>, StateMachineStore<M>), crate::Error> {
     let (log_name, meta_name) = tree_names(group);
     let log = db.open_tree(log_name)?;
     let meta = db.open_tree(meta_name)?;
-    let sm = StateMachineStore::open(group, state)?;
+    let sm = StateMachineStore::open(group, machine, state)?;
     let store = LogStore {
         group,
         log,
@@ -476,37 +544,39 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> StorageResult<T> + Send
     tokio::task::spawn_blocking(f).await.map_err(|e| StorageIOError::read_state_machine(&e))?
 }
 
-impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
-    /// A snapshot is a view of the state as applied now, made durable first
-    /// so that the log may be purged behind it. Building one copies nothing:
+impl<M: StateMachine> RaftSnapshotBuilder<TypeConfig<M>> for StateMachineStore<M> {
+    /// A snapshot is a view of the state as applied now, once durable, so
+    /// that the log may be purged behind it. Apply makes it durable in its
+    /// next durable commit; building one stops nothing and copies nothing:
     /// the view is written out only when a follower needs it.
-    async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
+    async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig<M>>> {
         let db = self.db();
         let view =
             blocking(move || ReadTables::open(db).map_err(|e| StorageIOError::read_snapshot(None, &e).into())).await?;
         // Tests hold a build here, between taking its view and making it durable.
         fail::fail_point!("snapshot-build-before-sync");
-        self.sync().await.map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        let index = read_applied::<M>(&view).map_err(|e| StorageIOError::read_snapshot(None, &e))?.last_applied;
+        self.durable_to(index.map(|id| id.index)).await.map_err(|e| StorageIOError::write_snapshot(None, &e))?;
         self.snapshot_of(view)
     }
 }
 
-impl RaftStateMachine<TypeConfig> for StateMachineStore {
-    type SnapshotBuilder = StateMachineStore;
+impl<M: StateMachine> RaftStateMachine<TypeConfig<M>> for StateMachineStore<M> {
+    type SnapshotBuilder = StateMachineStore<M>;
 
     async fn applied_state(&mut self) -> StorageResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>)> {
         let applied = self.applied.read().expect("state lock poisoned");
         Ok((applied.last_applied, applied.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<Response>>
+    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<M::Response>>
     where
-        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I: IntoIterator<Item = Entry<TypeConfig<M>>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
         // Tests hold one group's apply here: `apply-<group>`.
         fail::fail_point!(&format!("apply-{}", self.group));
-        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        let entries: Vec<Entry<TypeConfig<M>>> = entries.into_iter().collect();
         let this = self.clone();
         let responses = blocking(move || this.apply_batch(entries).map_err(storage_error)).await?;
         self.changes.send_modify(|v| *v += 1);
@@ -540,15 +610,17 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         .await?;
         let (db, applied) = installed;
         *self.db.write().expect("state db lock poisoned") = db;
+        let index = applied.last_applied.map(|id| id.index);
         *self.applied.write().expect("state lock poisoned") = applied;
-        *self.last_durable.lock().expect("durable lock poisoned") = Instant::now();
+        // Installed by a durable commit.
+        self.durable.send_replace(Durable { at: Instant::now(), index });
         self.changes.send_modify(|v| *v += 1);
         metrics::counter!("ferry_log_snapshots_installed_total", "group" => self.group.to_string()).increment(1);
         tracing::info!(group = self.group, snapshot = %meta.snapshot_id, "snapshot installed");
         Ok(())
     }
 
-    async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
+    async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig<M>>>> {
         let db = self.db();
         let view =
             blocking(move || ReadTables::open(db).map_err(|e| StorageIOError::read_snapshot(None, &e).into())).await?;
@@ -558,15 +630,15 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 }
 
-impl StateMachineStore {
+impl<M: StateMachine> StateMachineStore<M> {
     /// Applies `entries` in one write transaction and publishes the result.
-    fn apply_batch(&self, entries: Vec<Entry<TypeConfig>>) -> Result<Vec<Response>, StoreError> {
+    fn apply_batch(&self, entries: Vec<Entry<TypeConfig<M>>>) -> Result<Vec<M::Response>, StoreError> {
         let db = self.db();
         let waiting = Instant::now();
         let mut txn = db.begin_write().map_err(tables::store_error)?;
         let started = Instant::now();
         self.apply_wait.record(started.duration_since(waiting).as_secs_f64());
-        let durable = self.last_durable.lock().expect("durable lock poisoned").elapsed() >= DURABLE_EVERY;
+        let durable = self.durable.borrow().at.elapsed() >= DURABLE_EVERY;
         if durable {
             txn.set_quick_repair(true);
         } else {
@@ -575,33 +647,33 @@ impl StateMachineStore {
         let mut applied = self.applied.read().expect("state lock poisoned").clone();
         let mut responses = Vec::with_capacity(entries.len());
         {
-            let mut tables = WriteTables::open(&txn)?;
-            let mut metadata_changed = false;
+            let mut tables = WriteTables::<M::Tables>::open(&txn)?;
+            let mut resident_changed = false;
             for entry in entries {
                 applied.last_applied = Some(entry.log_id);
                 let response = match entry.payload {
-                    EntryPayload::Blank => Response::Empty,
+                    EntryPayload::Blank => M::empty_response(),
                     EntryPayload::Normal(command) => {
-                        metadata_changed |= matches!(command, Command::Metadata(_));
-                        apply(&mut tables, &self.removed, &mut applied.metadata, command)?
+                        resident_changed |= M::changes_resident(&command);
+                        self.machine.apply(&mut tables, &mut applied.resident, command)?
                     }
                     EntryPayload::Membership(membership) => {
                         applied.membership = StoredMembership::new(Some(entry.log_id), membership);
-                        Response::Empty
+                        M::empty_response()
                     }
                 };
                 responses.push(response);
             }
             tables.put_group(tables::APPLIED, &wire::encode(&(applied.last_applied, &applied.membership)))?;
-            if metadata_changed {
-                tables.put_group(tables::METADATA, &wire::encode(&applied.metadata))?;
+            if resident_changed {
+                tables.put_group(tables::RESIDENT, &wire::encode(&applied.resident))?;
             }
         }
         let committing = Instant::now();
         txn.commit().map_err(tables::store_error)?;
         if durable {
-            *self.last_durable.lock().expect("durable lock poisoned") = Instant::now();
             self.durable_commit.record(committing.elapsed().as_secs_f64());
+            self.made_durable(applied.last_applied.map(|id| id.index));
         }
         self.apply_seconds.record(started.elapsed().as_secs_f64());
         *self.applied.write().expect("state lock poisoned") = applied;
@@ -615,20 +687,20 @@ impl StateMachineStore {
         &self,
         meta: &SnapshotMeta<NodeId, BasicNode>,
         file: std::fs::File,
-    ) -> Result<(Arc<Database>, Applied), StoreError> {
+    ) -> Result<(Arc<Database>, Applied<M::Resident>), StoreError> {
         let (path, installing) = (db_path(&self.options, self.group), installing_path(&self.options, self.group));
         let io = |e: std::io::Error| StoreError(format!("{}: {e}", installing.display()));
         match std::fs::remove_file(&installing) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
             _ => {}
         }
-        let db = tables::open_db(&installing, self.options.cache_bytes)?;
+        let db = tables::open_db::<M::Tables>(&installing, self.options.cache_bytes)?;
         let applied_row = wire::encode(&(meta.last_log_id, &meta.last_membership));
-        tables::load(&db, file, |tables| tables.put_group(tables::APPLIED, &applied_row))?;
+        tables::load::<M::Tables>(&db, file, |tables| tables.put_group(tables::APPLIED, &applied_row))?;
         std::fs::rename(&installing, &path).map_err(io)?;
         std::fs::File::open(&self.options.dir).and_then(|dir| dir.sync_all()).map_err(io)?;
         let db = Arc::new(db);
-        let applied = read_applied(&ReadTables::open(db.clone())?)?;
+        let applied = read_applied::<M>(&ReadTables::open(db.clone())?)?;
         Ok((db, applied))
     }
 }

@@ -1,6 +1,6 @@
-//! A group's state on disk: one redb database per group, holding the
-//! partition tables of [`ferry_partition::store`] and the group's own table
-//! (what it has applied, its membership, the cluster metadata). A write
+//! A group's state on disk: one redb database per group, holding the tables
+//! its state machine names ([`TableSet`]) and the group's own table (what it
+//! has applied, its membership, the machine's resident part). A write
 //! transaction is one applied batch; a read transaction is a consistent view
 //! that readers and snapshots take without stopping apply.
 //!
@@ -10,40 +10,33 @@
 use std::cell::OnceCell;
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
+use std::marker::PhantomData;
 use std::ops::{Bound, ControlFlow};
 use std::path::Path;
 use std::sync::Arc;
 
-use ferry_partition::store::{Store, StoreError, StoreRead, Table, Visit};
+use ferry_store::{Store, StoreError, StoreRead, TableSet, Visit};
 use redb::{
     Database, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
 };
 
 type Rows = TableDefinition<'static, &'static [u8], &'static [u8]>;
 
-/// The partition tables, in the order of [`Table::ALL`].
-const PARTITION_TABLES: [Rows; Table::ALL.len()] = {
-    let mut defs = [TableDefinition::new("-"); Table::ALL.len()];
-    let mut i = 0;
-    while i < Table::ALL.len() {
-        defs[i] = TableDefinition::new(Table::ALL[i].name());
-        i += 1;
-    }
-    defs
-};
+/// The definition of a machine's table.
+fn definition<T: TableSet>(table: T) -> Rows {
+    TableDefinition::new(table.name())
+}
 
-/// The group's own rows: [`APPLIED`] and [`METADATA`].
+/// The group's own rows: [`APPLIED`] and [`RESIDENT`].
 const GROUP_TABLE: Rows = TableDefinition::new("group");
 
 /// (last applied log id, membership) of the group.
 pub const APPLIED: &[u8] = b"applied";
-/// The cluster metadata, in the metadata group.
-pub const METADATA: &[u8] = b"metadata";
+/// The state machine's resident part.
+pub const RESIDENT: &[u8] = b"metadata";
 
 const SNAPSHOT_MAGIC: &[u8; 8] = b"FERRYSNP";
 const SNAPSHOT_VERSION: u8 = 1;
-/// The table number of [`GROUP_TABLE`] in a snapshot.
-const SNAPSHOT_GROUP: u8 = Table::ALL.len() as u8;
 const SNAPSHOT_END: u8 = u8::MAX;
 /// How many bytes of rows one write transaction takes while a snapshot is loaded.
 const LOAD_BATCH_BYTES: usize = 16 << 20;
@@ -53,12 +46,12 @@ pub fn store_error(e: impl std::fmt::Display) -> StoreError {
 }
 
 /// Opens the database at `path`, creating it and its tables if needed.
-pub fn open_db(path: &Path, cache_bytes: usize) -> Result<Database, StoreError> {
+pub fn open_db<T: TableSet>(path: &Path, cache_bytes: usize) -> Result<Database, StoreError> {
     let db = Database::builder().set_cache_size(cache_bytes).create(path).map_err(store_error)?;
     let txn = db.begin_write().map_err(store_error)?;
     {
-        for def in PARTITION_TABLES.iter().chain([&GROUP_TABLE]) {
-            txn.open_table(*def).map_err(store_error)?;
+        for def in T::ALL.iter().map(|&table| definition(table)).chain([GROUP_TABLE]) {
+            txn.open_table(def).map_err(store_error)?;
         }
     }
     txn.commit().map_err(store_error)?;
@@ -74,16 +67,20 @@ pub fn sync(db: &Database) -> Result<(), StoreError> {
 }
 
 /// The tables of one write transaction.
-pub struct WriteTables<'txn> {
-    partition: Vec<redb::Table<'txn, &'static [u8], &'static [u8]>>,
+pub struct WriteTables<'txn, T> {
+    machine: Vec<redb::Table<'txn, &'static [u8], &'static [u8]>>,
     group: redb::Table<'txn, &'static [u8], &'static [u8]>,
+    tables: PhantomData<T>,
 }
 
-impl<'txn> WriteTables<'txn> {
+impl<'txn, T: TableSet> WriteTables<'txn, T> {
     pub fn open(txn: &'txn WriteTransaction) -> Result<Self, StoreError> {
-        let partition =
-            PARTITION_TABLES.iter().map(|def| txn.open_table(*def)).collect::<Result<_, _>>().map_err(store_error)?;
-        Ok(WriteTables { partition, group: txn.open_table(GROUP_TABLE).map_err(store_error)? })
+        let machine = T::ALL
+            .iter()
+            .map(|&table| txn.open_table(definition(table)))
+            .collect::<Result<_, _>>()
+            .map_err(store_error)?;
+        Ok(WriteTables { machine, group: txn.open_table(GROUP_TABLE).map_err(store_error)?, tables: PhantomData })
     }
 
     pub fn put_group(&mut self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
@@ -93,9 +90,9 @@ impl<'txn> WriteTables<'txn> {
 
     /// Writes row `(table, key, value)` of a snapshot.
     fn put_row(&mut self, table: u8, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
-        let table = match self.partition.get_mut(table as usize) {
+        let table = match self.machine.get_mut(table as usize) {
             Some(table) => table,
-            None if table == SNAPSHOT_GROUP => &mut self.group,
+            None if table as usize == T::ALL.len() => &mut self.group,
             None => return Err(StoreError(format!("snapshot names unknown table {table}"))),
         };
         table.insert(key, value).map_err(store_error)?;
@@ -122,49 +119,51 @@ fn scan(
     Ok(())
 }
 
-impl StoreRead<Table> for WriteTables<'_> {
-    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        get(&self.partition[table.index()], key)
+impl<T: TableSet> StoreRead<T> for WriteTables<'_, T> {
+    fn get(&self, table: T, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        get(&self.machine[table.index()], key)
     }
 
-    fn scan(&self, table: Table, from: Bound<&[u8]>, to: Bound<&[u8]>, f: &mut Visit<'_>) -> Result<(), StoreError> {
-        scan(&self.partition[table.index()], from, to, f)
+    fn scan(&self, table: T, from: Bound<&[u8]>, to: Bound<&[u8]>, f: &mut Visit<'_>) -> Result<(), StoreError> {
+        scan(&self.machine[table.index()], from, to, f)
     }
 }
 
-impl Store<Table> for WriteTables<'_> {
-    fn put(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
-        self.partition[table.index()].insert(key, value).map_err(store_error)?;
+impl<T: TableSet> Store<T> for WriteTables<'_, T> {
+    fn put(&mut self, table: T, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.machine[table.index()].insert(key, value).map_err(store_error)?;
         Ok(())
     }
 
-    fn remove(&mut self, table: Table, key: &[u8]) -> Result<(), StoreError> {
-        self.partition[table.index()].remove(key).map_err(store_error)?;
+    fn remove(&mut self, table: T, key: &[u8]) -> Result<(), StoreError> {
+        self.machine[table.index()].remove(key).map_err(store_error)?;
         Ok(())
     }
 }
 
 /// A consistent view of a group's tables: what was committed when it was
 /// taken, whatever is committed after. Tables are opened as they are read.
-pub struct ReadTables {
+pub struct ReadTables<T> {
     txn: ReadTransaction,
     /// Kept open while the view is read, even after an installed snapshot
     /// replaced it as the group's database.
     _db: Arc<Database>,
-    partition: [OnceCell<ReadOnlyTable<&'static [u8], &'static [u8]>>; Table::ALL.len()],
+    machine: Vec<OnceCell<ReadOnlyTable<&'static [u8], &'static [u8]>>>,
     group: OnceCell<ReadOnlyTable<&'static [u8], &'static [u8]>>,
+    tables: PhantomData<T>,
 }
 
-impl ReadTables {
+impl<T: TableSet> ReadTables<T> {
     pub fn open(db: Arc<Database>) -> Result<Self, StoreError> {
         let txn = db.begin_read().map_err(store_error)?;
-        Ok(ReadTables { txn, _db: db, partition: Default::default(), group: OnceCell::new() })
+        let machine = T::ALL.iter().map(|_| OnceCell::new()).collect();
+        Ok(ReadTables { txn, _db: db, machine, group: OnceCell::new(), tables: PhantomData })
     }
 
-    /// Table `number`: a partition table by its index, or the group's.
+    /// Table `number`: a machine's table by its index, or the group's.
     fn table(&self, number: usize) -> Result<&ReadOnlyTable<&'static [u8], &'static [u8]>, StoreError> {
-        let (cell, def) = match self.partition.get(number) {
-            Some(cell) => (cell, PARTITION_TABLES[number]),
+        let (cell, def) = match self.machine.get(number) {
+            Some(cell) => (cell, definition(T::ALL[number])),
             None => (&self.group, GROUP_TABLE),
         };
         if let Some(table) = cell.get() {
@@ -175,7 +174,7 @@ impl ReadTables {
     }
 
     pub fn get_group(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        get(self.table(Table::ALL.len())?, key)
+        get(self.table(T::ALL.len())?, key)
     }
 
     /// Writes every row of the view to `out` in the snapshot format.
@@ -183,7 +182,7 @@ impl ReadTables {
         let mut out = BufWriter::with_capacity(1 << 20, out);
         out.write_all(SNAPSHOT_MAGIC)?;
         out.write_all(&[SNAPSHOT_VERSION])?;
-        for number in 0..=Table::ALL.len() {
+        for number in 0..=T::ALL.len() {
             let table = self.table(number).map_err(std::io::Error::other)?;
             let mut written = Ok(());
             scan(table, Bound::Unbounded, Bound::Unbounded, &mut |key, value| {
@@ -210,12 +209,12 @@ fn write_row(out: &mut impl Write, table: u8, key: &[u8], value: &[u8]) -> std::
     out.write_all(value)
 }
 
-impl StoreRead<Table> for ReadTables {
-    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+impl<T: TableSet> StoreRead<T> for ReadTables<T> {
+    fn get(&self, table: T, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         get(self.table(table.index())?, key)
     }
 
-    fn scan(&self, table: Table, from: Bound<&[u8]>, to: Bound<&[u8]>, f: &mut Visit<'_>) -> Result<(), StoreError> {
+    fn scan(&self, table: T, from: Bound<&[u8]>, to: Bound<&[u8]>, f: &mut Visit<'_>) -> Result<(), StoreError> {
         scan(self.table(table.index())?, from, to, f)
     }
 }
@@ -223,10 +222,10 @@ impl StoreRead<Table> for ReadTables {
 /// Loads a snapshot written by [`ReadTables::dump`] into `db`, which is
 /// empty, in transactions of bounded size; `last` writes the group's own
 /// rows in the final one, which is durable.
-pub fn load(
+pub fn load<T: TableSet>(
     db: &Database,
     input: File,
-    last: impl FnOnce(&mut WriteTables<'_>) -> Result<(), StoreError>,
+    last: impl FnOnce(&mut WriteTables<'_, T>) -> Result<(), StoreError>,
 ) -> Result<(), StoreError> {
     let mut input = BufReader::with_capacity(1 << 20, input);
     let corrupt = |what: &str| StoreError(format!("snapshot: {what}"));
@@ -252,7 +251,7 @@ pub fn load(
         let mut batch = 0;
         let mut ended = false;
         {
-            let mut tables = WriteTables::open(&txn)?;
+            let mut tables = WriteTables::<T>::open(&txn)?;
             while batch < LOAD_BATCH_BYTES {
                 let mut table = [0];
                 input.read_exact(&mut table).map_err(|_| corrupt("truncated"))?;

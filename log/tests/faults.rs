@@ -12,8 +12,9 @@ use bytes::Bytes;
 use common::{invoke, when_unlocked};
 use ferry_log::node::{GroupStatus, Role};
 use ferry_log::storage::{self, Flusher, StateOptions};
-use ferry_log::{network, partition_group, LogNode, NodeId, Options};
+use ferry_log::{network, partition_group, NodeId, Options};
 use ferry_partition::wire::v1::Command;
+use ferry_partition::{Log, LogReads, Machine};
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
 use tokio_util::sync::CancellationToken;
@@ -65,21 +66,22 @@ fn options(dir: &std::path::Path) -> Options {
     options
 }
 
-async fn open(options: &Options) -> (LogNode, TaskTracker, CancellationToken) {
+async fn open(options: &Options) -> (Log, TaskTracker, CancellationToken) {
     let tracker = TaskTracker::new();
     let cancel = CancellationToken::new();
-    let node = when_unlocked(|| LogNode::open(options.clone(), &tracker, cancel.clone())).await.unwrap();
+    let node =
+        when_unlocked(|| Log::open(options.clone(), |_| Machine::default(), &tracker, cancel.clone())).await.unwrap();
     (node, tracker, cancel)
 }
 
-async fn close(node: LogNode, tracker: TaskTracker, cancel: CancellationToken) {
+async fn close(node: Log, tracker: TaskTracker, cancel: CancellationToken) {
     node.shutdown().await;
     cancel.cancel();
     tracker.close();
     tracker.wait().await;
 }
 
-fn status(node: &LogNode, group: u32) -> GroupStatus {
+fn status(node: &Log, group: u32) -> GroupStatus {
     node.group_statuses().into_iter().find(|s| s.group == group).unwrap()
 }
 
@@ -187,14 +189,15 @@ async fn case5_a_snapshot_build_held_across_an_install_leaves_the_installed_stat
     };
     let dir = tempfile::tempdir().unwrap();
     let (db, flusher, state) = open(dir.path());
-    let (_log, mut sm) = storage::open(&db, 1, flusher.clone(), state.clone()).unwrap();
+    let (_log, mut sm) = storage::open(&db, 1, Machine::default(), flusher.clone(), state.clone()).unwrap();
     let blank = |index| Entry { log_id: log_id(1, index), payload: EntryPayload::Blank };
     sm.apply((1..=3).map(blank).collect::<Vec<_>>()).await.unwrap();
 
     // The newer state, as its leader's snapshot of it.
     let leader_dir = tempfile::tempdir().unwrap();
     let (leader_db, leader_flusher, leader_state) = open(leader_dir.path());
-    let (_leader_log, mut leader) = storage::open(&leader_db, 1, leader_flusher, leader_state).unwrap();
+    let (_leader_log, mut leader) =
+        storage::open(&leader_db, 1, Machine::default(), leader_flusher, leader_state).unwrap();
     let invoke_entry =
         Entry { log_id: log_id(2, 10), payload: EntryPayload::Normal(Command::Invoke(vec![invoke(0)].into())) };
     leader.apply(vec![invoke_entry]).await.unwrap();
@@ -214,14 +217,14 @@ async fn case5_a_snapshot_build_held_across_an_install_leaves_the_installed_stat
     assert_eq!(built.meta.last_log_id, Some(log_id(1, 3)), "a build answers for its own view");
     let current = sm.get_current_snapshot().await.unwrap().unwrap();
     assert_eq!(current.meta, newer.meta);
-    assert_eq!(sm.read_partition(|p| p.invocation_count()).unwrap(), 1);
+    assert_eq!(sm.read(|m, view| m.partition(view).invocation_count()).unwrap(), 1);
     drop((built, current, sm, _log));
 
     // And after a restart, the state is the installed one.
-    let (_log, mut reopened) = storage::open(&db, 1, flusher, state).unwrap();
+    let (_log, mut reopened) = storage::open(&db, 1, Machine::default(), flusher, state).unwrap();
     let (applied, _) = reopened.applied_state().await.unwrap();
     assert_eq!(applied, Some(log_id(2, 10)));
-    assert_eq!(reopened.read_partition(|p| p.invocation_count()).unwrap(), 1);
+    assert_eq!(reopened.read(|m, view| m.partition(view).invocation_count()).unwrap(), 1);
 }
 
 /// Case 6: a proposal forwarded to a leader that accepts the connection and
@@ -238,7 +241,7 @@ async fn case6_a_proposal_forwarded_to_a_silent_leader_fails_at_its_deadline() {
     let channels = network::Channels::new(Default::default(), Duration::from_millis(25));
     let started = std::time::Instant::now();
     let command = Command::Invoke(vec![invoke(0)].into());
-    let result = network::forward(&channels, 1, &addr, &command, Duration::from_millis(500)).await;
+    let result = network::forward::<Machine>(&channels, 1, &addr, &command, Duration::from_millis(500)).await;
     assert!(result.is_err(), "{result:?}");
     assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
 }

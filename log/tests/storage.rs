@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use common::{invoke, when_unlocked};
 use ferry_log::storage::{self, Flusher, LogStore, StateMachineStore, StateOptions};
-use ferry_log::{partition_group, LogNode, NodeId, Options, TypeConfig};
+use ferry_log::{partition_group, NodeId, Options, TypeConfig};
 use ferry_partition::wire::v1::{Command, Response};
+use ferry_partition::{Log, LogReads, Machine};
 use openraft::testing::{StoreBuilder, Suite};
 use openraft::StorageError;
 use tokio_util::sync::CancellationToken;
@@ -16,13 +17,17 @@ use tokio_util::task::TaskTracker;
 
 struct SledBuilder;
 
-impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> for SledBuilder {
-    async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError<NodeId>> {
+impl StoreBuilder<TypeConfig<Machine>, LogStore<Machine>, StateMachineStore<Machine>, tempfile::TempDir>
+    for SledBuilder
+{
+    async fn build(
+        &self,
+    ) -> Result<(tempfile::TempDir, LogStore<Machine>, StateMachineStore<Machine>), StorageError<NodeId>> {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(dir.path().join("log")).open().unwrap();
         let flusher = Flusher::start(db.clone(), 64, &TaskTracker::new(), CancellationToken::new());
         let state = StateOptions { dir: dir.path().join("state"), cache_bytes: 1 << 20 };
-        let (log, sm) = storage::open(&db, 1, flusher, state).unwrap();
+        let (log, sm) = storage::open(&db, 1, Machine::default(), flusher, state).unwrap();
         Ok((dir, log, sm))
     }
 }
@@ -46,7 +51,9 @@ async fn committed_invocations_survive_a_restart_and_stay_deduplicated() {
     for round in 0..2u64 {
         let tracker = TaskTracker::new();
         let cancel = CancellationToken::new();
-        let node = when_unlocked(|| LogNode::open(options.clone(), &tracker, cancel.clone())).await.unwrap();
+        let node = when_unlocked(|| Log::open(options.clone(), |_| Machine::default(), &tracker, cancel.clone()))
+            .await
+            .unwrap();
         node.wait_for_leaders(Duration::from_secs(10)).await.unwrap();
         // The second round re-sends everything: all of it is dropped as duplicates.
         for i in 0..50u64 {
@@ -61,14 +68,24 @@ async fn committed_invocations_survive_a_restart_and_stay_deduplicated() {
         let count = node.read_partition(0, |p| p.invocation_count()).unwrap();
         assert_eq!(count, 50);
         assert_eq!(node.read_partition(0, |p| p.last_seq(42)).unwrap(), Some(49));
+        // Snapshots let the log be purged while entries are applied: the
+        // partition's log comes to keep about the entries since the last
+        // snapshot plus the few kept behind it. Duplicates keep it applying.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let kept = || {
+            let status = node.group_statuses().into_iter().find(|s| s.group == partition_group(0)).unwrap();
+            status.last_log_index.unwrap_or(0) - status.purged_index.unwrap_or(0)
+        };
+        while kept() > 20 && tokio::time::Instant::now() < deadline {
+            node.propose(partition_group(0), Command::Invoke(vec![invoke(49)].into())).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         node.shutdown().await;
         cancel.cancel();
         tracker.close();
         tracker.wait().await;
         drop(node);
 
-        // Snapshots let the log be purged: the partition's log keeps about the
-        // entries since the last snapshot plus the few kept behind it.
         let db = when_unlocked(|| std::future::ready(sled::open(dir.path().join("log")))).await.unwrap();
         let entries = db.open_tree("log-1").unwrap().len();
         assert!(entries <= 20, "round {round}: {entries} entries left in the log");
@@ -82,7 +99,7 @@ async fn partition_count_is_fixed_at_creation() {
     let tracker = TaskTracker::new();
     let cancel = CancellationToken::new();
     let options = Options::single_node(dir.path().to_owned(), 2);
-    let node = LogNode::open(options.clone(), &tracker, cancel.clone()).await.unwrap();
+    let node = Log::open(options.clone(), |_| Machine::default(), &tracker, cancel.clone()).await.unwrap();
     node.wait_for_leaders(Duration::from_secs(10)).await.unwrap();
     node.shutdown().await;
     drop(node);
@@ -90,7 +107,10 @@ async fn partition_count_is_fixed_at_creation() {
     tracker.close();
     tracker.wait().await;
     let reopen = Options { partitions: 3, ..options };
-    let err = when_unlocked(|| LogNode::open(reopen.clone(), &tracker, cancel.clone())).await.err().unwrap();
+    let err = when_unlocked(|| Log::open(reopen.clone(), |_| Machine::default(), &tracker, cancel.clone()))
+        .await
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("created with 2 partitions"), "{err}");
 }
 
@@ -111,7 +131,9 @@ async fn a_data_directory_of_another_format_is_refused_with_what_to_do() {
         }
         let (tracker, cancel) = (TaskTracker::new(), CancellationToken::new());
         let options = Options::single_node(dir.path().to_owned(), 2);
-        let err = LogNode::open(options, &tracker, cancel).await.err().unwrap().to_string();
+        // sled lets go of the directory's lock shortly after the last handle is dropped.
+        let open = || Log::open(options.clone(), |_| Machine::default(), &tracker, cancel.clone());
+        let err = when_unlocked(open).await.err().unwrap().to_string();
         let found = format!("data format {}", format.unwrap_or(1));
         assert!(err.contains(&found) && err.contains("empty base-dir"), "{err}");
         assert!(!dir.path().join("state").exists(), "a refused directory is left as it was");

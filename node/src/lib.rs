@@ -9,7 +9,7 @@ use anyhow::Context;
 use ferry_admin::Admin;
 use ferry_ingress::{ConsumerProgram, IngressStatus, KafkaIngress};
 use ferry_invoker::{Discovery, Invoker};
-use ferry_log::LogNode;
+use ferry_partition::{Log, LogReads, Machine};
 use ferry_proto::cluster::node_service_server::NodeServiceServer;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
@@ -26,11 +26,12 @@ async fn bind(what: &str, address: std::net::SocketAddr) -> anyhow::Result<TcpLi
 /// The `/metrics` handler: refreshes the gauges read from the log's state,
 /// then renders every metric in Prometheus' text format.
 fn metrics_page(
-    log: LogNode,
+    log: Log,
     metrics: PrometheusHandle,
 ) -> impl Fn() -> std::future::Ready<String> + Clone + Send + Sync + 'static {
     move || {
         log.publish_metrics();
+        log.publish_invocation_gauges();
         std::future::ready(metrics.render())
     }
 }
@@ -67,7 +68,7 @@ pub async fn run(
 
     let log_tasks = TaskTracker::new();
     let log_cancel = CancellationToken::new();
-    let log = LogNode::open(config.log_options(), &log_tasks, log_cancel.clone())
+    let log = Log::open(config.log_options(), |_| Machine::default(), &log_tasks, log_cancel.clone())
         .await
         .with_context(|| format!("cannot open the log in {}", config.base_dir.display()))?;
 

@@ -3,12 +3,12 @@
 //! command is deterministic: no clocks, randomness or I/O happen inside
 //! [`state`]; the proposer stamps times and ids into the command.
 
+pub mod machine;
 pub mod partitioner;
 pub mod state;
 pub mod store;
 pub mod wire;
 
+pub use ferry_log::PartitionId;
+pub use machine::{Log, LogReads, Machine};
 pub use wire::v1::{Command, Response};
-
-/// A partition of the key space.
-pub type PartitionId = u32;

@@ -82,12 +82,6 @@ impl TableSet for Table {
     }
 }
 
-impl From<crate::wire::DecodeError> for StoreError {
-    fn from(e: crate::wire::DecodeError) -> Self {
-        StoreError(e.to_string())
-    }
-}
-
 /// Key encodings.
 pub mod key {
     /// Appends `s` with its length first, so that it sorts and prefixes exactly.

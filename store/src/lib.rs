@@ -8,6 +8,8 @@
 //! length-prefixes strings that more follows, so that a prefix scan
 //! ([`scan_prefix`]) finds exactly one owner's rows.
 
+pub mod codec;
+
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::marker::PhantomData;
@@ -31,6 +33,12 @@ pub trait TableSet: Copy + Eq + Debug + Send + Sync + 'static {
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("state store: {0}")]
 pub struct StoreError(pub String);
+
+impl From<codec::DecodeError> for StoreError {
+    fn from(e: codec::DecodeError) -> Self {
+        StoreError(e.to_string())
+    }
+}
 
 /// What a scan calls with each (key, value) row; it breaks to stop the scan.
 pub type Visit<'a> = dyn FnMut(&[u8], &[u8]) -> ControlFlow<()> + 'a;
