@@ -11,7 +11,7 @@ use std::ops::{Bound, RangeBounds};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -305,20 +305,10 @@ pub struct StateOptions {
 /// How often apply makes the state durable. Between those commits the state
 /// on disk may lag what was applied: a restart replays the log from what is
 /// durable, and the log is purged only behind it. A durable commit writes out
-/// what the commits since the last one changed, while apply waits: the
-/// shorter the interval, the shorter each wait.
-const DURABLE_EVERY: Duration = Duration::from_millis(250);
-
-/// How long a snapshot build waits for apply to make its view durable
-/// before it makes it durable itself (the group is idle).
-const DURABLE_WAIT: Duration = Duration::from_secs(1);
-
-/// When the state was last made durable, and up to which log index.
-#[derive(Debug, Clone, Copy)]
-struct Durable {
-    at: Instant,
-    index: Option<u64>,
-}
+/// what the commits since the last one changed, and also costs in proportion
+/// to the database (redb's allocator state, for a quick repair): made four
+/// times a second, each took longer on average than one a second does.
+const DURABLE_EVERY: Duration = Duration::from_secs(1);
 
 /// What a group has applied, as readers see it: updated after each commit.
 #[derive(Debug, Default, Clone)]
@@ -339,7 +329,7 @@ pub struct StateMachineStore<M: StateMachine> {
     /// Replaced when a snapshot is installed.
     db: Arc<RwLock<Arc<Database>>>,
     applied: Arc<RwLock<Applied<M::Resident>>>,
-    durable: Arc<watch::Sender<Durable>>,
+    last_durable: Arc<Mutex<Instant>>,
     /// Bumped after every applied batch, so readers can wait for changes.
     changes: Arc<watch::Sender<u64>>,
     /// `ferry_log_apply_wait_seconds` (waiting to write) and
@@ -359,7 +349,7 @@ impl<M: StateMachine> Clone for StateMachineStore<M> {
             machine: self.machine.clone(),
             db: self.db.clone(),
             applied: self.applied.clone(),
-            durable: self.durable.clone(),
+            last_durable: self.last_durable.clone(),
             changes: self.changes.clone(),
             apply_wait: self.apply_wait.clone(),
             apply_seconds: self.apply_seconds.clone(),
@@ -389,15 +379,13 @@ impl<M: StateMachine> StateMachineStore<M> {
         let db = tables::open_db::<M::Tables>(&db_path(&options, group), options.cache_bytes)?;
         let db = Arc::new(db);
         let applied = read_applied::<M>(&ReadTables::open(db.clone())?)?;
-        // What a database holds when it is opened is durable.
-        let durable = Durable { at: Instant::now(), index: applied.last_applied.map(|id| id.index) };
         Ok(StateMachineStore {
             group,
             options,
             machine: Arc::new(machine),
             db: Arc::new(RwLock::new(db)),
             applied: Arc::new(RwLock::new(applied)),
-            durable: Arc::new(watch::channel(durable).0),
+            last_durable: Arc::new(Mutex::new(Instant::now())),
             changes: Arc::new(watch::channel(0).0),
             apply_wait: metrics::histogram!("ferry_log_apply_wait_seconds", "group" => group.to_string()),
             apply_seconds: metrics::histogram!("ferry_log_apply_seconds", "group" => group.to_string()),
@@ -442,32 +430,14 @@ impl<M: StateMachine> StateMachineStore<M> {
 
     /// Makes everything applied so far durable.
     pub async fn sync(&self) -> Result<(), StoreError> {
-        let this = self.clone();
+        let (db, last_durable) = (self.db(), self.last_durable.clone());
         tokio::task::spawn_blocking(move || {
-            // Committed, so covered by the durable commit below.
-            let index = this.last_applied().map(|id| id.index);
-            tables::sync(&this.db())?;
-            this.made_durable(index);
+            tables::sync(&db)?;
+            *last_durable.lock().expect("durable lock poisoned") = Instant::now();
             Ok(())
         })
         .await
         .map_err(tables::store_error)?
-    }
-
-    fn made_durable(&self, index: Option<u64>) {
-        self.durable.send_modify(|durable| *durable = Durable { at: Instant::now(), index: index.max(durable.index) });
-    }
-
-    /// Waits until what is applied up to `index` is durable: made so by
-    /// apply's next durable commit, or here when none comes soon.
-    async fn durable_to(&self, index: Option<u64>) -> Result<(), StoreError> {
-        let mut durable = self.durable.subscribe();
-        let wait = async { durable.wait_for(|d| d.index >= index).await.is_ok() };
-        let covered = tokio::time::timeout(DURABLE_WAIT, wait).await.unwrap_or(false);
-        if !covered {
-            self.sync().await?;
-        }
-        Ok(())
     }
 
     /// A receiver that sees a new value after every applied batch.
@@ -545,9 +515,8 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> StorageResult<T> + Send
 }
 
 impl<M: StateMachine> RaftSnapshotBuilder<TypeConfig<M>> for StateMachineStore<M> {
-    /// A snapshot is a view of the state as applied now, once durable, so
-    /// that the log may be purged behind it. Apply makes it durable in its
-    /// next durable commit; building one stops nothing and copies nothing:
+    /// A snapshot is a view of the state as applied now, made durable first
+    /// so that the log may be purged behind it. Building one copies nothing:
     /// the view is written out only when a follower needs it.
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig<M>>> {
         let db = self.db();
@@ -555,8 +524,7 @@ impl<M: StateMachine> RaftSnapshotBuilder<TypeConfig<M>> for StateMachineStore<M
             blocking(move || ReadTables::open(db).map_err(|e| StorageIOError::read_snapshot(None, &e).into())).await?;
         // Tests hold a build here, between taking its view and making it durable.
         fail::fail_point!("snapshot-build-before-sync");
-        let index = read_applied::<M>(&view).map_err(|e| StorageIOError::read_snapshot(None, &e))?.last_applied;
-        self.durable_to(index.map(|id| id.index)).await.map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        self.sync().await.map_err(|e| StorageIOError::write_snapshot(None, &e))?;
         self.snapshot_of(view)
     }
 }
@@ -610,10 +578,8 @@ impl<M: StateMachine> RaftStateMachine<TypeConfig<M>> for StateMachineStore<M> {
         .await?;
         let (db, applied) = installed;
         *self.db.write().expect("state db lock poisoned") = db;
-        let index = applied.last_applied.map(|id| id.index);
         *self.applied.write().expect("state lock poisoned") = applied;
-        // Installed by a durable commit.
-        self.durable.send_replace(Durable { at: Instant::now(), index });
+        *self.last_durable.lock().expect("durable lock poisoned") = Instant::now();
         self.changes.send_modify(|v| *v += 1);
         metrics::counter!("ferry_log_snapshots_installed_total", "group" => self.group.to_string()).increment(1);
         tracing::info!(group = self.group, snapshot = %meta.snapshot_id, "snapshot installed");
@@ -638,7 +604,7 @@ impl<M: StateMachine> StateMachineStore<M> {
         let mut txn = db.begin_write().map_err(tables::store_error)?;
         let started = Instant::now();
         self.apply_wait.record(started.duration_since(waiting).as_secs_f64());
-        let durable = self.durable.borrow().at.elapsed() >= DURABLE_EVERY;
+        let durable = self.last_durable.lock().expect("durable lock poisoned").elapsed() >= DURABLE_EVERY;
         if durable {
             txn.set_quick_repair(true);
         } else {
@@ -672,8 +638,8 @@ impl<M: StateMachine> StateMachineStore<M> {
         let committing = Instant::now();
         txn.commit().map_err(tables::store_error)?;
         if durable {
+            *self.last_durable.lock().expect("durable lock poisoned") = Instant::now();
             self.durable_commit.record(committing.elapsed().as_secs_f64());
-            self.made_durable(applied.last_applied.map(|id| id.index));
         }
         self.apply_seconds.record(started.elapsed().as_secs_f64());
         *self.applied.write().expect("state lock poisoned") = applied;
