@@ -124,10 +124,13 @@ pub fn invoke(origin: &Origin, sink: &Sink, mut record: Record, partitions: u32,
         // A workflow runs once per key, whichever record or request starts
         // it: every one of them names the same invocation, and the first wins.
         Some(_) if handler_ty == HandlerType::Workflow => crate::ids(&target, None),
-        // The unique part is a hash of (producer, offset): a re-read record
-        // gets the same id as its first copy.
-        Some(key) => (key_hash(&sink.service, key), xxhash_rust::xxh3::xxh3_64(&unkeyed.to_le_bytes())),
-        None => (unkeyed, xxhash_rust::xxh3::xxh3_64(&unkeyed.to_le_bytes())),
+        // The unique part is the offset, then 16 bits of the producer: a
+        // re-read record gets the same id as its first copy, and a partition
+        // creates the invocations of one Kafka partition in id order. The
+        // rare record whose id another producer's record took gets another
+        // from the partition.
+        Some(key) => (key_hash(&sink.service, key), offset_unique(origin.producer, seq)),
+        None => (unkeyed, offset_unique(origin.producer, seq)),
     };
     let invoke = Invoke {
         id: format!("inv_{partition_key:016x}{unique:016x}"),
@@ -150,6 +153,11 @@ pub fn invoke(origin: &Origin, sink: &Sink, mut record: Record, partitions: u32,
         retention: sink.retention,
     };
     (partition_of(partition_key, partitions), invoke)
+}
+
+/// The unique part of the id of a record at `offset` of `producer`.
+fn offset_unique(producer: u64, offset: u64) -> u64 {
+    (offset << 16) | (producer & 0xffff)
 }
 
 #[cfg(test)]

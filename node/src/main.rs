@@ -8,6 +8,22 @@ use ferry_ingress::ConsumerProgram;
 use ferry_node::config::{Config, LogFormat, Overrides};
 use tokio_util::sync::CancellationToken;
 
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's options, read when it starts: a background thread gives memory
+/// freed a second ago back to the system, so the node's RSS follows what it
+/// holds.
+#[repr(transparent)]
+pub struct MallocConf(*const std::ffi::c_char);
+
+// SAFETY: the pointer is to a static string that is never written.
+unsafe impl Sync for MallocConf {}
+
+#[export_name = "_rjem_malloc_conf"]
+pub static MALLOC_CONF: MallocConf =
+    MallocConf(c"background_thread:true,max_background_threads:1,dirty_decay_ms:1000,muzzy_decay_ms:0".as_ptr());
+
 /// Runs a Ferry node. With no configuration at all it serves a single-node
 /// cluster: admin API on :9070, node port on :5122, data in ./ferry-data.
 #[derive(Parser, Debug)]

@@ -31,8 +31,9 @@ impl StateMachine for Machine {
     /// 2: effects name their attempt (run and journal length), subscriptions
     /// record their sink's kind. 3: invocations carry their retention,
     /// services and handlers the retention they ask for. 4: partition state
-    /// is kept as tables of rows ([`crate::store`]).
-    const DATA_FORMAT: u32 = 4;
+    /// is kept as tables of rows ([`crate::store`]). 5: invocation rows are
+    /// keyed by [`crate::store::key::invocation`], unique part first.
+    const DATA_FORMAT: u32 = 5;
 
     type Command = Command;
     type Response = Response;

@@ -10,13 +10,13 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use ferry_telemetry::TraceContext;
 use serde::{Deserialize, Serialize};
-use xxhash_rust::xxh3::Xxh3;
+use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
 use crate::store::{key, scan_prefix, MemStore, Row, Store, StoreError, StoreRead, Table};
 pub use crate::wire::v1::Completion;
 use crate::wire::v1::{
-    AttemptId, Command, Deployment, Effect, Invoke, JournalEntry, MetadataCommand, MetadataResponse, Outcome, Response,
-    Retention, ServiceDef, Sleep, Source, StateOp, Subscription, Target,
+    AttemptId, Command, Deployment, Effect, HandlerType, Invoke, JournalEntry, MetadataCommand, MetadataResponse,
+    Outcome, Response, Retention, ServiceDef, Sleep, Source, StateOp, Subscription, Target,
 };
 use crate::wire::{decode, encode};
 
@@ -262,7 +262,7 @@ fn counter(store: &(impl StoreRead<Table> + ?Sized), name: &[u8]) -> Result<u64,
 }
 
 fn load(store: &(impl StoreRead<Table> + ?Sized), id: &str) -> Result<Option<Invocation>, StoreError> {
-    Ok(store.get(Table::Invocations, id.as_bytes())?.map(|bytes| decode(&bytes)).transpose()?)
+    Ok(store.get(Table::Invocations, &key::invocation(id))?.map(|bytes| decode(&bytes)).transpose()?)
 }
 
 /// The first row of `table` whose key starts with `prefix`.
@@ -327,13 +327,20 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
                     self.store.put(Table::Producers, &row, &[])?;
                 }
             }
-            // Ids derived from an idempotency key repeat: the first one wins.
-            if self.store.get(Table::Invocations, invoke.id.as_bytes())?.is_some() {
-                deduplicated += 1;
-                continue;
+            let mut id = invoke.id;
+            if self.store.get(Table::Invocations, &key::invocation(&id))?.is_some() {
+                // Ids derived from an idempotency key or a workflow's key
+                // repeat: the first one wins.
+                if invoke.dedup.is_none() || invoke.target.handler_ty == HandlerType::Workflow {
+                    deduplicated += 1;
+                    continue;
+                }
+                // A record that passed dedup is new; its id, made of its
+                // offset and part of its producer, is another producer's.
+                id = self.unused_id(&id)?;
             }
             let mut inv = Invocation {
-                id: invoke.id,
+                id,
                 target: invoke.target,
                 payload: invoke.payload,
                 headers: invoke.headers,
@@ -375,6 +382,19 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
             created += 1;
         }
         Ok(Response::Invoked { created, deduplicated })
+    }
+
+    /// An id in the partition of `taken` that no invocation has: the same
+    /// partition key, and a unique part derived from `taken`'s.
+    fn unused_id(&self, taken: &str) -> Result<String, StoreError> {
+        let (partition_key, mut unique) = key::id_parts(taken).unwrap_or((0, xxh3_64(taken.as_bytes())));
+        loop {
+            unique = xxh3_64(&unique.to_be_bytes());
+            let id = key::id(partition_key, unique);
+            if self.store.get(Table::Invocations, &key::invocation(&id))?.is_none() {
+                return Ok(id);
+            }
+        }
     }
 
     /// Applies one effect; only an applied one changes `modified_at_ms`.
@@ -498,7 +518,7 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
                 if let Some(at) = inv.expires_at_ms.take() {
                     self.store.remove(Table::Expiries, &key::due(at, &inv.id))?;
                 }
-                self.store.remove(Table::Invocations, inv.id.as_bytes())?;
+                self.store.remove(Table::Invocations, &key::invocation(&inv.id))?;
                 self.count(status, -1)?;
                 return Ok((Outcome::Applied, false));
             }
@@ -544,7 +564,7 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
     }
 
     fn save(&mut self, inv: &Invocation) -> Result<(), StoreError> {
-        self.store.put(Table::Invocations, inv.id.as_bytes(), &encode(inv))
+        self.store.put(Table::Invocations, &key::invocation(&inv.id), &encode(inv))
     }
 
     /// The value of counter `name`, for this command to change.
@@ -682,7 +702,7 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
         }
         let completed = inv.completed_at_ms.expect("retired invocations are completed");
         if completed.saturating_add(inv.retention.completion_ms) <= now {
-            self.store.remove(Table::Invocations, inv.id.as_bytes())?;
+            self.store.remove(Table::Invocations, &key::invocation(&inv.id))?;
             self.count(Status::Completed, -1)?;
             if let Some(result) = inv.completion.take() {
                 self.removed.push(std::mem::take(&mut inv.id), result);
@@ -722,7 +742,7 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
         for (row, id, remove) in due {
             self.store.remove(Table::Expiries, &row)?;
             if remove {
-                self.store.remove(Table::Invocations, id.as_bytes())?;
+                self.store.remove(Table::Invocations, &key::invocation(&id))?;
                 self.count(Status::Completed, -1)?;
                 invocations += 1;
                 continue;
@@ -821,14 +841,15 @@ impl<'a, S: StoreRead<Table> + ?Sized> PartitionRead<'a, S> {
         load(self.store, id)
     }
 
-    /// Calls `f` with the invocations with ids after `after`, in id order,
-    /// until it breaks.
+    /// Calls `f` with the invocations after the one named `after`, in the
+    /// order of their rows ([`key::invocation`]), until it breaks.
     pub fn invocations_after(
         &self,
         after: Option<&str>,
         mut f: impl FnMut(Invocation) -> ControlFlow<()>,
     ) -> Result<(), StoreError> {
-        let from = after.map_or(Bound::Unbounded, |id| Bound::Excluded(id.as_bytes()));
+        let after = after.map(key::invocation);
+        let from = after.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
         let mut failed = None;
         self.store.scan(Table::Invocations, from, Bound::Unbounded, &mut |_, v| match decode(v) {
             Ok(inv) => f(inv),
@@ -846,8 +867,8 @@ impl<'a, S: StoreRead<Table> + ?Sized> PartitionRead<'a, S> {
     /// Calls `f` with the ids of the invocations, in order, until it breaks;
     /// decodes none of them.
     pub fn invocation_ids(&self, mut f: impl FnMut(&str) -> ControlFlow<()>) -> Result<(), StoreError> {
-        self.store.scan(Table::Invocations, Bound::Unbounded, Bound::Unbounded, &mut |id, _| {
-            std::str::from_utf8(id).map_or(ControlFlow::Continue(()), &mut f)
+        self.store.scan(Table::Invocations, Bound::Unbounded, Bound::Unbounded, &mut |row, _| {
+            key::invocation_id(row).map_or(ControlFlow::Continue(()), |id| f(&id))
         })
     }
 
@@ -1568,6 +1589,41 @@ mod tests {
             vec![invoke("inv_1", None, HandlerType::Shared, None), invoke("inv_1", None, HandlerType::Shared, None)],
         );
         assert_eq!(r, Response::Invoked { created: 1, deduplicated: 1 });
+    }
+
+    #[test]
+    fn a_new_record_whose_id_is_taken_gets_another() {
+        let id = key::id(7, 5 << 16);
+        let mut state = GroupState::default();
+        let r = apply(
+            &mut state,
+            vec![
+                invoke(&id, Some("k"), HandlerType::Exclusive, Some((1, 5))),
+                invoke(&id, Some("k"), HandlerType::Exclusive, Some((1 << 16 | 1, 5))),
+                invoke(&id, Some("k"), HandlerType::Exclusive, Some((1, 5))),
+                invoke(&id, Some("k"), HandlerType::Workflow, Some((2, 5))),
+            ],
+        );
+        assert_eq!(
+            r,
+            Response::Invoked { created: 2, deduplicated: 2 },
+            "a re-read record and a workflow's key repeat"
+        );
+        let inbox = view(&state).inbox("Counter", "k");
+        assert_eq!(inbox.len(), 2);
+        assert_eq!(inbox[0], id);
+        assert_ne!(inbox[1], id);
+        assert_eq!(key::id_parts(&inbox[1]).map(|(partition_key, _)| partition_key), Some(7), "same partition key");
+        assert!(view(&state).invocation(&inbox[1]).is_some());
+    }
+
+    #[test]
+    fn invocation_rows_sort_by_unique_part_and_name_their_id() {
+        let (early, late) = (key::id(u64::MAX, 1), key::id(0, 2));
+        assert!(key::invocation(&early) < key::invocation(&late));
+        for id in [early, late, "inv_other".to_owned(), "inv_0000000000000007000000000000000A".to_owned()] {
+            assert_eq!(key::invocation_id(&key::invocation(&id)), Some(id));
+        }
     }
 
     #[test]

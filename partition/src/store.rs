@@ -11,7 +11,7 @@ pub use ferry_store::{scan_prefix, MemStore, Row, Store, StoreError, StoreRead, 
 /// The tables of a partition's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Table {
-    /// id -> [`crate::state::Invocation`].
+    /// [`key::invocation`] of the id -> [`crate::state::Invocation`].
     Invocations,
     /// run sequence -> id: the invocations allowed to run, in the order they became so.
     Runnable,
@@ -121,6 +121,57 @@ pub mod key {
     pub fn split_due(key: &[u8]) -> Option<(u64, &str)> {
         let (at, id) = key.split_first_chunk::<8>()?;
         Some((u64::from_be_bytes(*at), std::str::from_utf8(id).ok()?))
+    }
+
+    /// The row key of invocation `id`. An id is `inv_`, the partition key
+    /// and a unique part (16 hex digits each); its row is keyed unique part
+    /// first, so invocations whose unique parts grow (Kafka records, in
+    /// offset order) are written at the end of the table, not all over it.
+    /// Any other string is kept as it is, after a different first byte.
+    pub fn invocation(id: &str) -> Vec<u8> {
+        match id_parts(id) {
+            Some((partition_key, unique)) => {
+                let mut buf = Vec::with_capacity(17);
+                buf.push(0);
+                buf.extend_from_slice(&unique.to_be_bytes());
+                buf.extend_from_slice(&partition_key.to_be_bytes());
+                buf
+            }
+            None => {
+                let mut buf = Vec::with_capacity(1 + id.len());
+                buf.push(1);
+                buf.extend_from_slice(id.as_bytes());
+                buf
+            }
+        }
+    }
+
+    /// The id of a row key written by [`invocation`].
+    pub fn invocation_id(key: &[u8]) -> Option<String> {
+        match key.split_first()? {
+            (0, rest) => {
+                let (unique, partition_key) = rest.split_first_chunk::<8>()?;
+                let partition_key = u64_of(partition_key)?;
+                Some(self::id(partition_key, u64::from_be_bytes(*unique)))
+            }
+            (1, id) => std::str::from_utf8(id).ok().map(str::to_owned),
+            _ => None,
+        }
+    }
+
+    /// The invocation id of a partition key and a unique part.
+    pub fn id(partition_key: u64, unique: u64) -> String {
+        format!("inv_{partition_key:016x}{unique:016x}")
+    }
+
+    /// The partition key and unique part of an id made by [`id`].
+    pub fn id_parts(id: &str) -> Option<(u64, u64)> {
+        let hex =
+            id.strip_prefix("inv_").filter(|hex| hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_hexdigit()))?;
+        if hex.bytes().any(|b| b.is_ascii_uppercase()) {
+            return None;
+        }
+        Some((u64::from_str_radix(&hex[..16], 16).ok()?, u64::from_str_radix(&hex[16..], 16).ok()?))
     }
 
     /// Reads a big-endian u64 value or key.

@@ -10,8 +10,9 @@
 //!    sum of the counters.
 //! 3. Backlog -> Service: the same with `Sink/handle` (a no-op).
 //!
-//! Prints a Markdown table with both systems and their ratio, and each
-//! server's peak RSS. Needs `scripts/restate-server.sh install`,
+//! Prints a Markdown table with both systems and their ratio, the CPU time
+//! per invocation of each server (with its child processes) and of the
+//! handler process during each backlog, and each server's peak RSS. Needs `scripts/restate-server.sh install`,
 //! `scripts/broker.sh install` and `cargo build --release --workspace --bins`.
 
 use std::process::Stdio;
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use ferry_chaos_tests::restate::{Completed, RestateServer};
-use ferry_chaos_tests::{bin_dir, peak_rss_kib, Broker, Node};
+use ferry_chaos_tests::{bin_dir, cpu_seconds, peak_rss_kib, Broker, Node};
 use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -152,17 +153,34 @@ fn now_ms() -> i64 {
 /// One backlog's outcome.
 struct Backlog {
     elapsed: Duration,
+    /// CPU seconds of the server (with its child processes) and of the
+    /// handler process, from the subscription's creation until every
+    /// invocation completed.
+    server_cpu: f64,
+    handler_cpu: f64,
 }
 
 impl Backlog {
     fn rate(&self, records: usize) -> f64 {
         records as f64 / self.elapsed.as_secs_f64()
     }
+
+    /// CPU microseconds per invocation of the server and of the handler process.
+    fn cpu_us(&self, records: usize) -> (f64, f64) {
+        (self.server_cpu * 1e6 / records as f64, self.handler_cpu * 1e6 / records as f64)
+    }
 }
 
 /// Pre-produces `args.records` records to a new topic, subscribes `sink` to
 /// it, and waits until all of them are durably completed invocations.
-async fn backlog(server: &Server, broker: &Broker, args: &Args, topic: &str, sink: &str) -> Result<Backlog> {
+async fn backlog(
+    server: &Server,
+    handler_pid: u32,
+    broker: &Broker,
+    args: &Args,
+    topic: &str,
+    sink: &str,
+) -> Result<Backlog> {
     broker.create_topic(topic, args.partitions).await?;
     let started = Instant::now();
     broker.produce_backlog(topic, args.records, args.keys).await?;
@@ -174,6 +192,7 @@ async fn backlog(server: &Server, broker: &Broker, args: &Args, topic: &str, sin
     let target = args.records as f64;
     let subscribed_ms = now_ms();
     let started = Instant::now();
+    let cpu_at_start = (cpu_seconds(server.pid()), cpu_seconds(handler_pid));
     let subscription = server.subscribe(topic, sink).await?;
     let timeout = Duration::from_secs(args.timeout);
     let mut last_report = Instant::now();
@@ -191,6 +210,7 @@ async fn backlog(server: &Server, broker: &Broker, args: &Args, topic: &str, sin
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    let cpu = (cpu_seconds(server.pid()) - cpu_at_start.0, cpu_seconds(handler_pid) - cpu_at_start.1);
     let completed = loop {
         let completed = server.completed(&subscription).await?;
         if completed.count >= args.records as u64 {
@@ -208,7 +228,7 @@ async fn backlog(server: &Server, broker: &Broker, args: &Args, topic: &str, sin
         let to = to.context("completed invocations without timestamps")?;
         Ok(Duration::from_millis(u64::try_from(to - from).context("timestamp before the subscription")?))
     };
-    Ok(Backlog { elapsed: span(subscribed_ms, completed.last_completed_ms)? })
+    Ok(Backlog { elapsed: span(subscribed_ms, completed.last_completed_ms)?, server_cpu: cpu.0, handler_cpu: cpu.1 })
 }
 
 /// The sum of `Counter/get` counts over the backlog's keys.
@@ -285,16 +305,16 @@ struct Measured {
     rss_kib: u64,
 }
 
-async fn measure(server: &Server, broker: &Broker, args: &Args, tag: &str) -> Result<Measured> {
+async fn measure(server: &Server, handler_pid: u32, broker: &Broker, args: &Args, tag: &str) -> Result<Measured> {
     // First, while the server has no backlog's flushes and compactions to
     // catch up with.
     let latencies = ingress_latency(server, args.rate, args.seconds, args.keys).await?;
-    let object = backlog(server, broker, args, &format!("{tag}-counter"), "service://Counter/add").await?;
+    let object = backlog(server, handler_pid, broker, args, &format!("{tag}-counter"), "service://Counter/add").await?;
     let sum = counter_sum(server, args.keys).await?;
     if sum != args.records as u64 {
         bail!("the counters add up to {sum}, not {}", args.records);
     }
-    let service = backlog(server, broker, args, &format!("{tag}-sink"), "service://Sink/handle").await?;
+    let service = backlog(server, handler_pid, broker, args, &format!("{tag}-sink"), "service://Sink/handle").await?;
     Ok(Measured {
         name: server.name().await?,
         latencies,
@@ -308,7 +328,8 @@ async fn measure(server: &Server, broker: &Broker, args: &Args, tag: &str) -> Re
 async fn main() -> Result<()> {
     let args = Args::parse();
     let broker = Broker::start().await?;
-    let (_handlers, uri) = start_handlers().await?;
+    let (handlers, uri) = start_handlers().await?;
+    let handler_pid = handlers.id().context("handler process")?;
 
     let dir = tempfile::tempdir()?;
     let partitions = [("FERRY_PARTITIONS", args.server_partitions.to_string())];
@@ -320,13 +341,13 @@ async fn main() -> Result<()> {
     }
     // Each server is stopped before the next one is measured.
     let server = Server::Ferry(Box::new(node), dir);
-    let ferry = measure(&server, &broker, &args, "ferry").await?;
+    let ferry = measure(&server, handler_pid, &broker, &args, "ferry").await?;
     drop(server);
 
     let restate = RestateServer::start(&broker.bootstrap(), args.server_partitions).await?;
     restate.register(&uri).await?;
     let server = Server::Restate(restate);
-    let restate = measure(&server, &broker, &args, "restate").await?;
+    let restate = measure(&server, handler_pid, &broker, &args, "restate").await?;
     drop(server);
 
     println!(
@@ -340,6 +361,13 @@ async fn main() -> Result<()> {
     ] {
         let (f, r) = (f.rate(args.records), r.rate(args.records));
         println!("| {what} | **{f:.0}** | {r:.0} | {:.2}x |", f / r);
+    }
+    for (what, f, r) in [
+        ("Kafka -> Virtual Object, CPU us per invocation: server / handler", &ferry.object, &restate.object),
+        ("Kafka -> Service, CPU us per invocation: server / handler", &ferry.service, &restate.service),
+    ] {
+        let (f, r) = (f.cpu_us(args.records), r.cpu_us(args.records));
+        println!("| {what} | **{:.0} / {:.0}** | {:.0} / {:.0} | {:.2}x |", f.0, f.1, r.0, r.1, r.0 / f.0);
     }
     for (what, q) in [("p50", 0.5), ("p99", 0.99)] {
         let (f, r) = (ms(ferry.latencies.quantile(q)), ms(restate.latencies.quantile(q)));

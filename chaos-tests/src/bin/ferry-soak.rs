@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use ferry_chaos_tests::{produce, Broker, Handlers, Node, Record};
+use ferry_chaos_tests::{children, cpu_seconds, produce, Broker, Handlers, Node, Record};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -105,38 +105,6 @@ impl Sample {
             format!("{:.0}", self.handler_cpu_us),
         ]
     }
-}
-
-/// CPU seconds a process and its children (the node's consumer processes) used.
-fn cpu_seconds(pid: u32) -> f64 {
-    let ticks = |pid: &str| -> u64 {
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0 };
-        // Fields after the command name, which may hold spaces, in parentheses.
-        let Some(rest) = stat.rsplit_once(')').map(|(_, rest)| rest) else { return 0 };
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
-        fields.get(11).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0)
-            + fields.get(12).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0)
-    };
-    let mut total = ticks(&pid.to_string());
-    for child in children(pid) {
-        total += ticks(&child.to_string());
-    }
-    // Linux reports in clock ticks of 1/100 s.
-    total as f64 / 100.0
-}
-
-fn children(pid: u32) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
-    entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|child| {
-            std::fs::read_to_string(format!("/proc/{child}/stat")).ok().and_then(|stat| {
-                let rest = stat.rsplit_once(')')?.1.to_owned();
-                rest.split_whitespace().nth(1)?.parse::<u32>().ok()
-            }) == Some(pid)
-        })
-        .collect()
 }
 
 fn rss_kib(pid: u32) -> u64 {
