@@ -136,6 +136,11 @@ fn invocation_to_proto(inv: &Invocation, partition: PartitionId) -> pb::Invocati
             }),
         ),
         Source::Ingress => ("ingress", None),
+        Source::Service { .. } => ("service", None),
+    };
+    let invoked_by_id = match &inv.source {
+        Source::Service { caller } => caller.clone(),
+        _ => String::new(),
     };
     pb::Invocation {
         id: inv.id.clone(),
@@ -149,6 +154,7 @@ fn invocation_to_proto(inv: &Invocation, partition: PartitionId) -> pb::Invocati
         created_at: timestamp(inv.created_at_ms),
         modified_at: timestamp(inv.modified_at_ms),
         invoked_by: invoked_by.to_owned(),
+        invoked_by_id,
         source,
         attempts: inv.attempts,
         last_failure: inv.last_failure.clone().unwrap_or_default(),

@@ -657,6 +657,16 @@ impl Node {
     }
 }
 
+/// A broker, the test handlers and one node started with `config` (as
+/// [`Node::start_configured`]), the handlers registered with the node.
+pub async fn node_with_handlers(config: &[(&str, &str)]) -> Result<(Broker, Handlers, tempfile::TempDir, Node)> {
+    let (broker, handlers, dir) = (Broker::start().await?, Handlers::start().await?, tempfile::tempdir()?);
+    let node = Node::start_configured(&dir.path().join("node"), &broker.bootstrap(), config).await?;
+    let (status, body) = node.post("/deployments", serde_json::json!({ "uri": handlers.uri })).await?;
+    anyhow::ensure!(status == 201, "register: {status} {body}");
+    Ok((broker, handlers, dir, node))
+}
+
 /// The peak resident set size of a process (`VmHWM`), in KiB.
 pub fn peak_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

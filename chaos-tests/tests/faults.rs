@@ -6,21 +6,13 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use ferry_chaos_tests::{eventually, produce, Broker, Cluster, Handlers, Node, Record};
+use ferry_chaos_tests::{eventually, node_with_handlers, produce, Broker, Cluster, Handlers, Node, Record};
 use ferry_partition::partitioner::{key_hash, partition_of};
 use rdkafka::producer::FutureRecord;
 use serde_json::{json, Value};
 
 /// A broker, the test handlers and one node configured with `config`, the
 /// handlers registered.
-async fn started(config: &[(&str, &str)]) -> Result<(Broker, Handlers, tempfile::TempDir, Node)> {
-    let (broker, handlers, dir) = (Broker::start().await?, Handlers::start().await?, tempfile::tempdir()?);
-    let node = Node::start_configured(&dir.path().join("node"), &broker.bootstrap(), config).await?;
-    let (status, body) = node.post("/deployments", json!({ "uri": handlers.uri })).await?;
-    anyhow::ensure!(status == 201, "register: {status} {body}");
-    Ok((broker, handlers, dir, node))
-}
-
 async fn count(node: &Node, key: &str) -> Result<u64> {
     let (status, counter) = node.ingress(&format!("/Counter/{key}/get"), Some(""), &[]).await?;
     anyhow::ensure!(status == 200, "get {key}: {status} {counter}");
@@ -35,7 +27,7 @@ async fn case12_a_panicking_attempt_is_retried() -> Result<()> {
         ("FAILPOINTS", "invoker-attempt=1*panic"),
         ("FERRY_INVOCATION__DEFAULT_RETRY_POLICY__INITIAL_INTERVAL", "100ms"),
     ];
-    let (_broker, _handlers, _dir, node) = started(&config).await?;
+    let (_broker, _handlers, _dir, node) = node_with_handlers(&config).await?;
     let call = node.ingress("/Counter/k/add", Some(r#"{"seq": 1}"#), &[]);
     let (status, body) =
         tokio::time::timeout(Duration::from_secs(30), call).await.context("the call never ended")??;
@@ -48,7 +40,8 @@ async fn case12_a_panicking_attempt_is_retried() -> Result<()> {
 /// and the subscription starts again: every record is still invoked once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn case12_a_panicking_partition_worker_restarts_its_subscription() -> Result<()> {
-    let (broker, _handlers, _dir, node) = started(&[("FAILPOINTS", "ingress-partition-worker=1*panic")]).await?;
+    let (broker, _handlers, _dir, node) =
+        node_with_handlers(&[("FAILPOINTS", "ingress-partition-worker=1*panic")]).await?;
     broker.create_topic("t", 1).await?;
     node.subscribe_from_start("t", "service://Counter/add").await?;
     let key = "k".to_owned();
@@ -112,7 +105,7 @@ async fn case9_a_stalled_raft_partition_does_not_stall_other_kafka_partitions() 
         ("FERRY_INGRESS__KAFKA__BUFFER_RECORDS_MAX", "8"),
         ("FAILPOINTS", "ingress-append-0=return"),
     ];
-    let (broker, _handlers, _dir, node) = started(&config).await?;
+    let (broker, _handlers, _dir, node) = node_with_handlers(&config).await?;
     broker.create_topic("t", 2).await?;
     node.subscribe_from_start("t", "service://Counter/add").await?;
     let (stuck, free) = (key_in(0, 2, "stuck-"), key_in(1, 2, "free-"));
@@ -152,7 +145,7 @@ async fn case9_a_partition_held_back_goes_on_from_the_next_record() -> Result<()
     const N: usize = 20_000;
     let config =
         [("FERRY_INGRESS__KAFKA__BATCH_RECORDS_MAX", "16"), ("FERRY_INGRESS__KAFKA__BUFFER_RECORDS_MAX", "32")];
-    let (broker, _handlers, _dir, node) = started(&config).await?;
+    let (broker, _handlers, _dir, node) = node_with_handlers(&config).await?;
     broker.create_topic("backlog", 2).await?;
     broker.produce_backlog("backlog", N, 100).await?;
     let sub = node.subscribe_from_start("backlog", "service://Sink/handle").await?;
@@ -272,7 +265,7 @@ async fn consumer_state(node: &Node, subscription: &str) -> Result<Option<String
 /// again at 0, are not taken for duplicates of the old topic's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn case3_case11_a_topic_deleted_and_created_again_under_a_subscription() -> Result<()> {
-    let (broker, _handlers, _dir, mut node) = started(&[]).await?;
+    let (broker, _handlers, _dir, mut node) = node_with_handlers(&[]).await?;
     broker.create_topic("t", 1).await?;
     let subscription = node.subscribe("t", "service://Counter/add", json!({"session.timeout.ms": "6000"})).await?;
     // One key throughout: its invocations live in one Raft partition, where

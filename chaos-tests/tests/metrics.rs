@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use ferry_chaos_tests::prometheus::{scrape, Metrics};
-use ferry_chaos_tests::{eventually, produce, Broker, Handlers, Node, Record};
+use ferry_chaos_tests::{eventually, node_with_handlers, produce, Node, Record};
 use serde_json::{json, Value};
 
 /// Records produced for the Virtual Object `Counter` and for the Service `Sink`.
@@ -42,12 +42,7 @@ fn records(prefix: &str, count: usize) -> Vec<Record> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_what_the_node_did() -> Result<()> {
-    let broker = Broker::start().await?;
-    let handlers = Handlers::start().await?;
-    let dir = tempfile::tempdir()?;
-    let node = Node::start(&dir.path().join("node"), &broker).await?;
-    let (status, body) = node.post("/deployments", json!({ "uri": handlers.uri })).await?;
-    assert_eq!(status, 201, "{body}");
+    let (broker, _handlers, _dir, node) = node_with_handlers(&[]).await?;
 
     broker.create_topic("counted", TOPIC_PARTITIONS).await?;
     broker.create_topic("sunk", TOPIC_PARTITIONS).await?;

@@ -464,7 +464,15 @@ impl Sim {
                 *n += 1;
                 let token = format!("{id}/{n}");
                 let entry = JournalEntry { ty: 0x0411, body: Bytes::from(token.into_bytes()) };
-                Effect::Progress { id, attempt, entries: vec![entry], state: vec![], sleeps: vec![], run_now: true }
+                Effect::Progress {
+                    id,
+                    attempt,
+                    entries: vec![entry],
+                    state: vec![],
+                    sleeps: vec![],
+                    run_now: true,
+                    sends: vec![],
+                }
             }
             Some(step) => {
                 let token = String::from_utf8_lossy(&step.body).into_owned();
@@ -481,7 +489,7 @@ impl Sim {
                     value: Bytes::from(value.to_string()),
                 };
                 let state = vec![set("count", count + 1), set("last", seq)];
-                Effect::Complete { id, attempt, state, result: Completion::Success(Bytes::new()) }
+                Effect::Complete { id, attempt, state, result: Completion::Success(Bytes::new()), sends: vec![] }
             }
         };
         self.next_attempt += 1;
@@ -578,7 +586,7 @@ impl Sim {
                 let record = records.entry(id.to_owned()).or_insert_with(|| {
                     match p.invocation(id).unwrap().expect("listed").source {
                         Source::Kafka(source) => Some((source.partition, source.offset)),
-                        Source::Ingress => None,
+                        Source::Ingress | Source::Service { .. } => None,
                     }
                 });
                 if let Some(record) = record {

@@ -4,21 +4,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use ferry_chaos_tests::{eventually, produce, Broker, Handlers, Node, Record};
+use ferry_chaos_tests::{eventually, node_with_handlers, produce, Broker, Handlers, Node, Record};
 use reqwest::Method;
 use serde_json::{json, Value};
 
 const SUBSCRIBE_COUNTER: &str = "service://Counter/add";
-
-async fn setup() -> Result<(Broker, Handlers, tempfile::TempDir, Node)> {
-    let broker = Broker::start().await?;
-    let handlers = Handlers::start().await?;
-    let dir = tempfile::tempdir()?;
-    let node = Node::start(&dir.path().join("node"), &broker).await?;
-    let (status, body) = node.post("/deployments", json!({ "uri": handlers.uri })).await?;
-    assert_eq!(status, 201, "{body}");
-    Ok((broker, handlers, dir, node))
-}
 
 async fn subscribe(node: &Node, topic: &str, sink: &str) -> Result<String> {
     let (status, body) = node
@@ -55,7 +45,7 @@ fn by_offset(invocations: &[Value]) -> BTreeMap<(i64, i64), Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registers_a_rust_sdk_deployment_and_rejects_bad_requests() -> Result<()> {
-    let (broker, handlers, _dir, mut node) = setup().await?;
+    let (broker, handlers, _dir, mut node) = node_with_handlers(&[]).await?;
 
     let deployments = node.get("/deployments").await?;
     let deployment = &deployments["deployments"][0];
@@ -169,7 +159,7 @@ async fn registers_a_rust_sdk_deployment_and_rejects_bad_requests() -> Result<()
 async fn every_record_becomes_exactly_one_invocation() -> Result<()> {
     const N: usize = 10_000;
     const KEYS: usize = 500;
-    let (broker, handlers, _dir, node) = setup().await?;
+    let (broker, handlers, _dir, node) = node_with_handlers(&[]).await?;
     broker.create_topic("orders", 4).await?;
     let object_sub = subscribe(&node, "orders", SUBSCRIBE_COUNTER).await?;
     let service_sub = subscribe(&node, "orders", "service://Sink/handle").await?;
@@ -255,7 +245,7 @@ async fn every_record_becomes_exactly_one_invocation() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undeliverable_records_fail_without_blocking_their_partition() -> Result<()> {
-    let (broker, _handlers, _dir, node) = setup().await?;
+    let (broker, _handlers, _dir, node) = node_with_handlers(&[]).await?;
     broker.create_topic("mixed", 1).await?;
     let sub = subscribe(&node, "mixed", SUBSCRIBE_COUNTER).await?;
     let record = |key: Option<&[u8]>| Record { key: key.map(<[u8]>::to_vec), payload: b"{}".to_vec(), headers: vec![] };

@@ -23,7 +23,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use ferry_log::{partition_group, PartitionId};
 use ferry_partition::partitioner::partition_of;
-use ferry_partition::state::Completion;
+use ferry_partition::state::{Completion, Resolved};
 use ferry_partition::wire::v1::{
     Command, HandlerType, Invoke, Response as LogResponse, RetentionPolicy, ServiceType, Source, Target,
 };
@@ -246,18 +246,10 @@ impl Ingress {
             Some(Err(_)) => return Err(Error::new(400, "the idempotency-key header is not visible ASCII")),
             None => None,
         };
-        let (service_ty, handler_ty, retention) = self.log.read_metadata(|m| {
-            let service = m
-                .services
-                .get(&call.service)
-                .ok_or_else(|| Error::new(404, format!("service {} not found", call.service)))?;
-            let handler = service
-                .def
-                .handler(&call.handler)
-                .ok_or_else(|| Error::new(404, format!("service {} has no handler {}", call.service, call.handler)))?;
-            let retention = service.def.retention(handler, self.retention, idempotency_key.is_some());
-            Ok::<_, Error>((service.def.ty, handler.ty, retention))
-        })?;
+        let Resolved { service_ty, handler_ty, retention } = self
+            .log
+            .read_metadata(|m| m.resolve(&call.service, &call.handler, self.retention, idempotency_key.is_some()))
+            .map_err(|(status, message)| Error::new(status, message))?;
         if service_ty.is_keyed() != call.key.is_some() {
             let what = if service_ty.is_keyed() { "needs a key" } else { "takes no key" };
             return Err(Error::new(400, format!("{} {what}", call.service)));

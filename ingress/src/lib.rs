@@ -15,8 +15,8 @@ pub mod record;
 pub use kafka::{ClusterOptions, ConsumerProgram, ConsumerState, IngressStatus, KafkaIngress, LagKey, Options};
 
 use ferry_log::PartitionId;
-use ferry_partition::partitioner::key_hash;
-use ferry_partition::wire::v1::{HandlerType, Target};
+use ferry_partition::partitioner::invocation_ids;
+use ferry_partition::wire::v1::Target;
 use tracing::Span;
 
 /// The span of appending invocation `id` to `partition` until it commits, a
@@ -28,27 +28,10 @@ pub(crate) fn append_span(parent: &Span, partition: PartitionId, id: &str) -> Sp
     tracing::debug_span!(parent: parent, "append", ferry.partition = partition, restate.invocation.id = id)
 }
 
-/// The partition key and the unique part of a new invocation's id. With an
-/// idempotency key both derive from the request, so that a repeated request
-/// names the invocation of the first; a workflow's run is named by its key.
+/// The partition key and the unique part of a new invocation's id; see
+/// [`invocation_ids`].
 pub(crate) fn ids(target: &Target, idempotency_key: Option<&str>) -> (u64, u64) {
-    let idempotency_key = match target.handler_ty {
-        HandlerType::Workflow => Some(""),
-        _ => idempotency_key,
-    };
-    let partition_key = match (&target.key, idempotency_key) {
-        (Some(key), _) => key_hash(&target.service, key),
-        (None, Some(idempotency_key)) => key_hash(&target.service, idempotency_key),
-        (None, None) => rand_u64(),
-    };
-    let unique = match idempotency_key {
-        Some(idempotency_key) => {
-            let scope = format!("{}\0{}\0{}", target, target.handler, idempotency_key);
-            xxhash_rust::xxh3::xxh3_64(scope.as_bytes())
-        }
-        None => rand_u64(),
-    };
-    (partition_key, unique)
+    invocation_ids(target, idempotency_key, rand_u64())
 }
 
 fn rand_u64() -> u64 {

@@ -14,7 +14,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ferry_log::{partition_group, GroupId, PartitionId};
-use ferry_partition::wire::v1::{AttemptId, Command, Effect, Outcome, Response};
+use ferry_partition::partitioner::{outbox_producer, partition_of};
+use ferry_partition::state::Resolved;
+use ferry_partition::store::key;
+use ferry_partition::wire::v1::{
+    AttemptId, Command, Dedup, Effect, HandlerType, Invoke, Outcome, Response, Retention, RetentionPolicy,
+};
 use ferry_partition::{Log, LogReads};
 use ferry_telemetry::TraceContext;
 use serde::{Deserialize, Serialize};
@@ -26,7 +31,7 @@ use tracing::{debug, error, info, warn, Instrument, Span};
 
 use crate::client::{Client, Endpoint};
 use crate::codec::ProtocolVersion;
-use crate::journal::Job;
+use crate::journal::{Job, Targets};
 use crate::retry::RetryPolicy;
 use crate::Error;
 
@@ -58,11 +63,13 @@ pub struct Invoker {
     client: Client,
     options: Options,
     retry: Arc<RetryPolicy>,
+    retention: RetentionPolicy,
 }
 
 impl Invoker {
-    pub fn new(log: Log, options: Options, retry: RetryPolicy) -> Invoker {
-        Invoker { log, client: Client::new(options.attempt_timeout), options, retry: Arc::new(retry) }
+    /// `retention` is the node's default for the invocations that handlers start.
+    pub fn new(log: Log, options: Options, retry: RetryPolicy, retention: RetentionPolicy) -> Invoker {
+        Invoker { log, client: Client::new(options.attempt_timeout), options, retry: Arc::new(retry), retention }
     }
 
     /// Runs until `cancel` fires; attempts still running then are dropped and
@@ -81,6 +88,7 @@ impl Invoker {
                     log: self.log.clone(),
                     client: self.client.clone(),
                     retry: self.retry.clone(),
+                    retention: self.retention,
                     effects: EffectSender(effects),
                 },
                 attempts: JoinSet::new(),
@@ -88,6 +96,7 @@ impl Invoker {
                 waking: HashSet::new(),
                 expiring: false,
                 forgetting: false,
+                delivering: false,
                 outdated_checked_ms: 0,
             };
             partitions.spawn(scheduler.run(cancel.clone()));
@@ -191,6 +200,7 @@ enum Done {
     Woken(Vec<String>),
     Expired,
     Forgotten,
+    Delivered,
 }
 
 /// How often running attempts are checked against the state for having been
@@ -215,6 +225,14 @@ struct Running {
     attempt: AttemptId,
 }
 
+/// Most outbox rows one delivery takes (and at most [`EFFECTS_BYTES_MAX`] of
+/// them): a backlog goes in several.
+const OUTBOX_BATCH: usize = 1024;
+
+/// How long a delivery retries a partition that takes no appends before it
+/// starts again from the outbox.
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// What the attempts of one partition share.
 #[derive(Clone)]
 struct Attempts {
@@ -222,7 +240,16 @@ struct Attempts {
     log: Log,
     client: Client,
     retry: Arc<RetryPolicy>,
+    retention: RetentionPolicy,
     effects: EffectSender,
+}
+
+impl Targets for Attempts {
+    fn resolve(&self, service: &str, handler: &str, idempotent: bool) -> Result<Resolved, (String, Retention)> {
+        self.log
+            .read_metadata(|m| m.resolve(service, handler, self.retention, idempotent))
+            .map_err(|(_, message)| (message, self.retention.retention(HandlerType::Shared, idempotent)))
+    }
 }
 
 struct PartitionScheduler {
@@ -237,6 +264,8 @@ struct PartitionScheduler {
     expiring: bool,
     /// Whether [`Command::ForgetSubscription`]s are proposed but not applied yet.
     forgetting: bool,
+    /// Whether outbox rows are being delivered.
+    delivering: bool,
     /// When running attempts were last checked for being outdated.
     outdated_checked_ms: u64,
 }
@@ -266,6 +295,7 @@ impl PartitionScheduler {
                     Ok(Done::Woken(ids)) => for id in ids { self.waking.remove(&id); },
                     Ok(Done::Expired) => self.expiring = false,
                     Ok(Done::Forgotten) => self.forgetting = false,
+                    Ok(Done::Delivered) => self.delivering = false,
                     // Aborted: its slot was freed by whoever aborted it. Attempts
                     // catch their own panics (see `supervised`).
                     Err(_) => {}
@@ -293,6 +323,7 @@ impl PartitionScheduler {
         self.waking.clear();
         self.expiring = false;
         self.forgetting = false;
+        self.delivering = false;
     }
 
     /// Proposes to drop the dedup entries of subscriptions deleted since
@@ -340,6 +371,7 @@ impl PartitionScheduler {
         }
         let running = &self.running;
         let waking = &self.waking;
+        let delivering = self.delivering;
         let read = self.shared.log.read_partition(self.partition, |state| {
             // Attempts whose invocation was killed, cancelled or woken meanwhile.
             let mut outdated = Vec::new();
@@ -381,11 +413,16 @@ impl PartitionScheduler {
                 }
                 ControlFlow::Continue(())
             })?;
-            Ok((outdated, jobs, due, next, state.next_expiry()?))
+            let outbox = if delivering { Vec::new() } else { state.outbox(OUTBOX_BATCH, EFFECTS_BYTES_MAX)? };
+            Ok((outdated, jobs, due, next, state.next_expiry()?, outbox))
         });
-        let Ok((outdated, jobs, due, next, expiry)) = read else {
+        let Ok((outdated, jobs, due, next, expiry, outbox)) = read else {
             return None;
         };
+        if !outbox.is_empty() {
+            self.delivering = true;
+            self.attempts.spawn(deliver(self.shared.log.clone(), self.partition, outbox));
+        }
         for id in outdated {
             if let Some(running) = self.running.remove(&id) {
                 running.abort.abort();
@@ -438,6 +475,55 @@ impl PartitionScheduler {
             Some(next.map_or(now + LEASE_RETRY_MS, |at| at.min(now + LEASE_RETRY_MS)))
         }
     }
+}
+
+/// Creates the invocations of outbox rows in their partitions, then drops
+/// the rows. Each row is created under this partition's outbox producer
+/// with its row's sequence number, so a row delivered again (after a
+/// failed append or by the next leader) is dropped as a duplicate. One
+/// delivery runs at a time per partition, so each partition receives a
+/// producer's rows in order.
+async fn deliver(log: Log, partition: PartitionId, rows: Vec<(u64, Invoke)>) -> Done {
+    let group = partition_group(partition);
+    let producer = outbox_producer(partition);
+    let upto = rows.last().map_or(0, |(seq, _)| *seq);
+    let mut batches: std::collections::BTreeMap<PartitionId, Vec<Invoke>> = Default::default();
+    for (seq, mut invoke) in rows {
+        invoke.dedup = Some(Dedup { producer, seq });
+        let partition_key = key::id_parts(&invoke.id).map_or(0, |(partition_key, _)| partition_key);
+        batches.entry(partition_of(partition_key, log.partitions())).or_default().push(invoke);
+    }
+    let appends = batches.into_iter().map(|(target, batch)| {
+        let log = log.clone();
+        async move {
+            let count = batch.len();
+            let command = Command::Invoke(Arc::new(batch));
+            match log.propose_until(partition_group(target), command, DELIVERY_TIMEOUT).await {
+                Ok(Response::Invoked { created, deduplicated }) => {
+                    metrics::counter!("ferry_outbox_delivered_total").increment(created.into());
+                    metrics::counter!("ferry_outbox_duplicates_total").increment(deduplicated.into());
+                    true
+                }
+                Ok(other) => {
+                    warn!(partition, target, "delivering {count} outbox rows answered with {other:?}");
+                    false
+                }
+                Err(e) => {
+                    debug!(partition, target, "delivering {count} outbox rows failed: {e}");
+                    false
+                }
+            }
+        }
+    });
+    let delivered = futures::future::join_all(appends).await.into_iter().all(|ok| ok);
+    if delivered && !kept_for_test() {
+        if let Err(e) = log.propose_as_leader(group, Command::TruncateOutbox { upto }).await {
+            debug!(partition, "truncating the outbox failed: {e}");
+        }
+    } else {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Done::Delivered
 }
 
 /// Proposes that `group` drop what retention no longer keeps.
@@ -515,11 +601,19 @@ async fn supervised(job: Job, shared: Attempts) -> Done {
             let reason = ferry_telemetry::panic_message(panic.as_ref());
             error!(id = %fallback.id, "an attempt panicked: {reason}");
             metrics::counter!("ferry_invoker_attempt_panics_total").increment(1);
-            let failed = fallback.effect(Err(format!("the attempt panicked: {reason}")), &shared.retry, now_ms());
+            let failed =
+                fallback.effect(Err(format!("the attempt panicked: {reason}")), &shared, &shared.retry, now_ms());
             shared.effects.apply(failed).await;
             Done::Attempt(fallback.id)
         }
     }
+}
+
+/// Tests keep delivered outbox rows here, so that they are delivered
+/// again: `outbox-truncate=3*return`.
+fn kept_for_test() -> bool {
+    fail::fail_point!("outbox-truncate", |_| true);
+    false
 }
 
 /// Tests hold an attempt here, between the scheduler starting it and its
@@ -535,7 +629,8 @@ async fn attempt(job: Job, shared: Attempts) -> Done {
     if let Some(hold) = held_for_test() {
         tokio::time::sleep(hold).await;
     }
-    let Attempts { group, log, client, retry, effects } = shared;
+    let targets = shared.clone();
+    let Attempts { group, log, client, retry, effects, .. } = shared;
     let span = attempt_span(&job);
     let traceparent = TraceContext::of(&span).map(|c| c.traceparent());
     let started = Instant::now();
@@ -567,7 +662,7 @@ async fn attempt(job: Job, shared: Attempts) -> Done {
         Err(e) => Err(e),
     };
     metrics::histogram!("ferry_invoker_attempt_seconds").record(started.elapsed().as_secs_f64());
-    let effect = job.effect(result, &retry, now_ms());
+    let effect = job.effect(result, &targets, &retry, now_ms());
     let kind = match &effect {
         Effect::Complete { .. } => "completed",
         Effect::Progress { .. } => "suspended",
@@ -606,6 +701,7 @@ mod tests {
             attempt: AttemptId { run: 1, base: 0 },
             state: vec![],
             result: Completion::Success(Bytes::from(vec![0u8; output_bytes])),
+            sends: vec![],
         }
     }
 

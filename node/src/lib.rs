@@ -103,7 +103,12 @@ pub async fn run(
     spawn_server(&servers, "admin server", admin_server, &shutdown);
 
     let invoker_cancel = CancellationToken::new();
-    let invoker = Invoker::new(log.clone(), config.invoker.clone(), config.invocation.default_retry_policy.clone());
+    let invoker = Invoker::new(
+        log.clone(),
+        config.invoker.clone(),
+        config.invocation.default_retry_policy.clone(),
+        config.invocation.retention(),
+    );
     let invoker_task = tokio::spawn(invoker.run(invoker_cancel.clone()));
 
     let retention = config.invocation.retention();

@@ -32,8 +32,10 @@ impl StateMachine for Machine {
     /// record their sink's kind. 3: invocations carry their retention,
     /// services and handlers the retention they ask for. 4: partition state
     /// is kept as tables of rows ([`crate::store`]). 5: invocation rows are
-    /// keyed by [`crate::store::key::invocation`], unique part first.
-    const DATA_FORMAT: u32 = 5;
+    /// keyed by [`crate::store::key::invocation`], unique part first. 6:
+    /// one-way calls: effects carry the invocations they start, partitions
+    /// an outbox.
+    const DATA_FORMAT: u32 = 6;
 
     type Command = Command;
     type Response = Response;

@@ -3,6 +3,7 @@
 
 use xxhash_rust::xxh3::xxh3_64;
 
+use crate::wire::v1::{HandlerType, Target};
 use crate::PartitionId;
 
 /// The partition key of a keyed target (a Virtual Object or Workflow key).
@@ -35,6 +36,40 @@ pub fn kafka_producer_id(subscription: &str, group: &str, topic: &str, topic_id:
         buf.push(0);
     }
     buf.extend_from_slice(&partition.to_le_bytes());
+    xxh3_64(&buf)
+}
+
+/// The partition key and the unique part of a new invocation's id. With an
+/// idempotency key both derive from the target and the key, so that a
+/// repeated request names the invocation of the first; a workflow's run is
+/// named by its key. Otherwise the target's key (if any) gives the partition
+/// key and `seed` the rest: random for a request from outside, a hash of the
+/// caller and its call for an invocation another one starts.
+pub fn invocation_ids(target: &Target, idempotency_key: Option<&str>, seed: u64) -> (u64, u64) {
+    let idempotency_key = match target.handler_ty {
+        HandlerType::Workflow => Some(""),
+        _ => idempotency_key,
+    };
+    let partition_key = match (&target.key, idempotency_key) {
+        (Some(key), _) => key_hash(&target.service, key),
+        (None, Some(idempotency_key)) => key_hash(&target.service, idempotency_key),
+        (None, None) => seed,
+    };
+    let unique = match idempotency_key {
+        Some(idempotency_key) => {
+            let scope = format!("{}\0{}\0{}", target, target.handler, idempotency_key);
+            xxh3_64(scope.as_bytes())
+        }
+        None => xxh3_64(&seed.to_le_bytes()),
+    };
+    (partition_key, unique)
+}
+
+/// The producer id under which a partition's outbox creates invocations in
+/// other partitions (and its own): their sequence numbers are its outbox's.
+pub fn outbox_producer(partition: PartitionId) -> u64 {
+    let mut buf = *b"ferry-outbox\0\0\0\0";
+    buf[12..].copy_from_slice(&partition.to_le_bytes());
     xxh3_64(&buf)
 }
 

@@ -16,7 +16,8 @@ use crate::store::{key, scan_prefix, MemStore, Row, Store, StoreError, StoreRead
 pub use crate::wire::v1::Completion;
 use crate::wire::v1::{
     AttemptId, Command, Deployment, Effect, HandlerType, Invoke, JournalEntry, MetadataCommand, MetadataResponse,
-    Outcome, Response, Retention, ServiceDef, Sleep, Source, StateOp, Subscription, Target,
+    Outcome, Response, Retention, RetentionPolicy, ServiceDef, ServiceType, Sleep, Source, StateOp, Subscription,
+    Target,
 };
 use crate::wire::{decode, encode};
 
@@ -38,6 +39,7 @@ pub fn apply<S: Store<Table> + ?Sized>(
         }
         Command::Expire { at_ms, max } => partition.apply_expire(at_ms, max)?,
         Command::ForgetSubscription { id } => partition.forget_subscription(id)?,
+        Command::TruncateOutbox { upto } => partition.truncate_outbox(upto)?,
     };
     partition.write_counters()?;
     Ok(response)
@@ -191,7 +193,7 @@ impl Invocation {
     pub fn all_headers(&self) -> Vec<(String, String)> {
         let mut headers = match &self.source {
             Source::Kafka(source) => source.metadata_headers().map(|(k, v)| (k.to_owned(), v)).to_vec(),
-            Source::Ingress => Vec::new(),
+            Source::Ingress | Source::Service { .. } => Vec::new(),
         };
         headers.extend(self.headers.iter().cloned());
         headers
@@ -256,6 +258,7 @@ const EXPIRY_REMOVE: u8 = 1;
 /// Rows of [`Table::Counters`].
 const NEXT_RUN_SEQ: &[u8] = b"next_run_seq";
 const NEXT_INBOX_SEQ: &[u8] = b"next_inbox_seq";
+const NEXT_OUTBOX_SEQ: &[u8] = b"next_outbox_seq";
 
 fn counter(store: &(impl StoreRead<Table> + ?Sized), name: &[u8]) -> Result<u64, StoreError> {
     Ok(store.get(Table::Counters, name)?.as_deref().and_then(key::u64_of).unwrap_or(0))
@@ -304,7 +307,7 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
         for invoke in batch {
             let subscription = match &invoke.source {
                 Source::Kafka(kafka) => Some(kafka.subscription.as_str()),
-                Source::Ingress => None,
+                Source::Ingress | Source::Service { .. } => None,
             };
             if let Some(subscription) = subscription {
                 if self.store.get(Table::Forgotten, subscription.as_bytes())?.is_some() {
@@ -331,12 +334,13 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
             if self.store.get(Table::Invocations, &key::invocation(&id))?.is_some() {
                 // Ids derived from an idempotency key or a workflow's key
                 // repeat: the first one wins.
-                if invoke.dedup.is_none() || invoke.target.handler_ty == HandlerType::Workflow {
+                let record = subscription.is_some() && invoke.dedup.is_some();
+                if !record || invoke.target.handler_ty == HandlerType::Workflow {
                     deduplicated += 1;
                     continue;
                 }
-                // A record that passed dedup is new; its id, made of its
-                // offset and part of its producer, is another producer's.
+                // A Kafka record that passed dedup is new; its id, made of
+                // its offset and part of its producer, is another producer's.
                 id = self.unused_id(&id)?;
             }
             let mut inv = Invocation {
@@ -384,6 +388,27 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
         Ok(Response::Invoked { created, deduplicated })
     }
 
+    /// Puts the invocations an attempt started in the outbox, in order.
+    fn send(&mut self, sends: Vec<Invoke>) -> Result<(), StoreError> {
+        for invoke in sends {
+            let seq = self.next(NEXT_OUTBOX_SEQ)?;
+            self.store.put(Table::Outbox, &seq.to_be_bytes(), &encode(&invoke))?;
+        }
+        Ok(())
+    }
+
+    fn truncate_outbox(&mut self, upto: u64) -> Result<Response, StoreError> {
+        let mut rows = Vec::new();
+        self.store.scan(Table::Outbox, Bound::Unbounded, Bound::Included(&upto.to_be_bytes()), &mut |k, _| {
+            rows.push(k.to_vec());
+            ControlFlow::Continue(())
+        })?;
+        for row in &rows {
+            self.store.remove(Table::Outbox, row)?;
+        }
+        Ok(Response::Truncated { rows: rows.len() as u32 })
+    }
+
     /// An id in the partition of `taken` that no invocation has: the same
     /// partition key, and a unique part derived from `taken`'s.
     fn unused_id(&self, taken: &str) -> Result<String, StoreError> {
@@ -419,10 +444,11 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
         let current = inv.attempt();
         let stale = Ok((Outcome::Stale, true));
         match effect {
-            Effect::Progress { attempt, entries, state, sleeps, run_now, .. } => {
+            Effect::Progress { attempt, entries, state, sleeps, run_now, sends, .. } => {
                 if current != Some(attempt) {
                     return stale;
                 }
+                self.send(sends)?;
                 inv.journal.extend(entries);
                 inv.state_ops.extend(state);
                 inv.sleeps.extend(sleeps);
@@ -438,10 +464,11 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
                     }
                 }
             }
-            Effect::Complete { attempt, state, result, .. } => {
+            Effect::Complete { attempt, state, result, sends, .. } => {
                 if current != Some(attempt) {
                     return stale;
                 }
+                self.send(sends)?;
                 inv.state_ops.extend(state);
                 let ops = std::mem::take(&mut inv.state_ops);
                 if let Some(object) = inv.object_key() {
@@ -841,6 +868,31 @@ impl<'a, S: StoreRead<Table> + ?Sized> PartitionRead<'a, S> {
         load(self.store, id)
     }
 
+    /// The first rows of the outbox, at most `max_rows` of them and, past
+    /// the first, at most `max_bytes` encoded: (sequence number, invocation
+    /// to create).
+    pub fn outbox(&self, max_rows: usize, max_bytes: usize) -> Result<Vec<(u64, Invoke)>, StoreError> {
+        let mut rows = Vec::new();
+        let mut bytes = 0;
+        let mut failed = None;
+        self.store.scan(Table::Outbox, Bound::Unbounded, Bound::Unbounded, &mut |k, v| {
+            bytes += v.len();
+            if rows.len() == max_rows || (!rows.is_empty() && bytes > max_bytes) {
+                return ControlFlow::Break(());
+            }
+            match (key::u64_of(k), decode(v)) {
+                (Some(seq), Ok(invoke)) => rows.push((seq, invoke)),
+                (_, Err(e)) => failed = Some(StoreError::from(e)),
+                (None, _) => failed = Some(StoreError(format!("outbox row key {k:?} is not a sequence number"))),
+            }
+            if failed.is_some() {
+                return ControlFlow::Break(());
+            }
+            ControlFlow::Continue(())
+        })?;
+        failed.map_or(Ok(rows), Err)
+    }
+
     /// Calls `f` with the invocations after the one named `after`, in the
     /// order of their rows ([`key::invocation`]), until it breaks.
     pub fn invocations_after(
@@ -948,7 +1000,37 @@ pub struct RegisteredService {
     pub revision: u32,
 }
 
+/// What an invocation of a handler is, as the registered services say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resolved {
+    pub service_ty: ServiceType,
+    pub handler_ty: HandlerType,
+    pub retention: Retention,
+}
+
 impl MetadataState {
+    /// The kinds of `service`'s `handler` and the retention of an
+    /// invocation of it (`defaults` overridden by the service and the
+    /// handler); an error with an HTTP status if there is no such handler.
+    pub fn resolve(
+        &self,
+        service: &str,
+        handler: &str,
+        defaults: RetentionPolicy,
+        idempotent: bool,
+    ) -> Result<Resolved, (u16, String)> {
+        let registered = self.services.get(service).ok_or_else(|| (404, format!("service {service} not found")))?;
+        let def = registered
+            .def
+            .handler(handler)
+            .ok_or_else(|| (404, format!("service {service} has no handler {handler}")))?;
+        Ok(Resolved {
+            service_ty: registered.def.ty,
+            handler_ty: def.ty,
+            retention: registered.def.retention(def, defaults, idempotent),
+        })
+    }
+
     fn apply(&mut self, command: MetadataCommand) -> MetadataResponse {
         let response = match command {
             MetadataCommand::PutDeployment(deployment) => {
@@ -996,7 +1078,7 @@ impl MetadataState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::v1::{Dedup, HandlerType, KafkaSource, ServiceType};
+    use crate::wire::v1::{Dedup, KafkaSource};
     use std::sync::Arc;
 
     fn invoke(id: &str, key: Option<&str>, handler_ty: HandlerType, dedup: Option<(u64, u64)>) -> Invoke {
@@ -1259,7 +1341,7 @@ mod tests {
     }
 
     fn complete(id: &str, attempt: AttemptId, state: Vec<StateOp>) -> Effect {
-        Effect::Complete { id: id.to_owned(), attempt, state, result: Completion::Success(Bytes::new()) }
+        Effect::Complete { id: id.to_owned(), attempt, state, result: Completion::Success(Bytes::new()), sends: vec![] }
     }
 
     fn runnable(state: &GroupState) -> Vec<String> {
@@ -1290,10 +1372,11 @@ mod tests {
             state: vec![],
             sleeps: vec![],
             run_now: true,
+            sends: vec![],
         };
         assert_eq!(effect(state, at_ms - 1, progress), Outcome::Applied);
         let result = Completion::Success(Bytes::from_static(b"out"));
-        let done = Effect::Complete { id: id.to_owned(), attempt: at(run, 2), state: vec![], result };
+        let done = Effect::Complete { id: id.to_owned(), attempt: at(run, 2), state: vec![], result, sends: vec![] };
         assert_eq!(effect(state, at_ms, done), Outcome::Applied);
     }
 
@@ -1413,6 +1496,7 @@ mod tests {
             state: vec![set(b"a", b"1")],
             sleeps: vec![],
             run_now: true,
+            sends: vec![],
         };
         assert_eq!(effect(&mut state, 20, progress.clone()), Outcome::Applied);
         assert_eq!(effect(&mut state, 21, progress), Outcome::Stale);
@@ -1487,6 +1571,7 @@ mod tests {
             state: vec![],
             sleeps: vec![sleep],
             run_now: false,
+            sends: vec![],
         };
         assert_eq!(effect(&mut state, 10, progress), Outcome::Applied);
         assert_eq!(view(&state).invocation("inv_1").unwrap().status, Status::Suspended);
@@ -1615,6 +1700,56 @@ mod tests {
         assert_ne!(inbox[1], id);
         assert_eq!(key::id_parts(&inbox[1]).map(|(partition_key, _)| partition_key), Some(7), "same partition key");
         assert!(view(&state).invocation(&inbox[1]).is_some());
+    }
+
+    #[test]
+    fn applied_effects_put_what_they_start_in_the_outbox_until_truncated() {
+        let mut state = GroupState::default();
+        apply(&mut state, vec![invoke("inv_1", None, HandlerType::Shared, None)]);
+        let runs = runnable(&state);
+        assert_eq!(runs, vec!["inv_1"]);
+        let sent = |id: &str| {
+            let mut send = invoke(id, Some("k"), HandlerType::Exclusive, None);
+            send.source = Source::Service { caller: "inv_1".to_owned() };
+            send
+        };
+        let with_sends = |attempt, ids: &[&str]| Effect::Complete {
+            id: "inv_1".to_owned(),
+            attempt,
+            state: vec![],
+            result: Completion::Success(Bytes::new()),
+            sends: ids.iter().map(|id| sent(id)).collect(),
+        };
+        let attempt = view(&state).invocation("inv_1").unwrap().attempt().unwrap();
+        assert_eq!(effect(&mut state, 10, with_sends(attempt, &["inv_a", "inv_b"])), Outcome::Applied);
+        assert_eq!(effect(&mut state, 11, with_sends(attempt, &["inv_c"])), Outcome::Stale, "sends nothing");
+        let outbox = |state: &GroupState| -> Vec<(u64, String)> {
+            state
+                .partition()
+                .outbox(10, usize::MAX)
+                .unwrap()
+                .into_iter()
+                .map(|(seq, invoke)| (seq, invoke.id))
+                .collect()
+        };
+        assert_eq!(outbox(&state), vec![(0, "inv_a".to_owned()), (1, "inv_b".to_owned())]);
+        assert_eq!(state.partition().outbox(1, usize::MAX).unwrap().len(), 1, "at most the rows asked for");
+        assert_eq!(state.partition().outbox(10, 1).unwrap().len(), 1, "at least one row, whatever its size");
+        assert_eq!(state.apply(Command::TruncateOutbox { upto: 0 }), Response::Truncated { rows: 1 });
+        assert_eq!(outbox(&state), vec![(1, "inv_b".to_owned())]);
+        assert_eq!(state.apply(Command::TruncateOutbox { upto: 5 }), Response::Truncated { rows: 1 });
+        assert!(outbox(&state).is_empty());
+
+        // Delivered under the outbox's producer: a row sent again is dropped.
+        let delivered = |seq| {
+            let mut invoke = sent("inv_a");
+            invoke.dedup = Some(Dedup { producer: 42, seq });
+            invoke
+        };
+        let mut other = GroupState::default();
+        assert_eq!(apply(&mut other, vec![delivered(0)]), Response::Invoked { created: 1, deduplicated: 0 });
+        assert_eq!(apply(&mut other, vec![delivered(0)]), Response::Invoked { created: 0, deduplicated: 1 });
+        assert_eq!(view(&other).invocation("inv_a").unwrap().source, Source::Service { caller: "inv_1".to_owned() });
     }
 
     #[test]

@@ -31,11 +31,14 @@ pub enum Table {
     Forgotten,
     /// name -> u64: sequence counters and per-status counts.
     Counters,
+    /// sequence -> [`crate::wire::v1::Invoke`]: invocations started here, to
+    /// create in their partitions.
+    Outbox,
 }
 
 impl Table {
     /// Every table, in the order of [`Table::index`].
-    pub const ALL: [Table; 10] = [
+    pub const ALL: [Table; 11] = [
         Table::Invocations,
         Table::Runnable,
         Table::Timers,
@@ -46,6 +49,7 @@ impl Table {
         Table::Producers,
         Table::Forgotten,
         Table::Counters,
+        Table::Outbox,
     ];
 
     /// The position of this table in [`Table::ALL`].
@@ -66,6 +70,7 @@ impl Table {
             Table::Producers => "producers",
             Table::Forgotten => "forgotten",
             Table::Counters => "counters",
+            Table::Outbox => "outbox",
         }
     }
 }

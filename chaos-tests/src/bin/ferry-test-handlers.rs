@@ -25,6 +25,12 @@
 //!   recorded to `once.jsonl` with a sequence number that orders all of this
 //!   process's records, so a checker can tell whether a step ran again after
 //!   its result was committed.
+//! * `Fanout/send` (service): one-way calls (`ctx.send`) of a Virtual Object
+//!   handler (`Counter/add` unless `service` and `handler` say otherwise)
+//!   with an empty JSON object. For a payload `{"seq": N}` it sends to keys
+//!   `f{N % 10}` and `g{N % 7}`; for `{"keys": [..]}` to each key, with
+//!   `delay_ms` later and with `idempotency_key` if given. Returns how many
+//!   it sent.
 //! * `Slow/run` (service): records each attempt to `slow.jsonl`, then works
 //!   for the milliseconds in its payload without writing to its journal (as
 //!   a long computation or a slow external call would), and returns.
@@ -54,6 +60,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context as _;
 use bytes::Bytes;
 use clap::Parser;
+use restate_sdk::context::RequestTarget;
 use restate_sdk::hyper::HyperEndpoint;
 use restate_sdk::prelude::*;
 use restate_sdk::serde::{InputMetadata, OutputMetadata, PayloadMetadata};
@@ -212,6 +219,45 @@ impl Sink {
         tracing::debug!(invocation_id = ctx.invocation_id(), "Sink/handle");
         append_record(SINK_FILE, &record)?;
         Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Fanout
+// ---------------------------------------------------------------------------
+
+struct Fanout;
+
+#[restate_sdk::service]
+impl Fanout {
+    /// Sends an empty JSON object to the keys its payload names.
+    #[handler]
+    async fn send(&self, ctx: Context<'_>, payload: AnyPayload) -> Result<u64, HandlerError> {
+        let input = payload.as_json().unwrap_or_default();
+        let text = |field: &str| input.get(field).and_then(Value::as_str).map(str::to_owned);
+        let keys: Vec<String> = match input.get("seq").and_then(Value::as_u64) {
+            Some(seq) => vec![format!("f{}", seq % 10), format!("g{}", seq % 7)],
+            None => input
+                .get("keys")
+                .and_then(Value::as_array)
+                .map(|keys| keys.iter().filter_map(|k| k.as_str().map(str::to_owned)).collect())
+                .unwrap_or_default(),
+        };
+        let service = text("service").unwrap_or_else(|| "Counter".to_owned());
+        let handler = text("handler").unwrap_or_else(|| "add".to_owned());
+        let delay = input.get("delay_ms").and_then(Value::as_u64).map(std::time::Duration::from_millis);
+        for key in &keys {
+            let target = RequestTarget::object(service.as_str(), key.as_str(), handler.as_str());
+            let mut request = ctx.request::<AnyPayload, AnyPayload>(target, AnyPayload(Bytes::from_static(b"{}")));
+            if let Some(idempotency_key) = text("idempotency_key") {
+                request = request.idempotency_key(idempotency_key);
+            }
+            match delay {
+                Some(delay) => request.send_after(delay),
+                None => request.send(),
+            };
+        }
+        Ok(keys.len() as u64)
     }
 }
 
@@ -622,6 +668,7 @@ async fn main() -> anyhow::Result<()> {
         .bind(Flaky::default())
         .bind(Once::default())
         .bind(Slow)
+        .bind(Fanout)
         .build();
 
     println!("ferry-test-handlers listening on {local}");

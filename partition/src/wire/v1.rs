@@ -27,6 +27,9 @@ pub enum Command {
     /// Drop the dedup entries of a deleted subscription (partition groups);
     /// records of it that still arrive are dropped too.
     ForgetSubscription { id: String },
+    /// Drop the outbox rows up to `upto`: their invocations are created in
+    /// their partitions.
+    TruncateOutbox { upto: u64 },
 }
 
 /// One change to an existing invocation. Effects of an attempt name the
@@ -44,9 +47,13 @@ pub enum Effect {
         state: Vec<StateOp>,
         sleeps: Vec<Sleep>,
         run_now: bool,
+        /// Invocations the handler started (one-way calls), created in
+        /// their partitions through this partition's outbox.
+        sends: Vec<Invoke>,
     },
-    /// The handler ended: its state changes apply together with the result.
-    Complete { id: String, attempt: AttemptId, state: Vec<StateOp>, result: Completion },
+    /// The handler ended: its state changes apply together with the result,
+    /// and the invocations it started are sent.
+    Complete { id: String, attempt: AttemptId, state: Vec<StateOp>, result: Completion, sends: Vec<Invoke> },
     /// An attempt failed. It is retried at `retry_at_ms`; without one the
     /// invocation completes failed, or is paused (holding its key) when `pause`.
     Failed { id: String, attempt: AttemptId, message: String, retry_at_ms: Option<u64>, pause: bool },
@@ -164,6 +171,10 @@ pub enum Response {
     /// How many producers' dedup entries a [`Command::ForgetSubscription`] dropped.
     Forgotten {
         producers: u32,
+    },
+    /// How many rows a [`Command::TruncateOutbox`] dropped.
+    Truncated {
+        rows: u32,
     },
 }
 
@@ -312,6 +323,10 @@ impl std::fmt::Display for Target {
 pub enum Source {
     Kafka(KafkaSource),
     Ingress,
+    /// A one-way call of another invocation.
+    Service {
+        caller: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
