@@ -850,3 +850,66 @@ impl Cluster {
         &mut self.nodes[id as usize - 1]
     }
 }
+
+/// The run-once checker over `Once/run`'s records, `once.jsonl` (see the
+/// test handlers): per (invocation, step), every execution and every time
+/// the handler went on past the step, in the handler process's order. Going on past the step
+/// means its result was committed (it came back from the journal), so an
+/// execution ordered after the first such observation ran a committed step
+/// again. Every observation must also see the same result. Executions before
+/// it are attempts whose result was lost with a leader; those are allowed.
+/// Returns how many steps it checked.
+pub fn check_run_once(records: &str) -> Result<usize> {
+    #[derive(Default)]
+    struct Step {
+        executed: Vec<(u64, String)>,
+        observed: Vec<(u64, String)>,
+    }
+    let mut steps: BTreeMap<(String, String), Step> = BTreeMap::new();
+    for line in records.lines() {
+        let record: Value = serde_json::from_str(line)?;
+        let key = (record["invocation_id"].as_str().context("id")?.to_owned(), record["run"].to_string());
+        let event = (record["seq"].as_u64().context("seq")?, record["token"].as_str().context("token")?.to_owned());
+        let step = steps.entry(key).or_default();
+        match record["event"].as_str() {
+            Some("executed") => step.executed.push(event),
+            Some("observed") => step.observed.push(event),
+            other => anyhow::bail!("unknown event {other:?}"),
+        }
+    }
+    for ((id, run), step) in &steps {
+        let Some((first_observed, token)) = step.observed.iter().min().cloned() else {
+            anyhow::bail!("{id} step {run} executed {:?} but never went on past it", step.executed);
+        };
+        anyhow::ensure!(step.observed.iter().all(|(_, t)| *t == token), "{id} step {run} observed {:?}", step.observed);
+        anyhow::ensure!(step.executed.iter().any(|(_, t)| *t == token), "{id} step {run}: {token} was never executed");
+        let again: Vec<_> = step.executed.iter().filter(|(seq, _)| *seq > first_observed).collect();
+        anyhow::ensure!(
+            again.is_empty(),
+            "{id} step {run} ran again after its result {token} was committed: {again:?}"
+        );
+    }
+    Ok(steps.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn the_run_once_checker_catches_a_step_run_after_its_commit() {
+        let line = |event: &str, token: &str, seq: u64| {
+            json!({ "invocation_id": "inv_1", "run": "step", "event": event, "token": token, "seq": seq }).to_string()
+        };
+        // A first execution whose result was lost, then one that committed.
+        let lost_then_committed = [line("executed", "a", 1), line("executed", "b", 2), line("observed", "b", 3)];
+        assert_eq!(check_run_once(&lost_then_committed.join("\n")).unwrap(), 1);
+        let again = [line("executed", "a", 1), line("observed", "a", 2), line("executed", "b", 3)];
+        let err = check_run_once(&again.join("\n")).unwrap_err().to_string();
+        assert!(err.contains("ran again after its result a was committed"), "{err}");
+        let diverged = [line("executed", "a", 1), line("observed", "a", 2), line("observed", "b", 3)];
+        assert!(check_run_once(&diverged.join("\n")).is_err());
+    }
+}

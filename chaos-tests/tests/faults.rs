@@ -6,7 +6,9 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use ferry_chaos_tests::{eventually, node_with_handlers, produce, Broker, Cluster, Handlers, Node, Record};
+use ferry_chaos_tests::{
+    check_run_once, eventually, node_with_handlers, produce, Broker, Cluster, Handlers, Node, Record,
+};
 use ferry_partition::partitioner::{key_hash, partition_of};
 use rdkafka::producer::FutureRecord;
 use serde_json::{json, Value};
@@ -337,6 +339,43 @@ async fn case1_a_leader_frozen_past_its_lease_starts_nothing_when_it_wakes() -> 
     tokio::time::sleep(Duration::from_secs(3)).await;
     let text = std::fs::read_to_string(&attempts_file)?;
     assert_eq!(text.lines().count(), 3, "an attempt ran after the invocation completed:\n{text}");
+    Ok(())
+}
+
+/// Case 1, inside the node: node 1 is stopped (SIGSTOP) the moment an
+/// attempt's journal has passed the lease check, before its connection has
+/// written it, and wakes after another node has run the step and answered.
+/// The journal is still in node 1's buffers, but the connection saw the
+/// stop and writes nothing more: the step runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn case1_a_journal_held_in_a_stopped_node_never_reaches_the_handler() -> Result<()> {
+    const STOP: Duration = Duration::from_secs(6);
+    let (_broker, handlers, _dir, mut cluster, group, key) = cluster_with_a_partition_of_node_1(&[], "Once").await?;
+    let stop = format!("invoker-send-stop=1*return({})", STOP.as_millis());
+    cluster.node_mut(1).set_env("FAILPOINTS", &stop);
+    cluster.node_mut(1).restart().await?;
+    eventually(Duration::from_secs(60), "node 1 to lead again", || async {
+        Ok((leader_of(&cluster, 1, group).await? == Some(1)).then_some(()))
+    })
+    .await?;
+
+    let headers = [("idempotency-key", key.as_str())];
+    let started = tokio::time::Instant::now();
+    let answer =
+        tokio::time::timeout(Duration::from_secs(60), cluster.node(2).ingress("/Once/run", Some(""), &headers));
+    let (status, token) = answer.await.context("no answer")??;
+    assert_eq!(status, 200, "{token}");
+    assert!(started.elapsed() < STOP, "answered after node 1 woke");
+
+    // Node 1 wakes with the journal it had let through. (A step may run
+    // twice before its result is committed: node 1 may have run it and lost
+    // the result in the stop.)
+    tokio::time::sleep_until(started + STOP + Duration::from_secs(2)).await;
+    let records = std::fs::read_to_string(handlers.record_dir.path().join("once.jsonl"))?;
+    check_run_once(&records).with_context(|| format!("{records}\n{}", cluster.node(1).log_tail()))?;
+    let token = token.as_str().context("the step's token")?;
+    assert!(records.contains(token), "{token} is not among\n{records}");
+    assert!(cluster.node(1).metric("ferry_invoker_attempts_total{outcome=\"stalled\"}").await? >= 1.0);
     Ok(())
 }
 

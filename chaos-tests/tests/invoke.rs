@@ -78,7 +78,7 @@ async fn attempts_run_handlers_in_every_shared_version() -> Result<()> {
     let handlers = Handlers::start().await?;
     let no_headers = BTreeMap::new();
     let discovered = Discovery::default().discover(&handlers.uri, &no_headers, false).await?;
-    let client = Client::new(Duration::from_secs(30));
+    let client = Client::new(Duration::from_secs(30), Duration::from_secs(1));
     for version in shared_versions(&discovered) {
         let endpoint = |service, handler| endpoint(&handlers.uri, &discovered, &no_headers, version, service, handler);
 
@@ -145,7 +145,7 @@ async fn python_sdk_deployments_register_and_run() -> Result<()> {
     assert_eq!(deployment["protocol_type"], "REQUEST_RESPONSE");
     assert_eq!(deployment["http_version"], "HTTP/1.1");
 
-    let client = Client::new(Duration::from_secs(30));
+    let client = Client::new(Duration::from_secs(30), Duration::from_secs(1));
     for version in shared_versions(&discovered) {
         let endpoint = |service, handler| endpoint(&python.uri, &discovered, &no_headers, version, service, handler);
         let attempt = client

@@ -4,14 +4,22 @@
 //! after a suspension, invokes again with the longer journal.
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use http::Uri;
 use http_body::{Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
 
 use crate::codec::{encode, Decoder, Message, ProtocolVersion};
 use crate::Error;
@@ -48,19 +56,39 @@ pub struct Attempt {
 }
 
 /// The HTTP clients of the invoker; cheap to clone.
+///
+/// Their connections are [`Fenced`]: once this process has been stopped for
+/// longer than the stall limit (SIGSTOP, a paused VM, a starved host), every
+/// connection it had refuses to write again. A request body that passed its
+/// lease check just before the stop could otherwise sit in a connection's
+/// buffer and reach its deployment after the lease, and after a newer leader
+/// committed what that stale journal would run again.
 #[derive(Clone)]
 pub struct Client {
-    http1: reqwest::Client,
-    http2: reqwest::Client,
+    http1: HyperClient<FencedConnector, GatedBody>,
+    http2: HyperClient<FencedConnector, GatedBody>,
+    timeout: Duration,
+    watch: Arc<StallWatch>,
 }
 
 impl Client {
-    /// `timeout` bounds a whole attempt.
-    pub fn new(timeout: Duration) -> Client {
-        let builder = || reqwest::Client::builder().timeout(timeout).no_proxy().tcp_nodelay(true);
+    /// `timeout` bounds a whole attempt; `stall_limit` is how long this
+    /// process may stop running before its connections are fenced.
+    pub fn new(timeout: Duration, stall_limit: Duration) -> Client {
+        let watch = StallWatch::start(stall_limit);
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        let connector = FencedConnector { inner: http, watch: watch.clone() };
+        let builder = || {
+            let mut builder = HyperClient::builder(TokioExecutor::new());
+            builder.pool_timer(TokioTimer::new()).timer(TokioTimer::new());
+            builder
+        };
         Client {
-            http1: builder().http1_only().build().expect("http client"),
-            http2: builder().http2_prior_knowledge().build().expect("http client"),
+            http1: builder().build(connector.clone()),
+            http2: builder().http2_only(true).build(connector),
+            timeout,
+            watch,
         }
     }
 
@@ -83,7 +111,9 @@ impl Client {
     /// [`Error::NotSent`]. An attempt may wait long between being started and
     /// being written (a busy runtime, a connection still opening, a process
     /// stopped and continued); this keeps a node that lost its partition
-    /// meanwhile from running a step that a newer leader has journaled.
+    /// meanwhile from running a step that a newer leader has journaled. An
+    /// attempt whose connection was fenced after a stall of this process
+    /// ends with [`Error::Stalled`].
     pub async fn attempt_encoded(
         &self,
         endpoint: &Endpoint<'_>,
@@ -92,36 +122,21 @@ impl Client {
         may_send: impl Fn() -> bool + Send + Sync + 'static,
     ) -> Result<Attempt, Error> {
         let uri = endpoint.uri;
-        let url = format!("{}/invoke/{}/{}", uri.trim_end_matches('/'), endpoint.service, endpoint.handler);
-        let client = if endpoint.http2 { &self.http2 } else { &self.http1 };
-        let content_type = endpoint.version.content_type();
-        let refused = Arc::new(AtomicBool::new(false));
-        let body = GatedBody { data: Some(body), may_send: Box::new(may_send), refused: refused.clone() };
-        let mut request = client
-            .post(url)
-            .header("content-type", content_type)
-            .header("accept", content_type)
-            .body(reqwest::Body::wrap(body));
-        for (name, value) in endpoint.headers {
-            request = request.header(name, value);
-        }
-        if let Some(traceparent) = traceparent {
-            request = request.header("traceparent", traceparent);
-        }
-        let unreachable = |e: reqwest::Error| {
-            let reason = if e.is_timeout() { format!("the attempt timed out ({e})") } else { e.to_string() };
-            Error::Unreachable { uri: uri.to_owned(), reason }
+        let stalls = self.watch.stalls();
+        let outcome = tokio::time::timeout(self.timeout, self.exchange(endpoint, body, traceparent, may_send)).await;
+        let transport = |reason: String| {
+            if self.watch.stalls() != stalls {
+                Error::Stalled { uri: uri.to_owned() }
+            } else {
+                Error::Unreachable { uri: uri.to_owned(), reason }
+            }
         };
-        let response = match request.send().await {
-            Err(_) if refused.load(Ordering::Acquire) => return Err(Error::NotSent { uri: uri.to_owned() }),
-            sent => sent.map_err(unreachable)?,
+        let bytes = match outcome {
+            Err(_) => return Err(transport(format!("the attempt timed out after {:?}", self.timeout))),
+            Ok(Err(Exchange::Transport(reason))) => return Err(transport(reason)),
+            Ok(Err(Exchange::Failed(e))) => return Err(e),
+            Ok(Ok(bytes)) => bytes,
         };
-        let status = response.status();
-        if !status.is_success() {
-            let text = response.text().await.unwrap_or_default();
-            return Err(Error::BadStatus { uri: uri.to_owned(), status: status.as_u16(), body: text });
-        }
-        let bytes = response.bytes().await.map_err(unreachable)?;
         let protocol = |source| Error::Protocol { uri: uri.to_owned(), source };
         let mut decoder = Decoder::new();
         decoder.push(&bytes);
@@ -142,6 +157,222 @@ impl Client {
             }
         };
         Ok(Attempt { messages, ending })
+    }
+
+    /// Sends the request and reads the whole response body.
+    async fn exchange(
+        &self,
+        endpoint: &Endpoint<'_>,
+        body: Bytes,
+        traceparent: Option<&str>,
+        may_send: impl Fn() -> bool + Send + Sync + 'static,
+    ) -> Result<Bytes, Exchange> {
+        let uri = endpoint.uri;
+        let url = format!("{}/invoke/{}/{}", uri.trim_end_matches('/'), endpoint.service, endpoint.handler);
+        let content_type = endpoint.version.content_type();
+        let refused = Arc::new(AtomicBool::new(false));
+        let body = GatedBody { data: Some(body), may_send: Box::new(may_send), refused: refused.clone() };
+        let invalid = |reason: String| Exchange::Failed(Error::InvalidUri { uri: uri.to_owned(), reason });
+        let mut request = http::Request::post(url)
+            .header(http::header::CONTENT_TYPE, content_type)
+            .header(http::header::ACCEPT, content_type);
+        for (name, value) in endpoint.headers {
+            request = request.header(name, value);
+        }
+        if let Some(traceparent) = traceparent {
+            request = request.header("traceparent", traceparent);
+        }
+        let request = request.body(body).map_err(|e| invalid(e.to_string()))?;
+        let client = if endpoint.http2 { &self.http2 } else { &self.http1 };
+        let response = match client.request(request).await {
+            Err(_) if refused.load(Ordering::Acquire) => {
+                return Err(Exchange::Failed(Error::NotSent { uri: uri.to_owned() }))
+            }
+            sent => sent.map_err(|e| Exchange::Transport(error_chain(&e)))?,
+        };
+        let status = response.status();
+        let bytes = response.into_body().collect().await.map_err(|e| Exchange::Transport(error_chain(&e)))?.to_bytes();
+        if !status.is_success() {
+            let body = String::from_utf8_lossy(&bytes).into_owned();
+            return Err(Exchange::Failed(Error::BadStatus { uri: uri.to_owned(), status: status.as_u16(), body }));
+        }
+        Ok(bytes)
+    }
+}
+
+/// How an exchange with a deployment failed.
+enum Exchange {
+    /// The connection failed: an unreachable deployment, or a fenced one.
+    Transport(String),
+    Failed(Error),
+}
+
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    message
+}
+
+/// Notices when this process has stopped running for longer than `limit`:
+/// a thread of its own wakes every quarter of it, and a wake that comes late
+/// counts a stall. Connections ask it before each write, so they also notice
+/// a stall that this thread has not woken up to yet.
+struct StallWatch {
+    origin: Instant,
+    limit_us: u64,
+    /// Microseconds since `origin` at the thread's last wake.
+    woke_us: AtomicU64,
+    /// Stalls noticed so far.
+    stalls: AtomicU64,
+}
+
+impl StallWatch {
+    fn start(limit: Duration) -> Arc<StallWatch> {
+        let watch = Arc::new(StallWatch {
+            origin: Instant::now(),
+            limit_us: limit.as_micros().max(1) as u64,
+            woke_us: AtomicU64::new(0),
+            stalls: AtomicU64::new(0),
+        });
+        let period = (limit / 4).max(Duration::from_millis(1));
+        let weak = Arc::downgrade(&watch);
+        std::thread::Builder::new()
+            .name("ferry-stall-watch".to_owned())
+            .spawn(move || loop {
+                std::thread::sleep(period);
+                let Some(watch) = weak.upgrade() else { return };
+                let now = watch.now_us();
+                if now.saturating_sub(watch.woke_us.load(Ordering::Relaxed)) > watch.limit_us {
+                    watch.stall();
+                }
+                // After the count, so a connection that sees this wake sees
+                // the stall before it too.
+                watch.woke_us.store(now, Ordering::Release);
+            })
+            .expect("a thread to watch for stalls");
+        watch
+    }
+
+    fn now_us(&self) -> u64 {
+        self.origin.elapsed().as_micros() as u64
+    }
+
+    fn stall(&self) {
+        metrics::counter!("ferry_invoker_stalls_total").increment(1);
+        self.stalls.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn stalls(&self) -> u64 {
+        self.stalls.load(Ordering::Acquire)
+    }
+
+    /// Whether no stall happened since `stalls` were counted, counting the
+    /// one under way (the watch thread has not woken since it began).
+    fn steady_since(&self, stalls: u64) -> bool {
+        let woke = self.woke_us.load(Ordering::Acquire);
+        if self.now_us().saturating_sub(woke) > self.limit_us {
+            self.stall();
+            return false;
+        }
+        self.stalls() == stalls
+    }
+}
+
+/// Opens TCP connections that are [`Fenced`] by one [`StallWatch`].
+#[derive(Clone)]
+struct FencedConnector {
+    inner: HttpConnector,
+    watch: Arc<StallWatch>,
+}
+
+impl tower_service::Service<Uri> for FencedConnector {
+    type Response = Fenced<TokioIo<TcpStream>>;
+    type Error = <HttpConnector as tower_service::Service<Uri>>::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let watch = self.watch.clone();
+        let connecting = self.inner.call(uri);
+        Box::pin(async move {
+            let io = connecting.await?;
+            let stalls = watch.stalls();
+            Ok(Fenced { io, watch, stalls })
+        })
+    }
+}
+
+/// A connection that refuses every write once its process has stalled
+/// since it was opened, which closes it and fails the requests on it.
+struct Fenced<T> {
+    io: T,
+    watch: Arc<StallWatch>,
+    stalls: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("this node stalled, so the connection may carry requests it may no longer send")]
+struct Stalled;
+
+impl<T> Fenced<T> {
+    fn check(&self) -> io::Result<()> {
+        if self.watch.steady_since(self.stalls) {
+            Ok(())
+        } else {
+            Err(io::Error::other(Stalled))
+        }
+    }
+}
+
+impl<T: hyper::rt::Read + Unpin> hyper::rt::Read for Fenced<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for Fenced<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.check()?;
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.check()?;
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+impl<T: Connection> Connection for Fenced<T> {
+    fn connected(&self) -> Connected {
+        self.io.connected()
     }
 }
 

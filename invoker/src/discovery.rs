@@ -11,6 +11,7 @@ use std::time::Duration;
 use ferry_partition::wire::v1::{HandlerDef, HandlerType, ProtocolMode, RetentionOverrides, ServiceDef, ServiceType};
 use serde::Deserialize;
 
+use crate::client::error_chain;
 use crate::Error;
 
 /// Endpoint-manifest versions this client reads, newest first.
@@ -153,17 +154,6 @@ impl Discovery {
         }
         request.send().await
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut message = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        message.push_str(": ");
-        message.push_str(&s.to_string());
-        source = s.source();
-    }
-    message
 }
 
 /// Validates a manifest body.

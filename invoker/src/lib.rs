@@ -24,6 +24,8 @@ pub enum Error {
     Unreachable { uri: String, reason: String },
     #[error("the attempt was not sent to deployment {uri}: this node may no longer run it")]
     NotSent { uri: String },
+    #[error("this node stalled during the attempt to deployment {uri}, so its connection was closed")]
+    Stalled { uri: String },
     #[error("deployment {uri} answered with status {status}: {body}")]
     BadStatus { uri: String, status: u16, body: String },
     #[error("deployment {uri} sent an invalid endpoint manifest: {reason}")]

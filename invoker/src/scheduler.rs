@@ -69,7 +69,10 @@ pub struct Invoker {
 impl Invoker {
     /// `retention` is the node's default for the invocations that handlers start.
     pub fn new(log: Log, options: Options, retry: RetryPolicy, retention: RetentionPolicy) -> Invoker {
-        Invoker { log, client: Client::new(options.attempt_timeout), options, retry: Arc::new(retry), retention }
+        // A stall of half the lease's margin closes connections: what the
+        // lease allowed reaches the deployment within the margin or not at all.
+        let client = Client::new(options.attempt_timeout, log.lease_margin() / 2);
+        Invoker { log, client, options, retry: Arc::new(retry), retention }
     }
 
     /// Runs until `cancel` fires; attempts still running then are dropped and
@@ -623,6 +626,22 @@ fn held_for_test() -> Option<Duration> {
     None
 }
 
+/// Tests stop this whole process (SIGSTOP) for the milliseconds given, the
+/// moment an attempt's journal has passed its lease check and before it is
+/// written: `invoker-send-stop=1*return(ms)`. Always true.
+fn stopped_for_test() -> bool {
+    fail::fail_point!("invoker-send-stop", |ms| {
+        let seconds = ms.and_then(|ms| ms.parse::<f64>().ok()).unwrap_or(1000.0) / 1000.0;
+        let pid = std::process::id().to_string();
+        let wake = format!("sleep {seconds}; kill -CONT {pid}");
+        if std::process::Command::new("sh").args(["-c", &wake]).spawn().is_ok() {
+            let _ = std::process::Command::new("kill").args(["-STOP", &pid]).status();
+        }
+        true
+    });
+    true
+}
+
 async fn attempt(job: Job, shared: Attempts) -> Done {
     // Tests make attempts panic here.
     fail::fail_point!("invoker-attempt");
@@ -647,13 +666,21 @@ async fn attempt(job: Job, shared: Attempts) -> Done {
             // The lease is asked again as the journal is written: the
             // scheduler's answer may be old by then.
             let lease = log.clone();
-            let may_send = move || lease.holds_lease(group);
+            let may_send = move || lease.holds_lease(group) && stopped_for_test();
             let call = client.attempt_encoded(&endpoint, job.body.clone(), traceparent.as_deref(), may_send);
             match call.instrument(span.clone()).await {
                 Err(Error::NotSent { .. }) => {
                     debug!(id = %job.id, "attempt not sent: the lease on its partition lapsed");
                     metrics::counter!("ferry_invoker_attempts_total", "outcome" => "not-sent").increment(1);
                     span.record("ferry.outcome", "not-sent");
+                    return Done::Attempt(job.id);
+                }
+                // Not a failure of the attempt: it runs again, from the
+                // journal as committed, if this node still leads.
+                Err(Error::Stalled { .. }) => {
+                    debug!(id = %job.id, "attempt abandoned: this node stalled while it ran");
+                    metrics::counter!("ferry_invoker_attempts_total", "outcome" => "stalled").increment(1);
+                    span.record("ferry.outcome", "stalled");
                     return Done::Attempt(job.id);
                 }
                 result => result.map_err(|e| e.to_string()),

@@ -479,6 +479,16 @@ impl<M: StateMachine> LogNode<M> {
         })
     }
 
+    /// How long after a [`holds_lease`] that said yes no other node can have
+    /// been elected yet: the slack between the lease and the election
+    /// timeout. Whatever this node does on the strength of that answer must
+    /// reach the world within it.
+    ///
+    /// [`holds_lease`]: LogNode::holds_lease
+    pub fn lease_margin(&self) -> Duration {
+        Duration::from_millis(self.inner.options.heartbeat_interval_ms)
+    }
+
     /// Resolves once a group has stopped on a fatal error (a storage
     /// failure, a panic in its core), with what went wrong. Such a group can
     /// neither lead nor follow until the node restarts, so the node should stop.
