@@ -37,4 +37,15 @@ async def run(ctx: Context, payload: dict) -> str:
     return "done"
 
 
-app = restate.app(services=[echo, counter, ephemeral])
+caller = Service("PyCaller")
+
+
+@caller.handler()
+async def call(ctx: Context, payload: dict) -> list:
+    """Calls PyCounter/add for each of `keys` at once, then returns the results."""
+    calls = [ctx.object_call(add, key=key, arg={}) for key in payload["keys"]]
+    await restate.gather(*calls)
+    return [await c for c in calls]
+
+
+app = restate.app(services=[echo, counter, ephemeral, caller])

@@ -1,14 +1,17 @@
-//! One-way calls between handlers (`ctx.send`): each starts its invocation
-//! exactly once, in the callee key's partition, whether the caller came from
-//! HTTP or Kafka, through SIGKILLs of the node between the caller's
+//! Calls between handlers. A one-way call (`ctx.send`) starts its
+//! invocation exactly once, in the callee key's partition, whether the caller
+//! came from HTTP or Kafka, through SIGKILLs of the node between the caller's
 //! completion and the callee's creation, and when outbox rows are delivered
-//! again.
+//! again. A call (`ctx.call`) does too, and its result comes back to the
+//! caller once, which waits suspended meanwhile. Awakeables complete from
+//! HTTP and from handlers, once; killing a caller kills its calls, and
+//! cancelling one cancels them.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use anyhow::Result;
-use ferry_chaos_tests::{eventually, node_with_handlers, Node};
+use anyhow::{Context, Result};
+use ferry_chaos_tests::{eventually, node_with_handlers, Broker, Cluster, Handlers, Node};
 use serde_json::{json, Value};
 
 const TOPIC: &str = "fanout";
@@ -37,6 +40,33 @@ fn expected(records: usize) -> BTreeMap<String, u64> {
         *expected.get_mut(&format!("g{}", n % 7)).unwrap() += 1;
     }
     expected
+}
+
+/// Checks that every `Fanout/call` invocation of `callers` from the
+/// subscription (`{"seq": n}` for n below `records`) got the counts of its
+/// two keys, and that per key the counts came back 1, 2, .. each once: each
+/// call ran once and its result went to its caller alone.
+async fn check_results(node: &Node, callers: &[Value], records: usize) -> Result<()> {
+    let mut returned: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for caller in callers.iter().filter(|c| c["invoked_by"] == "subscription") {
+        let id = caller["id"].as_str().context("id")?;
+        let (status, output) = node.ingress(&format!("/restate/invocation/{id}/output"), None, &[]).await?;
+        anyhow::ensure!(status == 200, "{id}: {status} {output}");
+        let (keys, results) = (output["keys"].as_array(), output["results"].as_array());
+        let (Some(keys), Some(results)) = (keys, results) else { anyhow::bail!("{id}: {output}") };
+        anyhow::ensure!(keys.len() == 2 && results.len() == 2, "{id}: {output}");
+        for (key, result) in keys.iter().zip(results) {
+            let key = key.as_str().with_context(|| format!("{id}: {output}"))?;
+            let count = result.as_u64().with_context(|| format!("{id}: {output}"))?;
+            returned.entry(key.to_owned()).or_default().push(count);
+        }
+    }
+    let expected = expected(records);
+    for (key, mut counts) in returned {
+        counts.sort_unstable();
+        assert_eq!(counts, (1..=expected[&key]).collect::<Vec<_>>(), "the results of {key}");
+    }
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -136,5 +166,201 @@ async fn sends_with_an_idempotency_key_start_one_invocation_and_unknown_handlers
     .await?;
     assert_eq!(failed["completion_result"], "failure", "{failed}");
     assert!(failed["completion_failure"].as_str().unwrap_or_default().contains("no handler nope"), "{failed}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_bring_each_result_back_once_through_sigkills() -> Result<()> {
+    const CALLERS: usize = 300;
+    let (broker, _handlers, _dir, mut node) = node_with_handlers(&[("FAILPOINTS", "outbox-truncate=3*return")]).await?;
+    let json = [("content-type", "application/json")];
+
+    // From HTTP: each call's result, in order; a call to a handler that does
+    // not exist fails that call with 404, and the caller goes on.
+    let (status, body) = node.ingress("/Fanout/call", Some(r#"{"keys": ["c1", "c2", "c1"]}"#), &json).await?;
+    assert_eq!((status, &body["results"]), (200, &json!([1, 1, 2])));
+    let (status, body) = node.ingress("/Fanout/call", Some(r#"{"keys": ["c1"], "handler": "nope"}"#), &json).await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["results"][0]["code"], 404, "{body}");
+    assert!(body["results"][0]["message"].as_str().unwrap_or_default().contains("no handler nope"), "{body}");
+    // Two calls with one idempotency key: one invocation, both get its result.
+    let once = r#"{"keys": ["c3", "c3"], "idempotency_key": "once"}"#;
+    let (status, body) = node.ingress("/Fanout/call", Some(once), &json).await?;
+    assert_eq!((status, &body["results"]), (200, &json!([1, 1])));
+
+    // From Kafka, with the node killed twice while callers wait: every call
+    // counts once, and each count comes back to exactly one caller.
+    broker.create_topic(TOPIC, 2).await?;
+    node.subscribe_from_start(TOPIC, "service://Fanout/call").await?;
+    broker.produce_backlog(TOPIC, CALLERS, 13).await?;
+    for kill in 0..2 {
+        eventually(Duration::from_secs(60), "results to come back", || async {
+            Ok((node.metric("ferry_outbox_results_delivered_total").await? > 0.0).then_some(()))
+        })
+        .await?;
+        tokio::time::sleep(Duration::from_millis(300 * kill)).await;
+        node.kill().await;
+        node.restart().await?;
+    }
+    let callers = eventually(Duration::from_secs(180), "every caller to complete", || async {
+        let callers = node.invocations("target=Fanout/call&status=completed").await?;
+        Ok((callers.len() >= CALLERS + 3).then_some(callers))
+    })
+    .await?;
+    assert_eq!(counts(&node, fanout_keys()).await?, expected(CALLERS));
+    check_results(&node, &callers, CALLERS).await?;
+    Ok(())
+}
+
+/// Calls between partitions led by different nodes: the callee's creation
+/// and the result's return each cross Raft groups, while a node is SIGKILLed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_across_a_cluster_bring_each_result_back_once_through_a_sigkill() -> Result<()> {
+    const CALLERS: usize = 200;
+    let dir = tempfile::tempdir()?;
+    let broker = Broker::start().await?;
+    let handlers = Handlers::start().await?;
+    let mut cluster = Cluster::start(dir.path(), 3, &broker.bootstrap(), &[]).await?;
+    cluster.wait_balanced(Duration::from_secs(30)).await?;
+    let (status, body) = cluster.node(1).post("/deployments", json!({ "uri": handlers.uri })).await?;
+    assert_eq!(status, 201, "{body}");
+    broker.create_topic(TOPIC, 2).await?;
+    cluster.node(2).subscribe_from_start(TOPIC, "service://Fanout/call").await?;
+    broker.produce_backlog(TOPIC, CALLERS, 13).await?;
+
+    let victim = 3;
+    eventually(Duration::from_secs(60), "results to come back", || async {
+        let mut delivered = 0.0;
+        for id in 1..=3 {
+            delivered += cluster.node(id).metric("ferry_outbox_results_delivered_total").await?;
+        }
+        Ok((delivered > 0.0).then_some(()))
+    })
+    .await?;
+    cluster.node_mut(victim).kill().await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    cluster.node_mut(victim).restart().await?;
+
+    let callers = eventually(Duration::from_secs(180), "every caller to complete", || async {
+        let callers = cluster.node(1).invocations("target=Fanout/call&status=completed").await?;
+        Ok((callers.len() >= CALLERS).then_some(callers))
+    })
+    .await?;
+    assert_eq!(counts(cluster.node(2), fanout_keys()).await?, expected(CALLERS));
+    check_results(cluster.node(1), &callers, CALLERS).await
+}
+
+/// The invocation and awakeable ids `Awake/wait` recorded, once there are
+/// more than `seen`.
+async fn awakeables(handlers: &Handlers, seen: usize) -> Result<Vec<(String, String)>> {
+    let file = handlers.record_dir.path().join("awake.jsonl");
+    eventually(Duration::from_secs(30), "an awakeable", || async {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        let mut ids = Vec::new();
+        for line in text.lines() {
+            let record: Value = serde_json::from_str(line)?;
+            let id = |field: &str| record[field].as_str().map(str::to_owned).context("awake.jsonl");
+            let ids_of = (id("invocation_id")?, id("awakeable_id")?);
+            if !ids.contains(&ids_of) {
+                ids.push(ids_of);
+            }
+        }
+        Ok((ids.len() > seen).then_some(ids))
+    })
+    .await
+}
+
+/// Starts `path` with `/send` and answers the invocation's id.
+async fn start(node: &Node, path: &str, body: &str) -> Result<String> {
+    let (status, sent) =
+        node.ingress(&format!("{path}/send"), Some(body), &[("content-type", "application/json")]).await?;
+    anyhow::ensure!(status == 202, "{path}: {status} {sent}");
+    Ok(sent["invocationId"].as_str().context("invocationId")?.to_owned())
+}
+
+/// The invocation `id` once `done` holds for it.
+async fn invocation_when(node: &Node, id: &str, done: impl Fn(&Value) -> bool) -> Result<Value> {
+    eventually(Duration::from_secs(30), "the invocation", || async {
+        let invocation = node.get(&format!("/invocations/{id}")).await?;
+        Ok(done(&invocation).then_some(invocation))
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn awakeables_complete_once_from_http_and_from_handlers() -> Result<()> {
+    let (_broker, handlers, _dir, node) = node_with_handlers(&[]).await?;
+    let attach = |id: String| {
+        let node = &node;
+        async move { node.ingress(&format!("/restate/invocation/{id}/attach"), None, &[]).await }
+    };
+
+    // Resolved over HTTP while it waits suspended; a second resolve is
+    // accepted and changes nothing.
+    let first = start(&node, "/Awake/a1/wait", "").await?;
+    let (id, awakeable) = awakeables(&handlers, 0).await?.remove(0);
+    assert_eq!(id, first);
+    invocation_when(&node, &first, |inv| inv["status"] == "suspended").await?;
+    let resolve = format!("/restate/awakeables/{awakeable}/resolve");
+    assert_eq!(node.ingress(&resolve, Some(r#""hello""#), &[]).await?.0, 202);
+    assert_eq!(attach(first.clone()).await?, (200, json!("hello")));
+    assert_eq!(node.ingress(&resolve, Some(r#""again""#), &[]).await?.0, 202);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(attach(first).await?, (200, json!("hello")));
+
+    // Resolved by another handler.
+    let second = start(&node, "/Awake/a2/wait", "").await?;
+    let (_, awakeable) = awakeables(&handlers, 1).await?.remove(1);
+    let complete = json!({ "id": awakeable, "value": {"n": 1} }).to_string();
+    let (status, body) =
+        node.ingress("/Awake/a2/complete", Some(&complete), &[("content-type", "application/json")]).await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(attach(second).await?, (200, json!({"n": 1})));
+
+    // Rejected over HTTP (the short path), and by a handler.
+    let third = start(&node, "/Awake/a3/wait", "").await?;
+    let (_, awakeable) = awakeables(&handlers, 2).await?.remove(2);
+    assert_eq!(node.ingress(&format!("/restate/a/{awakeable}/reject"), Some("no"), &[]).await?.0, 202);
+    assert_eq!(attach(third).await?, (200, json!({"code": 500, "message": "no"})));
+    let fourth = start(&node, "/Awake/a4/wait", "").await?;
+    let (_, awakeable) = awakeables(&handlers, 3).await?.remove(3);
+    let reject = json!({ "id": awakeable, "reject": "not today" }).to_string();
+    node.ingress("/Awake/a4/complete", Some(&reject), &[("content-type", "application/json")]).await?;
+    let (status, body) = attach(fourth).await?;
+    assert_eq!((status, &body["message"]), (200, &json!("not today")), "{body}");
+
+    assert_eq!(node.ingress("/restate/awakeables/sign_1nope/resolve", Some(""), &[]).await?.0, 400);
+    assert_eq!(node.ingress(&format!("/restate/awakeables/{awakeable}/poke"), Some(""), &[]).await?.0, 404);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_caller_kills_its_calls_and_cancelling_one_cancels_them() -> Result<()> {
+    let (_broker, handlers, _dir, node) = node_with_handlers(&[]).await?;
+    let call = |key: &str| json!({ "keys": [key], "service": "Awake", "handler": "wait" }).to_string();
+
+    // The caller awaits Awake/k1/wait, which awaits an awakeable; killing the
+    // caller kills the callee.
+    let caller = start(&node, "/Fanout/call", &call("k1")).await?;
+    let (callee, _) = awakeables(&handlers, 0).await?.remove(0);
+    invocation_when(&node, &callee, |inv| inv["status"] == "suspended").await?;
+    let (status, body) = node.admin(reqwest::Method::PATCH, &format!("/invocations/{caller}/kill"), None).await?;
+    assert_eq!(status, 200, "{body}");
+    let killed = invocation_when(&node, &callee, |inv| inv["status"] == "completed").await?;
+    assert!(killed["completion_failure"].as_str().unwrap_or_default().contains("killed"), "{killed}");
+
+    // Cancelling the caller: the SDK cancels its call, whose handler sees
+    // its awakeable fail with 409, and so does the caller's call.
+    let caller = start(&node, "/Fanout/call", &call("c1")).await?;
+    let (callee, _) = awakeables(&handlers, 1).await?.remove(1);
+    invocation_when(&node, &callee, |inv| inv["status"] == "suspended").await?;
+    let (status, body) = node.admin(reqwest::Method::PATCH, &format!("/invocations/{caller}/cancel"), None).await?;
+    assert!(status == 200 || status == 202, "{status} {body}");
+    let cancelled = invocation_when(&node, &callee, |inv| inv["status"] == "completed").await?;
+    let (_, output) = node.ingress(&format!("/restate/invocation/{callee}/output"), None, &[]).await?;
+    assert_eq!(output["code"], 409, "{cancelled} {output}");
+    invocation_when(&node, &caller, |inv| inv["status"] == "completed").await?;
+    let (_, output) = node.ingress(&format!("/restate/invocation/{caller}/output"), None, &[]).await?;
+    assert_eq!(output["results"][0]["code"], 409, "the call ended cancelled: {output}");
     Ok(())
 }

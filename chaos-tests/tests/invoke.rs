@@ -160,5 +160,11 @@ async fn python_sdk_deployments_register_and_run() -> Result<()> {
         assert_eq!(attempt.ending, Ending::End, "{version}: {:?}", attempt.messages);
         assert_eq!(output(&attempt.messages).as_deref(), Some("42"), "{version}");
     }
+
+    // Calls made at once and awaited together; the two calls of key `a`
+    // run in the order they were made.
+    let json = [("content-type", "application/json")];
+    let (status, body) = node.ingress("/PyCaller/call", Some(r#"{"keys": ["a", "b", "a"]}"#), &json).await?;
+    assert_eq!((status, body), (200, serde_json::json!([1, 1, 2])));
     Ok(())
 }

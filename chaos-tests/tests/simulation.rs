@@ -472,6 +472,7 @@ impl Sim {
                     sleeps: vec![],
                     run_now: true,
                     sends: vec![],
+                    awaits_signal: false,
                 }
             }
             Some(step) => {

@@ -11,7 +11,10 @@
 //! - `GET /restate/invocation/{id}/attach` waits for an invocation's result,
 //!   `GET /restate/invocation/{id}/output` answers it only if it is there;
 //!   `/restate/workflow/{Workflow}/{key}/attach` and `/output` do the same for
-//!   a workflow's run.
+//!   a workflow's run;
+//! - `POST /restate/awakeables/{id}/resolve` and `/reject` (or
+//!   `/restate/a/...`) complete an awakeable with the body as its value (or
+//!   failure message), answering `202` once that is appended.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -21,11 +24,13 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use ferry_invoker::journal::{awakeable_target, signal, SignalId, SignalResult};
 use ferry_log::{partition_group, PartitionId};
 use ferry_partition::partitioner::partition_of;
 use ferry_partition::state::{Completion, Resolved};
 use ferry_partition::wire::v1::{
-    Command, HandlerType, Invoke, Response as LogResponse, RetentionPolicy, ServiceType, Source, Target,
+    Command, HandlerType, Invoke, Notice, Notification, Response as LogResponse, RetentionPolicy, ServiceType, Source,
+    Target,
 };
 use ferry_partition::{Log, LogReads};
 use serde::Deserialize;
@@ -104,6 +109,8 @@ fn router(ingress: Ingress) -> Router {
         .route("/restate/invocation/{id}/output", get(output))
         .route("/restate/workflow/{name}/{key}/attach", get(attach_workflow))
         .route("/restate/workflow/{name}/{key}/output", get(workflow_output))
+        .route("/restate/awakeables/{id}/{action}", post(awakeable))
+        .route("/restate/a/{id}/{action}", post(awakeable))
         .route("/{a}/{b}", post(two))
         .route("/{a}/{b}/{c}", post(three))
         .route("/{a}/{b}/{c}/{d}", post(four))
@@ -201,6 +208,35 @@ async fn output(State(ingress): State<Ingress>, Path(id): Path<String>) -> Resul
     }
 }
 
+/// Completes an awakeable: resolved with the body as its value, or rejected
+/// with the body as the failure's message. Answers `202` once the signal is
+/// appended to its invocation's partition (whether the invocation still
+/// waits or not, as Restate does); a second completion is dropped there.
+async fn awakeable(
+    State(ingress): State<Ingress>,
+    Path((id, action)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Response, Error> {
+    let result = match action.as_str() {
+        "resolve" => SignalResult::Value(body),
+        "reject" => SignalResult::Failure(ferry_proto::service_protocol::Failure {
+            code: 500,
+            message: String::from_utf8_lossy(&body).into_owned(),
+            ..Default::default()
+        }),
+        _ => return Err(Error::new(404, format!("no route for /restate/awakeables/{id}/{action}"))),
+    };
+    let Some((target, index)) = awakeable_target(&id) else {
+        return Err(Error::new(400, format!("{id} is not an awakeable id")));
+    };
+    let partition = ingress.partition_of_id(&target)?;
+    let entry = signal(SignalId::Index(index), result);
+    let notification = Notification { id: target, notice: Notice::Signal(Some(index)), entry, dedup: None };
+    let command = Command::Notify { at_ms: now_ms(), notifications: vec![notification] };
+    ingress.log.propose_until(partition_group(partition), command, APPEND_TIMEOUT).await?;
+    Ok(StatusCode::ACCEPTED.into_response())
+}
+
 impl Ingress {
     /// Runs `call`, in a span joined to the request's `traceparent` when
     /// traces are exported.
@@ -284,6 +320,7 @@ impl Ingress {
             not_before_ms: delay.map(|d| now + d.as_millis() as u64),
             trace: ferry_telemetry::TraceContext::of(&append),
             retention,
+            reply: None,
         };
         let command = Command::Invoke(vec![invoke].into());
         let proposal = self.log.propose_until(partition_group(partition), command, APPEND_TIMEOUT);

@@ -990,7 +990,7 @@ impl PartitionWorker {
                             invoke.trace = ferry_telemetry::TraceContext::of(&append);
                             lane.spans.extend([ingest, append]);
                         }
-                        if let Some(reason) = &invoke.failure {
+                        if let Some((_, reason)) = &invoke.failure {
                             debug!(subscription = %self.origin.subscription, topic = %self.origin.topic,
                                 partition = self.origin.partition, offset, "undeliverable record: {reason}");
                             metrics::counter!("ferry_ingress_records_undeliverable_total", &self.labels).increment(1);

@@ -147,10 +147,11 @@ pub fn invoke(origin: &Origin, sink: &Sink, mut record: Record, partitions: u32,
         }),
         dedup: Some(Dedup { producer: origin.producer, seq }),
         created_at_ms: now_ms,
-        failure,
+        failure: failure.map(|message| (400, message)),
         not_before_ms: None,
         trace: None,
         retention: sink.retention,
+        reply: None,
     };
     (partition_of(partition_key, partitions), invoke)
 }
@@ -261,8 +262,8 @@ mod tests {
             assert_eq!((p, &other.id, other.dedup), (partition, &registered.id, registered.dedup));
             assert!(other.failure.is_some());
         }
-        assert!(routed[1].1.failure.as_deref().unwrap().contains("not registered"));
-        assert!(routed[2].1.failure.as_deref().unwrap().contains("create the subscription again"));
+        assert!(routed[1].1.failure.as_ref().unwrap().1.contains("not registered"));
+        assert!(routed[2].1.failure.as_ref().unwrap().1.contains("create the subscription again"));
         let mut state = ferry_partition::state::GroupState::default();
         let batch = routed.into_iter().map(|(_, invoke)| invoke).collect::<Vec<_>>();
         let applied = state.apply(ferry_partition::wire::v1::Command::Invoke(batch.into()));
@@ -354,7 +355,7 @@ mod tests {
         let mut big = record(4, Some(b"k"));
         big.payload = Bytes::from(vec![7u8; RECORD_BYTES_MAX + 1]);
         let (_, failed) = invoke(&origin(), &service, big, 16, 0);
-        assert!(failed.failure.as_deref().unwrap().contains("over the limit"), "{:?}", failed.failure);
+        assert!(failed.failure.as_ref().unwrap().1.contains("over the limit"), "{:?}", failed.failure);
         assert!(failed.payload.is_empty());
         assert_eq!(failed.dedup.unwrap().seq, 4);
         let command = ferry_partition::wire::v1::Command::Invoke(vec![failed].into());
@@ -368,9 +369,9 @@ mod tests {
     fn undeliverable_records_fail_with_a_reason() {
         let object = sink(ServiceType::VirtualObject, HandlerType::Exclusive);
         let (_, bad_key) = invoke(&origin(), &object, record(1, Some(&[0xff, 0xfe])), 16, 0);
-        assert!(bad_key.failure.as_deref().unwrap().contains("UTF-8"));
+        assert!(bad_key.failure.as_ref().unwrap().1.contains("UTF-8"));
         let (_, no_key) = invoke(&origin(), &object, record(2, None), 16, 0);
-        assert!(no_key.failure.as_deref().unwrap().contains("no key"));
+        assert!(no_key.failure.as_ref().unwrap().1.contains("no key"));
         let (_, gone) = invoke(
             &origin(),
             &Sink::resolve(&metadata(None), &subscription(), RetentionPolicy::DEFAULT),
@@ -378,7 +379,7 @@ mod tests {
             16,
             0,
         );
-        assert!(gone.failure.as_deref().unwrap().contains("not registered"));
+        assert!(gone.failure.as_ref().unwrap().1.contains("not registered"));
         // All still carry their dedup information and source offset.
         for (i, inv) in [bad_key, no_key, gone].iter().enumerate() {
             assert_eq!(inv.dedup.unwrap().seq, i as u64 + 1);

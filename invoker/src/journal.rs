@@ -10,7 +10,8 @@ use ferry_partition::partitioner::invocation_ids;
 use ferry_partition::state::{Completion, Invocation, Resolved};
 use ferry_partition::store::key;
 use ferry_partition::wire::v1::{
-    AttemptId, Effect, HandlerType, Invoke, JournalEntry, Retention, ServiceType, Sleep, Source, StateOp, Target,
+    AttemptId, Effect, HandlerType, Invoke, JournalEntry, Notice, Outgoing, ReplyTo, Retention, ServiceType, Sleep,
+    Source, StateOp, Target,
 };
 use ferry_proto::service_protocol as pb;
 use ferry_telemetry::TraceContext;
@@ -36,8 +37,9 @@ pub struct Job {
     pub attempt: AttemptId,
     /// Failed attempts since the journal last grew.
     pub attempts: u32,
-    /// Whether sleeps are pending, so that a suspension is expected.
-    pub sleeping: bool,
+    /// Whether sleeps or call results are pending, so that a suspension is
+    /// expected.
+    pub waiting: bool,
     /// Start, Input and the journal, encoded.
     pub body: Bytes,
     /// The span the invocation's attempts are traced under.
@@ -82,7 +84,7 @@ impl Job {
             handler: invocation.target.handler.clone(),
             attempt: invocation.attempt().expect("only a ready invocation runs"),
             attempts: invocation.attempts,
-            sleeping: !invocation.sleeps.is_empty(),
+            waiting: !invocation.sleeps.is_empty() || invocation.awaits_results(),
             body: body.freeze(),
             trace: invocation.trace,
         }
@@ -106,6 +108,7 @@ impl Job {
         let mut sleeps = Vec::new();
         let mut output = None;
         let mut run_now = false;
+        let mut awaits_signal = false;
         let mut sends = Vec::new();
         for message in attempt.messages {
             let ty = message.message_type();
@@ -152,8 +155,21 @@ impl Job {
                     entries.push(entry(&notification));
                     run_now = true;
                 }
+                Message::CallCommand(ref call) => {
+                    let invoke = self.started(Call::of(call), targets, now_ms);
+                    let notification = Message::CallInvocationIdCompletionNotification(
+                        pb::CallInvocationIdCompletionNotificationMessage {
+                            completion_id: call.invocation_id_notification_idx,
+                            invocation_id: invoke.id.clone(),
+                        },
+                    );
+                    entries.push(entry(&message));
+                    entries.push(entry(&notification));
+                    // The result wakes the caller when it comes back.
+                    sends.push(Outgoing::Invoke(Box::new(invoke)));
+                }
                 Message::OneWayCallCommand(ref send) => {
-                    let invoke = self.started(send, targets, now_ms);
+                    let invoke = self.started(Call::of_send(send), targets, now_ms);
                     let notification = Message::CallInvocationIdCompletionNotification(
                         pb::CallInvocationIdCompletionNotificationMessage {
                             completion_id: send.invocation_id_notification_idx,
@@ -162,9 +178,49 @@ impl Job {
                     );
                     entries.push(entry(&message));
                     entries.push(entry(&notification));
-                    sends.push(invoke);
+                    sends.push(Outgoing::Invoke(Box::new(invoke)));
                     // A handler that waits for the id finds it journaled.
                     run_now = true;
+                }
+                Message::CompleteAwakeableCommand(ref complete) => {
+                    let Some((id, index)) = awakeable_target(&complete.awakeable_id) else {
+                        let message = format!("{:?} is not an awakeable id of this cluster", complete.awakeable_id);
+                        return self.failed(message, None, Behavior::Retry, retry, now_ms);
+                    };
+                    use pb::complete_awakeable_command_message::Result as Completed;
+                    let result = match &complete.result {
+                        Some(Completed::Value(value)) => SignalResult::Value(value.content.clone()),
+                        Some(Completed::Failure(failure)) => SignalResult::Failure(failure.clone()),
+                        None => SignalResult::Void,
+                    };
+                    let entry_ = signal(SignalId::Index(index), result);
+                    sends.push(Outgoing::Signal { id, notice: Notice::Signal(Some(index)), entry: entry_ });
+                    entries.push(entry(&message));
+                }
+                Message::SendSignalCommand(ref send) => {
+                    use pb::send_signal_command_message::{Result as Sent, SignalId as Sent_};
+                    let (id, notice) = match &send.signal_id {
+                        Some(Sent_::Idx(1)) => (SignalId::Index(1), Notice::Cancel),
+                        Some(Sent_::Idx(index)) => (SignalId::Index(*index), Notice::Signal(Some(*index))),
+                        Some(Sent_::Name(name)) => (SignalId::Name(name.clone()), Notice::Signal(None)),
+                        None => {
+                            let message = "a SendSignalCommand without a signal id".to_owned();
+                            return self.failed(message, None, Behavior::Retry, retry, now_ms);
+                        }
+                    };
+                    let result = match &send.result {
+                        Some(Sent::Value(value)) => SignalResult::Value(value.content.clone()),
+                        Some(Sent::Failure(failure)) => SignalResult::Failure(failure.clone()),
+                        Some(Sent::Void(_)) | None => SignalResult::Void,
+                    };
+                    let target = send.target_invocation_id.clone();
+                    sends.push(Outgoing::Signal { id: target, notice, entry: signal(id, result) });
+                    entries.push(entry(&message));
+                }
+                Message::Suspension(ref suspension) => {
+                    awaits_signal = !suspension.waiting_signals.is_empty()
+                        || !suspension.waiting_named_signals.is_empty()
+                        || suspension.awaiting_on.as_ref().is_some_and(awaits_a_signal);
                 }
                 Message::GetEagerStateCommand(_)
                 | Message::GetEagerStateKeysCommand(_)
@@ -180,7 +236,7 @@ impl Job {
                     let delay = error.next_retry_delay.map(Duration::from_millis);
                     return self.failed(message, delay, behavior, retry, now_ms);
                 }
-                Message::End(_) | Message::Suspension(_) | Message::AwaitingOn(_) => {}
+                Message::End(_) | Message::AwaitingOn(_) => {}
                 _ => {
                     let message = format!("the handler used {ty}, which Ferry does not support");
                     return Effect::Complete {
@@ -201,58 +257,66 @@ impl Job {
                 result: output.unwrap_or(Completion::Success(Bytes::new())),
                 sends,
             },
-            Ending::Suspended if entries.is_empty() && sleeps.is_empty() && !self.sleeping => self.failed(
-                "the handler suspended waiting for something that will not happen".to_owned(),
-                None,
-                Behavior::Retry,
-                retry,
-                now_ms,
-            ),
-            Ending::Suspended => {
-                Effect::Progress { id: self.id.clone(), attempt: self.attempt, entries, state, sleeps, run_now, sends }
-            }
+            Ending::Suspended if entries.is_empty() && sleeps.is_empty() && !self.waiting && !awaits_signal => self
+                .failed(
+                    "the handler suspended waiting for something that will not happen".to_owned(),
+                    None,
+                    Behavior::Retry,
+                    retry,
+                    now_ms,
+                ),
+            Ending::Suspended => Effect::Progress {
+                id: self.id.clone(),
+                attempt: self.attempt,
+                entries,
+                state,
+                sleeps,
+                run_now,
+                sends,
+                awaits_signal,
+            },
             Ending::Failed => unreachable!("an Error message returns above"),
         }
     }
 
-    /// The invocation a one-way call starts. Its id derives from this
-    /// invocation's and the call's index (or from its idempotency key), so
-    /// an attempt that is run again starts the same one. A call to a handler
-    /// that does not exist creates an invocation failed with the reason.
-    fn started(&self, send: &pb::OneWayCallCommandMessage, targets: &dyn Targets, now_ms: u64) -> Invoke {
-        let idempotency_key = send.idempotency_key.as_deref().filter(|k| !k.is_empty());
-        let (resolved, failure) =
-            match targets.resolve(&send.service_name, &send.handler_name, idempotency_key.is_some()) {
-                Ok(resolved) => (resolved, None),
-                Err((message, retention)) => {
-                    let unknown =
-                        Resolved { service_ty: ServiceType::Service, handler_ty: HandlerType::Shared, retention };
-                    (unknown, Some(message))
-                }
-            };
+    /// The invocation a call or one-way call starts. Its id derives from
+    /// this invocation's and the call's index (or from its idempotency key),
+    /// so an attempt that is run again starts the same one. A call to a
+    /// handler that does not exist creates an invocation failed with 404 and
+    /// the reason, which a caller gets as the call's result.
+    fn started(&self, call: Call<'_>, targets: &dyn Targets, now_ms: u64) -> Invoke {
+        let idempotency_key = call.idempotency_key.filter(|k| !k.is_empty());
+        let (resolved, failure) = match targets.resolve(call.service, call.handler, idempotency_key.is_some()) {
+            Ok(resolved) => (resolved, None),
+            Err((message, retention)) => {
+                let unknown = Resolved { service_ty: ServiceType::Service, handler_ty: HandlerType::Shared, retention };
+                (unknown, Some((404, message)))
+            }
+        };
         let target = Target {
-            service: send.service_name.clone(),
-            handler: send.handler_name.clone(),
-            key: resolved.service_ty.is_keyed().then(|| send.key.clone()),
+            service: call.service.to_owned(),
+            handler: call.handler.to_owned(),
+            key: resolved.service_ty.is_keyed().then(|| call.key.to_owned()),
             service_ty: resolved.service_ty,
             handler_ty: resolved.handler_ty,
         };
         let mut seed = xxhash_rust::xxh3::Xxh3::new();
         seed.update(self.id.as_bytes());
-        seed.update(&send.invocation_id_notification_idx.to_le_bytes());
+        seed.update(&call.index.to_le_bytes());
         let (partition_key, unique) = invocation_ids(&target, idempotency_key, seed.digest());
         Invoke {
             id: key::id(partition_key, unique),
             target,
-            payload: send.parameter.clone(),
-            headers: send.headers.iter().map(|h| (h.key.clone(), h.value.clone())).collect(),
+            payload: call.parameter.clone(),
+            headers: call.headers.iter().map(|h| (h.key.clone(), h.value.clone())).collect(),
             source: Source::Service { caller: self.id.clone() },
             dedup: None,
             created_at_ms: now_ms,
             failure,
-            not_before_ms: (send.invoke_time > now_ms).then_some(send.invoke_time),
+            not_before_ms: (call.invoke_time > now_ms).then_some(call.invoke_time),
             trace: self.trace,
             retention: resolved.retention,
+            reply: call.result.map(|completion_id| ReplyTo { caller: self.id.clone(), completion_id }),
         }
     }
 
@@ -282,6 +346,136 @@ impl Job {
             pause,
         }
     }
+}
+
+/// What a `CallCommand` or a `OneWayCallCommand` asks for.
+struct Call<'a> {
+    service: &'a str,
+    handler: &'a str,
+    key: &'a str,
+    parameter: &'a Bytes,
+    headers: &'a [pb::Header],
+    idempotency_key: Option<&'a str>,
+    /// The completion id of the callee's id: it names the call.
+    index: u32,
+    invoke_time: u64,
+    /// The completion id of the result, for a call (not a send).
+    result: Option<u32>,
+}
+
+impl<'a> Call<'a> {
+    fn of(call: &'a pb::CallCommandMessage) -> Call<'a> {
+        Call {
+            service: &call.service_name,
+            handler: &call.handler_name,
+            key: &call.key,
+            parameter: &call.parameter,
+            headers: &call.headers,
+            idempotency_key: call.idempotency_key.as_deref(),
+            index: call.invocation_id_notification_idx,
+            invoke_time: 0,
+            result: Some(call.result_completion_id),
+        }
+    }
+
+    fn of_send(send: &'a pb::OneWayCallCommandMessage) -> Call<'a> {
+        Call {
+            service: &send.service_name,
+            handler: &send.handler_name,
+            key: &send.key,
+            parameter: &send.parameter,
+            headers: &send.headers,
+            idempotency_key: send.idempotency_key.as_deref(),
+            index: send.invocation_id_notification_idx,
+            invoke_time: send.invoke_time,
+            result: None,
+        }
+    }
+}
+
+/// The prefix of the ids of awakeables (signals by index), as Restate's.
+const AWAKEABLE_PREFIX: &str = "sign_1";
+
+/// URL-safe base64 that reads its input with or without padding.
+const AWAKEABLE_BASE64: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+    &base64::alphabet::URL_SAFE,
+    base64::engine::GeneralPurposeConfig::new()
+        .with_encode_padding(false)
+        .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+);
+
+/// The invocation and the signal index an awakeable id names: the SDK
+/// builds it from the id the invocation was started with (its printed id)
+/// and the index, as `sign_1` and URL-safe base64 of (id bytes, u32 BE index).
+pub fn awakeable_target(awakeable_id: &str) -> Option<(String, u32)> {
+    use base64::Engine as _;
+    let bytes = AWAKEABLE_BASE64.decode(awakeable_id.strip_prefix(AWAKEABLE_PREFIX)?).ok()?;
+    let (id, index) = bytes.split_at_checked(bytes.len().checked_sub(4)?)?;
+    let id = std::str::from_utf8(id).ok()?;
+    key::id_parts(id)?;
+    Some((id.to_owned(), u32::from_be_bytes(index.try_into().ok()?)))
+}
+
+/// The id of awakeable `index` of invocation `id`, as an SDK builds it.
+pub fn awakeable_id(id: &str, index: u32) -> String {
+    use base64::Engine as _;
+    let mut bytes = id.as_bytes().to_vec();
+    bytes.extend_from_slice(&index.to_be_bytes());
+    format!("{AWAKEABLE_PREFIX}{}", AWAKEABLE_BASE64.encode(bytes))
+}
+
+/// Which signal a [`signal`] entry brings.
+#[derive(Debug, Clone)]
+pub enum SignalId {
+    Index(u32),
+    Name(String),
+}
+
+/// What a [`signal`] entry carries.
+#[derive(Debug, Clone)]
+pub enum SignalResult {
+    Void,
+    Value(Bytes),
+    Failure(pb::Failure),
+}
+
+/// The journal entry that delivers a signal to an invocation.
+pub fn signal(id: SignalId, result: SignalResult) -> JournalEntry {
+    use pb::signal_notification_message::{Result as Carried, SignalId as Id};
+    let signal_id = match id {
+        SignalId::Index(index) => Id::Idx(index),
+        SignalId::Name(name) => Id::Name(name),
+    };
+    let result = match result {
+        SignalResult::Void => Carried::Void(pb::Void {}),
+        SignalResult::Value(content) => Carried::Value(pb::Value { content }),
+        SignalResult::Failure(failure) => Carried::Failure(failure),
+    };
+    let notification = pb::SignalNotificationMessage { signal_id: Some(signal_id), result: Some(result) };
+    entry(&Message::SignalNotification(notification))
+}
+
+/// Whether an await tree (v7) waits for a signal anywhere.
+fn awaits_a_signal(future: &pb::Future) -> bool {
+    !future.waiting_signals.is_empty()
+        || !future.waiting_named_signals.is_empty()
+        || future.nested_futures.iter().any(awaits_a_signal)
+}
+
+/// The journal entry that gives a caller the result of its call.
+pub fn call_result(completion_id: u32, result: Completion) -> JournalEntry {
+    use pb::call_completion_notification_message::Result as CallResult;
+    let result = match result {
+        Completion::Success(content) => CallResult::Value(pb::Value { content }),
+        Completion::Failure { code, message } => {
+            CallResult::Failure(pb::Failure { code: code.into(), message, ..Default::default() })
+        }
+    };
+    let notification = Message::CallCompletionNotification(pb::CallCompletionNotificationMessage {
+        completion_id,
+        result: Some(result),
+    });
+    entry(&notification)
 }
 
 /// What the handler asked to happen after a failed attempt.
@@ -337,7 +531,7 @@ mod tests {
             handler: "run".to_owned(),
             attempt: AttemptId { run: 3, base: 0 },
             attempts: 0,
-            sleeping: false,
+            waiting: false,
             body: Bytes::new(),
             trace: None,
         }
@@ -376,6 +570,7 @@ mod tests {
         else {
             panic!("the handler ended");
         };
+        let sends = invokes(sends);
         assert_eq!(sends.len(), 3);
         let (first, delayed, unknown) = (&sends[0], &sends[1], &sends[2]);
         assert_eq!(key::id_parts(&first.id).map(|(pk, _)| pk), Some(key_hash("Counter", "k")), "the key's partition");
@@ -386,7 +581,7 @@ mod tests {
         assert_eq!(first.headers, vec![("h".to_owned(), "v".to_owned())]);
         assert_eq!(first.payload, Bytes::from_static(b"1"));
         assert!(first.failure.is_none() && first.dedup.is_none());
-        assert_eq!(unknown.failure.as_deref(), Some("service Nope not found"));
+        assert_eq!(unknown.failure, Some((404, "service Nope not found".to_owned())));
         assert_eq!(unknown.target.key, None);
 
         // The attempt run again starts the same invocations; another caller others.
@@ -395,6 +590,7 @@ mod tests {
         else {
             panic!("the handler ended");
         };
+        let again = invokes(again);
         assert_eq!(again.iter().map(|i| &i.id).collect::<Vec<_>>(), sends.iter().map(|i| &i.id).collect::<Vec<_>>());
         let other = job("inv_00000000000000070000000000000002");
         let Effect::Complete { sends: others, .. } =
@@ -402,7 +598,66 @@ mod tests {
         else {
             panic!("the handler ended");
         };
-        assert_ne!(others[2].id, sends[2].id);
+        assert_ne!(invokes(others)[2].id, sends[2].id);
+    }
+
+    fn invokes(sends: Vec<Outgoing>) -> Vec<Invoke> {
+        sends
+            .into_iter()
+            .map(|s| match s {
+                Outgoing::Invoke(invoke) => *invoke,
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn awakeable_ids_name_their_invocation_and_index_with_or_without_padding() {
+        let id = "inv_00000000000000070000000000000001";
+        let awakeable = awakeable_id(id, 17);
+        assert!(awakeable.starts_with("sign_1") && !awakeable.ends_with('='), "{awakeable}");
+        assert_eq!(awakeable_target(&awakeable), Some((id.to_owned(), 17)));
+        let padded = format!("{awakeable}{}", "=".repeat((4 - (awakeable.len() - 6) % 4) % 4));
+        assert_eq!(awakeable_target(&padded), Some((id.to_owned(), 17)));
+        assert_eq!(awakeable_target("prom_1abc"), None);
+        assert_eq!(awakeable_target("sign_1!!"), None);
+        assert_eq!(awakeable_target(&awakeable_id("not-an-id", 17)), None);
+    }
+
+    #[test]
+    fn awakeables_and_signals_go_to_their_invocation_and_a_wait_for_one_suspends() {
+        let job = job("inv_00000000000000070000000000000001");
+        let retry = RetryPolicy::default();
+        let target = "inv_00000000000000090000000000000002";
+        let complete = Message::CompleteAwakeableCommand(pb::CompleteAwakeableCommandMessage {
+            awakeable_id: awakeable_id(target, 18),
+            result: Some(pb::complete_awakeable_command_message::Result::Value(pb::Value {
+                content: Bytes::from_static(b"ok"),
+            })),
+            ..Default::default()
+        });
+        let cancel = Message::SendSignalCommand(pb::SendSignalCommandMessage {
+            target_invocation_id: target.to_owned(),
+            signal_id: Some(pb::send_signal_command_message::SignalId::Idx(1)),
+            result: Some(pb::send_signal_command_message::Result::Void(pb::Void {})),
+            ..Default::default()
+        });
+        let wait = Message::Suspension(pb::SuspensionMessage { waiting_signals: vec![17], ..Default::default() });
+        let effect = job.effect(attempt(vec![complete, cancel, wait], Ending::Suspended), &Counter, &retry, 0);
+        let Effect::Progress { entries, sends, awaits_signal, .. } = effect else { panic!("suspended") };
+        assert_eq!(entries.len(), 2);
+        assert!(awaits_signal);
+        let expected = signal(SignalId::Index(18), SignalResult::Value(Bytes::from_static(b"ok")));
+        assert!(
+            matches!(&sends[0], Outgoing::Signal { id, notice: Notice::Signal(Some(18)), entry } if id == target && *entry == expected),
+            "{sends:?}"
+        );
+        assert!(matches!(&sends[1], Outgoing::Signal { notice: Notice::Cancel, .. }), "{sends:?}");
+
+        // Waiting only for a signal, with nothing new: suspended, not failed.
+        let wait = Message::Suspension(pb::SuspensionMessage { waiting_signals: vec![17], ..Default::default() });
+        let effect = job.effect(attempt(vec![wait], Ending::Suspended), &Counter, &retry, 0);
+        assert!(matches!(effect, Effect::Progress { awaits_signal: true, .. }), "{effect:?}");
     }
 
     #[test]
@@ -411,6 +666,7 @@ mod tests {
         let retry = RetryPolicy::default();
         let effect = caller.effect(attempt(vec![send("Counter", "k", 1, 0)], Ending::Suspended), &Counter, &retry, 0);
         let Effect::Progress { entries, sends, .. } = effect else { panic!("the handler suspended") };
+        let sends = invokes(sends);
         assert_eq!(entries.len(), 2, "the command and its invocation id");
         assert_eq!(entries[1].ty, 0x800E);
         let notification =

@@ -8,17 +8,18 @@
 //! log entry per proposal. An invocation counts as running until its effect is
 //! applied, so it never runs twice at once on one node.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ferry_log::{partition_group, GroupId, PartitionId};
-use ferry_partition::partitioner::{outbox_producer, partition_of};
+use ferry_partition::partitioner::{outbox_producer, partition_of, reply_producer};
 use ferry_partition::state::Resolved;
 use ferry_partition::store::key;
 use ferry_partition::wire::v1::{
-    AttemptId, Command, Dedup, Effect, HandlerType, Invoke, Outcome, Response, Retention, RetentionPolicy,
+    AttemptId, Command, Dedup, Effect, HandlerType, Invoke, Notice, Notification, Outcome, Outgoing, Response,
+    Retention, RetentionPolicy,
 };
 use ferry_partition::{Log, LogReads};
 use ferry_telemetry::TraceContext;
@@ -31,7 +32,7 @@ use tracing::{debug, error, info, warn, Instrument, Span};
 
 use crate::client::{Client, Endpoint};
 use crate::codec::ProtocolVersion;
-use crate::journal::{Job, Targets};
+use crate::journal::{call_result, Job, Targets};
 use crate::retry::RetryPolicy;
 use crate::Error;
 
@@ -480,45 +481,54 @@ impl PartitionScheduler {
     }
 }
 
-/// Creates the invocations of outbox rows in their partitions, then drops
-/// the rows. Each row is created under this partition's outbox producer
-/// with its row's sequence number, so a row delivered again (after a
-/// failed append or by the next leader) is dropped as a duplicate. One
+/// Delivers outbox rows to their partitions, then drops the rows: creates
+/// the invocations, appends call results and signals to their invocations'
+/// journals, and then kills the invocations to kill. Each row but a kill
+/// goes under a producer of this partition (one for invocations, one for
+/// results and signals) with its row's sequence number, so a row delivered
+/// again (after a failed append or by the next leader) is dropped as a
+/// duplicate; a kill delivered again finds its invocation completed. One
 /// delivery runs at a time per partition, so each partition receives a
 /// producer's rows in order.
-async fn deliver(log: Log, partition: PartitionId, rows: Vec<(u64, Invoke)>) -> Done {
+async fn deliver(log: Log, partition: PartitionId, rows: Vec<(u64, Outgoing)>) -> Done {
     let group = partition_group(partition);
-    let producer = outbox_producer(partition);
+    let (producer, replies) = (outbox_producer(partition), reply_producer(partition));
     let upto = rows.last().map_or(0, |(seq, _)| *seq);
-    let mut batches: std::collections::BTreeMap<PartitionId, Vec<Invoke>> = Default::default();
-    for (seq, mut invoke) in rows {
-        invoke.dedup = Some(Dedup { producer, seq });
-        let partition_key = key::id_parts(&invoke.id).map_or(0, |(partition_key, _)| partition_key);
-        batches.entry(partition_of(partition_key, log.partitions())).or_default().push(invoke);
-    }
-    let appends = batches.into_iter().map(|(target, batch)| {
-        let log = log.clone();
-        async move {
-            let count = batch.len();
-            let command = Command::Invoke(Arc::new(batch));
-            match log.propose_until(partition_group(target), command, DELIVERY_TIMEOUT).await {
-                Ok(Response::Invoked { created, deduplicated }) => {
-                    metrics::counter!("ferry_outbox_delivered_total").increment(created.into());
-                    metrics::counter!("ferry_outbox_duplicates_total").increment(deduplicated.into());
-                    true
-                }
-                Ok(other) => {
-                    warn!(partition, target, "delivering {count} outbox rows answered with {other:?}");
-                    false
-                }
-                Err(e) => {
-                    debug!(partition, target, "delivering {count} outbox rows failed: {e}");
-                    false
-                }
+    let owner =
+        |id: &str| partition_of(key::id_parts(id).map_or(0, |(partition_key, _)| partition_key), log.partitions());
+    let mut invokes: BTreeMap<PartitionId, Vec<Invoke>> = BTreeMap::new();
+    let mut results: BTreeMap<PartitionId, Vec<Notification>> = BTreeMap::new();
+    let mut kills: BTreeMap<PartitionId, Vec<Effect>> = BTreeMap::new();
+    for (seq, row) in rows {
+        match row {
+            Outgoing::Invoke(mut invoke) => {
+                invoke.dedup = Some(Dedup { producer, seq });
+                invokes.entry(owner(&invoke.id)).or_default().push(*invoke);
             }
+            Outgoing::Reply { to, result } => {
+                let entry = call_result(to.completion_id, result);
+                let dedup = Some(Dedup { producer: replies, seq });
+                let notification = Notification { id: to.caller, notice: Notice::CallResult, entry, dedup };
+                results.entry(owner(&notification.id)).or_default().push(notification);
+            }
+            Outgoing::Signal { id, notice, entry } => {
+                let dedup = Some(Dedup { producer: replies, seq });
+                results.entry(owner(&id)).or_default().push(Notification { id, notice, entry, dedup });
+            }
+            Outgoing::Kill { id } => kills.entry(owner(&id)).or_default().push(Effect::Kill { id }),
         }
-    });
-    let delivered = futures::future::join_all(appends).await.into_iter().all(|ok| ok);
+    }
+    let at_ms = now_ms();
+    let commands = invokes
+        .into_iter()
+        .map(|(target, batch)| (target, Command::Invoke(Arc::new(batch))))
+        .chain(results.into_iter().map(|(target, notifications)| (target, Command::Notify { at_ms, notifications })));
+    let mut delivered = propose_all(&log, partition, commands).await;
+    // After the invocations they kill are created.
+    if delivered && !kills.is_empty() {
+        let commands = kills.into_iter().map(|(target, effects)| (target, Command::Effects { at_ms, effects }));
+        delivered = propose_all(&log, partition, commands).await;
+    }
     if delivered && !kept_for_test() {
         if let Err(e) = log.propose_as_leader(group, Command::TruncateOutbox { upto }).await {
             debug!(partition, "truncating the outbox failed: {e}");
@@ -527,6 +537,46 @@ async fn deliver(log: Log, partition: PartitionId, rows: Vec<(u64, Invoke)>) -> 
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Done::Delivered
+}
+
+/// Appends each command to its partition, retried until it commits;
+/// answers whether all did.
+async fn propose_all(
+    log: &Log,
+    partition: PartitionId,
+    commands: impl Iterator<Item = (PartitionId, Command)>,
+) -> bool {
+    let appends = commands.map(|(target, command)| {
+        let log = log.clone();
+        async move {
+            match log.propose_until(partition_group(target), command, DELIVERY_TIMEOUT).await {
+                Ok(Response::Invoked { created, deduplicated }) => {
+                    metrics::counter!("ferry_outbox_delivered_total").increment(created.into());
+                    metrics::counter!("ferry_outbox_duplicates_total").increment(deduplicated.into());
+                    true
+                }
+                Ok(Response::Notified { appended, dropped }) => {
+                    metrics::counter!("ferry_outbox_results_delivered_total").increment(appended.into());
+                    metrics::counter!("ferry_outbox_results_dropped_total").increment(dropped.into());
+                    true
+                }
+                Ok(Response::Effects(outcomes)) => {
+                    let killed = outcomes.iter().filter(|o| **o == Outcome::Applied).count();
+                    metrics::counter!("ferry_outbox_kills_total").increment(killed as u64);
+                    true
+                }
+                Ok(other) => {
+                    warn!(partition, target, "delivering outbox rows answered with {other:?}");
+                    false
+                }
+                Err(e) => {
+                    debug!(partition, target, "delivering outbox rows failed: {e}");
+                    false
+                }
+            }
+        }
+    });
+    futures::future::join_all(appends).await.into_iter().all(|ok| ok)
 }
 
 /// Proposes that `group` drop what retention no longer keeps.
@@ -546,7 +596,7 @@ async fn expire(log: Log, group: GroupId) -> Done {
 struct Target {
     uri: String,
     http2: bool,
-    headers: std::collections::BTreeMap<String, String>,
+    headers: BTreeMap<String, String>,
     version: ProtocolVersion,
 }
 

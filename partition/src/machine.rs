@@ -34,8 +34,9 @@ impl StateMachine for Machine {
     /// is kept as tables of rows ([`crate::store`]). 5: invocation rows are
     /// keyed by [`crate::store::key::invocation`], unique part first. 6:
     /// one-way calls: effects carry the invocations they start, partitions
-    /// an outbox.
-    const DATA_FORMAT: u32 = 6;
+    /// an outbox. 7: calls: invocations keep their callers and the results
+    /// they await, outboxes carry results back.
+    const DATA_FORMAT: u32 = 7;
 
     type Command = Command;
     type Response = Response;

@@ -73,6 +73,16 @@ pub fn outbox_producer(partition: PartitionId) -> u64 {
     xxh3_64(&buf)
 }
 
+/// The producer id under which a partition's outbox appends call results
+/// to their callers' journals: their sequence numbers are its outbox's. Not
+/// [`outbox_producer`]: results and invocations go in different commands,
+/// which may reach a partition in either order.
+pub fn reply_producer(partition: PartitionId) -> u64 {
+    let mut buf = *b"ferry-replies\0\0\0\0";
+    buf[13..].copy_from_slice(&partition.to_le_bytes());
+    xxh3_64(&buf)
+}
+
 /// The partition that owns `partition_key` among `partitions` equal ranges.
 pub fn partition_of(partition_key: u64, partitions: u32) -> PartitionId {
     ((partition_key as u128 * partitions as u128) >> 64) as PartitionId

@@ -15,9 +15,9 @@ use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 use crate::store::{key, scan_prefix, MemStore, Row, Store, StoreError, StoreRead, Table};
 pub use crate::wire::v1::Completion;
 use crate::wire::v1::{
-    AttemptId, Command, Deployment, Effect, HandlerType, Invoke, JournalEntry, MetadataCommand, MetadataResponse,
-    Outcome, Response, Retention, RetentionPolicy, ServiceDef, ServiceType, Sleep, Source, StateOp, Subscription,
-    Target,
+    AttemptId, Command, Dedup, Deployment, Effect, HandlerType, Invoke, JournalEntry, MetadataCommand,
+    MetadataResponse, Notice, Notification, Outcome, Outgoing, ReplyTo, Response, Retention, RetentionPolicy,
+    ServiceDef, ServiceType, Sleep, Source, StateOp, Subscription, Target,
 };
 use crate::wire::{decode, encode};
 
@@ -40,6 +40,7 @@ pub fn apply<S: Store<Table> + ?Sized>(
         Command::Expire { at_ms, max } => partition.apply_expire(at_ms, max)?,
         Command::ForgetSubscription { id } => partition.forget_subscription(id)?,
         Command::TruncateOutbox { upto } => partition.truncate_outbox(upto)?,
+        Command::Notify { at_ms, notifications } => partition.apply_notify(at_ms, notifications)?,
     };
     partition.write_counters()?;
     Ok(response)
@@ -129,6 +130,19 @@ pub struct Invocation {
     expires_at_ms: Option<u64>,
     /// Its row in its key's inbox ([`Table::Inboxes`]) while it is queued there.
     inbox_seq: Option<u64>,
+    /// The callers that get its result when it completes.
+    pub replies: Vec<ReplyTo>,
+    /// Calls it made whose results have not come back.
+    pub awaiting: u32,
+    /// The invocations it started (calls and one-way calls): killed with it.
+    pub children: Vec<String>,
+    /// The indexes of the signals it received (awakeables' completions): a
+    /// signal comes once.
+    pub signals: Vec<u32>,
+    /// Results of its calls that came while an attempt may be running: they
+    /// join the journal when the attempt ends, which keeps the attempt
+    /// current (a journal that grew under it would make its effect stale).
+    arrived: Vec<JournalEntry>,
 }
 
 /// The results of the invocations removed last, for callers that wait for
@@ -181,7 +195,7 @@ pub enum Status {
     Ready,
     /// Waiting for the retry of a failed attempt.
     BackingOff,
-    /// Waiting for a sleep to end.
+    /// Waiting for a sleep to end or a call's result.
     Suspended,
     /// Out of attempts; waits for an operator to resume or kill it.
     Paused,
@@ -205,6 +219,12 @@ impl Invocation {
             (Status::Ready, Some(run)) => Some(AttemptId { run, base: self.journal.len() as u32 }),
             _ => None,
         }
+    }
+
+    /// Whether results of its calls are yet to come, or came during its
+    /// current attempt.
+    pub fn awaits_results(&self) -> bool {
+        self.awaiting > 0 || !self.arrived.is_empty()
     }
 
     /// The row prefix of its object's state and inbox, if it is keyed.
@@ -316,27 +336,28 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
                 }
             }
             if let Some(dedup) = invoke.dedup {
-                let producer = dedup.producer.to_be_bytes();
-                let last = self.store.get(Table::Dedup, &producer)?.as_deref().and_then(key::u64_of);
-                if last.is_some_and(|last| dedup.seq <= last) {
+                let Some(last) = self.advance(dedup)? else {
                     deduplicated += 1;
                     continue;
-                }
-                self.store.put(Table::Dedup, &producer, &dedup.seq.to_be_bytes())?;
+                };
                 if let (None, Some(subscription)) = (last, subscription) {
                     let mut row = Vec::with_capacity(12 + subscription.len());
                     key::push_str(&mut row, subscription);
-                    row.extend_from_slice(&producer);
+                    row.extend_from_slice(&dedup.producer.to_be_bytes());
                     self.store.put(Table::Producers, &row, &[])?;
                 }
             }
             let mut id = invoke.id;
-            if self.store.get(Table::Invocations, &key::invocation(&id))?.is_some() {
+            if let Some(row) = self.store.get(Table::Invocations, &key::invocation(&id))? {
                 // Ids derived from an idempotency key or a workflow's key
-                // repeat: the first one wins.
+                // repeat: the first one wins, and a caller of a later one
+                // gets its result.
                 let record = subscription.is_some() && invoke.dedup.is_some();
                 if !record || invoke.target.handler_ty == HandlerType::Workflow {
                     deduplicated += 1;
+                    if let Some(reply) = invoke.reply {
+                        self.attach(&mut decode(&row)?, reply)?;
+                    }
                     continue;
                 }
                 // A Kafka record that passed dedup is new; its id, made of
@@ -365,11 +386,16 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
                 completed_at_ms: None,
                 expires_at_ms: None,
                 inbox_seq: None,
+                replies: invoke.reply.into_iter().collect(),
+                awaiting: 0,
+                children: Vec::new(),
+                signals: Vec::new(),
+                arrived: Vec::new(),
             };
             self.count(Status::Scheduled, 1)?;
             let kept = match (invoke.failure, invoke.not_before_ms) {
-                (Some(message), _) => {
-                    self.complete(&mut inv, Completion::Failure { code: 400, message }, invoke.created_at_ms)?
+                (Some((code, message)), _) => {
+                    self.complete(&mut inv, Completion::Failure { code, message }, invoke.created_at_ms)?
                 }
                 (None, Some(at)) => {
                     self.set_timer(&mut inv, at)?;
@@ -388,13 +414,104 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
         Ok(Response::Invoked { created, deduplicated })
     }
 
-    /// Puts the invocations an attempt started in the outbox, in order.
-    fn send(&mut self, sends: Vec<Invoke>) -> Result<(), StoreError> {
-        for invoke in sends {
-            let seq = self.next(NEXT_OUTBOX_SEQ)?;
-            self.store.put(Table::Outbox, &seq.to_be_bytes(), &encode(&invoke))?;
+    /// Records `dedup`'s sequence number as its producer's last, unless it
+    /// is at or below the last one: `None` then (a duplicate), else the
+    /// last one before it.
+    fn advance(&mut self, dedup: Dedup) -> Result<Option<Option<u64>>, StoreError> {
+        let producer = dedup.producer.to_be_bytes();
+        let last = self.store.get(Table::Dedup, &producer)?.as_deref().and_then(key::u64_of);
+        if last.is_some_and(|last| dedup.seq <= last) {
+            return Ok(None);
+        }
+        self.store.put(Table::Dedup, &producer, &dedup.seq.to_be_bytes())?;
+        Ok(Some(last))
+    }
+
+    /// Puts what an attempt of `inv` started in the outbox, in order; `inv`
+    /// awaits the results of the calls among them.
+    fn send(&mut self, inv: &mut Invocation, sends: Vec<Outgoing>) -> Result<(), StoreError> {
+        for outgoing in sends {
+            if let Outgoing::Invoke(invoke) = &outgoing {
+                inv.children.push(invoke.id.clone());
+                if invoke.reply.is_some() {
+                    inv.awaiting += 1;
+                }
+            }
+            self.put_outgoing(&outgoing)?;
         }
         Ok(())
+    }
+
+    fn put_outgoing(&mut self, outgoing: &Outgoing) -> Result<(), StoreError> {
+        let seq = self.next(NEXT_OUTBOX_SEQ)?;
+        self.store.put(Table::Outbox, &seq.to_be_bytes(), &encode(outgoing))
+    }
+
+    /// Gives `reply` the result of `inv`: now if it is completed, else when
+    /// it completes.
+    fn attach(&mut self, inv: &mut Invocation, reply: ReplyTo) -> Result<(), StoreError> {
+        match &inv.completion {
+            Some(result) => self.put_outgoing(&Outgoing::Reply { to: reply, result: result.clone() }),
+            None => {
+                inv.replies.push(reply);
+                self.save(inv)
+            }
+        }
+    }
+
+    /// Appends call results and signals to their invocations' journals. A
+    /// suspended invocation runs again; one that may be running gets them
+    /// when its attempt ends; one that completed meanwhile (or was never
+    /// there) drops them. A cancel signal cancels, as [`Effect::Cancel`].
+    fn apply_notify(&mut self, at_ms: u64, notifications: Vec<Notification>) -> Result<Response, StoreError> {
+        let (mut appended, mut dropped) = (0, 0);
+        for Notification { id, notice, entry, dedup } in notifications {
+            let fresh = match dedup {
+                Some(dedup) => self.advance(dedup)?.is_some(),
+                None => true,
+            };
+            let Some(mut inv) = fresh.then(|| load(self.store, &id)).transpose()?.flatten() else {
+                dropped += 1;
+                continue;
+            };
+            let applied = match notice {
+                Notice::Cancel => {
+                    let (outcome, kept) = self.change(&mut inv, at_ms, Effect::Cancel { id, signal: entry })?;
+                    if kept {
+                        self.save(&inv)?;
+                    }
+                    outcome == Outcome::Applied
+                }
+                Notice::Signal(Some(index)) if inv.signals.contains(&index) => false,
+                _ => self.notify(&mut inv, notice, entry)?,
+            };
+            if applied {
+                appended += 1;
+            } else {
+                dropped += 1;
+            }
+        }
+        Ok(Response::Notified { appended, dropped })
+    }
+
+    /// Gives `inv` a call result or a signal; answers whether it took it.
+    fn notify(&mut self, inv: &mut Invocation, notice: Notice, entry: JournalEntry) -> Result<bool, StoreError> {
+        match inv.status {
+            Status::Completed | Status::Scheduled | Status::Pending => return Ok(false),
+            Status::Ready => inv.arrived.push(entry),
+            Status::Suspended => {
+                inv.journal.push(entry);
+                self.make_runnable(inv)?;
+            }
+            Status::BackingOff | Status::Paused => inv.journal.push(entry),
+        }
+        match notice {
+            Notice::CallResult => inv.awaiting = inv.awaiting.saturating_sub(1),
+            Notice::Signal(Some(index)) => inv.signals.push(index),
+            Notice::Signal(None) | Notice::Cancel => {}
+        }
+        self.save(inv)?;
+        Ok(true)
     }
 
     fn truncate_outbox(&mut self, upto: u64) -> Result<Response, StoreError> {
@@ -444,22 +561,26 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
         let current = inv.attempt();
         let stale = Ok((Outcome::Stale, true));
         match effect {
-            Effect::Progress { attempt, entries, state, sleeps, run_now, sends, .. } => {
+            Effect::Progress { attempt, entries, state, sleeps, run_now, sends, awaits_signal, .. } => {
                 if current != Some(attempt) {
                     return stale;
                 }
-                self.send(sends)?;
+                self.send(inv, sends)?;
                 inv.journal.extend(entries);
+                // Results that came during the attempt: the next one sees them.
+                let arrived = !inv.arrived.is_empty();
+                inv.journal.append(&mut inv.arrived);
                 inv.state_ops.extend(state);
                 inv.sleeps.extend(sleeps);
                 inv.attempts = 0;
                 inv.last_failure = None;
-                if !run_now {
+                if !run_now && !arrived {
                     match inv.sleeps.iter().map(|s| s.wake_at_ms).min() {
                         Some(at) => {
                             self.unrun(inv, Status::Suspended)?;
                             self.set_timer(inv, at)?;
                         }
+                        None if inv.awaiting > 0 || awaits_signal => self.unrun(inv, Status::Suspended)?,
                         None => self.unrun(inv, Status::Paused)?,
                     }
                 }
@@ -468,7 +589,7 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
                 if current != Some(attempt) {
                     return stale;
                 }
-                self.send(sends)?;
+                self.send(inv, sends)?;
                 inv.state_ops.extend(state);
                 let ops = std::mem::take(&mut inv.state_ops);
                 if let Some(object) = inv.object_key() {
@@ -483,6 +604,7 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
                 }
                 inv.attempts += 1;
                 inv.last_failure = Some(message.clone());
+                inv.journal.append(&mut inv.arrived);
                 match retry_at_ms {
                     Some(at) => {
                         self.unrun(inv, Status::BackingOff)?;
@@ -525,6 +647,7 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
                     return Ok((Outcome::Applied, kept));
                 }
                 _ => {
+                    inv.journal.append(&mut inv.arrived);
                     inv.journal.push(signal);
                     inv.attempts = 0;
                     self.make_runnable(inv)?;
@@ -533,6 +656,9 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
             Effect::Kill { .. } => {
                 if status == Status::Completed {
                     return Ok((Outcome::NotAllowed("the invocation is completed".to_owned()), true));
+                }
+                for id in std::mem::take(&mut inv.children) {
+                    self.put_outgoing(&Outgoing::Kill { id })?;
                 }
                 let killed = Completion::Failure { code: 409, message: "killed".to_owned() };
                 let kept = self.complete(inv, killed, at_ms)?;
@@ -685,10 +811,17 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
     fn complete(&mut self, inv: &mut Invocation, result: Completion, at_ms: u64) -> Result<bool, StoreError> {
         let status = inv.status;
         self.unrun(inv, Status::Completed)?;
+        for to in std::mem::take(&mut inv.replies) {
+            self.put_outgoing(&Outgoing::Reply { to, result: result.clone() })?;
+        }
         inv.completion = Some(result);
         inv.completed_at_ms = Some(at_ms);
         inv.state_ops = Vec::new();
         inv.sleeps = Vec::new();
+        inv.arrived = Vec::new();
+        inv.awaiting = 0;
+        inv.children = Vec::new();
+        inv.signals = Vec::new();
         if let Some(at) = inv.wake_at_ms.take() {
             self.store.remove(Table::Timers, &key::due(at, &inv.id))?;
         }
@@ -869,9 +1002,9 @@ impl<'a, S: StoreRead<Table> + ?Sized> PartitionRead<'a, S> {
     }
 
     /// The first rows of the outbox, at most `max_rows` of them and, past
-    /// the first, at most `max_bytes` encoded: (sequence number, invocation
-    /// to create).
-    pub fn outbox(&self, max_rows: usize, max_bytes: usize) -> Result<Vec<(u64, Invoke)>, StoreError> {
+    /// the first, at most `max_bytes` encoded: (sequence number, what to
+    /// deliver).
+    pub fn outbox(&self, max_rows: usize, max_bytes: usize) -> Result<Vec<(u64, Outgoing)>, StoreError> {
         let mut rows = Vec::new();
         let mut bytes = 0;
         let mut failed = None;
@@ -881,7 +1014,7 @@ impl<'a, S: StoreRead<Table> + ?Sized> PartitionRead<'a, S> {
                 return ControlFlow::Break(());
             }
             match (key::u64_of(k), decode(v)) {
-                (Some(seq), Ok(invoke)) => rows.push((seq, invoke)),
+                (Some(seq), Ok(outgoing)) => rows.push((seq, outgoing)),
                 (_, Err(e)) => failed = Some(StoreError::from(e)),
                 (None, _) => failed = Some(StoreError(format!("outbox row key {k:?} is not a sequence number"))),
             }
@@ -1078,7 +1211,7 @@ impl MetadataState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::v1::{Dedup, KafkaSource};
+    use crate::wire::v1::KafkaSource;
     use std::sync::Arc;
 
     fn invoke(id: &str, key: Option<&str>, handler_ty: HandlerType, dedup: Option<(u64, u64)>) -> Invoke {
@@ -1107,6 +1240,7 @@ mod tests {
             not_before_ms: None,
             trace: None,
             retention: Retention::FOREVER,
+            reply: None,
         }
     }
 
@@ -1254,7 +1388,7 @@ mod tests {
     fn undeliverable_records_complete_failed_without_holding_the_key() {
         let mut state = GroupState::default();
         let mut bad = invoke("inv_1", Some("k"), HandlerType::Exclusive, Some((1, 0)));
-        bad.failure = Some("handler Counter/add is gone".to_owned());
+        bad.failure = Some((400, "handler Counter/add is gone".to_owned()));
         apply(&mut state, vec![bad, invoke("inv_2", Some("k"), HandlerType::Exclusive, Some((1, 1)))]);
         let p = view(&state);
         let failed = p.invocation("inv_1").unwrap();
@@ -1373,6 +1507,7 @@ mod tests {
             sleeps: vec![],
             run_now: true,
             sends: vec![],
+            awaits_signal: false,
         };
         assert_eq!(effect(state, at_ms - 1, progress), Outcome::Applied);
         let result = Completion::Success(Bytes::from_static(b"out"));
@@ -1443,7 +1578,7 @@ mod tests {
         assert!(p.result_of("inv_1").is_some_and(|r| r.is_some()));
         // An undeliverable record completes as it is created: removed too.
         let mut bad = retained("inv_2", 1, zero);
-        bad.failure = Some("no such handler".to_owned());
+        bad.failure = Some((400, "no such handler".to_owned()));
         apply(&mut state, vec![bad]);
         assert_eq!(view(&state).invocation_count(), 0);
         // Kept for ever: nothing ever expires.
@@ -1497,6 +1632,7 @@ mod tests {
             sleeps: vec![],
             run_now: true,
             sends: vec![],
+            awaits_signal: false,
         };
         assert_eq!(effect(&mut state, 20, progress.clone()), Outcome::Applied);
         assert_eq!(effect(&mut state, 21, progress), Outcome::Stale);
@@ -1572,6 +1708,7 @@ mod tests {
             sleeps: vec![sleep],
             run_now: false,
             sends: vec![],
+            awaits_signal: false,
         };
         assert_eq!(effect(&mut state, 10, progress), Outcome::Applied);
         assert_eq!(view(&state).invocation("inv_1").unwrap().status, Status::Suspended);
@@ -1718,7 +1855,7 @@ mod tests {
             attempt,
             state: vec![],
             result: Completion::Success(Bytes::new()),
-            sends: ids.iter().map(|id| sent(id)).collect(),
+            sends: ids.iter().map(|id| Outgoing::Invoke(Box::new(sent(id)))).collect(),
         };
         let attempt = view(&state).invocation("inv_1").unwrap().attempt().unwrap();
         assert_eq!(effect(&mut state, 10, with_sends(attempt, &["inv_a", "inv_b"])), Outcome::Applied);
@@ -1729,7 +1866,10 @@ mod tests {
                 .outbox(10, usize::MAX)
                 .unwrap()
                 .into_iter()
-                .map(|(seq, invoke)| (seq, invoke.id))
+                .map(|(seq, row)| match row {
+                    Outgoing::Invoke(invoke) => (seq, invoke.id),
+                    other => panic!("{other:?}"),
+                })
                 .collect()
         };
         assert_eq!(outbox(&state), vec![(0, "inv_a".to_owned()), (1, "inv_b".to_owned())]);
@@ -1750,6 +1890,127 @@ mod tests {
         assert_eq!(apply(&mut other, vec![delivered(0)]), Response::Invoked { created: 1, deduplicated: 0 });
         assert_eq!(apply(&mut other, vec![delivered(0)]), Response::Invoked { created: 0, deduplicated: 1 });
         assert_eq!(view(&other).invocation("inv_a").unwrap().source, Source::Service { caller: "inv_1".to_owned() });
+    }
+
+    #[test]
+    fn a_call_suspends_its_caller_until_the_callee_result_comes_back_once() {
+        let mut caller = GroupState::default();
+        apply(&mut caller, vec![invoke("inv_1", None, HandlerType::Shared, None)]);
+        let call = |id: &str, completion_id| {
+            let mut call = invoke(id, Some("k"), HandlerType::Exclusive, None);
+            call.source = Source::Service { caller: "inv_1".to_owned() };
+            call.reply = Some(ReplyTo { caller: "inv_1".to_owned(), completion_id });
+            call
+        };
+        let progress = |attempt, entries, sends, run_now| Effect::Progress {
+            id: "inv_1".to_owned(),
+            attempt,
+            entries,
+            state: vec![],
+            sleeps: vec![],
+            run_now,
+            sends,
+            awaits_signal: false,
+        };
+        let attempt = |state: &GroupState| view(state).invocation("inv_1").unwrap().attempt();
+        let first = attempt(&caller).unwrap();
+        assert_eq!(
+            effect(
+                &mut caller,
+                10,
+                progress(first, vec![entry(0x040D, b"a")], vec![Outgoing::Invoke(Box::new(call("inv_a", 2)))], false)
+            ),
+            Outcome::Applied
+        );
+        let waiting = view(&caller).invocation("inv_1").unwrap();
+        assert_eq!((waiting.status, waiting.awaiting), (Status::Suspended, 1), "suspended, not paused");
+        assert!(runnable(&caller).is_empty());
+        let Some((_, Outgoing::Invoke(sent))) = caller.partition().outbox(10, usize::MAX).unwrap().pop() else {
+            panic!("the call is in the outbox");
+        };
+
+        // The callee's partition keeps the caller and, on completion, puts
+        // the result in its outbox.
+        let mut callee = GroupState::default();
+        apply(&mut callee, vec![Invoke { dedup: Some(Dedup { producer: 7, seq: 0 }), ..*sent }]);
+        let run = view(&callee).invocation("inv_a").unwrap().attempt().unwrap();
+        let done = Effect::Complete {
+            id: "inv_a".to_owned(),
+            attempt: run,
+            state: vec![],
+            result: Completion::Success(Bytes::from_static(b"42")),
+            sends: vec![],
+        };
+        assert_eq!(effect(&mut callee, 20, done), Outcome::Applied);
+        let rows = callee.partition().outbox(10, usize::MAX).unwrap();
+        let [(_, Outgoing::Reply { to, result })] = &rows[..] else { panic!("{rows:?}") };
+        assert_eq!((to.caller.as_str(), to.completion_id), ("inv_1", 2));
+        assert_eq!(result, &Completion::Success(Bytes::from_static(b"42")));
+
+        // Delivered to the caller (twice): appended once, and it runs again.
+        let result = |seq| Notification {
+            id: "inv_1".to_owned(),
+            notice: Notice::CallResult,
+            entry: entry(0x800D, b"42"),
+            dedup: Some(Dedup { producer: 9, seq }),
+        };
+        assert_eq!(
+            caller.apply(Command::Notify { at_ms: 0, notifications: vec![result(0)] }),
+            Response::Notified { appended: 1, dropped: 0 }
+        );
+        assert_eq!(
+            caller.apply(Command::Notify { at_ms: 0, notifications: vec![result(0)] }),
+            Response::Notified { appended: 0, dropped: 1 }
+        );
+        let woken = view(&caller).invocation("inv_1").unwrap();
+        assert_eq!((woken.status, woken.awaiting), (Status::Ready, 0));
+        assert_eq!(woken.journal.last(), Some(&entry(0x800D, b"42")));
+        assert_eq!(runnable(&caller), vec!["inv_1"]);
+
+        // A result that comes while an attempt may run waits for its end,
+        // so the attempt stays current; the next attempt sees it.
+        let second = attempt(&caller).unwrap();
+        assert_eq!(
+            effect(
+                &mut caller,
+                30,
+                progress(second, vec![entry(0x040D, b"b")], vec![Outgoing::Invoke(Box::new(call("inv_b", 4)))], true)
+            ),
+            Outcome::Applied
+        );
+        let third = attempt(&caller).unwrap();
+        caller.apply(Command::Notify {
+            at_ms: 0,
+            notifications: vec![Notification { entry: entry(0x800D, b"b"), ..result(1) }],
+        });
+        assert_eq!(attempt(&caller), Some(third), "the running attempt stays current");
+        assert!(view(&caller).invocation("inv_1").unwrap().awaits_results());
+        let ended = progress(third, vec![], vec![], false);
+        assert_eq!(effect(&mut caller, 40, ended), Outcome::Applied);
+        let after = view(&caller).invocation("inv_1").unwrap();
+        assert_eq!(after.journal.last(), Some(&entry(0x800D, b"b")));
+        assert_eq!(after.status, Status::Ready, "runs again to see the result");
+
+        // A later call with the same (idempotency) id gets the result of
+        // the first: at once once it is completed, else on completion.
+        let again =
+            Invoke { reply: Some(ReplyTo { caller: "inv_9".to_owned(), completion_id: 5 }), ..call("inv_a", 2) };
+        assert_eq!(apply(&mut callee, vec![again]), Response::Invoked { created: 0, deduplicated: 1 });
+        let rows = callee.partition().outbox(10, usize::MAX).unwrap();
+        assert!(matches!(&rows[..], [_, (_, Outgoing::Reply { to, .. })] if to.caller == "inv_9"), "{rows:?}");
+        apply(&mut callee, vec![invoke("inv_c", None, HandlerType::Shared, None)]);
+        let attached = Invoke {
+            reply: Some(ReplyTo { caller: "inv_9".to_owned(), completion_id: 6 }),
+            ..invoke("inv_c", None, HandlerType::Shared, None)
+        };
+        apply(&mut callee, vec![attached]);
+        assert_eq!(view(&callee).invocation("inv_c").unwrap().replies.len(), 1);
+        let killed =
+            callee.apply(Command::Effects { at_ms: 50, effects: vec![Effect::Kill { id: "inv_c".to_owned() }] });
+        assert_eq!(killed, Response::Effects(vec![Outcome::Applied]));
+        let rows = callee.partition().outbox(10, usize::MAX).unwrap();
+        let Some((_, Outgoing::Reply { to, result })) = rows.last() else { panic!("{rows:?}") };
+        assert_eq!((to.completion_id, result), (6, &Completion::Failure { code: 409, message: "killed".to_owned() }));
     }
 
     #[test]

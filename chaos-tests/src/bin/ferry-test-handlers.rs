@@ -30,7 +30,15 @@
 //!   with an empty JSON object. For a payload `{"seq": N}` it sends to keys
 //!   `f{N % 10}` and `g{N % 7}`; for `{"keys": [..]}` to each key, with
 //!   `delay_ms` later and with `idempotency_key` if given. Returns how many
-//!   it sent.
+//!   it sent. `Fanout/call` calls the same handlers (without a delay) one
+//!   after the other and awaits each result; it returns
+//!   `{"keys": [...], "results": [...]}`, each result the callee's JSON
+//!   output or `{"code": .., "message": ..}` for a call that failed.
+//! * `Awake` (virtual object): exclusive `wait` creates an awakeable, records
+//!   `{"invocation_id", "awakeable_id"}` to `awake.jsonl`, and returns what
+//!   completes it (its JSON value, or `{"code", "message"}` if rejected);
+//!   shared `complete` completes the awakeable `id` of its payload with
+//!   `value`, or rejects it with the message `reject`.
 //! * `Slow/run` (service): records each attempt to `slow.jsonl`, then works
 //!   for the milliseconds in its payload without writing to its journal (as
 //!   a long computation or a slow external call would), and returns.
@@ -78,6 +86,7 @@ const FLAKY_FILE: &str = "flaky.jsonl";
 const FLAKY_ATTEMPTS_FILE: &str = "flaky-attempts.jsonl";
 const ONCE_FILE: &str = "once.jsonl";
 const SLOW_FILE: &str = "slow.jsonl";
+const AWAKE_FILE: &str = "awake.jsonl";
 
 const STATE_COUNT: &str = "count";
 const STATE_LAST_SEQ: &str = "last_seq";
@@ -228,6 +237,19 @@ impl Sink {
 
 struct Fanout;
 
+/// The keys a `Fanout` payload names: `f{N % 10}` and `g{N % 7}` for
+/// `{"seq": N}`, else its `keys`.
+fn fanout_keys(input: &Value) -> Vec<String> {
+    match input.get("seq").and_then(Value::as_u64) {
+        Some(seq) => vec![format!("f{}", seq % 10), format!("g{}", seq % 7)],
+        None => input
+            .get("keys")
+            .and_then(Value::as_array)
+            .map(|keys| keys.iter().filter_map(|k| k.as_str().map(str::to_owned)).collect())
+            .unwrap_or_default(),
+    }
+}
+
 #[restate_sdk::service]
 impl Fanout {
     /// Sends an empty JSON object to the keys its payload names.
@@ -235,14 +257,7 @@ impl Fanout {
     async fn send(&self, ctx: Context<'_>, payload: AnyPayload) -> Result<u64, HandlerError> {
         let input = payload.as_json().unwrap_or_default();
         let text = |field: &str| input.get(field).and_then(Value::as_str).map(str::to_owned);
-        let keys: Vec<String> = match input.get("seq").and_then(Value::as_u64) {
-            Some(seq) => vec![format!("f{}", seq % 10), format!("g{}", seq % 7)],
-            None => input
-                .get("keys")
-                .and_then(Value::as_array)
-                .map(|keys| keys.iter().filter_map(|k| k.as_str().map(str::to_owned)).collect())
-                .unwrap_or_default(),
-        };
+        let keys = fanout_keys(&input);
         let service = text("service").unwrap_or_else(|| "Counter".to_owned());
         let handler = text("handler").unwrap_or_else(|| "add".to_owned());
         let delay = input.get("delay_ms").and_then(Value::as_u64).map(std::time::Duration::from_millis);
@@ -258,6 +273,30 @@ impl Fanout {
             };
         }
         Ok(keys.len() as u64)
+    }
+
+    /// Calls the handler for each key its payload names, and collects the
+    /// results.
+    #[handler]
+    async fn call(&self, ctx: Context<'_>, payload: AnyPayload) -> Result<Json<Value>, HandlerError> {
+        let input = payload.as_json().unwrap_or_default();
+        let text = |field: &str| input.get(field).and_then(Value::as_str).map(str::to_owned);
+        let keys = fanout_keys(&input);
+        let service = text("service").unwrap_or_else(|| "Counter".to_owned());
+        let handler = text("handler").unwrap_or_else(|| "add".to_owned());
+        let mut results = Vec::new();
+        for key in &keys {
+            let target = RequestTarget::object(service.as_str(), key.as_str(), handler.as_str());
+            let mut request = ctx.request::<AnyPayload, AnyPayload>(target, AnyPayload(Bytes::from_static(b"{}")));
+            if let Some(idempotency_key) = text("idempotency_key") {
+                request = request.idempotency_key(idempotency_key);
+            }
+            results.push(match request.call().await {
+                Ok(output) => output.as_json().unwrap_or(Value::Null),
+                Err(e) => json!({ "code": e.code(), "message": e.message() }),
+            });
+        }
+        Ok(Json(json!({ "keys": keys, "results": results })))
     }
 }
 
@@ -536,6 +575,43 @@ impl Slow {
 }
 
 // ---------------------------------------------------------------------------
+// Awake
+// ---------------------------------------------------------------------------
+
+struct Awake;
+
+#[restate_sdk::object]
+impl Awake {
+    /// Creates an awakeable, records its id, and returns what completes it:
+    /// its value, or `{"code", "message"}` for a failure.
+    #[handler]
+    async fn wait(&self, ctx: ObjectContext<'_>) -> Result<Json<Value>, HandlerError> {
+        let (id, completed) = ctx.awakeable::<AnyPayload>();
+        append_record(AWAKE_FILE, &json!({ "invocation_id": ctx.invocation_id(), "awakeable_id": id }))?;
+        Ok(Json(match completed.await {
+            Ok(value) => value.as_json().unwrap_or_else(|| Value::String(value.lossy_text())),
+            Err(e) => json!({ "code": e.code(), "message": e.message() }),
+        }))
+    }
+
+    /// Completes the awakeable `id` of its payload: with `value`, or as
+    /// failed with `reject` as the message.
+    #[handler]
+    async fn complete(&self, ctx: SharedObjectContext<'_>, payload: AnyPayload) -> Result<(), HandlerError> {
+        let input = payload.as_json().unwrap_or_default();
+        let id = input.get("id").and_then(Value::as_str).unwrap_or_default();
+        match input.get("reject").and_then(Value::as_str) {
+            Some(reason) => ctx.reject_awakeable(id, TerminalError::new(reason)),
+            None => {
+                let value = input.get("value").cloned().unwrap_or(Value::Null);
+                ctx.resolve_awakeable(id, AnyPayload(Bytes::from(value.to_string())));
+            }
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------
 // main
 // ---------------------------------------------------------------------------
 
@@ -669,6 +745,7 @@ async fn main() -> anyhow::Result<()> {
         .bind(Once::default())
         .bind(Slow)
         .bind(Fanout)
+        .bind(Awake)
         .build();
 
     println!("ferry-test-handlers listening on {local}");

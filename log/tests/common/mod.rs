@@ -41,5 +41,6 @@ pub fn invoke(i: u64) -> Invoke {
         not_before_ms: None,
         trace: None,
         retention: Retention::FOREVER,
+        reply: None,
     }
 }

@@ -27,9 +27,55 @@ pub enum Command {
     /// Drop the dedup entries of a deleted subscription (partition groups);
     /// records of it that still arrive are dropped too.
     ForgetSubscription { id: String },
-    /// Drop the outbox rows up to `upto`: their invocations are created in
-    /// their partitions.
+    /// Drop the outbox rows up to `upto`: they are delivered.
     TruncateOutbox { upto: u64 },
+    /// Append call results and signals to their invocations' journals,
+    /// dropping duplicates; stamped with the proposer's clock.
+    Notify { at_ms: u64, notifications: Vec<Notification> },
+}
+
+/// Something for invocation `id` from outside it: `entry` (the notification)
+/// is appended to its journal, and wakes it if it is suspended.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Notification {
+    pub id: String,
+    pub notice: Notice,
+    pub entry: JournalEntry,
+    /// If set, applied only if `seq` is above the last one of `producer` here.
+    pub dedup: Option<Dedup>,
+}
+
+/// What a [`Notification`] brings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Notice {
+    /// The result of a call the invocation awaits.
+    CallResult,
+    /// A signal: by index (an awakeable's, 17 and up; a second one of the
+    /// same index is dropped), or by name (`None`).
+    Signal(Option<u32>),
+    /// The built-in signal 1: cancel the invocation.
+    Cancel,
+}
+
+/// Where a call's result goes: the caller and the completion id it waits on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplyTo {
+    pub caller: String,
+    pub completion_id: u32,
+}
+
+/// A row of a partition's outbox: something to deliver to a partition once.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Outgoing {
+    /// Create an invocation (a handler's call or send).
+    Invoke(Box<Invoke>),
+    /// A completed call's result, for the caller's partition.
+    Reply { to: ReplyTo, result: Completion },
+    /// A signal for invocation `id` (an awakeable's completion, a signal a
+    /// handler sent), its notification encoded.
+    Signal { id: String, notice: Notice, entry: JournalEntry },
+    /// Kill invocation `id`: a child of an invocation that was killed.
+    Kill { id: String },
 }
 
 /// One change to an existing invocation. Effects of an attempt name the
@@ -47,13 +93,17 @@ pub enum Effect {
         state: Vec<StateOp>,
         sleeps: Vec<Sleep>,
         run_now: bool,
-        /// Invocations the handler started (one-way calls), created in
-        /// their partitions through this partition's outbox.
-        sends: Vec<Invoke>,
+        /// What the handler started elsewhere (calls and one-way calls,
+        /// signals), delivered through this partition's outbox. A call's
+        /// result comes back as a [`Notification`].
+        sends: Vec<Outgoing>,
+        /// The handler waits for a signal (an awakeable), which comes from
+        /// outside: it is suspended, not paused, even if it awaits nothing else.
+        awaits_signal: bool,
     },
     /// The handler ended: its state changes apply together with the result,
-    /// and the invocations it started are sent.
-    Complete { id: String, attempt: AttemptId, state: Vec<StateOp>, result: Completion, sends: Vec<Invoke> },
+    /// and what it started elsewhere is sent.
+    Complete { id: String, attempt: AttemptId, state: Vec<StateOp>, result: Completion, sends: Vec<Outgoing> },
     /// An attempt failed. It is retried at `retry_at_ms`; without one the
     /// invocation completes failed, or is paused (holding its key) when `pause`.
     Failed { id: String, attempt: AttemptId, message: String, retry_at_ms: Option<u64>, pause: bool },
@@ -62,7 +112,8 @@ pub enum Effect {
     /// Tell the handler it is cancelled: `signal` is appended to its journal.
     /// An invocation that has not started completes at once.
     Cancel { id: String, signal: JournalEntry },
-    /// Complete at once as failed, without telling the handler.
+    /// Complete at once as failed, without telling the handler; its calls
+    /// and one-way calls are killed too.
     Kill { id: String },
     /// Forget a completed invocation.
     Purge { id: String },
@@ -176,6 +227,12 @@ pub enum Response {
     Truncated {
         rows: u32,
     },
+    /// What a [`Command::Notify`] did: results appended to a journal, and
+    /// duplicates or results for invocations that no longer wait.
+    Notified {
+        appended: u32,
+        dropped: u32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -214,15 +271,18 @@ pub struct Invoke {
     pub dedup: Option<Dedup>,
     /// Stamped by the proposer.
     pub created_at_ms: u64,
-    /// The record cannot be delivered: the invocation is created completed
-    /// with this failure, so that it does not hold up its Kafka partition.
-    pub failure: Option<String>,
+    /// The invocation cannot run (an undeliverable record, a call to an
+    /// unknown handler): it is created completed with this failure code and
+    /// message, so that it holds up nothing (its Kafka partition, its caller).
+    pub failure: Option<(u16, String)>,
     /// Start no earlier than this time.
     pub not_before_ms: Option<u64>,
     /// The sampled span the invocation's attempts are traced under.
     pub trace: Option<TraceContext>,
     /// How long it is kept once completed.
     pub retention: Retention,
+    /// A call's caller, which gets the result.
+    pub reply: Option<ReplyTo>,
 }
 
 /// How long a completed invocation is kept, fixed when it is created.
@@ -323,7 +383,7 @@ impl std::fmt::Display for Target {
 pub enum Source {
     Kafka(KafkaSource),
     Ingress,
-    /// A one-way call of another invocation.
+    /// A call or one-way call of another invocation.
     Service {
         caller: String,
     },
