@@ -5,7 +5,8 @@
 //! again. A call (`ctx.call`) does too, and its result comes back to the
 //! caller once, which waits suspended meanwhile. Awakeables complete from
 //! HTTP and from handlers, once; killing a caller kills its calls, and
-//! cancelling one cancels them.
+//! cancelling one cancels them. Workflow promises wake the run that waits
+//! for them, keep their first value, and survive a restart.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -362,5 +363,40 @@ async fn killing_a_caller_kills_its_calls_and_cancelling_one_cancels_them() -> R
     invocation_when(&node, &caller, |inv| inv["status"] == "completed").await?;
     let (_, output) = node.ingress(&format!("/restate/invocation/{caller}/output"), None, &[]).await?;
     assert_eq!(output["results"][0]["code"], 409, "the call ended cancelled: {output}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workflow_promises_wake_their_run_and_keep_their_first_value() -> Result<()> {
+    let (_broker, _handlers, _dir, mut node) = node_with_handlers(&[]).await?;
+    let json = [("content-type", "application/json")];
+    let attach = |id: &str| format!("/restate/invocation/{id}/attach");
+
+    // The run waits suspended for its promise, which a peek finds empty.
+    let run = start(&node, "/Approval/w1/run", "").await?;
+    invocation_when(&node, &run, |inv| inv["status"] == "suspended").await?;
+    assert_eq!(node.ingress("/Approval/w1/peek", Some(""), &[]).await?, (200, json!("pending")));
+    // Resolved by a shared handler: the run wakes with the value.
+    let (status, body) = node.ingress("/Approval/w1/approve", Some(r#"{"ok": true}"#), &json).await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(node.ingress(&attach(&run), None, &[]).await?, (200, json!({"ok": true})));
+    // Resolving it again changes nothing.
+    node.ingress("/Approval/w1/approve", Some(r#"{"ok": false}"#), &json).await?;
+    assert_eq!(node.ingress("/Approval/w1/peek", Some(""), &[]).await?, (200, json!({"ok": true})));
+
+    // Resolved before the run starts, across a restart: the run finds it.
+    let (status, body) = node.ingress("/Approval/w2/approve", Some(r#""early""#), &json).await?;
+    assert_eq!(status, 200, "{body}");
+    node.kill().await;
+    node.restart().await?;
+    let run = start(&node, "/Approval/w2/run", "").await?;
+    assert_eq!(node.ingress(&attach(&run), None, &[]).await?, (200, json!("early")));
+
+    // Rejected: the run gets the failure.
+    let run = start(&node, "/Approval/w3/run", "").await?;
+    invocation_when(&node, &run, |inv| inv["status"] == "suspended").await?;
+    node.ingress("/Approval/w3/approve", Some(r#"{"reject": "no"}"#), &json).await?;
+    let (status, body) = node.ingress(&attach(&run), None, &[]).await?;
+    assert_eq!((status, &body["message"]), (200, &json!("no")), "{body}");
     Ok(())
 }

@@ -473,6 +473,7 @@ impl Sim {
                     run_now: true,
                     sends: vec![],
                     awaits_signal: false,
+                    promises: vec![],
                 }
             }
             Some(step) => {
@@ -490,7 +491,8 @@ impl Sim {
                     value: Bytes::from(value.to_string()),
                 };
                 let state = vec![set("count", count + 1), set("last", seq)];
-                Effect::Complete { id, attempt, state, result: Completion::Success(Bytes::new()), sends: vec![] }
+                let result = Completion::Success(Bytes::new());
+                Effect::Complete { id, attempt, state, result, sends: vec![], promises: vec![] }
             }
         };
         self.next_attempt += 1;

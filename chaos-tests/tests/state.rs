@@ -2,14 +2,15 @@
 //! the state cache survives a SIGKILL and is served right after the restart;
 //! a follower that was down while its leaders purged their logs catches up
 //! from snapshots streamed to it while calls go on, and ends with the same
-//! state as its peers.
+//! state as its peers. Handlers that read state lazily, and objects whose
+//! state is too large to send at each start, read it key by key.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use ferry_chaos_tests::{eventually, Broker, Cluster, Handlers, Node};
+use ferry_chaos_tests::{eventually, node_with_handlers, Broker, Cluster, Handlers, Node};
 use serde_json::{json, Value};
 
 const BLOBS: usize = 24;
@@ -53,6 +54,30 @@ async fn object_state_larger_than_the_cache_survives_a_sigkill() -> Result<()> {
         assert_eq!(status, 200, "{value}");
         assert!(value == Value::String(blob(key)), "b{key} came back changed");
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lazy_handlers_and_large_objects_read_state_when_they_ask() -> Result<()> {
+    let (_broker, _handlers, _dir, node) = node_with_handlers(&[]).await?;
+    // `enableLazyState`: attempts start without the state.
+    for n in 1..=3 {
+        assert_eq!(node.ingress("/Lazy/k/add", Some(""), &[]).await?, (200, json!(n)));
+    }
+    assert_eq!(node.ingress("/Lazy/k/keys", Some(""), &[]).await?, (200, json!(["count"])));
+    assert_eq!(node.ingress("/Lazy/other/keys", Some(""), &[]).await?, (200, json!([])));
+    let lazy_reads = node.metric("ferry_invoker_lazy_state_reads_total").await?;
+    assert!(lazy_reads >= 5.0, "{lazy_reads} lazy reads");
+
+    // Over the eager limit (1 MiB): the start carries none of it.
+    let big = "x".repeat(1_200_000);
+    let value = Value::String(big.clone()).to_string();
+    let (status, len) = node.ingress("/Blob/big/put", Some(&value), &JSON).await?;
+    assert_eq!((status, len), (200, json!(big.len())));
+    let (status, read) = node.ingress("/Blob/big/get", Some(""), &[]).await?;
+    assert_eq!(status, 200);
+    assert!(read == Value::String(big), "the large value came back changed");
+    assert!(node.metric("ferry_invoker_lazy_state_reads_total").await? > lazy_reads, "the get read it lazily");
     Ok(())
 }
 

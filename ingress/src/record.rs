@@ -221,6 +221,7 @@ mod tests {
                         name: "add".into(),
                         ty: handler_ty,
                         retention: RetentionOverrides { journal_ms: Some(60_000), ..Default::default() },
+                        lazy_state: false,
                     }],
                     retention: RetentionOverrides {
                         journal_ms: Some(1),

@@ -30,6 +30,7 @@ fn deployment() -> Deployment {
                 name: "greet".to_owned(),
                 ty: HandlerType::Shared,
                 retention: Default::default(),
+                lazy_state: false,
             }],
             retention: Default::default(),
         }],
@@ -139,7 +140,7 @@ async fn a_caller_gets_the_result_of_an_invocation_removed_as_it_completes() {
     let id = served.first_invocation().await;
     let attempt = log.read_partition(0, |p| Ok(p.invocation(&id)?.and_then(|inv| inv.attempt()))).unwrap().unwrap();
     let result = Completion::Success(Bytes::from_static(b"\"hello\""));
-    let done = Effect::Complete { id: id.clone(), attempt, state: vec![], result, sends: vec![] };
+    let done = Effect::Complete { id: id.clone(), attempt, state: vec![], result, sends: vec![], promises: vec![] };
     log.propose(partition_group(0), Command::Effects { at_ms: 2, effects: vec![done] }).await.unwrap();
 
     let (status, body) = tokio::time::timeout(Duration::from_secs(10), waiting).await.unwrap().unwrap();

@@ -50,6 +50,8 @@ struct ManifestService {
     handlers: Vec<ManifestHandler>,
     #[serde(flatten)]
     retention: ManifestRetention,
+    #[serde(rename = "enableLazyState")]
+    lazy_state: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -58,6 +60,8 @@ struct ManifestHandler {
     ty: Option<String>,
     #[serde(flatten)]
     retention: ManifestRetention,
+    #[serde(rename = "enableLazyState")]
+    lazy_state: Option<bool>,
 }
 
 /// Retention of a service or handler (manifest v3 and later), in milliseconds.
@@ -205,7 +209,13 @@ pub fn parse_manifest(body: &[u8], http2: bool) -> Result<Discovered, String> {
                     return Err(format!("handler {}/{} has unknown type {other}", service.name, handler.name))
                 }
             };
-            handlers.push(HandlerDef { name: handler.name, ty: handler_ty, retention: handler.retention.into() });
+            let lazy_state = handler.lazy_state.or(service.lazy_state).unwrap_or(false);
+            handlers.push(HandlerDef {
+                name: handler.name,
+                ty: handler_ty,
+                retention: handler.retention.into(),
+                lazy_state,
+            });
         }
         services.push(ServiceDef { name: service.name, ty, handlers, retention: service.retention.into() });
     }
@@ -245,7 +255,7 @@ mod tests {
         let body = br#"{"minProtocolVersion":5,"maxProtocolVersion":6,
             "services":[{"name":"Flow","ty":"WORKFLOW","journalRetention":60000,"idempotencyRetention":5000,
               "handlers":[{"name":"run","ty":"WORKFLOW","workflowCompletionRetention":172800000,"journalRetention":0},
-                          {"name":"status","ty":"SHARED"}]}]}"#;
+                          {"name":"status","ty":"SHARED","enableLazyState":true}]}]}"#;
         let d = parse_manifest(body, true).unwrap();
         let flow = &d.services[0];
         let overrides =
@@ -255,6 +265,7 @@ mod tests {
             RetentionOverrides { journal_ms: Some(0), idempotency_ms: None, workflow_completion_ms: Some(172_800_000) };
         assert_eq!(flow.handlers[0].retention, run);
         assert_eq!(flow.handlers[1].retention, RetentionOverrides::default());
+        assert_eq!((flow.handlers[0].lazy_state, flow.handlers[1].lazy_state), (false, true));
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! from an invocation's journal, and what the deployment answered becomes the
 //! one [`Effect`] the invoker appends to the log.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -10,8 +11,8 @@ use ferry_partition::partitioner::invocation_ids;
 use ferry_partition::state::{Completion, Invocation, Resolved};
 use ferry_partition::store::key;
 use ferry_partition::wire::v1::{
-    AttemptId, Effect, HandlerType, Invoke, JournalEntry, Notice, Outgoing, ReplyTo, Retention, ServiceType, Sleep,
-    Source, StateOp, Target,
+    AttemptId, Effect, HandlerType, Invoke, JournalEntry, Notice, Outgoing, PromiseOp, ReplyTo, Retention, ServiceType,
+    Sleep, Source, StateOp, Target,
 };
 use ferry_proto::service_protocol as pb;
 use ferry_telemetry::TraceContext;
@@ -42,24 +43,44 @@ pub struct Job {
     pub waiting: bool,
     /// Start, Input and the journal, encoded.
     pub body: Bytes,
+    /// The object's state as the invocation sees it when the attempt starts
+    /// (its own earlier changes applied): what lazy reads answer from.
+    pub state: Option<Arc<BTreeMap<Bytes, Bytes>>>,
     /// The span the invocation's attempts are traced under.
     pub trace: Option<TraceContext>,
 }
 
+/// The most state an attempt's Start carries: a larger object's state goes
+/// in part (its first keys up to this many bytes), and the handler reads the
+/// rest lazily.
+pub const EAGER_STATE_BYTES_MAX: usize = 1 << 20;
+
 impl Job {
     /// Reads what an attempt of `invocation` sends; `state` is its object's
-    /// state, sent eagerly and complete.
-    pub fn new(invocation: &Invocation, state: Option<&BTreeMap<Bytes, Bytes>>, now_ms: u64) -> Job {
+    /// committed state, sent eagerly (in part if it is large), or not at all
+    /// to a handler that reads it `lazy`ly.
+    pub fn new(invocation: &Invocation, state: Option<BTreeMap<Bytes, Bytes>>, lazy: bool, now_ms: u64) -> Job {
+        let mut state_map = Vec::new();
+        let mut partial_state = lazy && state.is_some();
+        let mut bytes = 0;
+        for (key, value) in state.iter().flatten().take_while(|_| !lazy) {
+            bytes += key.len() + value.len();
+            if bytes > EAGER_STATE_BYTES_MAX {
+                partial_state = true;
+                break;
+            }
+            state_map.push(pb::start_message::StateEntry { key: key.clone(), value: value.clone() });
+        }
+        let view = state.map(|mut state| {
+            apply_ops(&mut state, &invocation.state_ops);
+            Arc::new(state)
+        });
         let start = pb::StartMessage {
             id: Bytes::copy_from_slice(invocation.id.as_bytes()),
             debug_id: invocation.id.clone(),
             known_entries: 1 + invocation.journal.len() as u32,
-            state_map: state
-                .into_iter()
-                .flatten()
-                .map(|(key, value)| pb::start_message::StateEntry { key: key.clone(), value: value.clone() })
-                .collect(),
-            partial_state: false,
+            state_map,
+            partial_state,
             key: invocation.target.key.clone().unwrap_or_default(),
             retry_count_since_last_stored_entry: invocation.attempts,
             duration_since_last_stored_entry: now_ms.saturating_sub(invocation.modified_at_ms),
@@ -86,8 +107,40 @@ impl Job {
             attempts: invocation.attempts,
             waiting: !invocation.sleeps.is_empty() || invocation.awaits_results(),
             body: body.freeze(),
+            state: view,
             trace: invocation.trace,
         }
+    }
+
+    /// `key`'s value as the handler sees it after `ops`, its changes in
+    /// this attempt so far.
+    fn lazy_value(&self, ops: &[StateOp], key: &Bytes) -> Option<Bytes> {
+        for op in ops.iter().rev() {
+            match op {
+                StateOp::Set { key: k, value } if k == key => return Some(value.clone()),
+                StateOp::Clear { key: k } if k == key => return None,
+                StateOp::ClearAll => return None,
+                _ => {}
+            }
+        }
+        self.state.as_ref()?.get(key).cloned()
+    }
+
+    /// The keys the handler sees after `ops`, in order.
+    fn lazy_keys(&self, ops: &[StateOp]) -> Vec<Bytes> {
+        let mut keys: BTreeSet<Bytes> = self.state.iter().flat_map(|s| s.keys().cloned()).collect();
+        for op in ops {
+            match op {
+                StateOp::Set { key, .. } => {
+                    keys.insert(key.clone());
+                }
+                StateOp::Clear { key } => {
+                    keys.remove(key);
+                }
+                StateOp::ClearAll => keys.clear(),
+            }
+        }
+        keys.into_iter().collect()
     }
 
     /// The effect of an attempt that ended with `result` at `now_ms`;
@@ -110,6 +163,7 @@ impl Job {
         let mut run_now = false;
         let mut awaits_signal = false;
         let mut sends = Vec::new();
+        let mut promises = Vec::new();
         for message in attempt.messages {
             let ty = message.message_type();
             match message {
@@ -182,6 +236,57 @@ impl Job {
                     // A handler that waits for the id finds it journaled.
                     run_now = true;
                 }
+                // Read at once from the state the invocation sees; the
+                // answer is journaled and the handler runs again to read it.
+                Message::GetLazyStateCommand(ref get) => {
+                    use pb::get_lazy_state_completion_notification_message::Result as Read;
+                    metrics::counter!("ferry_invoker_lazy_state_reads_total").increment(1);
+                    let result = match self.lazy_value(&state, &get.key) {
+                        Some(content) => Read::Value(pb::Value { content }),
+                        None => Read::Void(pb::Void {}),
+                    };
+                    let notification =
+                        Message::GetLazyStateCompletionNotification(pb::GetLazyStateCompletionNotificationMessage {
+                            completion_id: get.result_completion_id,
+                            result: Some(result),
+                        });
+                    entries.push(entry(&message));
+                    entries.push(entry(&notification));
+                    run_now = true;
+                }
+                Message::GetLazyStateKeysCommand(ref get) => {
+                    metrics::counter!("ferry_invoker_lazy_state_reads_total").increment(1);
+                    let notification = Message::GetLazyStateKeysCompletionNotification(
+                        pb::GetLazyStateKeysCompletionNotificationMessage {
+                            completion_id: get.result_completion_id,
+                            state_keys: Some(pb::StateKeys { keys: self.lazy_keys(&state) }),
+                        },
+                    );
+                    entries.push(entry(&message));
+                    entries.push(entry(&notification));
+                    run_now = true;
+                }
+                // Answered by the partition as the effect applies: only it
+                // knows the promise.
+                Message::GetPromiseCommand(ref get) => {
+                    promises.push(PromiseOp::Get { name: get.key.clone(), completion_id: get.result_completion_id });
+                    entries.push(entry(&message));
+                }
+                Message::PeekPromiseCommand(ref peek) => {
+                    promises.push(PromiseOp::Peek { name: peek.key.clone(), completion_id: peek.result_completion_id });
+                    entries.push(entry(&message));
+                }
+                Message::CompletePromiseCommand(ref complete) => {
+                    use pb::complete_promise_command_message::Completion as Completed;
+                    let result = match &complete.completion {
+                        Some(Completed::CompletionValue(value)) => Completion::Success(value.content.clone()),
+                        Some(Completed::CompletionFailure(f)) => failure(f.clone()),
+                        None => Completion::Success(Bytes::new()),
+                    };
+                    let name = complete.key.clone();
+                    promises.push(PromiseOp::Complete { name, result, completion_id: complete.result_completion_id });
+                    entries.push(entry(&message));
+                }
                 Message::CompleteAwakeableCommand(ref complete) => {
                     let Some((id, index)) = awakeable_target(&complete.awakeable_id) else {
                         let message = format!("{:?} is not an awakeable id of this cluster", complete.awakeable_id);
@@ -245,6 +350,7 @@ impl Job {
                         state: Vec::new(),
                         result: Completion::Failure { code: 501, message },
                         sends: Vec::new(),
+                        promises: Vec::new(),
                     };
                 }
             }
@@ -256,6 +362,7 @@ impl Job {
                 state,
                 result: output.unwrap_or(Completion::Success(Bytes::new())),
                 sends,
+                promises,
             },
             Ending::Suspended if entries.is_empty() && sleeps.is_empty() && !self.waiting && !awaits_signal => self
                 .failed(
@@ -274,6 +381,7 @@ impl Job {
                 run_now,
                 sends,
                 awaits_signal,
+                promises,
             },
             Ending::Failed => unreachable!("an Error message returns above"),
         }
@@ -486,6 +594,21 @@ enum Behavior {
     Fail,
 }
 
+/// Applies state changes to a state map.
+fn apply_ops(state: &mut BTreeMap<Bytes, Bytes>, ops: &[StateOp]) {
+    for op in ops {
+        match op {
+            StateOp::Set { key, value } => {
+                state.insert(key.clone(), value.clone());
+            }
+            StateOp::Clear { key } => {
+                state.remove(key);
+            }
+            StateOp::ClearAll => state.clear(),
+        }
+    }
+}
+
 fn entry(message: &Message) -> JournalEntry {
     JournalEntry { ty: message.message_type().id(), body: message.encode_body() }
 }
@@ -533,6 +656,7 @@ mod tests {
             attempts: 0,
             waiting: false,
             body: Bytes::new(),
+            state: None,
             trace: None,
         }
     }
@@ -609,6 +733,64 @@ mod tests {
                 other => panic!("{other:?}"),
             })
             .collect()
+    }
+
+    #[test]
+    fn lazy_reads_see_the_committed_state_with_the_invocations_own_changes() {
+        let mut job = job("inv_00000000000000070000000000000001");
+        let committed: BTreeMap<Bytes, Bytes> = [("a", "1"), ("b", "2")]
+            .map(|(k, v)| (Bytes::from_static(k.as_bytes()), Bytes::from_static(v.as_bytes())))
+            .into();
+        job.state = Some(Arc::new(committed));
+        let get = |key: &'static str, id| {
+            Message::GetLazyStateCommand(pb::GetLazyStateCommandMessage {
+                key: Bytes::from_static(key.as_bytes()),
+                result_completion_id: id,
+                ..Default::default()
+            })
+        };
+        let set_c = Message::SetStateCommand(pb::SetStateCommandMessage {
+            key: Bytes::from_static(b"c"),
+            value: Some(pb::Value { content: Bytes::from_static(b"3") }),
+            ..Default::default()
+        });
+        let clear_a = Message::ClearStateCommand(pb::ClearStateCommandMessage {
+            key: Bytes::from_static(b"a"),
+            ..Default::default()
+        });
+        let keys = Message::GetLazyStateKeysCommand(pb::GetLazyStateKeysCommandMessage {
+            result_completion_id: 4,
+            ..Default::default()
+        });
+        let messages = vec![get("b", 1), set_c, clear_a, get("a", 2), get("c", 3), keys];
+        let retry = RetryPolicy::default();
+        let Effect::Progress { entries, run_now, .. } =
+            job.effect(attempt(messages, Ending::Suspended), &Counter, &retry, 0)
+        else {
+            panic!("suspended");
+        };
+        assert!(run_now, "the handler runs again to read the answers");
+        let answers: Vec<Message> = entries
+            .iter()
+            .filter(|e| e.ty == 0x8002 || e.ty == 0x8006)
+            .map(|e| {
+                let mut framed = BytesMut::new();
+                encode_raw(e.ty, &e.body, &mut framed);
+                let mut decoder = crate::codec::Decoder::new();
+                decoder.push(&framed);
+                decoder.try_next().unwrap().unwrap()
+            })
+            .collect();
+        use pb::get_lazy_state_completion_notification_message::Result as Read;
+        let value = |content: &'static [u8]| Some(Read::Value(pb::Value { content: Bytes::from_static(content) }));
+        let Message::GetLazyStateCompletionNotification(b) = &answers[0] else { panic!() };
+        assert_eq!((b.completion_id, &b.result), (1, &value(b"2")));
+        let Message::GetLazyStateCompletionNotification(a) = &answers[1] else { panic!() };
+        assert_eq!(a.result, Some(Read::Void(pb::Void {})), "cleared earlier in the attempt");
+        let Message::GetLazyStateCompletionNotification(c) = &answers[2] else { panic!() };
+        assert_eq!(c.result, value(b"3"), "set earlier in the attempt");
+        let Message::GetLazyStateKeysCompletionNotification(k) = &answers[3] else { panic!() };
+        assert_eq!(k.state_keys.as_ref().unwrap().keys, vec![Bytes::from_static(b"b"), Bytes::from_static(b"c")]);
     }
 
     #[test]

@@ -376,6 +376,15 @@ impl PartitionScheduler {
         let running = &self.running;
         let waking = &self.waking;
         let delivering = self.delivering;
+        // Handlers that read state lazily, read before the partition's state.
+        let lazy_handlers: Vec<(String, String)> = self.shared.log.read_metadata(|m| {
+            let services = m.services.values().map(|s| &s.def);
+            services
+                .flat_map(|s| s.handlers.iter().filter(|h| h.lazy_state).map(|h| (s.name.clone(), h.name.clone())))
+                .collect()
+        });
+        let lazy_handlers: HashSet<(&str, &str)> =
+            lazy_handlers.iter().map(|(s, h)| (s.as_str(), h.as_str())).collect();
         let read = self.shared.log.read_partition(self.partition, |state| {
             // Attempts whose invocation was killed, cancelled or woken meanwhile.
             let mut outdated = Vec::new();
@@ -403,7 +412,8 @@ impl PartitionScheduler {
                     Some(key) => Some(state.object_state(&inv.target.service, key)?),
                     None => None,
                 };
-                jobs.push(Job::new(&inv, object.as_ref(), now));
+                let lazy = lazy_handlers.contains(&(inv.target.service.as_str(), inv.target.handler.as_str()));
+                jobs.push(Job::new(&inv, object, lazy, now));
             }
             let mut due = Vec::new();
             let mut next = None;
@@ -779,6 +789,7 @@ mod tests {
             state: vec![],
             result: Completion::Success(Bytes::from(vec![0u8; output_bytes])),
             sends: vec![],
+            promises: vec![],
         }
     }
 

@@ -4,6 +4,7 @@
 //! [`state`]; the proposer stamps times and ids into the command.
 
 pub mod machine;
+pub mod notifications;
 pub mod partitioner;
 pub mod state;
 pub mod store;

@@ -35,8 +35,9 @@ impl StateMachine for Machine {
     /// keyed by [`crate::store::key::invocation`], unique part first. 6:
     /// one-way calls: effects carry the invocations they start, partitions
     /// an outbox. 7: calls: invocations keep their callers and the results
-    /// they await, outboxes carry results back.
-    const DATA_FORMAT: u32 = 7;
+    /// they await, outboxes carry results back. 8: handlers say whether they
+    /// read state lazily. 9: workflow promises.
+    const DATA_FORMAT: u32 = 9;
 
     type Command = Command;
     type Response = Response;

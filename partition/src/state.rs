@@ -12,12 +12,13 @@ use ferry_telemetry::TraceContext;
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
+use crate::notifications;
 use crate::store::{key, scan_prefix, MemStore, Row, Store, StoreError, StoreRead, Table};
 pub use crate::wire::v1::Completion;
 use crate::wire::v1::{
     AttemptId, Command, Dedup, Deployment, Effect, HandlerType, Invoke, JournalEntry, MetadataCommand,
-    MetadataResponse, Notice, Notification, Outcome, Outgoing, ReplyTo, Response, Retention, RetentionPolicy,
-    ServiceDef, ServiceType, Sleep, Source, StateOp, Subscription, Target,
+    MetadataResponse, Notice, Notification, Outcome, Outgoing, PromiseOp, ReplyTo, Response, Retention,
+    RetentionPolicy, ServiceDef, ServiceType, Sleep, Source, StateOp, Subscription, Target,
 };
 use crate::wire::{decode, encode};
 
@@ -270,8 +271,23 @@ impl Status {
     }
 }
 
+/// A workflow promise, a row of [`Table::Promises`].
+#[derive(Debug, Serialize, Deserialize)]
+enum Promise {
+    Completed(Completion),
+    /// Not completed; these (invocation, completion id) wait for it.
+    Awaited(Vec<(String, u32)>),
+}
+
+/// The object key of the workflow `inv` is the run of, if it is one: its
+/// promises go when it goes.
+fn workflow_of(inv: &Invocation) -> Option<Vec<u8>> {
+    (inv.target.handler_ty == HandlerType::Workflow).then(|| inv.object_key()).flatten()
+}
+
 /// What a row of [`Table::Expiries`] says is due: the invocation's journal
-/// goes, or the invocation.
+/// goes, or the invocation (then, for a workflow's run, the workflow's
+/// object key follows).
 const EXPIRY_JOURNAL: u8 = 0;
 const EXPIRY_REMOVE: u8 = 1;
 
@@ -561,14 +577,15 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
         let current = inv.attempt();
         let stale = Ok((Outcome::Stale, true));
         match effect {
-            Effect::Progress { attempt, entries, state, sleeps, run_now, sends, awaits_signal, .. } => {
+            Effect::Progress { attempt, entries, state, sleeps, run_now, sends, awaits_signal, promises, .. } => {
                 if current != Some(attempt) {
                     return stale;
                 }
                 self.send(inv, sends)?;
                 inv.journal.extend(entries);
+                let answered = self.apply_promises(inv, promises)?;
                 // Results that came during the attempt: the next one sees them.
-                let arrived = !inv.arrived.is_empty();
+                let arrived = answered || !inv.arrived.is_empty();
                 inv.journal.append(&mut inv.arrived);
                 inv.state_ops.extend(state);
                 inv.sleeps.extend(sleeps);
@@ -585,11 +602,12 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
                     }
                 }
             }
-            Effect::Complete { attempt, state, result, sends, .. } => {
+            Effect::Complete { attempt, state, result, sends, promises, .. } => {
                 if current != Some(attempt) {
                     return stale;
                 }
                 self.send(inv, sends)?;
+                self.apply_promises(inv, promises)?;
                 inv.state_ops.extend(state);
                 let ops = std::mem::take(&mut inv.state_ops);
                 if let Some(object) = inv.object_key() {
@@ -672,6 +690,9 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
                     self.store.remove(Table::Expiries, &key::due(at, &inv.id))?;
                 }
                 self.store.remove(Table::Invocations, &key::invocation(&inv.id))?;
+                if let Some(workflow) = workflow_of(inv) {
+                    self.forget_promises(&workflow)?;
+                }
                 self.count(status, -1)?;
                 return Ok((Outcome::Applied, false));
             }
@@ -692,6 +713,82 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
             }
         }
         Ok((Outcome::Applied, true))
+    }
+
+    /// Applies what `inv`'s attempt did with its workflow's promises and
+    /// answers each in its journal (a wait for a promise not completed yet,
+    /// when it is); says whether it answered any, so that the handler runs
+    /// again to see the answers. Completing a promise answers whoever waits
+    /// for it.
+    fn apply_promises(&mut self, inv: &mut Invocation, ops: Vec<PromiseOp>) -> Result<bool, StoreError> {
+        let mut answered = false;
+        for op in ops {
+            // The SDKs offer promises to workflow handlers only, which are keyed.
+            let Some(workflow) = inv.object_key() else { continue };
+            let (PromiseOp::Get { name, completion_id }
+            | PromiseOp::Peek { name, completion_id }
+            | PromiseOp::Complete { name, completion_id, .. }) = &op;
+            let (row, completion_id) = ([&workflow[..], name.as_bytes()].concat(), *completion_id);
+            let stored: Option<Promise> = self.store.get(Table::Promises, &row)?.map(|v| decode(&v)).transpose()?;
+            match (op, stored) {
+                (PromiseOp::Get { .. }, Some(Promise::Completed(result))) => {
+                    inv.journal.push(notifications::get_promise(completion_id, &result));
+                    answered = true;
+                }
+                (PromiseOp::Get { .. }, waiting) => {
+                    let mut waiting = match waiting {
+                        Some(Promise::Awaited(waiting)) => waiting,
+                        _ => Vec::new(),
+                    };
+                    waiting.push((inv.id.clone(), completion_id));
+                    self.store.put(Table::Promises, &row, &encode(&Promise::Awaited(waiting)))?;
+                    inv.awaiting += 1;
+                }
+                (PromiseOp::Peek { .. }, stored) => {
+                    let result = match &stored {
+                        Some(Promise::Completed(result)) => Some(result),
+                        _ => None,
+                    };
+                    inv.journal.push(notifications::peek_promise(completion_id, result));
+                    answered = true;
+                }
+                (PromiseOp::Complete { .. }, Some(Promise::Completed(_))) => {
+                    inv.journal.push(notifications::complete_promise(completion_id, true));
+                    answered = true;
+                }
+                (PromiseOp::Complete { result, .. }, waiting) => {
+                    for (id, waiter) in waiting.into_iter().flat_map(|w| match w {
+                        Promise::Awaited(waiting) => waiting,
+                        Promise::Completed(_) => Vec::new(),
+                    }) {
+                        let entry = notifications::get_promise(waiter, &result);
+                        if id == inv.id {
+                            inv.journal.push(entry);
+                            inv.awaiting = inv.awaiting.saturating_sub(1);
+                        } else if let Some(mut other) = load(self.store, &id)? {
+                            self.notify(&mut other, Notice::CallResult, entry)?;
+                        }
+                    }
+                    self.store.put(Table::Promises, &row, &encode(&Promise::Completed(result)))?;
+                    inv.journal.push(notifications::complete_promise(completion_id, false));
+                    answered = true;
+                }
+            }
+        }
+        Ok(answered)
+    }
+
+    /// Drops the promises of `workflow` (its object key), whose run is gone.
+    fn forget_promises(&mut self, workflow: &[u8]) -> Result<(), StoreError> {
+        let mut rows = Vec::new();
+        scan_prefix(self.store, Table::Promises, workflow, &mut |k, _| {
+            rows.push(k.to_vec());
+            ControlFlow::Continue(())
+        })?;
+        for row in rows {
+            self.store.remove(Table::Promises, &row)?;
+        }
+        Ok(())
     }
 
     /// Applies a completed invocation's state changes to its object.
@@ -863,6 +960,9 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
         let completed = inv.completed_at_ms.expect("retired invocations are completed");
         if completed.saturating_add(inv.retention.completion_ms) <= now {
             self.store.remove(Table::Invocations, &key::invocation(&inv.id))?;
+            if let Some(workflow) = workflow_of(inv) {
+                self.forget_promises(&workflow)?;
+            }
             self.count(Status::Completed, -1)?;
             if let Some(result) = inv.completion.take() {
                 self.removed.push(std::mem::take(&mut inv.id), result);
@@ -880,8 +980,14 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
         // Kept for ever: nothing to look at again.
         if next != u64::MAX {
             inv.expires_at_ms = Some(next);
-            let step = if inv.journal.is_empty() { EXPIRY_REMOVE } else { EXPIRY_JOURNAL };
-            self.store.put(Table::Expiries, &key::due(next, &inv.id), &[step])?;
+            // The removal of a workflow's run names the workflow, whose
+            // promises go with it, as the invocation is not read then.
+            let value = match (inv.journal.is_empty(), workflow_of(inv)) {
+                (true, Some(workflow)) => [&[EXPIRY_REMOVE][..], &workflow].concat(),
+                (true, None) => vec![EXPIRY_REMOVE],
+                (false, _) => vec![EXPIRY_JOURNAL],
+            };
+            self.store.put(Table::Expiries, &key::due(next, &inv.id), &value)?;
         }
         Ok(Retired { removed: false, journals })
     }
@@ -893,16 +999,24 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
         let mut due = Vec::new();
         self.store.scan(Table::Expiries, Bound::Unbounded, Bound::Unbounded, &mut |k, v| match key::split_due(k) {
             Some((at, id)) if at <= at_ms && due.len() < max as usize => {
-                due.push((k.to_vec(), id.to_owned(), v.first() == Some(&EXPIRY_REMOVE)));
+                due.push((
+                    k.to_vec(),
+                    id.to_owned(),
+                    v.first() == Some(&EXPIRY_REMOVE),
+                    v.get(1..).unwrap_or_default().to_vec(),
+                ));
                 ControlFlow::Continue(())
             }
             _ => ControlFlow::Break(()),
         })?;
         let (mut invocations, mut journals) = (0, 0);
-        for (row, id, remove) in due {
+        for (row, id, remove, workflow) in due {
             self.store.remove(Table::Expiries, &row)?;
             if remove {
                 self.store.remove(Table::Invocations, &key::invocation(&id))?;
+                if !workflow.is_empty() {
+                    self.forget_promises(&workflow)?;
+                }
                 self.count(Status::Completed, -1)?;
                 invocations += 1;
                 continue;
@@ -1475,7 +1589,14 @@ mod tests {
     }
 
     fn complete(id: &str, attempt: AttemptId, state: Vec<StateOp>) -> Effect {
-        Effect::Complete { id: id.to_owned(), attempt, state, result: Completion::Success(Bytes::new()), sends: vec![] }
+        Effect::Complete {
+            id: id.to_owned(),
+            attempt,
+            state,
+            result: Completion::Success(Bytes::new()),
+            sends: vec![],
+            promises: vec![],
+        }
     }
 
     fn runnable(state: &GroupState) -> Vec<String> {
@@ -1508,10 +1629,18 @@ mod tests {
             run_now: true,
             sends: vec![],
             awaits_signal: false,
+            promises: vec![],
         };
         assert_eq!(effect(state, at_ms - 1, progress), Outcome::Applied);
         let result = Completion::Success(Bytes::from_static(b"out"));
-        let done = Effect::Complete { id: id.to_owned(), attempt: at(run, 2), state: vec![], result, sends: vec![] };
+        let done = Effect::Complete {
+            id: id.to_owned(),
+            attempt: at(run, 2),
+            state: vec![],
+            result,
+            sends: vec![],
+            promises: vec![],
+        };
         assert_eq!(effect(state, at_ms, done), Outcome::Applied);
     }
 
@@ -1633,6 +1762,7 @@ mod tests {
             run_now: true,
             sends: vec![],
             awaits_signal: false,
+            promises: vec![],
         };
         assert_eq!(effect(&mut state, 20, progress.clone()), Outcome::Applied);
         assert_eq!(effect(&mut state, 21, progress), Outcome::Stale);
@@ -1709,6 +1839,7 @@ mod tests {
             run_now: false,
             sends: vec![],
             awaits_signal: false,
+            promises: vec![],
         };
         assert_eq!(effect(&mut state, 10, progress), Outcome::Applied);
         assert_eq!(view(&state).invocation("inv_1").unwrap().status, Status::Suspended);
@@ -1856,6 +1987,7 @@ mod tests {
             state: vec![],
             result: Completion::Success(Bytes::new()),
             sends: ids.iter().map(|id| Outgoing::Invoke(Box::new(sent(id)))).collect(),
+            promises: vec![],
         };
         let attempt = view(&state).invocation("inv_1").unwrap().attempt().unwrap();
         assert_eq!(effect(&mut state, 10, with_sends(attempt, &["inv_a", "inv_b"])), Outcome::Applied);
@@ -1911,6 +2043,7 @@ mod tests {
             run_now,
             sends,
             awaits_signal: false,
+            promises: vec![],
         };
         let attempt = |state: &GroupState| view(state).invocation("inv_1").unwrap().attempt();
         let first = attempt(&caller).unwrap();
@@ -1940,6 +2073,7 @@ mod tests {
             state: vec![],
             result: Completion::Success(Bytes::from_static(b"42")),
             sends: vec![],
+            promises: vec![],
         };
         assert_eq!(effect(&mut callee, 20, done), Outcome::Applied);
         let rows = callee.partition().outbox(10, usize::MAX).unwrap();
@@ -2014,6 +2148,85 @@ mod tests {
     }
 
     #[test]
+    fn promises_answer_their_waiters_once_and_go_with_their_workflow() {
+        let mut state = GroupState::default();
+        let zero = Retention { journal_ms: 0, completion_ms: 0 };
+        let run = Invoke { retention: zero, ..invoke("inv_w", Some("w"), HandlerType::Workflow, None) };
+        apply(&mut state, vec![run, invoke("inv_s", Some("w"), HandlerType::Shared, None)]);
+        let attempt = |state: &GroupState, id: &str| view(state).invocation(id).unwrap().attempt().unwrap();
+        let progress = |id: &str, attempt, promises| Effect::Progress {
+            id: id.to_owned(),
+            attempt,
+            entries: vec![entry(0x0409, b"cmd")],
+            state: vec![],
+            sleeps: vec![],
+            run_now: false,
+            sends: vec![],
+            awaits_signal: false,
+            promises,
+        };
+        let act = |state: &mut GroupState, at_ms, id: &str, promises| {
+            let current = attempt(state, id);
+            effect(state, at_ms, progress(id, current, promises))
+        };
+        let get = PromiseOp::Get { name: "p".to_owned(), completion_id: 5 };
+        assert_eq!(act(&mut state, 10, "inv_w", vec![get]), Outcome::Applied);
+        let waiting = view(&state).invocation("inv_w").unwrap();
+        assert_eq!((waiting.status, waiting.awaiting), (Status::Suspended, 1));
+
+        // A shared handler completes it: the run wakes with the value, and
+        // the completer gets its answer.
+        let value = Completion::Success(Bytes::from_static(b"v"));
+        let complete = |value: &Completion, id| PromiseOp::Complete {
+            name: "p".to_owned(),
+            result: value.clone(),
+            completion_id: id,
+        };
+        let ops = vec![complete(&value, 2), PromiseOp::Peek { name: "p".to_owned(), completion_id: 3 }];
+        assert_eq!(act(&mut state, 20, "inv_s", ops), Outcome::Applied);
+        let woken = view(&state).invocation("inv_w").unwrap();
+        assert_eq!((woken.status, woken.journal.last()), (Status::Ready, Some(&notifications::get_promise(5, &value))));
+        let shared = view(&state).invocation("inv_s").unwrap();
+        let answers = &shared.journal[shared.journal.len() - 2..];
+        assert_eq!(answers, [notifications::complete_promise(2, false), notifications::peek_promise(3, Some(&value))]);
+        assert_eq!(shared.status, Status::Ready, "runs again to read its answers");
+
+        // A second completion keeps the first value.
+        let other = Completion::Success(Bytes::from_static(b"other"));
+        assert_eq!(act(&mut state, 30, "inv_s", vec![complete(&other, 4)]), Outcome::Applied);
+        let shared = view(&state).invocation("inv_s").unwrap();
+        assert_eq!(shared.journal.last(), Some(&notifications::complete_promise(4, true)));
+        let get_again = PromiseOp::Get { name: "p".to_owned(), completion_id: 6 };
+        act(&mut state, 40, "inv_w", vec![get_again]);
+        assert_eq!(
+            view(&state).invocation("inv_w").unwrap().journal.last(),
+            Some(&notifications::get_promise(6, &value))
+        );
+
+        // The workflow's run is removed when it completes (retention 0),
+        // and its promises with it.
+        let done = Effect::Complete {
+            id: "inv_w".to_owned(),
+            attempt: attempt(&state, "inv_w"),
+            state: vec![],
+            result: value.clone(),
+            sends: vec![],
+            promises: vec![],
+        };
+        assert_eq!(effect(&mut state, 50, done), Outcome::Applied);
+        assert!(view(&state).invocation("inv_w").is_none());
+        let mut promises = 0;
+        state
+            .tables_mut()
+            .scan(Table::Promises, Bound::Unbounded, Bound::Unbounded, &mut |_, _| {
+                promises += 1;
+                ControlFlow::Continue(())
+            })
+            .unwrap();
+        assert_eq!(promises, 0, "the promises went with the workflow");
+    }
+
+    #[test]
     fn invocation_rows_sort_by_unique_part_and_name_their_id() {
         let (early, late) = (key::id(u64::MAX, 1), key::id(0, 2));
         assert!(key::invocation(&early) < key::invocation(&late));
@@ -2040,6 +2253,7 @@ mod tests {
                     name: "add".to_owned(),
                     ty: HandlerType::Exclusive,
                     retention: Default::default(),
+                    lazy_state: false,
                 }],
                 retention: Default::default(),
             }],

@@ -31,14 +31,17 @@ pub enum Table {
     Forgotten,
     /// name -> u64: sequence counters and per-status counts.
     Counters,
-    /// sequence -> [`crate::wire::v1::Invoke`]: invocations started here, to
-    /// create in their partitions.
+    /// sequence -> [`crate::wire::v1::Outgoing`]: invocations started here,
+    /// call results and signals, to deliver to their partitions.
     Outbox,
+    /// (workflow, key, promise name) -> a workflow promise: its result, or
+    /// who awaits it.
+    Promises,
 }
 
 impl Table {
     /// Every table, in the order of [`Table::index`].
-    pub const ALL: [Table; 11] = [
+    pub const ALL: [Table; 12] = [
         Table::Invocations,
         Table::Runnable,
         Table::Timers,
@@ -50,6 +53,7 @@ impl Table {
         Table::Forgotten,
         Table::Counters,
         Table::Outbox,
+        Table::Promises,
     ];
 
     /// The position of this table in [`Table::ALL`].
@@ -71,6 +75,7 @@ impl Table {
             Table::Forgotten => "forgotten",
             Table::Counters => "counters",
             Table::Outbox => "outbox",
+            Table::Promises => "promises",
         }
     }
 }

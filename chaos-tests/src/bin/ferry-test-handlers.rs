@@ -34,6 +34,12 @@
 //!   after the other and awaits each result; it returns
 //!   `{"keys": [...], "results": [...]}`, each result the callee's JSON
 //!   output or `{"code": .., "message": ..}` for a call that failed.
+//! * `Approval` (workflow): `run` waits for the promise `approval` and
+//!   returns its value (or `{"code", "message"}` if rejected); shared
+//!   `approve` resolves it with its payload (rejects it for
+//!   `{"reject": reason}`); shared `peek` returns its value or `"pending"`.
+//! * `Lazy` (virtual object, state read lazily): exclusive `add` adds one to
+//!   `count` and returns it, shared `keys` returns the state's keys.
 //! * `Awake` (virtual object): exclusive `wait` creates an awakeable, records
 //!   `{"invocation_id", "awakeable_id"}` to `awake.jsonl`, and returns what
 //!   completes it (its JSON value, or `{"code", "message"}` if rejected);
@@ -575,6 +581,71 @@ impl Slow {
 }
 
 // ---------------------------------------------------------------------------
+// Approval
+// ---------------------------------------------------------------------------
+
+struct Approval;
+
+const APPROVAL: &str = "approval";
+
+#[restate_sdk::workflow]
+impl Approval {
+    /// Waits for the promise `approval` and returns its value, or
+    /// `{"code", "message"}` if it was rejected.
+    #[handler]
+    async fn run(&self, ctx: WorkflowContext<'_>) -> Result<Json<Value>, HandlerError> {
+        Ok(Json(match ctx.promise::<AnyPayload>(APPROVAL).await {
+            Ok(value) => value.as_json().unwrap_or(Value::Null),
+            Err(e) => json!({ "code": e.code(), "message": e.message() }),
+        }))
+    }
+
+    /// Resolves the promise with the payload, or rejects it for a payload
+    /// `{"reject": reason}`.
+    #[handler]
+    async fn approve(&self, ctx: SharedWorkflowContext<'_>, payload: AnyPayload) -> Result<(), HandlerError> {
+        match payload.as_json().as_ref().and_then(|v| v.get("reject")).and_then(Value::as_str) {
+            Some(reason) => ctx.reject_promise(APPROVAL, TerminalError::new(reason)),
+            None => ctx.resolve_promise(APPROVAL, payload),
+        }
+        Ok(())
+    }
+
+    /// The promise's value once it is resolved, else `"pending"`.
+    #[handler]
+    async fn peek(&self, ctx: SharedWorkflowContext<'_>) -> Result<Json<Value>, HandlerError> {
+        Ok(Json(match ctx.peek_promise::<AnyPayload>(APPROVAL).await {
+            Ok(Some(value)) => value.as_json().unwrap_or(Value::Null),
+            Ok(None) => json!("pending"),
+            Err(e) => json!({ "code": e.code(), "message": e.message() }),
+        }))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Lazy
+// ---------------------------------------------------------------------------
+
+struct Lazy;
+
+#[restate_sdk::object(lazy_state)]
+impl Lazy {
+    /// Adds one to `count`, read lazily, and returns it.
+    #[handler]
+    async fn add(&self, ctx: ObjectContext<'_>) -> Result<u64, HandlerError> {
+        let count = ctx.get::<u64>(STATE_COUNT).await?.unwrap_or(0) + 1;
+        ctx.set(STATE_COUNT, count);
+        Ok(count)
+    }
+
+    /// The keys of the object's state, read lazily.
+    #[handler]
+    async fn keys(&self, ctx: SharedObjectContext<'_>) -> Result<Json<Vec<String>>, HandlerError> {
+        Ok(Json(ctx.get_keys().await?))
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Awake
 // ---------------------------------------------------------------------------
 
@@ -746,6 +817,8 @@ async fn main() -> anyhow::Result<()> {
         .bind(Slow)
         .bind(Fanout)
         .bind(Awake)
+        .bind(Lazy)
+        .bind(Approval)
         .build();
 
     println!("ferry-test-handlers listening on {local}");

@@ -100,10 +100,20 @@ pub enum Effect {
         /// The handler waits for a signal (an awakeable), which comes from
         /// outside: it is suspended, not paused, even if it awaits nothing else.
         awaits_signal: bool,
+        /// What the handler did with its workflow's promises, answered as
+        /// the effect applies.
+        promises: Vec<PromiseOp>,
     },
     /// The handler ended: its state changes apply together with the result,
     /// and what it started elsewhere is sent.
-    Complete { id: String, attempt: AttemptId, state: Vec<StateOp>, result: Completion, sends: Vec<Outgoing> },
+    Complete {
+        id: String,
+        attempt: AttemptId,
+        state: Vec<StateOp>,
+        result: Completion,
+        sends: Vec<Outgoing>,
+        promises: Vec<PromiseOp>,
+    },
     /// An attempt failed. It is retried at `retry_at_ms`; without one the
     /// invocation completes failed, or is paused (holding its key) when `pause`.
     Failed { id: String, attempt: AttemptId, message: String, retry_at_ms: Option<u64>, pause: bool },
@@ -147,6 +157,18 @@ impl Effect {
             | Effect::PurgeJournal { id } => id,
         }
     }
+}
+
+/// A handler's use of a promise of its workflow (its service and key). Each
+/// is answered in its journal under `completion_id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PromiseOp {
+    /// Wait for the promise: answered once it is completed.
+    Get { name: String, completion_id: u32 },
+    /// Its result if it is completed, else nothing, at once.
+    Peek { name: String, completion_id: u32 },
+    /// Complete it, unless it is completed already (then a 409 failure).
+    Complete { name: String, result: Completion, completion_id: u32 },
 }
 
 /// Which attempt of an invocation an effect comes from: the invocation's run
@@ -507,6 +529,9 @@ pub struct HandlerDef {
     pub name: String,
     pub ty: HandlerType,
     pub retention: RetentionOverrides,
+    /// The handler reads its object's state lazily (the manifest's
+    /// `enableLazyState`): its attempts start without the state.
+    pub lazy_state: bool,
 }
 
 /// `kafka://<cluster>/<topic>` -> `service://<service>/<handler>`.
