@@ -6,7 +6,8 @@
 //! caller once, which waits suspended meanwhile. Awakeables complete from
 //! HTTP and from handlers, once; killing a caller kills its calls, and
 //! cancelling one cancels them. Workflow promises wake the run that waits
-//! for them, keep their first value, and survive a restart.
+//! for them, keep their first value, and survive a restart. A handler
+//! attached to another invocation gets its result.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -398,5 +399,29 @@ async fn workflow_promises_wake_their_run_and_keep_their_first_value() -> Result
     node.ingress("/Approval/w3/approve", Some(r#"{"reject": "no"}"#), &json).await?;
     let (status, body) = node.ingress(&attach(&run), None, &[]).await?;
     assert_eq!((status, &body["message"]), (200, &json!("no")), "{body}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_attached_to_an_invocation_gets_its_result() -> Result<()> {
+    let (_broker, handlers, _dir, node) = node_with_handlers(&[]).await?;
+    let attach = |id: &str| json!({ "id": id }).to_string();
+
+    // Attached while the invocation waits; it gets the result when it ends.
+    let awaited = start(&node, "/Awake/t1/wait", "").await?;
+    let (_, awakeable) = awakeables(&handlers, 0).await?.remove(0);
+    let attacher = start(&node, "/Fanout/attach", &attach(&awaited)).await?;
+    invocation_when(&node, &attacher, |inv| inv["status"] == "suspended").await?;
+    let resolve = format!("/restate/awakeables/{awakeable}/resolve");
+    assert_eq!(node.ingress(&resolve, Some(r#""done""#), &[]).await?.0, 202);
+    let (status, output) = node.ingress(&format!("/restate/invocation/{attacher}/attach"), None, &[]).await?;
+    assert_eq!((status, output), (200, json!("done")));
+
+    // Attached once it is completed: at once. To no invocation: 404.
+    let json = [("content-type", "application/json")];
+    assert_eq!(node.ingress("/Fanout/attach", Some(&attach(&awaited)), &json).await?, (200, json!("done")));
+    let nobody = "inv_00000000000000010000000000000001";
+    let (status, output) = node.ingress("/Fanout/attach", Some(&attach(nobody)), &json).await?;
+    assert_eq!((status, &output["code"]), (200, &json!(404)), "{output}");
     Ok(())
 }

@@ -11,8 +11,8 @@ use ferry_partition::partitioner::invocation_ids;
 use ferry_partition::state::{Completion, Invocation, Resolved};
 use ferry_partition::store::key;
 use ferry_partition::wire::v1::{
-    AttemptId, Effect, HandlerType, Invoke, JournalEntry, Notice, Outgoing, PromiseOp, ReplyTo, Retention, ServiceType,
-    Sleep, Source, StateOp, Target,
+    AttemptId, Effect, HandlerType, Invoke, JournalEntry, Notice, Outgoing, PromiseOp, ReplyKind, ReplyTo, Retention,
+    ServiceType, Sleep, Source, StateOp, Target,
 };
 use ferry_proto::service_protocol as pb;
 use ferry_telemetry::TraceContext;
@@ -26,6 +26,9 @@ pub trait Targets {
     /// What an invocation of `service`'s `handler` is; an error message if
     /// there is no such handler, with the retention to keep that failure for.
     fn resolve(&self, service: &str, handler: &str, idempotent: bool) -> Result<Resolved, (String, Retention)>;
+
+    /// The name of workflow `service`'s run handler, if it is a workflow.
+    fn workflow_run(&self, service: &str) -> Option<String>;
 }
 
 /// What an attempt needs of an invocation, read from the applied state.
@@ -287,6 +290,44 @@ impl Job {
                     promises.push(PromiseOp::Complete { name, result, completion_id: complete.result_completion_id });
                     entries.push(entry(&message));
                 }
+                Message::AttachInvocationCommand(ref attach) => {
+                    use pb::attach_invocation_command_message::Target as Of;
+                    let target = match &attach.target {
+                        Some(Of::InvocationId(id)) => AttachTarget::Id(id),
+                        Some(Of::IdempotentRequestTarget(t)) => AttachTarget::Idempotent(t),
+                        Some(Of::WorkflowTarget(t)) => AttachTarget::Workflow(t),
+                        None => AttachTarget::None,
+                    };
+                    let completion_id = attach.result_completion_id;
+                    let to = ReplyTo { caller: self.id.clone(), completion_id, kind: ReplyKind::Attach };
+                    entries.push(entry(&message));
+                    match target.id(targets) {
+                        Ok(id) => sends.push(Outgoing::Attach { id, to }),
+                        Err(failure) => {
+                            entries.push(reply_entry(&to, Some(failure)));
+                            run_now = true;
+                        }
+                    }
+                }
+                Message::GetInvocationOutputCommand(ref get) => {
+                    use pb::get_invocation_output_command_message::Target as Of;
+                    let target = match &get.target {
+                        Some(Of::InvocationId(id)) => AttachTarget::Id(id),
+                        Some(Of::IdempotentRequestTarget(t)) => AttachTarget::Idempotent(t),
+                        Some(Of::WorkflowTarget(t)) => AttachTarget::Workflow(t),
+                        None => AttachTarget::None,
+                    };
+                    let completion_id = get.result_completion_id;
+                    let to = ReplyTo { caller: self.id.clone(), completion_id, kind: ReplyKind::Output };
+                    entries.push(entry(&message));
+                    match target.id(targets) {
+                        Ok(id) => sends.push(Outgoing::Attach { id, to }),
+                        Err(failure) => {
+                            entries.push(reply_entry(&to, Some(failure)));
+                            run_now = true;
+                        }
+                    }
+                }
                 Message::CompleteAwakeableCommand(ref complete) => {
                     let Some((id, index)) = awakeable_target(&complete.awakeable_id) else {
                         let message = format!("{:?} is not an awakeable id of this cluster", complete.awakeable_id);
@@ -424,7 +465,11 @@ impl Job {
             not_before_ms: (call.invoke_time > now_ms).then_some(call.invoke_time),
             trace: self.trace,
             retention: resolved.retention,
-            reply: call.result.map(|completion_id| ReplyTo { caller: self.id.clone(), completion_id }),
+            reply: call.result.map(|completion_id| ReplyTo {
+                caller: self.id.clone(),
+                completion_id,
+                kind: ReplyKind::Call,
+            }),
         }
     }
 
@@ -570,20 +615,100 @@ fn awaits_a_signal(future: &pb::Future) -> bool {
         || future.nested_futures.iter().any(awaits_a_signal)
 }
 
-/// The journal entry that gives a caller the result of its call.
-pub fn call_result(completion_id: u32, result: Completion) -> JournalEntry {
-    use pb::call_completion_notification_message::Result as CallResult;
-    let result = match result {
-        Completion::Success(content) => CallResult::Value(pb::Value { content }),
-        Completion::Failure { code, message } => {
-            CallResult::Failure(pb::Failure { code: code.into(), message, ..Default::default() })
+/// Whose result an `AttachInvocationCommand` or `GetInvocationOutputCommand`
+/// asks for.
+enum AttachTarget<'a> {
+    Id(&'a str),
+    Idempotent(&'a pb::IdempotentRequestTarget),
+    Workflow(&'a pb::WorkflowTarget),
+    None,
+}
+
+impl AttachTarget<'_> {
+    /// The invocation's id, as the ingress or a call named it; a failure to
+    /// answer with at once if there can be no such invocation.
+    fn id(&self, targets: &dyn Targets) -> Result<String, Completion> {
+        let not_found = |what: String| Completion::Failure { code: 404, message: format!("{what} not found") };
+        let target = match self {
+            AttachTarget::Id(id) if key::id_parts(id).is_some() => return Ok((*id).to_owned()),
+            AttachTarget::Id(id) => return Err(not_found(format!("invocation {id}"))),
+            AttachTarget::None => return Err(Completion::Failure { code: 400, message: "no target".to_owned() }),
+            AttachTarget::Idempotent(t) => {
+                let resolved = targets
+                    .resolve(&t.service_name, &t.handler_name, true)
+                    .map_err(|(message, _)| not_found(message))?;
+                let key = resolved.service_ty.is_keyed().then(|| t.service_key.clone().unwrap_or_default());
+                let target = Target {
+                    service: t.service_name.clone(),
+                    handler: t.handler_name.clone(),
+                    key,
+                    service_ty: resolved.service_ty,
+                    handler_ty: resolved.handler_ty,
+                };
+                let (partition_key, unique) = invocation_ids(&target, Some(&t.idempotency_key), 0);
+                return Ok(key::id(partition_key, unique));
+            }
+            AttachTarget::Workflow(t) => {
+                let name = &t.workflow_name;
+                let run = targets.workflow_run(name).ok_or_else(|| not_found(format!("workflow {name}")))?;
+                Target {
+                    service: name.clone(),
+                    handler: run,
+                    key: Some(t.workflow_key.clone()),
+                    service_ty: ServiceType::Workflow,
+                    handler_ty: HandlerType::Workflow,
+                }
+            }
+        };
+        let (partition_key, unique) = invocation_ids(&target, None, 0);
+        Ok(key::id(partition_key, unique))
+    }
+}
+
+/// The journal entry that answers `to` with an invocation's result (`None`:
+/// no output yet), as the notification its kind of request gets.
+pub fn reply_entry(to: &ReplyTo, result: Option<Completion>) -> JournalEntry {
+    let completion_id = to.completion_id;
+    let failure = |code: u16, message| pb::Failure { code: code.into(), message, ..Default::default() };
+    let message = match to.kind {
+        ReplyKind::Call => {
+            use pb::call_completion_notification_message::Result as Of;
+            let result = match result {
+                Some(Completion::Success(content)) => Of::Value(pb::Value { content }),
+                Some(Completion::Failure { code, message }) => Of::Failure(failure(code, message)),
+                None => Of::Value(pb::Value::default()),
+            };
+            Message::CallCompletionNotification(pb::CallCompletionNotificationMessage {
+                completion_id,
+                result: Some(result),
+            })
+        }
+        ReplyKind::Attach => {
+            use pb::attach_invocation_completion_notification_message::Result as Of;
+            let result = match result {
+                Some(Completion::Success(content)) => Of::Value(pb::Value { content }),
+                Some(Completion::Failure { code, message }) => Of::Failure(failure(code, message)),
+                None => Of::Value(pb::Value::default()),
+            };
+            Message::AttachInvocationCompletionNotification(pb::AttachInvocationCompletionNotificationMessage {
+                completion_id,
+                result: Some(result),
+            })
+        }
+        ReplyKind::Output => {
+            use pb::get_invocation_output_completion_notification_message::Result as Of;
+            let result = match result {
+                Some(Completion::Success(content)) => Of::Value(pb::Value { content }),
+                Some(Completion::Failure { code, message }) => Of::Failure(failure(code, message)),
+                None => Of::Void(pb::Void {}),
+            };
+            Message::GetInvocationOutputCompletionNotification(pb::GetInvocationOutputCompletionNotificationMessage {
+                completion_id,
+                result: Some(result),
+            })
         }
     };
-    let notification = Message::CallCompletionNotification(pb::CallCompletionNotificationMessage {
-        completion_id,
-        result: Some(result),
-    });
-    entry(&notification)
+    entry(&message)
 }
 
 /// What the handler asked to happen after a failed attempt.
@@ -644,6 +769,10 @@ mod tests {
                 }),
                 _ => Err((format!("service {service} not found"), Retention::FOREVER)),
             }
+        }
+
+        fn workflow_run(&self, _: &str) -> Option<String> {
+            None
         }
     }
 

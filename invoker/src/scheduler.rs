@@ -14,12 +14,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ferry_log::{partition_group, GroupId, PartitionId};
-use ferry_partition::partitioner::{outbox_producer, partition_of, reply_producer};
+use ferry_partition::partitioner::{attach_producer, outbox_producer, partition_of, reply_producer};
 use ferry_partition::state::Resolved;
 use ferry_partition::store::key;
 use ferry_partition::wire::v1::{
-    AttemptId, Command, Dedup, Effect, HandlerType, Invoke, Notice, Notification, Outcome, Outgoing, Response,
-    Retention, RetentionPolicy,
+    Attach, AttemptId, Command, Dedup, Effect, HandlerType, Invoke, Notice, Notification, Outcome, Outgoing, Response,
+    Retention, RetentionPolicy, ServiceType,
 };
 use ferry_partition::{Log, LogReads};
 use ferry_telemetry::TraceContext;
@@ -32,7 +32,7 @@ use tracing::{debug, error, info, warn, Instrument, Span};
 
 use crate::client::{Client, Endpoint};
 use crate::codec::ProtocolVersion;
-use crate::journal::{call_result, Job, Targets};
+use crate::journal::{reply_entry, Job, Targets};
 use crate::retry::RetryPolicy;
 use crate::Error;
 
@@ -253,6 +253,13 @@ impl Targets for Attempts {
         self.log
             .read_metadata(|m| m.resolve(service, handler, self.retention, idempotent))
             .map_err(|(_, message)| (message, self.retention.retention(HandlerType::Shared, idempotent)))
+    }
+
+    fn workflow_run(&self, service: &str) -> Option<String> {
+        self.log.read_metadata(|m| {
+            let service = m.services.get(service).filter(|s| s.def.ty == ServiceType::Workflow)?;
+            Some(service.def.handlers.iter().find(|h| h.ty == HandlerType::Workflow)?.name.clone())
+        })
     }
 }
 
@@ -492,23 +499,25 @@ impl PartitionScheduler {
 }
 
 /// Delivers outbox rows to their partitions, then drops the rows: creates
-/// the invocations, appends call results and signals to their invocations'
-/// journals, and then kills the invocations to kill. Each row but a kill
-/// goes under a producer of this partition (one for invocations, one for
-/// results and signals) with its row's sequence number, so a row delivered
-/// again (after a failed append or by the next leader) is dropped as a
-/// duplicate; a kill delivered again finds its invocation completed. One
-/// delivery runs at a time per partition, so each partition receives a
-/// producer's rows in order.
+/// the invocations, appends results and signals to their invocations'
+/// journals, and then kills the invocations to kill and asks for the
+/// results that handlers attach to. Each row but a kill goes under a
+/// producer of this partition (one each for invocations, for results and
+/// signals, and for requests for results) with its row's sequence number,
+/// so a row delivered again (after a failed append or by the next leader)
+/// is dropped as a duplicate; a kill delivered again finds its invocation
+/// completed. One delivery runs at a time per partition, so each partition
+/// receives a producer's rows in order.
 async fn deliver(log: Log, partition: PartitionId, rows: Vec<(u64, Outgoing)>) -> Done {
     let group = partition_group(partition);
-    let (producer, replies) = (outbox_producer(partition), reply_producer(partition));
+    let (producer, replies, asks) = (outbox_producer(partition), reply_producer(partition), attach_producer(partition));
     let upto = rows.last().map_or(0, |(seq, _)| *seq);
     let owner =
         |id: &str| partition_of(key::id_parts(id).map_or(0, |(partition_key, _)| partition_key), log.partitions());
     let mut invokes: BTreeMap<PartitionId, Vec<Invoke>> = BTreeMap::new();
     let mut results: BTreeMap<PartitionId, Vec<Notification>> = BTreeMap::new();
     let mut kills: BTreeMap<PartitionId, Vec<Effect>> = BTreeMap::new();
+    let mut attaches: BTreeMap<PartitionId, Vec<Attach>> = BTreeMap::new();
     for (seq, row) in rows {
         match row {
             Outgoing::Invoke(mut invoke) => {
@@ -516,7 +525,7 @@ async fn deliver(log: Log, partition: PartitionId, rows: Vec<(u64, Outgoing)>) -
                 invokes.entry(owner(&invoke.id)).or_default().push(*invoke);
             }
             Outgoing::Reply { to, result } => {
-                let entry = call_result(to.completion_id, result);
+                let entry = reply_entry(&to, result);
                 let dedup = Some(Dedup { producer: replies, seq });
                 let notification = Notification { id: to.caller, notice: Notice::CallResult, entry, dedup };
                 results.entry(owner(&notification.id)).or_default().push(notification);
@@ -526,6 +535,10 @@ async fn deliver(log: Log, partition: PartitionId, rows: Vec<(u64, Outgoing)>) -
                 results.entry(owner(&id)).or_default().push(Notification { id, notice, entry, dedup });
             }
             Outgoing::Kill { id } => kills.entry(owner(&id)).or_default().push(Effect::Kill { id }),
+            Outgoing::Attach { id, to } => {
+                let dedup = Dedup { producer: asks, seq };
+                attaches.entry(owner(&id)).or_default().push(Attach { id, to, dedup });
+            }
         }
     }
     let at_ms = now_ms();
@@ -534,9 +547,12 @@ async fn deliver(log: Log, partition: PartitionId, rows: Vec<(u64, Outgoing)>) -
         .map(|(target, batch)| (target, Command::Invoke(Arc::new(batch))))
         .chain(results.into_iter().map(|(target, notifications)| (target, Command::Notify { at_ms, notifications })));
     let mut delivered = propose_all(&log, partition, commands).await;
-    // After the invocations they kill are created.
-    if delivered && !kills.is_empty() {
-        let commands = kills.into_iter().map(|(target, effects)| (target, Command::Effects { at_ms, effects }));
+    // After the invocations they kill or ask about are created.
+    if delivered && !(kills.is_empty() && attaches.is_empty()) {
+        let commands = kills
+            .into_iter()
+            .map(|(target, effects)| (target, Command::Effects { at_ms, effects }))
+            .chain(attaches.into_iter().map(|(target, requests)| (target, Command::Attach(requests))));
         delivered = propose_all(&log, partition, commands).await;
     }
     if delivered && !kept_for_test() {
@@ -570,6 +586,7 @@ async fn propose_all(
                     metrics::counter!("ferry_outbox_results_dropped_total").increment(dropped.into());
                     true
                 }
+                Ok(Response::Attached { .. }) => true,
                 Ok(Response::Effects(outcomes)) => {
                     let killed = outcomes.iter().filter(|o| **o == Outcome::Applied).count();
                     metrics::counter!("ferry_outbox_kills_total").increment(killed as u64);

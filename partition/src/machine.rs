@@ -36,8 +36,9 @@ impl StateMachine for Machine {
     /// one-way calls: effects carry the invocations they start, partitions
     /// an outbox. 7: calls: invocations keep their callers and the results
     /// they await, outboxes carry results back. 8: handlers say whether they
-    /// read state lazily. 9: workflow promises.
-    const DATA_FORMAT: u32 = 9;
+    /// read state lazily. 9: workflow promises. 10: attach and output from
+    /// handlers.
+    const DATA_FORMAT: u32 = 10;
 
     type Command = Command;
     type Response = Response;

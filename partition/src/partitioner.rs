@@ -83,6 +83,14 @@ pub fn reply_producer(partition: PartitionId) -> u64 {
     xxh3_64(&buf)
 }
 
+/// The producer id under which a partition's outbox asks other partitions
+/// for results (attach, output): a third kind of command, so a third sequence.
+pub fn attach_producer(partition: PartitionId) -> u64 {
+    let mut buf = *b"ferry-attach\0\0\0\0";
+    buf[12..].copy_from_slice(&partition.to_le_bytes());
+    xxh3_64(&buf)
+}
+
 /// The partition that owns `partition_key` among `partitions` equal ranges.
 pub fn partition_of(partition_key: u64, partitions: u32) -> PartitionId {
     ((partition_key as u128 * partitions as u128) >> 64) as PartitionId

@@ -16,8 +16,8 @@ use crate::notifications;
 use crate::store::{key, scan_prefix, MemStore, Row, Store, StoreError, StoreRead, Table};
 pub use crate::wire::v1::Completion;
 use crate::wire::v1::{
-    AttemptId, Command, Dedup, Deployment, Effect, HandlerType, Invoke, JournalEntry, MetadataCommand,
-    MetadataResponse, Notice, Notification, Outcome, Outgoing, PromiseOp, ReplyTo, Response, Retention,
+    Attach, AttemptId, Command, Dedup, Deployment, Effect, HandlerType, Invoke, JournalEntry, MetadataCommand,
+    MetadataResponse, Notice, Notification, Outcome, Outgoing, PromiseOp, ReplyKind, ReplyTo, Response, Retention,
     RetentionPolicy, ServiceDef, ServiceType, Sleep, Source, StateOp, Subscription, Target,
 };
 use crate::wire::{decode, encode};
@@ -42,6 +42,7 @@ pub fn apply<S: Store<Table> + ?Sized>(
         Command::ForgetSubscription { id } => partition.forget_subscription(id)?,
         Command::TruncateOutbox { upto } => partition.truncate_outbox(upto)?,
         Command::Notify { at_ms, notifications } => partition.apply_notify(at_ms, notifications)?,
+        Command::Attach(requests) => partition.apply_attach(requests)?,
     };
     partition.write_counters()?;
     Ok(response)
@@ -447,11 +448,15 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
     /// awaits the results of the calls among them.
     fn send(&mut self, inv: &mut Invocation, sends: Vec<Outgoing>) -> Result<(), StoreError> {
         for outgoing in sends {
-            if let Outgoing::Invoke(invoke) = &outgoing {
-                inv.children.push(invoke.id.clone());
-                if invoke.reply.is_some() {
-                    inv.awaiting += 1;
+            match &outgoing {
+                Outgoing::Invoke(invoke) => {
+                    inv.children.push(invoke.id.clone());
+                    if invoke.reply.is_some() {
+                        inv.awaiting += 1;
+                    }
                 }
+                Outgoing::Attach { .. } => inv.awaiting += 1,
+                Outgoing::Reply { .. } | Outgoing::Signal { .. } | Outgoing::Kill { .. } => {}
             }
             self.put_outgoing(&outgoing)?;
         }
@@ -464,15 +469,37 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
     }
 
     /// Gives `reply` the result of `inv`: now if it is completed, else when
-    /// it completes.
+    /// it completes (or, for an output, nothing now).
     fn attach(&mut self, inv: &mut Invocation, reply: ReplyTo) -> Result<(), StoreError> {
         match &inv.completion {
-            Some(result) => self.put_outgoing(&Outgoing::Reply { to: reply, result: result.clone() }),
+            Some(result) => self.put_outgoing(&Outgoing::Reply { to: reply, result: Some(result.clone()) }),
+            None if reply.kind == ReplyKind::Output => self.put_outgoing(&Outgoing::Reply { to: reply, result: None }),
             None => {
                 inv.replies.push(reply);
                 self.save(inv)
             }
         }
+    }
+
+    /// Answers handlers that ask for the results of invocations here; one
+    /// that is not here (never was, or its retention ended) answers 404.
+    fn apply_attach(&mut self, requests: Vec<Attach>) -> Result<Response, StoreError> {
+        let (mut accepted, mut dropped) = (0, 0);
+        for Attach { id, to, dedup } in requests {
+            if self.advance(dedup)?.is_none() {
+                dropped += 1;
+                continue;
+            }
+            accepted += 1;
+            match load(self.store, &id)? {
+                Some(mut inv) => self.attach(&mut inv, to)?,
+                None => {
+                    let result = Completion::Failure { code: 404, message: format!("invocation {id} not found") };
+                    self.put_outgoing(&Outgoing::Reply { to, result: Some(result) })?;
+                }
+            }
+        }
+        Ok(Response::Attached { accepted, dropped })
     }
 
     /// Appends call results and signals to their invocations' journals. A
@@ -909,7 +936,7 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
         let status = inv.status;
         self.unrun(inv, Status::Completed)?;
         for to in std::mem::take(&mut inv.replies) {
-            self.put_outgoing(&Outgoing::Reply { to, result: result.clone() })?;
+            self.put_outgoing(&Outgoing::Reply { to, result: Some(result.clone()) })?;
         }
         inv.completion = Some(result);
         inv.completed_at_ms = Some(at_ms);
@@ -2031,7 +2058,7 @@ mod tests {
         let call = |id: &str, completion_id| {
             let mut call = invoke(id, Some("k"), HandlerType::Exclusive, None);
             call.source = Source::Service { caller: "inv_1".to_owned() };
-            call.reply = Some(ReplyTo { caller: "inv_1".to_owned(), completion_id });
+            call.reply = Some(ReplyTo { caller: "inv_1".to_owned(), completion_id, kind: ReplyKind::Call });
             call
         };
         let progress = |attempt, entries, sends, run_now| Effect::Progress {
@@ -2079,7 +2106,7 @@ mod tests {
         let rows = callee.partition().outbox(10, usize::MAX).unwrap();
         let [(_, Outgoing::Reply { to, result })] = &rows[..] else { panic!("{rows:?}") };
         assert_eq!((to.caller.as_str(), to.completion_id), ("inv_1", 2));
-        assert_eq!(result, &Completion::Success(Bytes::from_static(b"42")));
+        assert_eq!(result, &Some(Completion::Success(Bytes::from_static(b"42"))));
 
         // Delivered to the caller (twice): appended once, and it runs again.
         let result = |seq| Notification {
@@ -2127,14 +2154,16 @@ mod tests {
 
         // A later call with the same (idempotency) id gets the result of
         // the first: at once once it is completed, else on completion.
-        let again =
-            Invoke { reply: Some(ReplyTo { caller: "inv_9".to_owned(), completion_id: 5 }), ..call("inv_a", 2) };
+        let again = Invoke {
+            reply: Some(ReplyTo { caller: "inv_9".to_owned(), completion_id: 5, kind: ReplyKind::Call }),
+            ..call("inv_a", 2)
+        };
         assert_eq!(apply(&mut callee, vec![again]), Response::Invoked { created: 0, deduplicated: 1 });
         let rows = callee.partition().outbox(10, usize::MAX).unwrap();
         assert!(matches!(&rows[..], [_, (_, Outgoing::Reply { to, .. })] if to.caller == "inv_9"), "{rows:?}");
         apply(&mut callee, vec![invoke("inv_c", None, HandlerType::Shared, None)]);
         let attached = Invoke {
-            reply: Some(ReplyTo { caller: "inv_9".to_owned(), completion_id: 6 }),
+            reply: Some(ReplyTo { caller: "inv_9".to_owned(), completion_id: 6, kind: ReplyKind::Call }),
             ..invoke("inv_c", None, HandlerType::Shared, None)
         };
         apply(&mut callee, vec![attached]);
@@ -2144,7 +2173,37 @@ mod tests {
         assert_eq!(killed, Response::Effects(vec![Outcome::Applied]));
         let rows = callee.partition().outbox(10, usize::MAX).unwrap();
         let Some((_, Outgoing::Reply { to, result })) = rows.last() else { panic!("{rows:?}") };
-        assert_eq!((to.completion_id, result), (6, &Completion::Failure { code: 409, message: "killed".to_owned() }));
+        let killed = Completion::Failure { code: 409, message: "killed".to_owned() };
+        assert_eq!((to.completion_id, result), (6, &Some(killed)));
+    }
+
+    #[test]
+    fn attach_waits_for_the_result_output_answers_at_once_and_unknown_ids_404() {
+        let mut state = GroupState::default();
+        apply(&mut state, vec![invoke("inv_t", None, HandlerType::Shared, None)]);
+        let to = |completion_id, kind| ReplyTo { caller: "inv_c".to_owned(), completion_id, kind };
+        let ask = |id: &str, to, seq| Attach { id: id.to_owned(), to, dedup: Dedup { producer: 3, seq } };
+        let requests = vec![
+            ask("inv_t", to(1, ReplyKind::Attach), 0),
+            ask("inv_t", to(2, ReplyKind::Output), 1),
+            ask("inv_gone", to(3, ReplyKind::Attach), 2),
+        ];
+        assert_eq!(state.apply(Command::Attach(requests.clone())), Response::Attached { accepted: 3, dropped: 0 });
+        assert_eq!(state.apply(Command::Attach(requests)), Response::Attached { accepted: 0, dropped: 3 });
+        let replies = |state: &GroupState| -> Vec<(u32, Option<Completion>)> {
+            let rows = state.partition().outbox(10, usize::MAX).unwrap();
+            rows.into_iter()
+                .filter_map(|(_, row)| match row {
+                    Outgoing::Reply { to, result } => Some((to.completion_id, result)),
+                    _ => None,
+                })
+                .collect()
+        };
+        let not_found = Completion::Failure { code: 404, message: "invocation inv_gone not found".to_owned() };
+        assert_eq!(replies(&state), vec![(2, None), (3, Some(not_found.clone()))], "the attach waits");
+        run_to_completion(&mut state, "inv_t", 0, 20);
+        let result = view(&state).invocation("inv_t").unwrap().completion.unwrap();
+        assert_eq!(replies(&state), vec![(2, None), (3, Some(not_found)), (1, Some(result))]);
     }
 
     #[test]

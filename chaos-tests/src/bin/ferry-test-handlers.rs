@@ -34,6 +34,8 @@
 //!   after the other and awaits each result; it returns
 //!   `{"keys": [...], "results": [...]}`, each result the callee's JSON
 //!   output or `{"code": .., "message": ..}` for a call that failed.
+//!   `Fanout/attach` attaches to the invocation `{"id": ..}` names and
+//!   returns its result the same way.
 //! * `Approval` (workflow): `run` waits for the promise `approval` and
 //!   returns its value (or `{"code", "message"}` if rejected); shared
 //!   `approve` resolves it with its payload (rejects it for
@@ -303,6 +305,18 @@ impl Fanout {
             });
         }
         Ok(Json(json!({ "keys": keys, "results": results })))
+    }
+
+    /// Attaches to the invocation `{"id": ..}` names and returns its result,
+    /// or `{"code", "message"}` if it failed.
+    #[handler]
+    async fn attach(&self, ctx: Context<'_>, payload: AnyPayload) -> Result<Json<Value>, HandlerError> {
+        let input = payload.as_json().unwrap_or_default();
+        let id = input.get("id").and_then(Value::as_str).unwrap_or_default().to_owned();
+        Ok(Json(match ctx.invocation_handle(id).attach::<AnyPayload>().await {
+            Ok(output) => output.as_json().unwrap_or(Value::Null),
+            Err(e) => json!({ "code": e.code(), "message": e.message() }),
+        }))
     }
 }
 

@@ -32,6 +32,19 @@ pub enum Command {
     /// Append call results and signals to their invocations' journals,
     /// dropping duplicates; stamped with the proposer's clock.
     Notify { at_ms: u64, notifications: Vec<Notification> },
+    /// Handlers ask for the results of invocations of this partition,
+    /// dropping duplicates.
+    Attach(Vec<Attach>),
+}
+
+/// A handler asks for invocation `id`'s result: to wait for it
+/// ([`ReplyKind::Attach`]) or to have it if it is there
+/// ([`ReplyKind::Output`]). The answer goes back as an [`Outgoing::Reply`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Attach {
+    pub id: String,
+    pub to: ReplyTo,
+    pub dedup: Dedup,
 }
 
 /// Something for invocation `id` from outside it: `entry` (the notification)
@@ -57,11 +70,25 @@ pub enum Notice {
     Cancel,
 }
 
-/// Where a call's result goes: the caller and the completion id it waits on.
+/// Where an invocation's result goes: the invocation that asked for it and
+/// the completion id it waits on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplyTo {
     pub caller: String,
     pub completion_id: u32,
+    pub kind: ReplyKind,
+}
+
+/// How the invocation that gets a result asked for it, which names the
+/// notification it gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplyKind {
+    /// It called the invocation.
+    Call,
+    /// It attached to it: waits for the result.
+    Attach,
+    /// It asked for the output: gets the result if it is there, else nothing.
+    Output,
 }
 
 /// A row of a partition's outbox: something to deliver to a partition once.
@@ -69,8 +96,12 @@ pub struct ReplyTo {
 pub enum Outgoing {
     /// Create an invocation (a handler's call or send).
     Invoke(Box<Invoke>),
-    /// A completed call's result, for the caller's partition.
-    Reply { to: ReplyTo, result: Completion },
+    /// An invocation's result, for the partition of the one that asked (by
+    /// calling it, attaching to it, or asking for its output: `None` is no
+    /// output yet).
+    Reply { to: ReplyTo, result: Option<Completion> },
+    /// Ask for invocation `id`'s result, for `to`.
+    Attach { id: String, to: ReplyTo },
     /// A signal for invocation `id` (an awakeable's completion, a signal a
     /// handler sent), its notification encoded.
     Signal { id: String, notice: Notice, entry: JournalEntry },
@@ -248,6 +279,12 @@ pub enum Response {
     /// How many rows a [`Command::TruncateOutbox`] dropped.
     Truncated {
         rows: u32,
+    },
+    /// What a [`Command::Attach`] did: requests answered at once or kept
+    /// until their invocation completes, and duplicates dropped.
+    Attached {
+        accepted: u32,
+        dropped: u32,
     },
     /// What a [`Command::Notify`] did: results appended to a journal, and
     /// duplicates or results for invocations that no longer wait.
