@@ -639,7 +639,7 @@ impl Node {
             .lines()
             .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with(['{', ' '])))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum())
+            .fold(0.0, |sum, value| sum + value))
     }
 
     /// Every invocation, page by page.

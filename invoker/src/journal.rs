@@ -290,35 +290,9 @@ impl Job {
                     promises.push(PromiseOp::Complete { name, result, completion_id: complete.result_completion_id });
                     entries.push(entry(&message));
                 }
-                Message::AttachInvocationCommand(ref attach) => {
-                    use pb::attach_invocation_command_message::Target as Of;
-                    let target = match &attach.target {
-                        Some(Of::InvocationId(id)) => AttachTarget::Id(id),
-                        Some(Of::IdempotentRequestTarget(t)) => AttachTarget::Idempotent(t),
-                        Some(Of::WorkflowTarget(t)) => AttachTarget::Workflow(t),
-                        None => AttachTarget::None,
-                    };
-                    let completion_id = attach.result_completion_id;
-                    let to = ReplyTo { caller: self.id.clone(), completion_id, kind: ReplyKind::Attach };
-                    entries.push(entry(&message));
-                    match target.id(targets) {
-                        Ok(id) => sends.push(Outgoing::Attach { id, to }),
-                        Err(failure) => {
-                            entries.push(reply_entry(&to, Some(failure)));
-                            run_now = true;
-                        }
-                    }
-                }
-                Message::GetInvocationOutputCommand(ref get) => {
-                    use pb::get_invocation_output_command_message::Target as Of;
-                    let target = match &get.target {
-                        Some(Of::InvocationId(id)) => AttachTarget::Id(id),
-                        Some(Of::IdempotentRequestTarget(t)) => AttachTarget::Idempotent(t),
-                        Some(Of::WorkflowTarget(t)) => AttachTarget::Workflow(t),
-                        None => AttachTarget::None,
-                    };
-                    let completion_id = get.result_completion_id;
-                    let to = ReplyTo { caller: self.id.clone(), completion_id, kind: ReplyKind::Output };
+                Message::AttachInvocationCommand(_) | Message::GetInvocationOutputCommand(_) => {
+                    let Some((target, completion_id, kind)) = AttachTarget::of(&message) else { continue };
+                    let to = ReplyTo { caller: self.id.clone(), completion_id, kind };
                     entries.push(entry(&message));
                     match target.id(targets) {
                         Ok(id) => sends.push(Outgoing::Attach { id, to }),
@@ -624,7 +598,35 @@ enum AttachTarget<'a> {
     None,
 }
 
-impl AttachTarget<'_> {
+impl<'a> AttachTarget<'a> {
+    /// What an attach or output request asks for: its target, the
+    /// completion id of the answer, and which answer it wants.
+    fn of(message: &'a Message) -> Option<(AttachTarget<'a>, u32, ReplyKind)> {
+        use pb::attach_invocation_command_message::Target as Attach;
+        use pb::get_invocation_output_command_message::Target as Output;
+        Some(match message {
+            Message::AttachInvocationCommand(attach) => {
+                let target = match &attach.target {
+                    Some(Attach::InvocationId(id)) => AttachTarget::Id(id),
+                    Some(Attach::IdempotentRequestTarget(t)) => AttachTarget::Idempotent(t),
+                    Some(Attach::WorkflowTarget(t)) => AttachTarget::Workflow(t),
+                    None => AttachTarget::None,
+                };
+                (target, attach.result_completion_id, ReplyKind::Attach)
+            }
+            Message::GetInvocationOutputCommand(get) => {
+                let target = match &get.target {
+                    Some(Output::InvocationId(id)) => AttachTarget::Id(id),
+                    Some(Output::IdempotentRequestTarget(t)) => AttachTarget::Idempotent(t),
+                    Some(Output::WorkflowTarget(t)) => AttachTarget::Workflow(t),
+                    None => AttachTarget::None,
+                };
+                (target, get.result_completion_id, ReplyKind::Output)
+            }
+            _ => return None,
+        })
+    }
+
     /// The invocation's id, as the ingress or a call named it; a failure to
     /// answer with at once if there can be no such invocation.
     fn id(&self, targets: &dyn Targets) -> Result<String, Completion> {

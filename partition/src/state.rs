@@ -807,13 +807,18 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
 
     /// Drops the promises of `workflow` (its object key), whose run is gone.
     fn forget_promises(&mut self, workflow: &[u8]) -> Result<(), StoreError> {
+        self.remove_prefix(Table::Promises, workflow)
+    }
+
+    /// Drops the rows of `table` whose key starts with `prefix`.
+    fn remove_prefix(&mut self, table: Table, prefix: &[u8]) -> Result<(), StoreError> {
         let mut rows = Vec::new();
-        scan_prefix(self.store, Table::Promises, workflow, &mut |k, _| {
+        scan_prefix(self.store, table, prefix, &mut |k, _| {
             rows.push(k.to_vec());
             ControlFlow::Continue(())
         })?;
         for row in rows {
-            self.store.remove(Table::Promises, &row)?;
+            self.store.remove(table, &row)?;
         }
         Ok(())
     }
@@ -825,16 +830,7 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
             match op {
                 StateOp::Set { key, value } => self.store.put(Table::Objects, &row(&key), &value)?,
                 StateOp::Clear { key } => self.store.remove(Table::Objects, &row(&key))?,
-                StateOp::ClearAll => {
-                    let mut rows = Vec::new();
-                    scan_prefix(self.store, Table::Objects, object, &mut |k, _| {
-                        rows.push(k.to_vec());
-                        ControlFlow::Continue(())
-                    })?;
-                    for row in rows {
-                        self.store.remove(Table::Objects, &row)?;
-                    }
-                }
+                StateOp::ClearAll => self.remove_prefix(Table::Objects, object)?,
             }
         }
         Ok(())

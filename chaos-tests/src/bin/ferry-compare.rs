@@ -342,6 +342,11 @@ async fn main() -> Result<()> {
     // Each server is stopped before the next one is measured.
     let server = Server::Ferry(Box::new(node), dir);
     let ferry = measure(&server, handler_pid, &broker, &args, "ferry").await?;
+    if let Server::Ferry(node, _) = &server {
+        let stalls = node.metric("ferry_invoker_stalls_total").await?;
+        let abandoned = node.metric("ferry_invoker_attempts_total{outcome=\"stalled\"}").await?;
+        println!("ferry: {stalls} stalls noticed, {abandoned} attempts abandoned for them");
+    }
     drop(server);
 
     let restate = RestateServer::start(&broker.bootstrap(), args.server_partitions).await?;
