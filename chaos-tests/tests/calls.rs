@@ -44,6 +44,31 @@ fn expected(records: usize) -> BTreeMap<String, u64> {
     expected
 }
 
+/// Subscribes `sink` to a backlog of `records` records `{"seq": n}` in
+/// `TOPIC`, and SIGKILLs and restarts the node twice once the counter
+/// `delivered` shows the outbox at work.
+async fn through_two_sigkills(
+    broker: &Broker,
+    node: &mut Node,
+    sink: &str,
+    records: usize,
+    delivered: &str,
+) -> Result<()> {
+    broker.create_topic(TOPIC, 2).await?;
+    node.subscribe_from_start(TOPIC, sink).await?;
+    broker.produce_backlog(TOPIC, records, 13).await?;
+    for kill in 0..2 {
+        eventually(Duration::from_secs(60), "the outbox to deliver", || async {
+            Ok((node.metric(delivered).await? > 0.0).then_some(()))
+        })
+        .await?;
+        tokio::time::sleep(Duration::from_millis(300 * kill)).await;
+        node.kill().await;
+        node.restart().await?;
+    }
+    Ok(())
+}
+
 /// Checks that every `Fanout/call` invocation of `callers` from the
 /// subscription (`{"seq": n}` for n below `records`) got the counts of its
 /// two keys, and that per key the counts came back 1, 2, .. each once: each
@@ -112,18 +137,7 @@ async fn one_way_calls_start_each_invocation_once_through_sigkills() -> Result<(
 
     // From Kafka, with the node killed twice while records flow through
     // Fanout into Counter: every record's two sends count once.
-    broker.create_topic(TOPIC, 2).await?;
-    node.subscribe_from_start(TOPIC, "service://Fanout/send").await?;
-    broker.produce_backlog(TOPIC, RECORDS, 13).await?;
-    for kill in 0..2 {
-        eventually(Duration::from_secs(60), "sends to be delivered", || async {
-            Ok((node.metric("ferry_outbox_delivered_total").await? > 0.0).then_some(()))
-        })
-        .await?;
-        tokio::time::sleep(Duration::from_millis(300 * kill)).await;
-        node.kill().await;
-        node.restart().await?;
-    }
+    through_two_sigkills(&broker, &mut node, "service://Fanout/send", RECORDS, "ferry_outbox_delivered_total").await?;
     let expected = expected(RECORDS);
     let counted = eventually(Duration::from_secs(120), "every send to be counted", || async {
         let counts = counts(&node, fanout_keys()).await?;
@@ -192,18 +206,8 @@ async fn calls_bring_each_result_back_once_through_sigkills() -> Result<()> {
 
     // From Kafka, with the node killed twice while callers wait: every call
     // counts once, and each count comes back to exactly one caller.
-    broker.create_topic(TOPIC, 2).await?;
-    node.subscribe_from_start(TOPIC, "service://Fanout/call").await?;
-    broker.produce_backlog(TOPIC, CALLERS, 13).await?;
-    for kill in 0..2 {
-        eventually(Duration::from_secs(60), "results to come back", || async {
-            Ok((node.metric("ferry_outbox_results_delivered_total").await? > 0.0).then_some(()))
-        })
-        .await?;
-        tokio::time::sleep(Duration::from_millis(300 * kill)).await;
-        node.kill().await;
-        node.restart().await?;
-    }
+    let results = "ferry_outbox_results_delivered_total";
+    through_two_sigkills(&broker, &mut node, "service://Fanout/call", CALLERS, results).await?;
     let callers = eventually(Duration::from_secs(180), "every caller to complete", || async {
         let callers = node.invocations("target=Fanout/call&status=completed").await?;
         Ok((callers.len() >= CALLERS + 3).then_some(callers))

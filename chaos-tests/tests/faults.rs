@@ -180,6 +180,21 @@ async fn leader_of(cluster: &Cluster, node: u64, group: u64) -> Result<Option<u6
     Ok(groups.iter().find(|g| g["group"] == group).and_then(|g| g["leader"].as_u64()))
 }
 
+/// [`cluster_with_a_partition_of_node_1`] for `Once`, with node 1 restarted
+/// under `failpoints` and leading its partition again.
+async fn once_on_node_1_with_failpoints(
+    failpoints: &str,
+) -> Result<(Broker, Handlers, tempfile::TempDir, Cluster, u64, String)> {
+    let (broker, handlers, dir, mut cluster, group, key) = cluster_with_a_partition_of_node_1(&[], "Once").await?;
+    cluster.node_mut(1).set_env("FAILPOINTS", failpoints);
+    cluster.node_mut(1).restart().await?;
+    eventually(Duration::from_secs(60), "node 1 to lead again", || async {
+        Ok((leader_of(&cluster, 1, group).await? == Some(1)).then_some(()))
+    })
+    .await?;
+    Ok((broker, handlers, dir, cluster, group, key))
+}
+
 /// A broker, the test handlers and a balanced three-node cluster configured
 /// with `config`, the handlers registered; with a partition node 1 leads (as
 /// its preferred leader), its group, and an idempotency key of `service`
@@ -350,14 +365,8 @@ async fn case1_a_leader_frozen_past_its_lease_starts_nothing_when_it_wakes() -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn case1_a_journal_held_in_a_stopped_node_never_reaches_the_handler() -> Result<()> {
     const STOP: Duration = Duration::from_secs(6);
-    let (_broker, handlers, _dir, mut cluster, group, key) = cluster_with_a_partition_of_node_1(&[], "Once").await?;
     let stop = format!("invoker-send-stop=1*return({})", STOP.as_millis());
-    cluster.node_mut(1).set_env("FAILPOINTS", &stop);
-    cluster.node_mut(1).restart().await?;
-    eventually(Duration::from_secs(60), "node 1 to lead again", || async {
-        Ok((leader_of(&cluster, 1, group).await? == Some(1)).then_some(()))
-    })
-    .await?;
+    let (_broker, handlers, _dir, cluster, _, key) = once_on_node_1_with_failpoints(&stop).await?;
 
     let headers = [("idempotency-key", key.as_str())];
     let started = tokio::time::Instant::now();
@@ -387,14 +396,8 @@ async fn case1_a_journal_held_in_a_stopped_node_never_reaches_the_handler() -> R
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn case1_an_attempt_held_past_the_lease_is_never_sent() -> Result<()> {
     const HOLD: Duration = Duration::from_secs(8);
-    let (_broker, handlers, _dir, mut cluster, group, key) = cluster_with_a_partition_of_node_1(&[], "Once").await?;
     let hold = format!("invoker-attempt-hold=1*return({})", HOLD.as_millis());
-    cluster.node_mut(1).set_env("FAILPOINTS", &hold);
-    cluster.node_mut(1).restart().await?;
-    eventually(Duration::from_secs(60), "node 1 to lead again", || async {
-        Ok((leader_of(&cluster, 1, group).await? == Some(1)).then_some(()))
-    })
-    .await?;
+    let (_broker, handlers, _dir, cluster, _, key) = once_on_node_1_with_failpoints(&hold).await?;
 
     // Node 1 starts the attempt and holds it; cut off from its peers, it
     // loses the lease and another node takes the partition and answers.
