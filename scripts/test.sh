@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, exactly as CI runs it: installs what the tests need
 # (a C toolchain for librdkafka, the tansu broker, the Restate Python SDK in a
-# virtualenv under target/), then checks formatting, lints with warnings
-# denied, builds every binary and runs every test.
+# virtualenv under target/, the TypeScript SDK and Node.js 22 under target/),
+# then checks formatting, lints with warnings denied, builds every binary and
+# runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -21,6 +22,9 @@ if ! "$python_env/bin/python" -c 'import restate, hypercorn' >/dev/null 2>&1; th
     python3 -m venv "$python_env"
     "$python_env/bin/pip" install -q restate-sdk==1.2.0 hypercorn==0.18.0
 fi
+
+step "Restate TypeScript SDK and Node.js 22 (compatibility tests)"
+scripts/typescript-sdk.sh install >/dev/null
 
 if ! command -v cargo-nextest >/dev/null 2>&1; then
     step "installing cargo-nextest"

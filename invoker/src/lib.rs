@@ -22,7 +22,7 @@ pub use scheduler::{Invoker, Options};
 pub enum Error {
     #[error("cannot reach deployment {uri}: {reason}")]
     Unreachable { uri: String, reason: String },
-    #[error("the attempt was not sent to deployment {uri}: this node may no longer run it")]
+    #[error("the attempt, or what followed it, was not sent to deployment {uri}: this node may no longer run it")]
     NotSent { uri: String },
     #[error("this node stalled during the attempt to deployment {uri}, so its connection was closed")]
     Stalled { uri: String },

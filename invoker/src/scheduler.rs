@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -18,8 +19,8 @@ use ferry_partition::partitioner::{attach_producer, outbox_producer, partition_o
 use ferry_partition::state::Resolved;
 use ferry_partition::store::key;
 use ferry_partition::wire::v1::{
-    Attach, AttemptId, Command, Dedup, Effect, HandlerType, Invoke, Notice, Notification, Outcome, Outgoing, Response,
-    Retention, RetentionPolicy, ServiceType,
+    Attach, AttemptId, Command, Dedup, Effect, HandlerType, Invoke, Notice, Notification, Outcome, Outgoing,
+    ProtocolMode, Response, Retention, RetentionPolicy, ServiceType,
 };
 use ferry_partition::{Log, LogReads};
 use ferry_telemetry::TraceContext;
@@ -30,9 +31,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::field::Empty;
 use tracing::{debug, error, info, warn, Instrument, Span};
 
-use crate::client::{Client, Endpoint};
-use crate::codec::ProtocolVersion;
-use crate::journal::{reply_entry, Job, Targets};
+use crate::client::{Client, Endpoint, Next};
+use crate::codec::{Message, ProtocolVersion};
+use crate::journal::{self, reply_entry, Job, Targets};
 use crate::retry::RetryPolicy;
 use crate::Error;
 
@@ -45,16 +46,32 @@ const LEASE_RETRY_MS: u64 = 50;
 pub struct Options {
     /// Attempts running at once per partition.
     pub concurrency_per_partition: usize,
-    /// An attempt that takes longer fails (and is retried).
+    /// An attempt that takes longer fails (and is retried); a streaming
+    /// one fails when its handler sends nothing for this long.
     #[serde(with = "humantime_serde")]
     pub attempt_timeout: Duration,
     /// Effects proposed in one log entry at most.
     pub max_effects_per_entry: usize,
+    /// Whether attempts of HTTP/2 deployments in bidirectional mode stream:
+    /// the request stays open, each run's result is committed and answered
+    /// while the handler goes on, instead of a new attempt after each.
+    pub streaming: bool,
+    /// How long a streaming attempt waits without a message from its
+    /// handler before it closes the request, so that a handler waiting for
+    /// something the stream does not bring (an awakeable) suspends.
+    #[serde(with = "humantime_serde")]
+    pub stream_inactivity: Duration,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { concurrency_per_partition: 64, attempt_timeout: Duration::from_secs(60), max_effects_per_entry: 2048 }
+        Options {
+            concurrency_per_partition: 64,
+            attempt_timeout: Duration::from_secs(60),
+            max_effects_per_entry: 2048,
+            streaming: true,
+            stream_inactivity: Duration::from_millis(250),
+        }
     }
 }
 
@@ -94,6 +111,7 @@ impl Invoker {
                     retry: self.retry.clone(),
                     retention: self.retention,
                     effects: EffectSender(effects),
+                    streaming: self.options.streaming.then_some(self.options.stream_inactivity),
                 },
                 attempts: JoinSet::new(),
                 running: HashMap::new(),
@@ -227,6 +245,36 @@ const EXPIRE_SLACK_MS: u64 = 1_000;
 struct Running {
     abort: AbortHandle,
     attempt: AttemptId,
+    bases: Arc<Bases>,
+}
+
+/// The journal lengths a running attempt may be based on: a streaming
+/// attempt's base grows with each checkpoint, and while one is proposed,
+/// both the length before and the one after are its own.
+#[derive(Debug)]
+struct Bases {
+    low: AtomicU32,
+    high: AtomicU32,
+}
+
+impl Bases {
+    fn new(base: u32) -> Bases {
+        Bases { low: AtomicU32::new(base), high: AtomicU32::new(base) }
+    }
+
+    /// A checkpoint that brings the journal to `base` is proposed.
+    fn proposing(&self, base: u32) {
+        self.high.store(base, Ordering::Release);
+    }
+
+    /// The checkpoint to `base` is applied.
+    fn applied(&self, base: u32) {
+        self.low.store(base, Ordering::Release);
+    }
+
+    fn hold(&self, base: u32) -> bool {
+        (self.low.load(Ordering::Acquire)..=self.high.load(Ordering::Acquire)).contains(&base)
+    }
 }
 
 /// Most outbox rows one delivery takes (and at most [`EFFECTS_BYTES_MAX`] of
@@ -246,6 +294,8 @@ struct Attempts {
     retry: Arc<RetryPolicy>,
     retention: RetentionPolicy,
     effects: EffectSender,
+    /// The inactivity limit of streaming attempts; `None`: attempts do not stream.
+    streaming: Option<Duration>,
 }
 
 impl Targets for Attempts {
@@ -397,7 +447,8 @@ impl PartitionScheduler {
             let mut outdated = Vec::new();
             if check_outdated {
                 for (id, r) in running {
-                    if state.invocation(id)?.and_then(|inv| inv.attempt()) != Some(r.attempt) {
+                    let current = state.invocation(id)?.and_then(|inv| inv.attempt());
+                    if !current.is_some_and(|at| at.run == r.attempt.run && r.bases.hold(at.base)) {
                         outdated.push(id.clone());
                     }
                 }
@@ -452,8 +503,9 @@ impl PartitionScheduler {
         for job in jobs {
             let id = job.id.clone();
             let attempt_id = job.attempt;
-            let abort = self.attempts.spawn(supervised(job, self.shared.clone()));
-            self.running.insert(id, Running { abort, attempt: attempt_id });
+            let bases = Arc::new(Bases::new(attempt_id.base));
+            let abort = self.attempts.spawn(supervised(job, self.shared.clone(), bases.clone()));
+            self.running.insert(id, Running { abort, attempt: attempt_id, bases });
         }
         metrics::gauge!("ferry_invoker_running", "partition" => self.partition.to_string())
             .set(self.running.len() as f64);
@@ -623,6 +675,8 @@ async fn expire(log: Log, group: GroupId) -> Done {
 struct Target {
     uri: String,
     http2: bool,
+    /// HTTP/2 and bidirectional: attempts may stream.
+    streams: bool,
     headers: BTreeMap<String, String>,
     version: ProtocolVersion,
 }
@@ -639,6 +693,7 @@ fn resolve(log: &Log, service: &str) -> Result<Target, String> {
         Ok(Target {
             uri: deployment.uri.clone(),
             http2: deployment.http2,
+            streams: deployment.http2 && deployment.protocol_mode == ProtocolMode::BidiStream,
             headers: deployment.additional_headers.clone(),
             version,
         })
@@ -672,9 +727,9 @@ fn attempt_span(job: &Job) -> Span {
 
 /// Runs [`attempt`]; if it panics, the attempt counts as failed (retried after
 /// a backoff like any failure) rather than holding its slot for ever.
-async fn supervised(job: Job, shared: Attempts) -> Done {
+async fn supervised(job: Job, shared: Attempts, bases: Arc<Bases>) -> Done {
     let fallback = job.clone();
-    let run = std::panic::AssertUnwindSafe(attempt(job, shared.clone()));
+    let run = std::panic::AssertUnwindSafe(attempt(job, shared.clone(), bases));
     match futures::FutureExt::catch_unwind(run).await {
         Ok(done) => done,
         Err(panic) => {
@@ -719,18 +774,18 @@ fn stopped_for_test() -> bool {
     true
 }
 
-async fn attempt(job: Job, shared: Attempts) -> Done {
+async fn attempt(job: Job, shared: Attempts, bases: Arc<Bases>) -> Done {
     // Tests make attempts panic here.
     fail::fail_point!("invoker-attempt");
     if let Some(hold) = held_for_test() {
         tokio::time::sleep(hold).await;
     }
     let targets = shared.clone();
-    let Attempts { group, log, client, retry, effects, .. } = shared;
+    let Attempts { group, log, client, retry, effects, streaming, .. } = shared;
     let span = attempt_span(&job);
     let traceparent = TraceContext::of(&span).map(|c| c.traceparent());
     let started = Instant::now();
-    let result = match resolve(&log, &job.service) {
+    let ran = match resolve(&log, &job.service) {
         Ok(target) => {
             let endpoint = Endpoint {
                 uri: &target.uri,
@@ -744,29 +799,35 @@ async fn attempt(job: Job, shared: Attempts) -> Done {
             // scheduler's answer may be old by then.
             let lease = log.clone();
             let may_send = move || lease.holds_lease(group) && stopped_for_test();
-            let call = client.attempt_encoded(&endpoint, job.body.clone(), traceparent.as_deref(), may_send);
-            match call.instrument(span.clone()).await {
-                Err(Error::NotSent { .. }) => {
-                    debug!(id = %job.id, "attempt not sent: the lease on its partition lapsed");
-                    metrics::counter!("ferry_invoker_attempts_total", "outcome" => "not-sent").increment(1);
-                    span.record("ferry.outcome", "not-sent");
-                    return Done::Attempt(job.id);
+            let traceparent = traceparent.as_deref();
+            match streaming.filter(|_| target.streams) {
+                Some(inactivity) => {
+                    let stream =
+                        Streamed { job: &job, targets: &targets, retry: &retry, effects: &effects, bases: &bases };
+                    stream.run(&client, &endpoint, traceparent, may_send, inactivity).instrument(span.clone()).await
                 }
-                // Not a failure of the attempt: it runs again, from the
-                // journal as committed, if this node still leads.
-                Err(Error::Stalled { .. }) => {
-                    debug!(id = %job.id, "attempt abandoned: this node stalled while it ran");
-                    metrics::counter!("ferry_invoker_attempts_total", "outcome" => "stalled").increment(1);
-                    span.record("ferry.outcome", "stalled");
-                    return Done::Attempt(job.id);
+                None => {
+                    let call = client.attempt_encoded(&endpoint, job.body.clone(), traceparent, may_send);
+                    match call.instrument(span.clone()).await {
+                        Err(e @ (Error::NotSent { .. } | Error::Stalled { .. })) => Err(Abandoned::from(e)),
+                        result => Ok(job.effect(result.map_err(|e| e.to_string()), &targets, &retry, now_ms())),
+                    }
                 }
-                result => result.map_err(|e| e.to_string()),
             }
         }
-        Err(e) => Err(e),
+        Err(e) => Ok(job.effect(Err(e), &targets, &retry, now_ms())),
+    };
+    let effect = match ran {
+        Ok(effect) => effect,
+        Err(abandoned) => {
+            let outcome = abandoned.outcome();
+            debug!(id = %job.id, "attempt abandoned: {}", abandoned.reason());
+            metrics::counter!("ferry_invoker_attempts_total", "outcome" => outcome).increment(1);
+            span.record("ferry.outcome", outcome);
+            return Done::Attempt(job.id);
+        }
     };
     metrics::histogram!("ferry_invoker_attempt_seconds").record(started.elapsed().as_secs_f64());
-    let effect = job.effect(result, &targets, &retry, now_ms());
     let kind = match &effect {
         Effect::Complete { .. } => "completed",
         Effect::Progress { .. } => "suspended",
@@ -786,6 +847,135 @@ async fn attempt(job: Job, shared: Attempts) -> Done {
     };
     effects.apply(effect).instrument(commit).await;
     Done::Attempt(job.id)
+}
+
+/// Why an attempt ended without an effect of its own. Not a failure of the
+/// attempt: it runs again, from the journal as committed, if this node
+/// still leads.
+enum Abandoned {
+    /// The lease on its partition lapsed before (the rest of) its journal
+    /// was written.
+    NotSent,
+    /// This node stalled while it ran, so its connection was closed.
+    Stalled,
+    /// A checkpoint was not applied: the invocation changed meanwhile, or
+    /// this node no longer leads.
+    Outdated,
+}
+
+impl From<Error> for Abandoned {
+    fn from(e: Error) -> Abandoned {
+        match e {
+            Error::Stalled { .. } => Abandoned::Stalled,
+            _ => Abandoned::NotSent,
+        }
+    }
+}
+
+impl Abandoned {
+    fn outcome(&self) -> &'static str {
+        match self {
+            Abandoned::NotSent => "not-sent",
+            Abandoned::Stalled => "stalled",
+            Abandoned::Outdated => "outdated",
+        }
+    }
+
+    fn reason(&self) -> &'static str {
+        match self {
+            Abandoned::NotSent => "the lease on its partition lapsed",
+            Abandoned::Stalled => "this node stalled while it ran",
+            Abandoned::Outdated => "a checkpoint was not applied",
+        }
+    }
+}
+
+/// An attempt that streams: each batch of the handler's messages is taken
+/// as it comes; lazy reads and call ids are answered at once, run results
+/// once a checkpoint made them durable. The request is closed (and the
+/// handler then suspends as in request-response mode) when the handler
+/// waits for something the stream does not bring, or is quiet for the
+/// inactivity limit.
+struct Streamed<'a> {
+    job: &'a Job,
+    targets: &'a Attempts,
+    retry: &'a RetryPolicy,
+    effects: &'a EffectSender,
+    bases: &'a Bases,
+}
+
+impl Streamed<'_> {
+    async fn run(
+        self,
+        client: &Client,
+        endpoint: &Endpoint<'_>,
+        traceparent: Option<&str>,
+        may_send: impl Fn() -> bool + Send + Sync + 'static,
+        inactivity: Duration,
+    ) -> Result<Effect, Abandoned> {
+        let mut recorder = self.job.recorder(self.targets, self.retry, now_ms());
+        let failed = |recorder: &mut journal::Recorder<'_>, e: Error| match e {
+            Error::NotSent { .. } | Error::Stalled { .. } => Err(Abandoned::from(e)),
+            e => {
+                recorder.at(now_ms());
+                Ok(recorder.fail(e.to_string()))
+            }
+        };
+        let mut stream = match client.stream(endpoint, self.job.body.clone(), traceparent, may_send).await {
+            Ok(stream) => stream,
+            Err(e) => return failed(&mut recorder, e),
+        };
+        loop {
+            let next = stream.next(stream.is_open().then_some(inactivity)).await;
+            recorder.at(now_ms());
+            let messages = match next {
+                Err(e) => return failed(&mut recorder, e),
+                Ok(Next::Ended(ending)) => return Ok(recorder.finish(ending)),
+                Ok(Next::Quiet) => {
+                    stream.close();
+                    continue;
+                }
+                Ok(Next::Messages(messages)) => messages,
+            };
+            let mut answers = Vec::new();
+            let mut awaits_elsewhere = false;
+            if tracing::enabled!(tracing::Level::TRACE) {
+                let types: Vec<String> = messages.iter().map(|m| m.message_type().to_string()).collect();
+                tracing::trace!(id = %self.job.id, open = stream.is_open(), "handler sent {}", types.join(", "));
+            }
+            for message in messages {
+                if let Message::AwaitingOn(awaiting) = &message {
+                    awaits_elsewhere = !awaiting.executing_side_effects
+                        && !awaiting.awaiting_on.as_ref().is_some_and(|f| recorder.answers(f));
+                }
+                match recorder.push(message) {
+                    Ok(answer) => answers.extend(answer),
+                    Err(effect) => return Ok(*effect),
+                }
+            }
+            if !stream.is_open() {
+                continue;
+            }
+            stream.send(&answers);
+            if recorder.has_proposals() {
+                let Some(checkpoint) = recorder.checkpoint() else {
+                    stream.close();
+                    continue;
+                };
+                let base = recorder.base_after_checkpoint();
+                self.bases.proposing(base);
+                if self.effects.apply(checkpoint).await != Some(Outcome::Applied) {
+                    return Err(Abandoned::Outdated);
+                }
+                self.bases.applied(base);
+                metrics::counter!("ferry_invoker_checkpoints_total").increment(1);
+                let acks = recorder.checkpointed();
+                stream.send(&acks);
+            } else if awaits_elsewhere || (endpoint.version < ProtocolVersion::V7 && recorder.waits_elsewhere()) {
+                stream.close();
+            }
+        }
+    }
 }
 
 fn now_ms() -> u64 {

@@ -37,8 +37,8 @@ impl StateMachine for Machine {
     /// an outbox. 7: calls: invocations keep their callers and the results
     /// they await, outboxes carry results back. 8: handlers say whether they
     /// read state lazily. 9: workflow promises. 10: attach and output from
-    /// handlers.
-    const DATA_FORMAT: u32 = 10;
+    /// handlers. 11: streaming attempts checkpoint their journal.
+    const DATA_FORMAT: u32 = 11;
 
     type Command = Command;
     type Response = Response;

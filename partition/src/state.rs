@@ -116,8 +116,6 @@ pub struct Invocation {
     pub completion: Option<Completion>,
     /// The journal after the input entry, as the handler wrote it.
     pub journal: Vec<JournalEntry>,
-    /// State changes in the journal, applied when the invocation completes.
-    pub state_ops: Vec<StateOp>,
     /// Sleeps not yet due.
     pub sleeps: Vec<Sleep>,
     /// When a timer wakes the invocation.
@@ -394,7 +392,6 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
                 last_failure: None,
                 completion: None,
                 journal: Vec::new(),
-                state_ops: Vec::new(),
                 sleeps: Vec::new(),
                 wake_at_ms: None,
                 trace: invoke.trace,
@@ -614,7 +611,7 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
                 // Results that came during the attempt: the next one sees them.
                 let arrived = answered || !inv.arrived.is_empty();
                 inv.journal.append(&mut inv.arrived);
-                inv.state_ops.extend(state);
+                self.change_state(inv, state)?;
                 inv.sleeps.extend(sleeps);
                 inv.attempts = 0;
                 inv.last_failure = None;
@@ -629,17 +626,23 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
                     }
                 }
             }
+            Effect::Checkpoint { attempt, entries, state, sends, .. } => {
+                if current != Some(attempt) {
+                    return stale;
+                }
+                self.send(inv, sends)?;
+                inv.journal.extend(entries);
+                self.change_state(inv, state)?;
+                inv.attempts = 0;
+                inv.last_failure = None;
+            }
             Effect::Complete { attempt, state, result, sends, promises, .. } => {
                 if current != Some(attempt) {
                     return stale;
                 }
                 self.send(inv, sends)?;
                 self.apply_promises(inv, promises)?;
-                inv.state_ops.extend(state);
-                let ops = std::mem::take(&mut inv.state_ops);
-                if let Some(object) = inv.object_key() {
-                    self.change_object(&object, ops)?;
-                }
+                self.change_state(inv, state)?;
                 let kept = self.complete(inv, result, at_ms)?;
                 return Ok((Outcome::Applied, kept));
             }
@@ -824,6 +827,15 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
     }
 
     /// Applies a completed invocation's state changes to its object.
+    /// Applies the state changes an effect of `inv` carries to its object's
+    /// state, as its journal takes them (so a shared handler sees them).
+    fn change_state(&mut self, inv: &Invocation, ops: Vec<StateOp>) -> Result<(), StoreError> {
+        match inv.object_key() {
+            Some(object) if !ops.is_empty() => self.change_object(&object, ops),
+            _ => Ok(()),
+        }
+    }
+
     fn change_object(&mut self, object: &[u8], ops: Vec<StateOp>) -> Result<(), StoreError> {
         let row = |key: &[u8]| [object, key].concat();
         for op in ops {
@@ -936,7 +948,6 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
         }
         inv.completion = Some(result);
         inv.completed_at_ms = Some(at_ms);
-        inv.state_ops = Vec::new();
         inv.sleeps = Vec::new();
         inv.arrived = Vec::new();
         inv.awaiting = 0;
@@ -1764,6 +1775,32 @@ mod tests {
         assert_eq!(view(&state).next_expiry(), Some(800));
     }
 
+    /// A streaming attempt's checkpoint keeps its entries, applies its state
+    /// changes and leaves it running, its base the longer journal; a repeat of the
+    /// checkpoint and anything from the old base are stale.
+    #[test]
+    fn a_checkpoint_keeps_the_attempt_running_from_the_longer_journal() {
+        let mut state = GroupState::default();
+        apply(&mut state, vec![invoke("inv_1", Some("k"), HandlerType::Exclusive, None)]);
+        let checkpoint = Effect::Checkpoint {
+            id: "inv_1".to_owned(),
+            attempt: at(0, 0),
+            entries: vec![entry(0x0403, b"set"), entry(0x0411, b"run"), entry(0x8011, b"done")],
+            state: vec![set(b"a", b"1")],
+            sends: vec![],
+        };
+        assert_eq!(effect(&mut state, 20, checkpoint.clone()), Outcome::Applied);
+        assert_eq!(effect(&mut state, 21, checkpoint), Outcome::Stale);
+        let inv = view(&state).invocation("inv_1").unwrap();
+        assert_eq!((inv.status, inv.attempt(), inv.journal.len()), (Status::Ready, Some(at(0, 3)), 3));
+        let values = view(&state).object_state("Counter", "k").unwrap();
+        assert_eq!(values.get(&b"a"[..]).map(|v| &v[..]), Some(&b"1"[..]), "visible as the journal takes it");
+        assert_eq!(effect(&mut state, 22, complete("inv_1", at(0, 0), vec![])), Outcome::Stale);
+        assert_eq!(effect(&mut state, 23, complete("inv_1", at(0, 3), vec![set(b"b", b"2")])), Outcome::Applied);
+        let values = view(&state).object_state("Counter", "k").unwrap();
+        assert_eq!(values.len(), 2);
+    }
+
     #[test]
     fn completion_applies_state_and_starts_the_next_of_the_key() {
         let mut state = GroupState::default();
@@ -1775,7 +1812,8 @@ mod tests {
             ],
         );
         assert_eq!(runnable(&state), vec!["inv_1"]);
-        // A suspension keeps its entries and state changes; nothing is visible yet.
+        // A suspension keeps its entries; its state changes apply as they
+        // are journaled, so a shared handler sees them.
         let progress = Effect::Progress {
             id: "inv_1".to_owned(),
             attempt: at(0, 0),
@@ -1789,7 +1827,7 @@ mod tests {
         };
         assert_eq!(effect(&mut state, 20, progress.clone()), Outcome::Applied);
         assert_eq!(effect(&mut state, 21, progress), Outcome::Stale);
-        assert!(view(&state).object_state("Counter", "k").is_none());
+        assert_eq!(view(&state).object_state("Counter", "k").map(|s| s.len()), Some(1));
         assert_eq!(view(&state).invocation("inv_1").unwrap().journal.len(), 3);
         // A completion from an attempt that started before the suspension is stale.
         assert_eq!(effect(&mut state, 22, complete("inv_1", at(0, 0), vec![])), Outcome::Stale);

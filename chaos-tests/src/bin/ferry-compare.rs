@@ -9,6 +9,10 @@
 //!    subscription's creation to the last completion, checked against the
 //!    sum of the counters.
 //! 3. Backlog -> Service: the same with `Sink/handle` (a no-op).
+//! 4. A pipeline stage, `Pipeline/run`: three `ctx.run` steps and a call to
+//!    `Sink/handle`, over HTTP at the fixed rate (latency percentiles) and
+//!    from a backlog (completed invocations per second; each record makes
+//!    two invocations, the stage and its call, and the rate counts stages).
 //!
 //! Prints a Markdown table with both systems and their ratio, the CPU time
 //! per invocation of each server (with its child processes) and of the
@@ -172,7 +176,8 @@ impl Backlog {
 }
 
 /// Pre-produces `args.records` records to a new topic, subscribes `sink` to
-/// it, and waits until all of them are durably completed invocations.
+/// it, and waits until all of them are durably completed invocations (and
+/// the invocations they make: `per_record` in all for each).
 async fn backlog(
     server: &Server,
     handler_pid: u32,
@@ -180,6 +185,7 @@ async fn backlog(
     args: &Args,
     topic: &str,
     sink: &str,
+    per_record: usize,
 ) -> Result<Backlog> {
     broker.create_topic(topic, args.partitions).await?;
     let started = Instant::now();
@@ -189,7 +195,7 @@ async fn backlog(
     // The invoker's counter is cheap to poll; the SQL count, exact but a scan
     // of every invocation, is only read once the counter has caught up.
     let baseline = server.progress().await?;
-    let target = args.records as f64;
+    let target = (args.records * per_record) as f64;
     let subscribed_ms = now_ms();
     let started = Instant::now();
     let cpu_at_start = (cpu_seconds(server.pid()), cpu_seconds(handler_pid));
@@ -257,11 +263,12 @@ impl Latencies {
     }
 }
 
-/// `POST /Counter/lat-<n>/add` at `rate` per second for `seconds`, each
-/// request sent at its scheduled time whether or not earlier ones answered.
-async fn ingress_latency(server: &Server, rate: u32, seconds: u64, keys: usize) -> Result<Latencies> {
+/// `POST` to the path `path` gives for each n at `rate` per second for
+/// `seconds`, each request sent at its scheduled time whether or not
+/// earlier ones answered.
+async fn ingress_latency(server: &Server, rate: u32, seconds: u64, path: impl Fn(u64) -> String) -> Result<Latencies> {
     let request = |n: u64| {
-        let url = server.ingress_url(&format!("/Counter/lat-{}/add", n as usize % keys));
+        let url = server.ingress_url(&path(n));
         let call = server.http().post(url).header("content-type", "application/json").body(format!("{{\"seq\":{n}}}"));
         async move {
             let sent = Instant::now();
@@ -302,24 +309,35 @@ struct Measured {
     latencies: Latencies,
     object: Backlog,
     service: Backlog,
+    pipeline_latencies: Latencies,
+    pipeline: Backlog,
     rss_kib: u64,
 }
 
 async fn measure(server: &Server, handler_pid: u32, broker: &Broker, args: &Args, tag: &str) -> Result<Measured> {
     // First, while the server has no backlog's flushes and compactions to
     // catch up with.
-    let latencies = ingress_latency(server, args.rate, args.seconds, args.keys).await?;
-    let object = backlog(server, handler_pid, broker, args, &format!("{tag}-counter"), "service://Counter/add").await?;
+    let keys = args.keys;
+    let latencies =
+        ingress_latency(server, args.rate, args.seconds, |n| format!("/Counter/lat-{}/add", n as usize % keys)).await?;
+    let object =
+        backlog(server, handler_pid, broker, args, &format!("{tag}-counter"), "service://Counter/add", 1).await?;
     let sum = counter_sum(server, args.keys).await?;
     if sum != args.records as u64 {
         bail!("the counters add up to {sum}, not {}", args.records);
     }
-    let service = backlog(server, handler_pid, broker, args, &format!("{tag}-sink"), "service://Sink/handle").await?;
+    let service =
+        backlog(server, handler_pid, broker, args, &format!("{tag}-sink"), "service://Sink/handle", 1).await?;
+    let pipeline_latencies = ingress_latency(server, args.rate, args.seconds, |_| "/Pipeline/run".to_owned()).await?;
+    let pipeline =
+        backlog(server, handler_pid, broker, args, &format!("{tag}-pipeline"), "service://Pipeline/run", 2).await?;
     Ok(Measured {
         name: server.name().await?,
         latencies,
         object,
         service,
+        pipeline_latencies,
+        pipeline,
         rss_kib: peak_rss_kib(server.pid()).unwrap_or(0),
     })
 }
@@ -346,6 +364,13 @@ async fn main() -> Result<()> {
         let stalls = node.metric("ferry_invoker_stalls_total").await?;
         let abandoned = node.metric("ferry_invoker_attempts_total{outcome=\"stalled\"}").await?;
         println!("ferry: {stalls} stalls noticed, {abandoned} attempts abandoned for them");
+        let attempts = node.metric("ferry_invoker_attempts_total").await?;
+        let completed = node.metric("ferry_invoker_invocations_completed_total").await?;
+        let checkpoints = node.metric("ferry_invoker_checkpoints_total").await?;
+        println!(
+            "ferry: {:.2} attempts per completed invocation over the whole run, {checkpoints} checkpoints",
+            attempts / completed
+        );
     }
     drop(server);
 
@@ -363,6 +388,7 @@ async fn main() -> Result<()> {
     for (what, f, r) in [
         ("Kafka -> Virtual Object `Counter/add`, completed invocations/s", &ferry.object, &restate.object),
         ("Kafka -> Service `Sink/handle`, completed invocations/s", &ferry.service, &restate.service),
+        ("Kafka -> `Pipeline/run` (3 steps, 1 call), completed stages/s", &ferry.pipeline, &restate.pipeline),
     ] {
         let (f, r) = (f.rate(args.records), r.rate(args.records));
         println!("| {what} | **{f:.0}** | {r:.0} | {:.2}x |", f / r);
@@ -370,19 +396,29 @@ async fn main() -> Result<()> {
     for (what, f, r) in [
         ("Kafka -> Virtual Object, CPU us per invocation: server / handler", &ferry.object, &restate.object),
         ("Kafka -> Service, CPU us per invocation: server / handler", &ferry.service, &restate.service),
+        ("Kafka -> `Pipeline/run`, CPU us per stage: server / handler", &ferry.pipeline, &restate.pipeline),
     ] {
         let (f, r) = (f.cpu_us(args.records), r.cpu_us(args.records));
         println!("| {what} | **{:.0} / {:.0}** | {:.0} / {:.0} | {:.2}x |", f.0, f.1, r.0, r.1, r.0 / f.0);
     }
-    for (what, q) in [("p50", 0.5), ("p99", 0.99)] {
-        let (f, r) = (ms(ferry.latencies.quantile(q)), ms(restate.latencies.quantile(q)));
-        println!(
-            "| HTTP `POST /Counter/<key>/add` at {} req/s, {what} | **{f:.1} ms** | {r:.1} ms | {:.2}x |",
-            args.rate,
-            r / f
-        );
+    for (path, f, r) in [
+        ("/Counter/<key>/add", &ferry.latencies, &restate.latencies),
+        ("/Pipeline/run", &ferry.pipeline_latencies, &restate.pipeline_latencies),
+    ] {
+        for (what, q) in [("p50", 0.5), ("p99", 0.99)] {
+            let (f, r) = (ms(f.quantile(q)), ms(r.quantile(q)));
+            println!(
+                "| HTTP `POST {path}` at {} req/s, {what} | **{f:.1} ms** | {r:.1} ms | {:.2}x |",
+                args.rate,
+                r / f
+            );
+        }
     }
-    println!("| ingress errors | {} | {} | |", ferry.latencies.errors, restate.latencies.errors);
+    println!(
+        "| ingress errors | {} | {} | |",
+        ferry.latencies.errors + ferry.pipeline_latencies.errors,
+        restate.latencies.errors + restate.pipeline_latencies.errors
+    );
     println!("| peak RSS | {:.0} MiB | {:.0} MiB | |", ferry.rss_kib as f64 / 1024.0, restate.rss_kib as f64 / 1024.0);
     Ok(())
 }

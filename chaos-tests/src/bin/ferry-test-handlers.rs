@@ -36,6 +36,9 @@
 //!   output or `{"code": .., "message": ..}` for a call that failed.
 //!   `Fanout/attach` attaches to the invocation `{"id": ..}` names and
 //!   returns its result the same way.
+//! * `Pipeline/run` (service): three `ctx.run` steps, then a call to
+//!   `Sink/handle` with their results; returns them (a Kafka pipeline's stage,
+//!   for `ferry-compare`).
 //! * `Approval` (workflow): `run` waits for the promise `approval` and
 //!   returns its value (or `{"code", "message"}` if rejected); shared
 //!   `approve` resolves it with its payload (rejects it for
@@ -317,6 +320,31 @@ impl Fanout {
             Ok(output) => output.as_json().unwrap_or(Value::Null),
             Err(e) => json!({ "code": e.code(), "message": e.message() }),
         }))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Pipeline
+// ---------------------------------------------------------------------------
+
+struct Pipeline;
+
+#[restate_sdk::service]
+impl Pipeline {
+    /// A stage of a Kafka pipeline: three steps, then a call to
+    /// `Sink/handle` with what they made. Returns the steps' results.
+    #[handler]
+    async fn run(&self, ctx: Context<'_>, payload: AnyPayload) -> Result<Json<Value>, HandlerError> {
+        let seq = payload_seq(&payload).unwrap_or(0);
+        let mut steps = Vec::new();
+        for (n, name) in ["parse", "enrich", "score"].into_iter().enumerate() {
+            let step: i64 = ctx.run(|| async move { Ok(seq * 10 + n as i64) }).name(name).await?;
+            steps.push(step);
+        }
+        let target = RequestTarget::service("Sink", "handle");
+        let steps = json!(steps);
+        ctx.request::<AnyPayload, AnyPayload>(target, AnyPayload(Bytes::from(steps.to_string()))).call().await?;
+        Ok(Json(steps))
     }
 }
 
@@ -830,6 +858,7 @@ async fn main() -> anyhow::Result<()> {
         .bind(Once::default())
         .bind(Slow)
         .bind(Fanout)
+        .bind(Pipeline)
         .bind(Awake)
         .bind(Lazy)
         .bind(Approval)

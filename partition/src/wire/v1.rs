@@ -162,15 +162,21 @@ pub enum Effect {
     Resume { id: String },
     /// Drop the journal of a completed invocation now, keeping its result.
     PurgeJournal { id: String },
+    /// An attempt that goes on (streaming) made its journal so far durable:
+    /// its new entries, state changes and what it started elsewhere are
+    /// kept, and the invocation stays running. The attempt's later effects
+    /// name the longer journal as their base.
+    Checkpoint { id: String, attempt: AttemptId, entries: Vec<JournalEntry>, state: Vec<StateOp>, sends: Vec<Outgoing> },
 }
 
 impl Effect {
     /// The attempt an effect of an attempt comes from.
     pub fn attempt(&self) -> Option<AttemptId> {
         match self {
-            Effect::Progress { attempt, .. } | Effect::Complete { attempt, .. } | Effect::Failed { attempt, .. } => {
-                Some(*attempt)
-            }
+            Effect::Progress { attempt, .. }
+            | Effect::Complete { attempt, .. }
+            | Effect::Failed { attempt, .. }
+            | Effect::Checkpoint { attempt, .. } => Some(*attempt),
             _ => None,
         }
     }
@@ -185,7 +191,8 @@ impl Effect {
             | Effect::Kill { id }
             | Effect::Purge { id }
             | Effect::Resume { id }
-            | Effect::PurgeJournal { id } => id,
+            | Effect::PurgeJournal { id }
+            | Effect::Checkpoint { id, .. } => id,
         }
     }
 }
