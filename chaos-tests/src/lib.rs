@@ -692,6 +692,51 @@ impl Node {
     }
 }
 
+/// The `Counter` keys that `Fanout/call` (and `TsFanout/call`) calls for
+/// the records `{"seq": n}`: `f{n % 10}` and `g{n % 7}`.
+pub fn fanout_keys() -> impl Iterator<Item = String> {
+    (0..10).map(|n| format!("f{n}")).chain((0..7).map(|n| format!("g{n}")))
+}
+
+/// How many calls each of [`fanout_keys`] gets for the records `{"seq": n}`
+/// of `seqs`.
+pub fn fanout_counts(seqs: impl IntoIterator<Item = i64>) -> BTreeMap<String, u64> {
+    let mut counts: BTreeMap<String, u64> = fanout_keys().map(|k| (k, 0)).collect();
+    for n in seqs {
+        *counts.entry(format!("f{}", n.rem_euclid(10))).or_default() += 1;
+        *counts.entry(format!("g{}", n.rem_euclid(7))).or_default() += 1;
+    }
+    counts
+}
+
+/// Checks that every `Fanout/call` invocation among `callers` that a
+/// subscription started got the counts of its two keys, and that per key
+/// the counts came back 1, 2, .. up to `expected`, each once: each call ran
+/// once and its result went to its caller alone.
+pub async fn check_call_results(node: &Node, callers: &[Value], expected: &BTreeMap<String, u64>) -> Result<()> {
+    let mut returned: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for caller in callers.iter().filter(|c| c["invoked_by"] == "subscription") {
+        let id = caller["id"].as_str().context("id")?;
+        let (status, output) = node.ingress(&format!("/restate/invocation/{id}/output"), None, &[]).await?;
+        anyhow::ensure!(status == 200, "{id}: {status} {output}");
+        let (keys, results) = (output["keys"].as_array(), output["results"].as_array());
+        let (Some(keys), Some(results)) = (keys, results) else { bail!("{id}: {output}") };
+        anyhow::ensure!(keys.len() == 2 && results.len() == 2, "{id}: {output}");
+        for (key, result) in keys.iter().zip(results) {
+            let key = key.as_str().with_context(|| format!("{id}: {output}"))?;
+            let count = result.as_u64().with_context(|| format!("{id}: {output}"))?;
+            returned.entry(key.to_owned()).or_default().push(count);
+        }
+    }
+    for (key, &calls) in expected {
+        let mut counts = returned.remove(key).unwrap_or_default();
+        counts.sort_unstable();
+        anyhow::ensure!(counts == (1..=calls).collect::<Vec<_>>(), "the results of {key}: {counts:?}, {calls} calls");
+    }
+    anyhow::ensure!(returned.is_empty(), "results for keys not called: {returned:?}");
+    Ok(())
+}
+
 /// A broker, the test handlers and one node started with `config` (as
 /// [`Node::start_configured`]), the handlers registered with the node.
 pub async fn node_with_handlers(config: &[(&str, &str)]) -> Result<(Broker, Handlers, tempfile::TempDir, Node)> {

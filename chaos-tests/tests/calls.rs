@@ -14,7 +14,10 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use ferry_chaos_tests::{eventually, node_with_handlers, Broker, Cluster, Handlers, Node, TypeScriptHandlers};
+use ferry_chaos_tests::{
+    check_call_results, eventually, fanout_counts, fanout_keys, node_with_handlers, Broker, Cluster, Handlers, Node,
+    TypeScriptHandlers,
+};
 use serde_json::{json, Value};
 
 const TOPIC: &str = "fanout";
@@ -41,18 +44,10 @@ async fn counts_of(
     Ok(counts)
 }
 
-fn fanout_keys() -> impl Iterator<Item = String> {
-    (0..10).map(|n| format!("f{n}")).chain((0..7).map(|n| format!("g{n}")))
-}
-
-/// What `Fanout/send` of `{"seq": n}` for every n below `records` adds to each key.
+/// What `{"seq": n}` for every n below `records` adds to each key through
+/// `Fanout` (or `TsFanout`).
 fn expected(records: usize) -> BTreeMap<String, u64> {
-    let mut expected: BTreeMap<String, u64> = fanout_keys().map(|k| (k, 0)).collect();
-    for n in 0..records {
-        *expected.get_mut(&format!("f{}", n % 10)).unwrap() += 1;
-        *expected.get_mut(&format!("g{}", n % 7)).unwrap() += 1;
-    }
-    expected
+    fanout_counts(0..records as i64)
 }
 
 /// Subscribes `sink` to a backlog of `records` records `{"seq": n}` in
@@ -80,31 +75,10 @@ async fn through_two_sigkills(
     Ok(())
 }
 
-/// Checks that every `Fanout/call` invocation of `callers` from the
-/// subscription (`{"seq": n}` for n below `records`) got the counts of its
-/// two keys, and that per key the counts came back 1, 2, .. each once: each
-/// call ran once and its result went to its caller alone.
+/// Checks that every caller from the subscription (`{"seq": n}` for n
+/// below `records`) got the counts of its two keys, each once.
 async fn check_results(node: &Node, callers: &[Value], records: usize) -> Result<()> {
-    let mut returned: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-    for caller in callers.iter().filter(|c| c["invoked_by"] == "subscription") {
-        let id = caller["id"].as_str().context("id")?;
-        let (status, output) = node.ingress(&format!("/restate/invocation/{id}/output"), None, &[]).await?;
-        anyhow::ensure!(status == 200, "{id}: {status} {output}");
-        let (keys, results) = (output["keys"].as_array(), output["results"].as_array());
-        let (Some(keys), Some(results)) = (keys, results) else { anyhow::bail!("{id}: {output}") };
-        anyhow::ensure!(keys.len() == 2 && results.len() == 2, "{id}: {output}");
-        for (key, result) in keys.iter().zip(results) {
-            let key = key.as_str().with_context(|| format!("{id}: {output}"))?;
-            let count = result.as_u64().with_context(|| format!("{id}: {output}"))?;
-            returned.entry(key.to_owned()).or_default().push(count);
-        }
-    }
-    let expected = expected(records);
-    for (key, mut counts) in returned {
-        counts.sort_unstable();
-        assert_eq!(counts, (1..=expected[&key]).collect::<Vec<_>>(), "the results of {key}");
-    }
-    Ok(())
+    check_call_results(node, callers, &expected(records)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

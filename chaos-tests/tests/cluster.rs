@@ -10,7 +10,8 @@
 //! read back. Afterwards every offset has exactly one invocation, each key's
 //! state counts its records in offset order, the handlers saw exactly the
 //! invocations the log holds, no journaled step ran again once its result
-//! was committed, and every node applied the same state.
+//! was committed, every call a handler made ran once with its result
+//! returned to its caller once, and every node applied the same state.
 //!
 //! A failing run prints its seed; `CHAOS_SEED=<seed>` replays the same
 //! schedule, and `CHAOS_ROUNDS=<n>` repeats the faults n times (a soak run;
@@ -22,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use ferry_chaos_tests::{check_run_once, eventually, Broker, Cluster, Handlers};
+use ferry_chaos_tests::{check_call_results, check_run_once, eventually, fanout_counts, Broker, Cluster, Handlers};
 use rand::Rng;
 use serde_json::{json, Value};
 
@@ -87,6 +88,7 @@ async fn three_nodes_lose_and_double_nothing_under_faults() -> Result<()> {
         (3, TOPIC, "service://Counter/add"),
         (1, TOPIC, "service://Sink/handle"),
         (2, STEPS_TOPIC, "service://Once/run"),
+        (3, STEPS_TOPIC, "service://Fanout/call"),
     ] {
         let (status, body) = cluster
             .node(node)
@@ -103,7 +105,7 @@ async fn three_nodes_lose_and_double_nothing_under_faults() -> Result<()> {
     for id in 1..=3 {
         eventually(Duration::from_secs(10), "the subscriptions on every node", || async {
             let listed = cluster.node(id).get("/subscriptions").await?;
-            Ok((listed["subscriptions"].as_array().map_or(0, Vec::len) == 3).then_some(()))
+            Ok((listed["subscriptions"].as_array().map_or(0, Vec::len) == 4).then_some(()))
         })
         .await?;
     }
@@ -189,7 +191,8 @@ async fn three_nodes_lose_and_double_nothing_under_faults() -> Result<()> {
     assert!(missing.is_empty(), "the broker lost acknowledged records: {missing:?}");
     println!("{} records acknowledged, {} in the topic", acknowledged.len(), records.len());
 
-    let (subscriptions, steps_subscription) = (&subscriptions[..2], &subscriptions[2]);
+    let (subscriptions, steps_subscription, calls_subscription) =
+        (&subscriptions[..2], &subscriptions[2], &subscriptions[3]);
     for sub in subscriptions {
         let invocations = drained(&cluster, survivor, sub, produced.len())
             .await
@@ -215,11 +218,30 @@ async fn three_nodes_lose_and_double_nothing_under_faults() -> Result<()> {
 
     // Every step record's invocation completes, and no journaled step ran
     // again once its result was committed.
-    let steps = broker.read_topic(STEPS_TOPIC, PARTITIONS).await?.len();
+    let step_records = broker.read_topic(STEPS_TOPIC, PARTITIONS).await?;
+    let steps = step_records.len();
     drained(&cluster, survivor, steps_subscription, steps).await.with_context(|| cluster.node(survivor).log_tail())?;
     let once = std::fs::read_to_string(handlers.record_dir.path().join("once.jsonl"))?;
     let steps = check_run_once(&once)?;
     println!("{steps} journaled steps, none run again after its result was committed");
+
+    // Every step record also made two calls, across partitions led by
+    // different nodes: each callee ran once, and each result came back to
+    // its caller alone.
+    let callers = drained(&cluster, survivor, calls_subscription, step_records.len())
+        .await
+        .with_context(|| cluster.node(survivor).log_tail())?;
+    let seqs = step_records
+        .iter()
+        .map(|r| serde_json::from_slice::<Value>(&r.payload)?["seq"].as_i64().context("seq"))
+        .collect::<Result<Vec<_>>>()?;
+    let expected = fanout_counts(seqs);
+    for (key, calls) in &expected {
+        let (status, counter) = cluster.node(killed).ingress(&format!("/Counter/{key}/get"), Some(""), &[]).await?;
+        assert_eq!((status, &counter["count"]), (200, &json!(calls)), "{key}: {counter}");
+    }
+    check_call_results(cluster.node(survivor), &callers, &expected).await?;
+    println!("{} calls, each made once with its result returned once", 2 * callers.len());
 
     // Acknowledged HTTP calls count; unknown ones may or may not.
     let (status, counter) = cluster.node(killed).ingress("/Counter/http/get", Some(""), &[]).await?;

@@ -384,33 +384,15 @@ impl Recorder<'_> {
                 part.run_now = true;
             }
             Message::CallCommand(ref call) => {
-                let invoke = self.job.started(Call::of(call), self.targets, self.now_ms);
-                let notification = Message::CallInvocationIdCompletionNotification(
-                    pb::CallInvocationIdCompletionNotificationMessage {
-                        completion_id: call.invocation_id_notification_idx,
-                        invocation_id: invoke.id.clone(),
-                    },
-                );
-                part.entries.push(entry(&message));
-                part.entries.push(entry(&notification));
+                let notification = self.start_call(&message, Call::of(call));
                 // The result wakes the caller when it comes back.
-                part.sends.push(Outgoing::Invoke(Box::new(invoke)));
-                part.waits_elsewhere = true;
+                self.part.waits_elsewhere = true;
                 answer = Some(notification);
             }
             Message::OneWayCallCommand(ref send) => {
-                let invoke = self.job.started(Call::of_send(send), self.targets, self.now_ms);
-                let notification = Message::CallInvocationIdCompletionNotification(
-                    pb::CallInvocationIdCompletionNotificationMessage {
-                        completion_id: send.invocation_id_notification_idx,
-                        invocation_id: invoke.id.clone(),
-                    },
-                );
-                part.entries.push(entry(&message));
-                part.entries.push(entry(&notification));
-                part.sends.push(Outgoing::Invoke(Box::new(invoke)));
+                let notification = self.start_call(&message, Call::of_send(send));
                 // A handler that waits for the id finds it journaled.
-                part.run_now = true;
+                self.part.run_now = true;
                 answer = Some(notification);
             }
             // Read at once from the state the invocation sees; the answer is
@@ -556,6 +538,22 @@ impl Recorder<'_> {
         }
         self.answered.extend(answer.as_ref().and_then(completion_of));
         Ok(answer)
+    }
+
+    /// Journals a call or a one-way call with its callee's id, and sends the
+    /// callee's invoke; answers the id's notification.
+    fn start_call(&mut self, command: &Message, call: Call<'_>) -> Message {
+        let completion_id = call.index;
+        let invoke = self.job.started(call, self.targets, self.now_ms);
+        let notification =
+            Message::CallInvocationIdCompletionNotification(pb::CallInvocationIdCompletionNotificationMessage {
+                completion_id,
+                invocation_id: invoke.id.clone(),
+            });
+        self.part.entries.push(entry(command));
+        self.part.entries.push(entry(&notification));
+        self.part.sends.push(Outgoing::Invoke(Box::new(invoke)));
+        notification
     }
 
     /// Whether everything `future` awaits is answered by this attempt

@@ -37,6 +37,11 @@ struct Args {
     /// Records in each backlog.
     #[arg(long, default_value_t = 100_000)]
     records: usize,
+    /// Records in the `Pipeline/run` backlog (smaller: restate-server keeps
+    /// each stage's stream open while it waits for its call, up to its
+    /// inactivity timeout, so a large backlog of them takes it long).
+    #[arg(long, default_value_t = 10_000)]
+    pipeline_records: usize,
     /// Partitions of each topic.
     #[arg(long, default_value_t = 4)]
     partitions: i32,
@@ -156,6 +161,7 @@ fn now_ms() -> i64 {
 
 /// One backlog's outcome.
 struct Backlog {
+    records: usize,
     elapsed: Duration,
     /// CPU seconds of the server (with its child processes) and of the
     /// handler process, from the subscription's creation until every
@@ -165,37 +171,39 @@ struct Backlog {
 }
 
 impl Backlog {
-    fn rate(&self, records: usize) -> f64 {
-        records as f64 / self.elapsed.as_secs_f64()
+    fn rate(&self) -> f64 {
+        self.records as f64 / self.elapsed.as_secs_f64()
     }
 
-    /// CPU microseconds per invocation of the server and of the handler process.
-    fn cpu_us(&self, records: usize) -> (f64, f64) {
-        (self.server_cpu * 1e6 / records as f64, self.handler_cpu * 1e6 / records as f64)
+    /// CPU microseconds per record of the server and of the handler process.
+    fn cpu_us(&self) -> (f64, f64) {
+        (self.server_cpu * 1e6 / self.records as f64, self.handler_cpu * 1e6 / self.records as f64)
     }
 }
 
-/// Pre-produces `args.records` records to a new topic, subscribes `sink` to
-/// it, and waits until all of them are durably completed invocations (and
-/// the invocations they make: `per_record` in all for each).
+/// Pre-produces `records` records to a new topic, subscribes `sink` to it,
+/// and waits until all of them are durably completed invocations (and the
+/// invocations they make: `per_record` in all for each).
+#[allow(clippy::too_many_arguments)]
 async fn backlog(
     server: &Server,
     handler_pid: u32,
     broker: &Broker,
     args: &Args,
+    records: usize,
     topic: &str,
     sink: &str,
     per_record: usize,
 ) -> Result<Backlog> {
     broker.create_topic(topic, args.partitions).await?;
     let started = Instant::now();
-    broker.produce_backlog(topic, args.records, args.keys).await?;
-    eprintln!("produced {} records to {topic} in {:.1?}", args.records, started.elapsed());
+    broker.produce_backlog(topic, records, args.keys).await?;
+    eprintln!("produced {} records to {topic} in {:.1?}", records, started.elapsed());
 
     // The invoker's counter is cheap to poll; the SQL count, exact but a scan
     // of every invocation, is only read once the counter has caught up.
     let baseline = server.progress().await?;
-    let target = (args.records * per_record) as f64;
+    let target = (records * per_record) as f64;
     let subscribed_ms = now_ms();
     let started = Instant::now();
     let cpu_at_start = (cpu_seconds(server.pid()), cpu_seconds(handler_pid));
@@ -219,7 +227,7 @@ async fn backlog(
     let cpu = (cpu_seconds(server.pid()) - cpu_at_start.0, cpu_seconds(handler_pid) - cpu_at_start.1);
     let completed = loop {
         let completed = server.completed(&subscription).await?;
-        if completed.count >= args.records as u64 {
+        if completed.count >= records as u64 {
             break completed;
         }
         if started.elapsed() > timeout {
@@ -227,14 +235,15 @@ async fn backlog(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
-    if completed.count != args.records as u64 {
-        bail!("{} completed invocations of {sink} for {} records", completed.count, args.records);
+    if completed.count != records as u64 {
+        bail!("{} completed invocations of {sink} for {} records", completed.count, records);
     }
     let span = |from: i64, to: Option<i64>| -> Result<Duration> {
         let to = to.context("completed invocations without timestamps")?;
         Ok(Duration::from_millis(u64::try_from(to - from).context("timestamp before the subscription")?))
     };
-    Ok(Backlog { elapsed: span(subscribed_ms, completed.last_completed_ms)?, server_cpu: cpu.0, handler_cpu: cpu.1 })
+    let elapsed = span(subscribed_ms, completed.last_completed_ms)?;
+    Ok(Backlog { records, elapsed, server_cpu: cpu.0, handler_cpu: cpu.1 })
 }
 
 /// The sum of `Counter/get` counts over the backlog's keys.
@@ -320,17 +329,19 @@ async fn measure(server: &Server, handler_pid: u32, broker: &Broker, args: &Args
     let keys = args.keys;
     let latencies =
         ingress_latency(server, args.rate, args.seconds, |n| format!("/Counter/lat-{}/add", n as usize % keys)).await?;
+    let records = args.records;
     let object =
-        backlog(server, handler_pid, broker, args, &format!("{tag}-counter"), "service://Counter/add", 1).await?;
+        backlog(server, handler_pid, broker, args, records, &format!("{tag}-counter"), "service://Counter/add", 1)
+            .await?;
     let sum = counter_sum(server, args.keys).await?;
     if sum != args.records as u64 {
         bail!("the counters add up to {sum}, not {}", args.records);
     }
     let service =
-        backlog(server, handler_pid, broker, args, &format!("{tag}-sink"), "service://Sink/handle", 1).await?;
+        backlog(server, handler_pid, broker, args, records, &format!("{tag}-sink"), "service://Sink/handle", 1).await?;
     let pipeline_latencies = ingress_latency(server, args.rate, args.seconds, |_| "/Pipeline/run".to_owned()).await?;
-    let pipeline =
-        backlog(server, handler_pid, broker, args, &format!("{tag}-pipeline"), "service://Pipeline/run", 2).await?;
+    let (records, topic) = (args.pipeline_records, format!("{tag}-pipeline"));
+    let pipeline = backlog(server, handler_pid, broker, args, records, &topic, "service://Pipeline/run", 2).await?;
     Ok(Measured {
         name: server.name().await?,
         latencies,
@@ -381,16 +392,26 @@ async fn main() -> Result<()> {
     drop(server);
 
     println!(
-        "| {} records, {} topic partitions, {} keys, {} server partitions | {} | {} | ratio |",
-        args.records, args.partitions, args.keys, args.server_partitions, ferry.name, restate.name
+        "| {} records ({} for the pipeline), {} topic partitions, {} keys, {} server partitions | {} | {} | ratio |",
+        args.records,
+        args.pipeline_records,
+        args.partitions,
+        args.keys,
+        args.server_partitions,
+        ferry.name,
+        restate.name
     );
     println!("|---|---|---|---|");
     for (what, f, r) in [
         ("Kafka -> Virtual Object `Counter/add`, completed invocations/s", &ferry.object, &restate.object),
         ("Kafka -> Service `Sink/handle`, completed invocations/s", &ferry.service, &restate.service),
-        ("Kafka -> `Pipeline/run` (3 steps, 1 call), completed stages/s", &ferry.pipeline, &restate.pipeline),
+        (
+            "Kafka -> `Pipeline/run` (3 steps, 1 call; its own backlog), completed stages/s",
+            &ferry.pipeline,
+            &restate.pipeline,
+        ),
     ] {
-        let (f, r) = (f.rate(args.records), r.rate(args.records));
+        let (f, r) = (f.rate(), r.rate());
         println!("| {what} | **{f:.0}** | {r:.0} | {:.2}x |", f / r);
     }
     for (what, f, r) in [
@@ -398,7 +419,7 @@ async fn main() -> Result<()> {
         ("Kafka -> Service, CPU us per invocation: server / handler", &ferry.service, &restate.service),
         ("Kafka -> `Pipeline/run`, CPU us per stage: server / handler", &ferry.pipeline, &restate.pipeline),
     ] {
-        let (f, r) = (f.cpu_us(args.records), r.cpu_us(args.records));
+        let (f, r) = (f.cpu_us(), r.cpu_us());
         println!("| {what} | **{:.0} / {:.0}** | {:.0} / {:.0} | {:.2}x |", f.0, f.1, r.0, r.1, r.0 / f.0);
     }
     for (path, f, r) in [
