@@ -154,7 +154,7 @@ impl Job {
     ) -> Effect {
         let attempt = match result {
             Ok(attempt) => attempt,
-            Err(message) => return self.failed(message, None, Behavior::Retry, retry, now_ms),
+            Err(message) => return self.recorder(targets, retry, now_ms).fail(message),
         };
         let mut recorder = self.recorder(targets, retry, now_ms);
         for message in attempt.messages {
@@ -225,17 +225,6 @@ impl Job {
                 kind: ReplyKind::Call,
             }),
         }
-    }
-
-    fn failed(
-        &self,
-        message: String,
-        delay: Option<Duration>,
-        behavior: Behavior,
-        retry: &RetryPolicy,
-        now_ms: u64,
-    ) -> Effect {
-        self.failed_at(self.attempt, self.attempts, message, delay, behavior, retry, now_ms)
     }
 
     /// The effect of attempt `attempt` failing, after `attempts` failed ones.
