@@ -2,8 +2,9 @@
 //! (`chaos-tests/typescript/handlers.cjs`), registered with Ferry over
 //! HTTP/2 as the SDK serves them: state, steps and their retries, sleeps,
 //! terminal errors, calls across partitions, one-way and delayed sends,
-//! awakeables, named signals, workflow promises, lazy state, attach, and
-//! the cancellation of a caller reaching its callee.
+//! awakeables, named signals, workflow promises, lazy state, attach, the
+//! cancellation of a caller reaching its callee, and the timeouts a service
+//! asks for.
 
 use std::time::Duration;
 
@@ -190,5 +191,42 @@ async fn typescript_handlers_wait_on_awakeables_signals_and_promises() -> Result
     assert_eq!((status, &body["code"]), (200, &json!(409)), "{body}");
     let (status, body) = attach(&node, &callee).await?;
     assert_eq!((status, &body["code"]), (200, &json!(409)), "{body}");
+    Ok(())
+}
+
+/// The manifest's timeouts, and what arrives while an attempt runs. A
+/// handler whose service asks for 10 s of inactivity keeps its attempt open
+/// while it waits on an awakeable (the node's own limit is 250 ms), and gets
+/// the awakeable's value in that same attempt. A step of 3 s in a service
+/// whose attempts are aborted 1 s after their request closes fails with
+/// that reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typescript_handlers_keep_their_manifests_timeouts() -> Result<()> {
+    let (_handlers, _dir, node) = node_with_typescript().await?;
+    let handler = &node.get("/services/TsPatient").await?["handlers"][0];
+    assert_eq!(handler["name"], "wait", "{handler}");
+
+    let waiting = start(&node, "/TsPatient/p1/wait", Value::Null).await?;
+    let awakeable = noted(&node, "p1").await?;
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let status = node.get(&format!("/invocations/{waiting}")).await?;
+    assert_eq!(status["status"], "ready", "still in its first attempt: {status}");
+    let (attempts, streamed) = (
+        node.metric("ferry_invoker_attempts_total").await?,
+        node.metric("ferry_invoker_arrivals_streamed_total").await?,
+    );
+    let resolve = format!("/restate/awakeables/{awakeable}/resolve");
+    assert_eq!(node.ingress(&resolve, Some(r#""late""#), &JSON).await?.0, 202);
+    assert_eq!(attach(&node, &waiting).await?, (200, json!({"value": "late"})));
+    assert_eq!(node.metric("ferry_invoker_arrivals_streamed_total").await?, streamed + 1.0);
+    assert_eq!(node.metric("ferry_invoker_attempts_total").await?, attempts + 1.0, "one attempt ended: the first");
+
+    let napping = start(&node, "/TsStuck/nap", Value::Null).await?;
+    let failure = eventually(Duration::from_secs(30), "an aborted attempt", || async {
+        let status = node.get(&format!("/invocations/{napping}")).await?;
+        Ok(status["last_failure"].as_str().filter(|f| !f.is_empty()).map(str::to_owned))
+    })
+    .await?;
+    assert!(failure.contains("sent nothing for 1s"), "{failure}");
     Ok(())
 }

@@ -151,22 +151,24 @@ const board = restate.object({
   },
 });
 
+/// Waits on an awakeable whose id it notes on the board under its key.
+const waitOnAwakeable = async (ctx) => {
+  const { id, promise } = ctx.awakeable();
+  ctx.objectSendClient(board, ctx.key).put(id);
+  try {
+    return { value: await promise };
+  } catch (e) {
+    if (e instanceof TerminalError) {
+      return failure(e);
+    }
+    throw e;
+  }
+};
+
 const awake = restate.object({
   name: "TsAwake",
   handlers: {
-    /// Waits on an awakeable whose id it notes on the board under its key.
-    wait: async (ctx) => {
-      const { id, promise } = ctx.awakeable();
-      ctx.objectSendClient(board, ctx.key).put(id);
-      try {
-        return { value: await promise };
-      } catch (e) {
-        if (e instanceof TerminalError) {
-          return failure(e);
-        }
-        throw e;
-      }
-    },
+    wait: waitOnAwakeable,
     complete: restate.handlers.object.shared(async (ctx, input) => {
       if (input.reject !== undefined) {
         ctx.rejectAwakeable(input.id, input.reject);
@@ -235,9 +237,27 @@ const lazy = restate.object({
   },
 });
 
+/// Waits on an awakeable with its attempt held open for 10 s of silence
+/// (the manifest's `inactivityTimeout`).
+const patient = restate.object({
+  name: "TsPatient",
+  options: { inactivityTimeout: 10_000 },
+  handlers: { wait: waitOnAwakeable },
+});
+
+/// A step that takes 3 s, in a service whose attempts close their request
+/// after 200 ms of silence and are aborted 1 s later.
+const stuck = restate.service({
+  name: "TsStuck",
+  options: { inactivityTimeout: 200, abortTimeout: 1_000 },
+  handlers: {
+    nap: async (ctx) => ctx.run("nap", () => new Promise((wake) => setTimeout(() => wake("rested"), 3_000))),
+  },
+});
+
 restate
   .serve({
-    services: [counter, steps, hop, list, sender, fanout, board, awake, parent, approval, lazy],
+    services: [counter, steps, hop, list, sender, fanout, board, awake, parent, approval, lazy, patient, stuck],
     port: Number(process.env.PORT ?? 9080),
   })
   .then((port) => console.log(`listening on ${port}`));

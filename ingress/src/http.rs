@@ -16,7 +16,7 @@
 //!   `/restate/a/...`) complete an awakeable with the body as its value (or
 //!   failure message), answering `202` once that is appended.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -370,21 +370,26 @@ impl Ingress {
     /// there, or no longer (killed and purged meanwhile), answers 404: after
     /// a proposal returns, this node has applied it (see
     /// [`Log::propose_until`]), so a missing invocation is not one that is
-    /// still on its way.
+    /// still on its way. The state is read again when the invocation
+    /// completes here, and at least every [`RESULT_RECHECK`].
     async fn wait(&self, partition: PartitionId, id: &str) -> Result<Completion, Error> {
-        let mut changes = self.log.partition_changes(partition)?;
+        let watch = self.log.watch_invocation(partition, id)?;
         loop {
-            changes.borrow_and_update();
             if let Some(completion) = self.completion(partition, id)? {
                 return Ok(completion);
             }
             tokio::select! {
-                changed = changes.changed() => changed.map_err(|_| Error::new(503, "the node is shutting down"))?,
+                _ = watch.changed() => {}
+                _ = tokio::time::sleep(RESULT_RECHECK) => {}
                 _ = self.shutdown.cancelled() => return Err(Error::new(503, "the node is shutting down")),
             }
         }
     }
 }
+
+/// How often a caller waiting for a result reads the state again without
+/// news of its invocation (a snapshot replaced what it watched, say).
+const RESULT_RECHECK: Duration = Duration::from_secs(1);
 
 fn result_response(id: &str, completion: Completion) -> Response {
     let id = HeaderValue::from_str(id).unwrap_or_else(|_| HeaderValue::from_static(""));

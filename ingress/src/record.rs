@@ -222,6 +222,7 @@ mod tests {
                         ty: handler_ty,
                         retention: RetentionOverrides { journal_ms: Some(60_000), ..Default::default() },
                         lazy_state: false,
+                        timeouts: Default::default(),
                     }],
                     retention: RetentionOverrides {
                         journal_ms: Some(1),

@@ -31,6 +31,7 @@ fn deployment() -> Deployment {
                 ty: HandlerType::Shared,
                 retention: Default::default(),
                 lazy_state: false,
+                timeouts: Default::default(),
             }],
             retention: Default::default(),
         }],

@@ -95,6 +95,11 @@ impl Client {
         }
     }
 
+    /// This client, with attempts bounded by `timeout` instead.
+    pub fn with_timeout(&self, timeout: Duration) -> Client {
+        Client { timeout, ..self.clone() }
+    }
+
     /// Runs one attempt: `journal` starts with the Start message.
     pub async fn attempt(&self, endpoint: &Endpoint<'_>, journal: &[Message]) -> Result<Attempt, Error> {
         let mut body = BytesMut::new();
@@ -270,7 +275,8 @@ pub struct Stream {
     input: Option<mpsc::UnboundedSender<Bytes>>,
     body: Option<hyper::body::Incoming>,
     decoder: Decoder,
-    /// How long the handler may go without a message.
+    /// How long the handler may go without a message once the request is
+    /// closed.
     timeout: Duration,
     deadline: tokio::time::Instant,
     watch: Arc<StallWatch>,
@@ -293,18 +299,22 @@ pub enum Next {
 
 impl Stream {
     /// Waits for the handler's next messages, or for `quiet` to pass
-    /// without any.
+    /// without any; without `quiet`, a handler silent for the client's
+    /// timeout fails the attempt.
     pub async fn next(&mut self, quiet: Option<Duration>) -> Result<Next, Error> {
         let protocol = |uri: &str, source| Error::Protocol { uri: uri.to_owned(), source };
         loop {
             let until = match quiet {
-                Some(quiet) => self.deadline.min(tokio::time::Instant::now() + quiet),
+                Some(quiet) => tokio::time::Instant::now() + quiet,
                 None => self.deadline,
             };
             let Some(body) = self.body.as_mut() else { return Err(self.transport("the stream is over".to_owned())) };
             let frame = match tokio::time::timeout_at(until, body.frame()).await {
-                Err(_) if until < self.deadline => return Ok(Next::Quiet),
-                Err(_) => return Err(self.transport("the attempt timed out".to_owned())),
+                Err(_) if quiet.is_some() => return Ok(Next::Quiet),
+                Err(_) => {
+                    let reason = format!("the attempt timed out: the handler sent nothing for {:?}", self.timeout);
+                    return Err(self.transport(reason));
+                }
                 Ok(frame) => frame,
             };
             match frame {
@@ -352,20 +362,27 @@ impl Stream {
         if messages.is_empty() {
             return;
         }
+        let mut body = BytesMut::new();
+        for message in messages {
+            encode(message, &mut body);
+        }
+        self.send_encoded(body.freeze());
+    }
+
+    /// Sends messages encoded already, unless the request is closed.
+    pub fn send_encoded(&mut self, body: Bytes) {
         if let Some(input) = &self.input {
-            let mut body = BytesMut::new();
-            for message in messages {
-                encode(message, &mut body);
-            }
             // A closed receiver means the request is over: the response says why.
-            let _ = input.send(body.freeze());
+            let _ = input.send(body);
         }
     }
 
     /// Ends the request body: the handler gets nothing more, and suspends
     /// when it needs something.
     pub fn close(&mut self) {
-        self.input = None;
+        if self.input.take().is_some() {
+            self.deadline = tokio::time::Instant::now() + self.timeout;
+        }
     }
 
     pub fn is_open(&self) -> bool {

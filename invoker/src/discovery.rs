@@ -8,7 +8,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use ferry_partition::wire::v1::{HandlerDef, HandlerType, ProtocolMode, RetentionOverrides, ServiceDef, ServiceType};
+use ferry_partition::wire::v1::{
+    HandlerDef, HandlerType, ProtocolMode, RetentionOverrides, ServiceDef, ServiceType, Timeouts,
+};
 use serde::Deserialize;
 
 use crate::client::error_chain;
@@ -50,6 +52,8 @@ struct ManifestService {
     handlers: Vec<ManifestHandler>,
     #[serde(flatten)]
     retention: ManifestRetention,
+    #[serde(flatten)]
+    timeouts: ManifestTimeouts,
     #[serde(rename = "enableLazyState")]
     lazy_state: Option<bool>,
 }
@@ -60,6 +64,8 @@ struct ManifestHandler {
     ty: Option<String>,
     #[serde(flatten)]
     retention: ManifestRetention,
+    #[serde(flatten)]
+    timeouts: ManifestTimeouts,
     #[serde(rename = "enableLazyState")]
     lazy_state: Option<bool>,
 }
@@ -71,6 +77,24 @@ struct ManifestRetention {
     journal_retention: Option<u64>,
     idempotency_retention: Option<u64>,
     workflow_completion_retention: Option<u64>,
+}
+
+/// Attempt timeouts of a service or handler, in milliseconds.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ManifestTimeouts {
+    inactivity_timeout: Option<u64>,
+    abort_timeout: Option<u64>,
+}
+
+impl ManifestTimeouts {
+    /// These, where set, else `outer`'s.
+    fn or(&self, outer: &ManifestTimeouts) -> Timeouts {
+        Timeouts {
+            inactivity_ms: self.inactivity_timeout.or(outer.inactivity_timeout),
+            abort_ms: self.abort_timeout.or(outer.abort_timeout),
+        }
+    }
 }
 
 impl From<ManifestRetention> for RetentionOverrides {
@@ -215,6 +239,7 @@ pub fn parse_manifest(body: &[u8], http2: bool) -> Result<Discovered, String> {
                 ty: handler_ty,
                 retention: handler.retention.into(),
                 lazy_state,
+                timeouts: handler.timeouts.or(&service.timeouts),
             });
         }
         services.push(ServiceDef { name: service.name, ty, handlers, retention: service.retention.into() });
@@ -266,6 +291,19 @@ mod tests {
         assert_eq!(flow.handlers[0].retention, run);
         assert_eq!(flow.handlers[1].retention, RetentionOverrides::default());
         assert_eq!((flow.handlers[0].lazy_state, flow.handlers[1].lazy_state), (false, true));
+    }
+
+    #[test]
+    fn timeouts_of_handlers_fall_back_to_their_service() {
+        let body = br#"{"minProtocolVersion":5,"maxProtocolVersion":7,
+            "services":[{"name":"Slow","ty":"SERVICE","inactivityTimeout":120000,"abortTimeout":30000,
+              "handlers":[{"name":"a","abortTimeout":5000},{"name":"b"}]},
+              {"name":"Plain","ty":"SERVICE","handlers":[{"name":"c","inactivityTimeout":1000}]}]}"#;
+        let d = parse_manifest(body, true).unwrap();
+        let timeouts = |s: usize, h: usize| d.services[s].handlers[h].timeouts;
+        assert_eq!(timeouts(0, 0), Timeouts { inactivity_ms: Some(120_000), abort_ms: Some(5_000) });
+        assert_eq!(timeouts(0, 1), Timeouts { inactivity_ms: Some(120_000), abort_ms: Some(30_000) });
+        assert_eq!(timeouts(1, 0), Timeouts { inactivity_ms: Some(1_000), abort_ms: None });
     }
 
     #[test]

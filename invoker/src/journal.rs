@@ -297,6 +297,9 @@ struct Part {
     acks: Vec<Message>,
     /// Whether the handler waits for something only a later attempt brings.
     waits_elsewhere: bool,
+    /// How many of what arrived for the invocation the checkpoint takes
+    /// into the journal after `entries`, to tell the handler.
+    arrived: u32,
 }
 
 /// The completion a notification answers.
@@ -557,9 +560,32 @@ impl Recorder<'_> {
             && future.nested_futures.iter().all(|f| self.answers(f))
     }
 
+    /// The attempt as the invocation knows it now.
+    pub fn attempt(&self) -> AttemptId {
+        self.attempt
+    }
+
     /// The journal length once the pending checkpoint applies.
     pub fn base_after_checkpoint(&self) -> u32 {
-        self.attempt.base + self.part.entries.len() as u32
+        self.attempt.base + self.part.entries.len() as u32 + self.part.arrived
+    }
+
+    /// The next checkpoint takes the first `count` of what arrived for the
+    /// invocation (call results, signals) into the journal, for the handler.
+    pub fn take_arrived(&mut self, count: u32) {
+        self.part.arrived = count;
+    }
+
+    /// Whether anything came since the last checkpoint.
+    pub fn has_uncheckpointed(&self) -> bool {
+        let part = &self.part;
+        !part.entries.is_empty() || !part.state.is_empty() || !part.sends.is_empty()
+    }
+
+    /// Whether what came since the last checkpoint may be checkpointed.
+    pub fn can_checkpoint(&self) -> bool {
+        let part = &self.part;
+        part.sleeps.is_empty() && part.promises.is_empty() && part.output.is_none()
     }
 
     /// Whether run proposals wait for a checkpoint to answer them.
@@ -578,16 +604,17 @@ impl Recorder<'_> {
     /// durable while the attempt goes on: not if it holds sleeps, promises
     /// or the output, which only the attempt's end may apply.
     pub fn checkpoint(&self) -> Option<Effect> {
-        let part = &self.part;
-        if !part.sleeps.is_empty() || !part.promises.is_empty() || part.output.is_some() {
+        if !self.can_checkpoint() {
             return None;
         }
+        let part = &self.part;
         Some(Effect::Checkpoint {
             id: self.job.id.clone(),
             attempt: self.attempt,
             entries: part.entries.clone(),
             state: part.state.clone(),
             sends: part.sends.clone(),
+            arrived: part.arrived,
         })
     }
 
@@ -596,7 +623,7 @@ impl Recorder<'_> {
     /// are durable).
     pub fn checkpointed(&mut self) -> Vec<Message> {
         let part = std::mem::take(&mut self.part);
-        self.attempt.base += part.entries.len() as u32;
+        self.attempt.base += part.entries.len() as u32 + part.arrived;
         self.elsewhere |= part.waits_elsewhere;
         self.attempts = 0;
         // Calls made so far bring their results later: a suspension without
@@ -1102,6 +1129,17 @@ mod tests {
         assert!(recorder.answers(&pb::Future { waiting_completions: vec![2, 3], ..Default::default() }));
         assert!(!recorder.answers(&pb::Future { waiting_completions: vec![4], ..Default::default() }));
 
+        // The call's result arrives while the attempt runs: a checkpoint
+        // takes it into the journal after what the handler sent.
+        recorder.take_arrived(1);
+        let Some(Effect::Checkpoint { attempt, entries, arrived, .. }) = recorder.checkpoint() else {
+            panic!("a checkpoint");
+        };
+        assert_eq!((attempt.base, arrived), (3, 1));
+        let base = 3 + entries.len() as u32 + 1;
+        assert_eq!(recorder.base_after_checkpoint(), base);
+        assert!(recorder.checkpointed().is_empty(), "no run to ack");
+
         // A sleep is no checkpoint; the end carries it, from the longer journal.
         let sleep = Message::SleepCommand(pb::SleepCommandMessage {
             wake_up_time: 9,
@@ -1115,8 +1153,8 @@ mod tests {
         else {
             panic!("suspended");
         };
-        assert_eq!(attempt, AttemptId { run: 3, base: 3 });
-        assert_eq!((entries.len(), sleeps.len(), sends.len(), run_now), (6, 1, 1, true));
+        assert_eq!(attempt, AttemptId { run: 3, base });
+        assert_eq!((entries.len(), sleeps.len(), sends.len(), run_now), (2, 1, 0, true));
     }
 
     fn invokes(sends: Vec<Outgoing>) -> Vec<Invoke> {

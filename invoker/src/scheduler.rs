@@ -14,25 +14,26 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::BytesMut;
 use ferry_log::{partition_group, GroupId, PartitionId};
 use ferry_partition::partitioner::{attach_producer, outbox_producer, partition_of, reply_producer};
 use ferry_partition::state::Resolved;
 use ferry_partition::store::key;
 use ferry_partition::wire::v1::{
-    Attach, AttemptId, Command, Dedup, Effect, HandlerType, Invoke, Notice, Notification, Outcome, Outgoing,
-    ProtocolMode, Response, Retention, RetentionPolicy, ServiceType,
+    Attach, AttemptId, Command, Dedup, Effect, HandlerType, Invoke, JournalEntry, Notice, Notification, Outcome,
+    Outgoing, ProtocolMode, Response, Retention, RetentionPolicy, ServiceType, Timeouts,
 };
 use ferry_partition::{Log, LogReads};
 use ferry_telemetry::TraceContext;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::field::Empty;
 use tracing::{debug, error, info, warn, Instrument, Span};
 
 use crate::client::{Client, Endpoint, Next};
-use crate::codec::{Message, ProtocolVersion};
+use crate::codec::{encode_raw, Message, ProtocolVersion};
 use crate::journal::{self, reply_entry, Job, Targets};
 use crate::retry::RetryPolicy;
 use crate::Error;
@@ -47,7 +48,9 @@ pub struct Options {
     /// Attempts running at once per partition.
     pub concurrency_per_partition: usize,
     /// An attempt that takes longer fails (and is retried); a streaming
-    /// one fails when its handler sends nothing for this long.
+    /// one fails when its handler sends nothing for this long after its
+    /// request closed. A handler's manifest may set its own
+    /// (`abortTimeout`).
     #[serde(with = "humantime_serde")]
     pub attempt_timeout: Duration,
     /// Effects proposed in one log entry at most.
@@ -58,7 +61,8 @@ pub struct Options {
     pub streaming: bool,
     /// How long a streaming attempt waits without a message from its
     /// handler before it closes the request, so that a handler waiting for
-    /// something the stream does not bring (an awakeable) suspends.
+    /// something the stream does not bring (an awakeable) suspends. A
+    /// handler's manifest may set its own (`inactivityTimeout`).
     #[serde(with = "humantime_serde")]
     pub stream_inactivity: Duration,
 }
@@ -101,6 +105,7 @@ impl Invoker {
             let (effects, rx) = mpsc::channel(self.options.max_effects_per_entry * 4);
             let group = partition_group(partition);
             partitions.spawn(write_effects(self.log.clone(), group, rx, self.options.max_effects_per_entry));
+            let (crowded, crowded_rx) = watch::channel(false);
             let scheduler = PartitionScheduler {
                 partition,
                 concurrency: self.options.concurrency_per_partition,
@@ -112,7 +117,9 @@ impl Invoker {
                     retention: self.retention,
                     effects: EffectSender(effects),
                     streaming: self.options.streaming.then_some(self.options.stream_inactivity),
+                    crowded: crowded_rx,
                 },
+                crowded,
                 attempts: JoinSet::new(),
                 running: HashMap::new(),
                 waking: HashSet::new(),
@@ -296,6 +303,9 @@ struct Attempts {
     effects: EffectSender,
     /// The inactivity limit of streaming attempts; `None`: attempts do not stream.
     streaming: Option<Duration>,
+    /// Whether invocations of the partition wait for a slot: streaming
+    /// attempts then stop waiting for what arrives for them, and suspend.
+    crowded: watch::Receiver<bool>,
 }
 
 impl Targets for Attempts {
@@ -329,6 +339,7 @@ struct PartitionScheduler {
     delivering: bool,
     /// When running attempts were last checked for being outdated.
     outdated_checked_ms: u64,
+    crowded: watch::Sender<bool>,
 }
 
 impl PartitionScheduler {
@@ -454,13 +465,16 @@ impl PartitionScheduler {
                 }
             }
             let mut ids = Vec::new();
+            let mut crowded = false;
             state.runnable_ids(|id| {
+                if running.contains_key(id) {
+                    return ControlFlow::Continue(());
+                }
                 if ids.len() == free {
+                    crowded = true;
                     return ControlFlow::Break(());
                 }
-                if !running.contains_key(id) {
-                    ids.push(id.to_owned());
-                }
+                ids.push(id.to_owned());
                 ControlFlow::Continue(())
             })?;
             let mut jobs = Vec::with_capacity(ids.len());
@@ -486,11 +500,12 @@ impl PartitionScheduler {
                 ControlFlow::Continue(())
             })?;
             let outbox = if delivering { Vec::new() } else { state.outbox(OUTBOX_BATCH, EFFECTS_BYTES_MAX)? };
-            Ok((outdated, jobs, due, next, state.next_expiry()?, outbox))
+            Ok((outdated, jobs, due, next, state.next_expiry()?, outbox, crowded))
         });
-        let Ok((outdated, jobs, due, next, expiry, outbox)) = read else {
+        let Ok((outdated, jobs, due, next, expiry, outbox, crowded)) = read else {
             return None;
         };
+        self.crowded.send_if_modified(|was| std::mem::replace(was, crowded) != crowded);
         if !outbox.is_empty() {
             self.delivering = true;
             self.attempts.spawn(deliver(self.shared.log.clone(), self.partition, outbox));
@@ -679,11 +694,14 @@ struct Target {
     streams: bool,
     headers: BTreeMap<String, String>,
     version: ProtocolVersion,
+    /// The handler's own timeouts, from its manifest.
+    timeouts: Timeouts,
 }
 
-fn resolve(log: &Log, service: &str) -> Result<Target, String> {
+fn resolve(log: &Log, service: &str, handler: &str) -> Result<Target, String> {
     log.read_metadata(|m| {
         let registered = m.services.get(service).ok_or_else(|| format!("service {service} is not registered"))?;
+        let timeouts = registered.def.handler(handler).map(|h| h.timeouts).unwrap_or_default();
         let deployment = m
             .deployments
             .get(&registered.deployment_id)
@@ -696,6 +714,7 @@ fn resolve(log: &Log, service: &str) -> Result<Target, String> {
             streams: deployment.http2 && deployment.protocol_mode == ProtocolMode::BidiStream,
             headers: deployment.additional_headers.clone(),
             version,
+            timeouts,
         })
     })
 }
@@ -785,8 +804,12 @@ async fn attempt(job: Job, shared: Attempts, bases: Arc<Bases>) -> Done {
     let span = attempt_span(&job);
     let traceparent = TraceContext::of(&span).map(|c| c.traceparent());
     let started = Instant::now();
-    let ran = match resolve(&log, &job.service) {
+    let ran = match resolve(&log, &job.service, &job.handler) {
         Ok(target) => {
+            let client = match target.timeouts.abort_ms {
+                Some(ms) => client.with_timeout(Duration::from_millis(ms)),
+                None => client,
+            };
             let endpoint = Endpoint {
                 uri: &target.uri,
                 http2: target.http2,
@@ -802,6 +825,7 @@ async fn attempt(job: Job, shared: Attempts, bases: Arc<Bases>) -> Done {
             let traceparent = traceparent.as_deref();
             match streaming.filter(|_| target.streams) {
                 Some(inactivity) => {
+                    let inactivity = target.timeouts.inactivity_ms.map_or(inactivity, Duration::from_millis);
                     let stream =
                         Streamed { job: &job, targets: &targets, retry: &retry, effects: &effects, bases: &bases };
                     stream.run(&client, &endpoint, traceparent, may_send, inactivity).instrument(span.clone()).await
@@ -892,16 +916,27 @@ impl Abandoned {
 
 /// An attempt that streams: each batch of the handler's messages is taken
 /// as it comes; lazy reads and call ids are answered at once, run results
-/// once a checkpoint made them durable. The request is closed (and the
-/// handler then suspends as in request-response mode) when the handler
-/// waits for something the stream does not bring, or is quiet for the
-/// inactivity limit.
+/// once a checkpoint made them durable. When the handler waits for something
+/// the stream does not bring itself (a call's result, a signal), the attempt
+/// waits with it while the partition has free slots: what arrives for the
+/// invocation meanwhile is checkpointed into its journal and then told to
+/// the handler. The request is closed (and the handler then suspends as in
+/// request-response mode) when nothing came for the inactivity limit, when
+/// the handler waits for a sleep or a promise, or when other invocations
+/// wait for a slot.
 struct Streamed<'a> {
     job: &'a Job,
     targets: &'a Attempts,
     retry: &'a RetryPolicy,
     effects: &'a EffectSender,
     bases: &'a Bases,
+}
+
+/// What a streaming attempt waited for.
+enum Woke {
+    Handler(Result<Next, Error>),
+    Arrived,
+    Crowded,
 }
 
 impl Streamed<'_> {
@@ -921,21 +956,56 @@ impl Streamed<'_> {
                 Ok(recorder.fail(e.to_string()))
             }
         };
+        // Watched from before the request, so nothing that arrives once the
+        // handler waits is missed.
+        let watch = self.targets.log.machine(self.targets.group).ok().map(|m| m.watch(&self.job.id));
+        let mut crowded = self.targets.crowded.clone();
         let mut stream = match client.stream(endpoint, self.job.body.clone(), traceparent, may_send).await {
             Ok(stream) => stream,
             Err(e) => return failed(&mut recorder, e),
         };
+        // The handler waits for what may arrive for the invocation.
+        let mut waiting = false;
         loop {
-            let next = stream.next(stream.is_open().then_some(inactivity)).await;
+            let quiet = stream.is_open().then_some(inactivity);
+            let woke = match &watch {
+                Some(watch) if waiting && stream.is_open() => tokio::select! {
+                    next = stream.next(quiet) => Woke::Handler(next),
+                    _ = watch.changed() => Woke::Arrived,
+                    _ = crowded.wait_for(|crowded| *crowded) => Woke::Crowded,
+                },
+                _ => Woke::Handler(stream.next(quiet).await),
+            };
             recorder.at(now_ms());
-            let messages = match next {
-                Err(e) => return failed(&mut recorder, e),
-                Ok(Next::Ended(ending)) => return Ok(recorder.finish(ending)),
-                Ok(Next::Quiet) => {
+            let messages = match woke {
+                Woke::Crowded => {
                     stream.close();
                     continue;
                 }
-                Ok(Next::Messages(messages)) => messages,
+                Woke::Arrived => {
+                    let Some(arrived) = self.arrived(&recorder)? else { continue };
+                    if !recorder.can_checkpoint() {
+                        stream.close();
+                        continue;
+                    }
+                    recorder.take_arrived(arrived.len() as u32);
+                    self.checkpoint(&mut recorder, &mut stream).await?;
+                    let mut body = BytesMut::new();
+                    for entry in &arrived {
+                        encode_raw(entry.ty, &entry.body, &mut body);
+                    }
+                    stream.send_encoded(body.freeze());
+                    metrics::counter!("ferry_invoker_arrivals_streamed_total").increment(arrived.len() as u64);
+                    waiting = false;
+                    continue;
+                }
+                Woke::Handler(Err(e)) => return failed(&mut recorder, e),
+                Woke::Handler(Ok(Next::Ended(ending))) => return Ok(recorder.finish(ending)),
+                Woke::Handler(Ok(Next::Quiet)) => {
+                    stream.close();
+                    continue;
+                }
+                Woke::Handler(Ok(Next::Messages(messages))) => messages,
             };
             let mut answers = Vec::new();
             let mut awaits_elsewhere = false;
@@ -957,23 +1027,59 @@ impl Streamed<'_> {
                 continue;
             }
             stream.send(&answers);
+            waiting = false;
             if recorder.has_proposals() {
-                let Some(checkpoint) = recorder.checkpoint() else {
+                if !recorder.can_checkpoint() {
                     stream.close();
                     continue;
-                };
-                let base = recorder.base_after_checkpoint();
-                self.bases.proposing(base);
-                if self.effects.apply(checkpoint).await != Some(Outcome::Applied) {
-                    return Err(Abandoned::Outdated);
                 }
-                self.bases.applied(base);
-                metrics::counter!("ferry_invoker_checkpoints_total").increment(1);
-                let acks = recorder.checkpointed();
-                stream.send(&acks);
+                self.checkpoint(&mut recorder, &mut stream).await?;
             } else if awaits_elsewhere || (endpoint.version < ProtocolVersion::V7 && recorder.waits_elsewhere()) {
-                stream.close();
+                // What a sleep or a promise brings comes with a later attempt
+                // only. A call waited for starts once it is checkpointed.
+                if recorder.can_checkpoint() && !*crowded.borrow() {
+                    if recorder.has_uncheckpointed() {
+                        self.checkpoint(&mut recorder, &mut stream).await?;
+                    }
+                    waiting = true;
+                } else {
+                    stream.close();
+                }
             }
+        }
+    }
+
+    /// Makes what the handler sent since the last checkpoint durable, with
+    /// what arrived that the recorder takes, and answers its run proposals.
+    async fn checkpoint(
+        &self,
+        recorder: &mut journal::Recorder<'_>,
+        stream: &mut crate::client::Stream,
+    ) -> Result<(), Abandoned> {
+        let checkpoint = recorder.checkpoint().expect("only what may be checkpointed is");
+        let base = recorder.base_after_checkpoint();
+        self.bases.proposing(base);
+        if self.effects.apply(checkpoint).await != Some(Outcome::Applied) {
+            return Err(Abandoned::Outdated);
+        }
+        self.bases.applied(base);
+        metrics::counter!("ferry_invoker_checkpoints_total").increment(1);
+        let acks = recorder.checkpointed();
+        stream.send(&acks);
+        Ok(())
+    }
+
+    /// What arrived for the invocation while its attempt runs, if anything;
+    /// an invocation that is no longer at this attempt outdates it.
+    fn arrived(&self, recorder: &journal::Recorder<'_>) -> Result<Option<Vec<JournalEntry>>, Abandoned> {
+        let attempt = recorder.attempt();
+        let read = self.targets.log.read(self.targets.group, |machine, view| {
+            let current = machine.partition(view).invocation(&self.job.id)?;
+            Ok(current.filter(|inv| inv.attempt() == Some(attempt)).map(|inv| inv.arrived().to_vec()))
+        });
+        match read {
+            Ok(Some(arrived)) => Ok(Some(arrived).filter(|a| !a.is_empty())),
+            Ok(None) | Err(_) => Err(Abandoned::Outdated),
         }
     }
 }

@@ -45,6 +45,12 @@ pub trait StateMachine: Send + Sync + 'static {
         command: Self::Command,
     ) -> Result<Self::Response, StoreError>;
 
+    /// A batch applied before is visible to reads now.
+    fn published(&self) {}
+
+    /// The whole state was replaced by an installed snapshot.
+    fn replaced(&self) {}
+
     /// Whether applying `command` may change the resident part, which is
     /// then written back with the batch.
     fn changes_resident(command: &Self::Command) -> bool;

@@ -444,6 +444,11 @@ impl<M: StateMachine> LogNode<M> {
         Ok(self.group(group)?.state.read_resident(f))
     }
 
+    /// The machine that applies `group`'s commands on this node.
+    pub fn machine(&self, group: GroupId) -> Result<Arc<M>, Error> {
+        Ok(self.group(group)?.state.machine())
+    }
+
     /// A receiver that sees a new value whenever entries of `group` have been applied.
     pub fn changes(&self, group: GroupId) -> Result<watch::Receiver<u64>, Error> {
         Ok(self.group(group)?.state.subscribe())

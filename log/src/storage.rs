@@ -440,6 +440,11 @@ impl<M: StateMachine> StateMachineStore<M> {
         .map_err(tables::store_error)?
     }
 
+    /// The machine that applies this group's commands.
+    pub fn machine(&self) -> Arc<M> {
+        self.machine.clone()
+    }
+
     /// A receiver that sees a new value after every applied batch.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
@@ -548,6 +553,7 @@ impl<M: StateMachine> RaftStateMachine<TypeConfig<M>> for StateMachineStore<M> {
         let this = self.clone();
         let responses = blocking(move || this.apply_batch(entries).map_err(storage_error)).await?;
         self.changes.send_modify(|v| *v += 1);
+        self.machine.published();
         Ok(responses)
     }
 
@@ -581,6 +587,7 @@ impl<M: StateMachine> RaftStateMachine<TypeConfig<M>> for StateMachineStore<M> {
         *self.applied.write().expect("state lock poisoned") = applied;
         *self.last_durable.lock().expect("durable lock poisoned") = Instant::now();
         self.changes.send_modify(|v| *v += 1);
+        self.machine.replaced();
         metrics::counter!("ferry_log_snapshots_installed_total", "group" => self.group.to_string()).increment(1);
         tracing::info!(group = self.group, snapshot = %meta.snapshot_id, "snapshot installed");
         Ok(())

@@ -8,6 +8,7 @@ pub mod notifications;
 pub mod partitioner;
 pub mod state;
 pub mod store;
+pub mod watch;
 pub mod wire;
 
 pub use ferry_log::PartitionId;

@@ -8,8 +8,9 @@ use ferry_log::node::Role;
 use ferry_log::{partition_group, Error, LogNode, StateMachine, METADATA_GROUP};
 use tokio::sync::watch;
 
-use crate::state::{self, MetadataState, PartitionRead, Removed, Status};
+use crate::state::{self, Local, MetadataState, PartitionRead, Status};
 use crate::store::{Store, StoreError, StoreRead, Table};
+use crate::watch::Watch;
 use crate::{Command, PartitionId, Response};
 
 /// What each group applies: a partition's group its invocations, dedup and
@@ -17,13 +18,18 @@ use crate::{Command, PartitionId, Response};
 /// its resident part.
 #[derive(Debug, Default)]
 pub struct Machine {
-    removed: Removed,
+    local: Local,
 }
 
 impl Machine {
     /// Reads of a partition's state in `view`, a view of what this machine applied.
     pub fn partition<'a>(&'a self, view: &'a dyn StoreRead<Table>) -> PartitionRead<'a, dyn StoreRead<Table> + 'a> {
-        PartitionRead::new(view, &self.removed)
+        PartitionRead::new(view, &self.local.removed)
+    }
+
+    /// Waits for changes of invocation `id` applied from now on.
+    pub fn watch(&self, id: &str) -> Watch {
+        self.local.watches.watch(id)
     }
 }
 
@@ -37,8 +43,9 @@ impl StateMachine for Machine {
     /// an outbox. 7: calls: invocations keep their callers and the results
     /// they await, outboxes carry results back. 8: handlers say whether they
     /// read state lazily. 9: workflow promises. 10: attach and output from
-    /// handlers. 11: streaming attempts checkpoint their journal.
-    const DATA_FORMAT: u32 = 11;
+    /// handlers. 11: streaming attempts checkpoint their journal. 12: handlers
+    /// carry their manifest's timeouts.
+    const DATA_FORMAT: u32 = 12;
 
     type Command = Command;
     type Response = Response;
@@ -51,7 +58,15 @@ impl StateMachine for Machine {
         metadata: &mut MetadataState,
         command: Command,
     ) -> Result<Response, StoreError> {
-        state::apply(store, &self.removed, metadata, command)
+        state::apply(store, &self.local, metadata, command)
+    }
+
+    fn published(&self) {
+        self.local.watches.publish();
+    }
+
+    fn replaced(&self) {
+        self.local.watches.publish_all();
     }
 
     fn changes_resident(command: &Command) -> bool {
@@ -69,7 +84,7 @@ impl StateMachine for Machine {
     /// An invocation allowed to run may be running on the leader.
     fn busy<S: StoreRead<Table> + ?Sized>(&self, view: &S) -> Result<bool, StoreError> {
         let mut busy = false;
-        PartitionRead::new(view, &self.removed).runnable_ids(|_| {
+        PartitionRead::new(view, &self.local.removed).runnable_ids(|_| {
             busy = true;
             ControlFlow::Break(())
         })?;
@@ -100,6 +115,10 @@ pub trait LogReads {
     /// A receiver that sees a new value whenever entries of a partition have been applied.
     fn partition_changes(&self, partition: PartitionId) -> Result<watch::Receiver<u64>, Error>;
 
+    /// Waits for changes of invocation `id` of `partition` that this node
+    /// applies from now on: its completion, what arrives for it.
+    fn watch_invocation(&self, partition: PartitionId, id: &str) -> Result<Watch, Error>;
+
     /// Sets `ferry_invocations` by status, summed over the partitions this
     /// node leads, each read from a view of its state. Meant to run when
     /// metrics are scraped.
@@ -126,6 +145,10 @@ impl LogReads for Log {
 
     fn partition_changes(&self, partition: PartitionId) -> Result<watch::Receiver<u64>, Error> {
         self.changes(partition_group(partition))
+    }
+
+    fn watch_invocation(&self, partition: PartitionId, id: &str) -> Result<Watch, Error> {
+        Ok(self.machine(partition_group(partition))?.watch(id))
     }
 
     fn publish_invocation_gauges(&self) {

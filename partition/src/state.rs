@@ -14,6 +14,7 @@ use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
 use crate::notifications;
 use crate::store::{key, scan_prefix, MemStore, Row, Store, StoreError, StoreRead, Table};
+use crate::watch::{Watch, Watches};
 pub use crate::wire::v1::Completion;
 use crate::wire::v1::{
     Attach, AttemptId, Command, Dedup, Deployment, Effect, HandlerType, Invoke, JournalEntry, MetadataCommand,
@@ -26,11 +27,11 @@ use crate::wire::{decode, encode};
 /// cluster metadata in `metadata`. Only a failing store fails it.
 pub fn apply<S: Store<Table> + ?Sized>(
     store: &mut S,
-    removed: &Removed,
+    local: &Local,
     metadata: &mut MetadataState,
     command: Command,
 ) -> Result<Response, StoreError> {
-    let mut partition = Partition { store, removed, counters: BTreeMap::new() };
+    let mut partition = Partition { store, local, counters: BTreeMap::new() };
     let response = match command {
         Command::Invoke(batch) => partition.apply_invoke(batch)?,
         Command::Metadata(command) => Response::Metadata(metadata.apply(command)),
@@ -74,12 +75,20 @@ pub struct GroupState {
     pub metadata: MetadataState,
     /// Kept on each node, not replicated, never encoded.
     #[serde(skip)]
-    removed: Removed,
+    local: Local,
 }
 
 impl GroupState {
     pub fn apply(&mut self, command: Command) -> Response {
-        apply(&mut self.tables, &self.removed, &mut self.metadata, command).expect("memory stores do not fail")
+        let response =
+            apply(&mut self.tables, &self.local, &mut self.metadata, command).expect("memory stores do not fail");
+        self.local.watches.publish();
+        response
+    }
+
+    /// Waits for changes of invocation `id` applied from now on.
+    pub fn watch(&self, id: &str) -> Watch {
+        self.local.watches.watch(id)
     }
 
     pub fn digest(&self) -> u128 {
@@ -88,7 +97,7 @@ impl GroupState {
 
     /// Reads of the partition state.
     pub fn partition(&self) -> PartitionRead<'_, dyn StoreRead<Table> + '_> {
-        PartitionRead { store: &self.tables, removed: &self.removed }
+        PartitionRead { store: &self.tables, removed: &self.local.removed }
     }
 
     /// The partition tables, to change by hand in tests.
@@ -143,6 +152,22 @@ pub struct Invocation {
     /// join the journal when the attempt ends, which keeps the attempt
     /// current (a journal that grew under it would make its effect stale).
     arrived: Vec<JournalEntry>,
+}
+
+/// What a group keeps on each node beside its replicated state, for the
+/// node's readers: not replicated, never encoded, and nothing that apply
+/// reads back.
+#[derive(Debug, Default)]
+pub struct Local {
+    pub removed: Removed,
+    pub watches: Watches,
+}
+
+impl Clone for Local {
+    /// The removed results; waiters stay with the original.
+    fn clone(&self) -> Self {
+        Local { removed: self.removed.clone(), watches: Watches::default() }
+    }
 }
 
 /// The results of the invocations removed last, for callers that wait for
@@ -211,6 +236,12 @@ impl Invocation {
         };
         headers.extend(self.headers.iter().cloned());
         headers
+    }
+
+    /// What arrived for it (call results, signals) while an attempt may be
+    /// running, in order: not in the journal yet.
+    pub fn arrived(&self) -> &[JournalEntry] {
+        &self.arrived
     }
 
     /// The attempt that may run now: `None` unless the invocation is ready.
@@ -328,7 +359,7 @@ struct Retired {
 /// made on a copy the caller stores back when it is done with it.
 struct Partition<'a, S: ?Sized> {
     store: &'a mut S,
-    removed: &'a Removed,
+    local: &'a Local,
     /// The counters read or changed by this command, and whether they
     /// changed: written back once, at its end.
     counters: BTreeMap<Vec<u8>, (u64, bool)>,
@@ -538,7 +569,10 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
     fn notify(&mut self, inv: &mut Invocation, notice: Notice, entry: JournalEntry) -> Result<bool, StoreError> {
         match inv.status {
             Status::Completed | Status::Scheduled | Status::Pending => return Ok(false),
-            Status::Ready => inv.arrived.push(entry),
+            Status::Ready => {
+                inv.arrived.push(entry);
+                self.local.watches.mark(&inv.id);
+            }
             Status::Suspended => {
                 inv.journal.push(entry);
                 self.make_runnable(inv)?;
@@ -626,12 +660,14 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
                     }
                 }
             }
-            Effect::Checkpoint { attempt, entries, state, sends, .. } => {
-                if current != Some(attempt) {
+            Effect::Checkpoint { attempt, entries, state, sends, arrived, .. } => {
+                let arrived = arrived as usize;
+                if current != Some(attempt) || inv.arrived.len() < arrived {
                     return stale;
                 }
                 self.send(inv, sends)?;
                 inv.journal.extend(entries);
+                inv.journal.extend(inv.arrived.drain(..arrived));
                 self.change_state(inv, state)?;
                 inv.attempts = 0;
                 inv.last_failure = None;
@@ -948,6 +984,7 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
         }
         inv.completion = Some(result);
         inv.completed_at_ms = Some(at_ms);
+        self.local.watches.mark(&inv.id);
         inv.sleeps = Vec::new();
         inv.arrived = Vec::new();
         inv.awaiting = 0;
@@ -999,7 +1036,7 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
             }
             self.count(Status::Completed, -1)?;
             if let Some(result) = inv.completion.take() {
-                self.removed.push(std::mem::take(&mut inv.id), result);
+                self.local.removed.push(std::mem::take(&mut inv.id), result);
             }
             return Ok(Retired { removed: true, journals: 0 });
         }
@@ -1361,6 +1398,7 @@ mod tests {
     use super::*;
     use crate::wire::v1::KafkaSource;
     use std::sync::Arc;
+    use std::time::Duration;
 
     fn invoke(id: &str, key: Option<&str>, handler_ty: HandlerType, dedup: Option<(u64, u64)>) -> Invoke {
         Invoke {
@@ -1788,6 +1826,7 @@ mod tests {
             entries: vec![entry(0x0403, b"set"), entry(0x0411, b"run"), entry(0x8011, b"done")],
             state: vec![set(b"a", b"1")],
             sends: vec![],
+            arrived: 0,
         };
         assert_eq!(effect(&mut state, 20, checkpoint.clone()), Outcome::Applied);
         assert_eq!(effect(&mut state, 21, checkpoint), Outcome::Stale);
@@ -1799,6 +1838,45 @@ mod tests {
         assert_eq!(effect(&mut state, 23, complete("inv_1", at(0, 3), vec![set(b"b", b"2")])), Outcome::Applied);
         let values = view(&state).object_state("Counter", "k").unwrap();
         assert_eq!(values.len(), 2);
+    }
+
+    /// What arrives while a streaming attempt runs waits beside the journal,
+    /// and wakes whoever watches the invocation; a checkpoint that takes it
+    /// puts it in the journal after its own entries, and the attempt goes on
+    /// from there. A checkpoint cannot take more than arrived.
+    #[tokio::test]
+    async fn a_checkpoint_takes_what_arrived_after_its_entries() {
+        let mut state = GroupState::default();
+        apply(&mut state, vec![invoke("inv_1", None, HandlerType::Shared, None)]);
+        let watch = state.watch("inv_1");
+        let woken = || async { tokio::time::timeout(Duration::from_millis(20), watch.changed()).await.is_ok() };
+        let result = |body: &'static [u8]| Notification {
+            id: "inv_1".to_owned(),
+            notice: Notice::CallResult,
+            entry: entry(0x800D, body),
+            dedup: None,
+        };
+        state.apply(Command::Notify { at_ms: 0, notifications: vec![result(b"r1"), result(b"r2")] });
+        assert!(woken().await, "an arrival wakes the watch");
+        let inv = view(&state).invocation("inv_1").unwrap();
+        assert_eq!((inv.arrived().len(), inv.attempt()), (2, Some(at(0, 0))), "the attempt stays current");
+        let checkpoint = |attempt, arrived| Effect::Checkpoint {
+            id: "inv_1".to_owned(),
+            attempt,
+            entries: vec![entry(0x0411, b"run"), entry(0x8011, b"done")],
+            state: vec![],
+            sends: vec![],
+            arrived,
+        };
+        assert_eq!(effect(&mut state, 10, checkpoint(at(0, 0), 3)), Outcome::Stale, "more than arrived");
+        assert_eq!(effect(&mut state, 11, checkpoint(at(0, 0), 1)), Outcome::Applied);
+        let inv = view(&state).invocation("inv_1").unwrap();
+        let bodies: Vec<&[u8]> = inv.journal.iter().map(|e| &e.body[..]).collect();
+        assert_eq!(bodies, [&b"run"[..], b"done", b"r1"]);
+        assert_eq!((inv.arrived().len(), inv.attempt()), (1, Some(at(0, 3))));
+        assert!(!woken().await, "a checkpoint is no news for the watcher");
+        assert_eq!(effect(&mut state, 12, complete("inv_1", at(0, 3), vec![])), Outcome::Applied);
+        assert!(woken().await, "completion wakes the watch");
     }
 
     #[test]
@@ -2347,6 +2425,7 @@ mod tests {
                     ty: HandlerType::Exclusive,
                     retention: Default::default(),
                     lazy_state: false,
+                    timeouts: Default::default(),
                 }],
                 retention: Default::default(),
             }],

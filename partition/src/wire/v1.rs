@@ -165,8 +165,18 @@ pub enum Effect {
     /// An attempt that goes on (streaming) made its journal so far durable:
     /// its new entries, state changes and what it started elsewhere are
     /// kept, and the invocation stays running. The attempt's later effects
-    /// name the longer journal as their base.
-    Checkpoint { id: String, attempt: AttemptId, entries: Vec<JournalEntry>, state: Vec<StateOp>, sends: Vec<Outgoing> },
+    /// name the longer journal as their base. The first `arrived` of what
+    /// arrived for the invocation during the attempt (call results,
+    /// signals), which the attempt now tells its handler, join the journal
+    /// after `entries`.
+    Checkpoint {
+        id: String,
+        attempt: AttemptId,
+        entries: Vec<JournalEntry>,
+        state: Vec<StateOp>,
+        sends: Vec<Outgoing>,
+        arrived: u32,
+    },
 }
 
 impl Effect {
@@ -576,6 +586,21 @@ pub struct HandlerDef {
     /// The handler reads its object's state lazily (the manifest's
     /// `enableLazyState`): its attempts start without the state.
     pub lazy_state: bool,
+    /// The manifest's timeouts for its attempts (the handler's, else its
+    /// service's); unset ones are the invoker's.
+    pub timeouts: Timeouts,
+}
+
+/// How long an attempt may wait for its handler, as a deployment asks
+/// (the manifest's `inactivityTimeout` and `abortTimeout`, in milliseconds).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timeouts {
+    /// A streaming attempt whose handler sends nothing for this long closes
+    /// its request, so that the handler suspends.
+    pub inactivity_ms: Option<u64>,
+    /// An attempt whose request is complete (sent whole, or closed) fails
+    /// when its handler sends nothing more for this long.
+    pub abort_ms: Option<u64>,
 }
 
 /// `kafka://<cluster>/<topic>` -> `service://<service>/<handler>`.
