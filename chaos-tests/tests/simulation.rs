@@ -474,6 +474,7 @@ impl Sim {
                     sends: vec![],
                     awaits_signal: false,
                     promises: vec![],
+                    arrived: 0,
                 }
             }
             Some(step) => {

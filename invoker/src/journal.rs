@@ -297,8 +297,8 @@ struct Part {
     acks: Vec<Message>,
     /// Whether the handler waits for something only a later attempt brings.
     waits_elsewhere: bool,
-    /// How many of what arrived for the invocation the checkpoint takes
-    /// into the journal after `entries`, to tell the handler.
+    /// How many of what arrived for the invocation (first ones first) the
+    /// handler was told before it sent `entries`.
     arrived: u32,
 }
 
@@ -570,13 +570,19 @@ impl Recorder<'_> {
         self.attempt.base + self.part.entries.len() as u32 + self.part.arrived
     }
 
-    /// The next checkpoint takes the first `count` of what arrived for the
-    /// invocation (call results, signals) into the journal, for the handler.
-    pub fn take_arrived(&mut self, count: u32) {
-        self.part.arrived = count;
+    /// The handler is told the next `count` of what arrived for the
+    /// invocation (call results, signals): the next effect puts them in the
+    /// journal before what the handler sends from now on.
+    pub fn tell_arrived(&mut self, count: u32) {
+        self.part.arrived += count;
     }
 
-    /// Whether anything came since the last checkpoint.
+    /// How many of what arrived the handler was told since the last checkpoint.
+    pub fn told_arrived(&self) -> u32 {
+        self.part.arrived
+    }
+
+    /// Whether the handler sent anything since the last checkpoint.
     pub fn has_uncheckpointed(&self) -> bool {
         let part = &self.part;
         !part.entries.is_empty() || !part.state.is_empty() || !part.sends.is_empty()
@@ -666,6 +672,7 @@ impl Recorder<'_> {
                 sends: part.sends,
                 awaits_signal: part.awaits_signal,
                 promises: part.promises,
+                arrived: part.arrived,
             },
             Ending::Failed => unreachable!("an Error message ends the attempt as it comes"),
         }
@@ -1129,16 +1136,18 @@ mod tests {
         assert!(recorder.answers(&pb::Future { waiting_completions: vec![2, 3], ..Default::default() }));
         assert!(!recorder.answers(&pb::Future { waiting_completions: vec![4], ..Default::default() }));
 
-        // The call's result arrives while the attempt runs: a checkpoint
-        // takes it into the journal after what the handler sent.
-        recorder.take_arrived(1);
-        let Some(Effect::Checkpoint { attempt, entries, arrived, .. }) = recorder.checkpoint() else {
+        // What the handler sent is checkpointed (the call starts), then
+        // its result arrives and the handler is told: the end puts it in
+        // the journal first.
+        let Some(Effect::Checkpoint { attempt, entries, arrived: 0, .. }) = recorder.checkpoint() else {
             panic!("a checkpoint");
         };
-        assert_eq!((attempt.base, arrived), (3, 1));
-        let base = 3 + entries.len() as u32 + 1;
-        assert_eq!(recorder.base_after_checkpoint(), base);
+        assert_eq!(attempt.base, 3);
+        let base = 3 + entries.len() as u32;
         assert!(recorder.checkpointed().is_empty(), "no run to ack");
+        assert!(!recorder.has_uncheckpointed());
+        recorder.tell_arrived(1);
+        assert_eq!((recorder.told_arrived(), recorder.base_after_checkpoint()), (1, base + 1));
 
         // A sleep is no checkpoint; the end carries it, from the longer journal.
         let sleep = Message::SleepCommand(pb::SleepCommandMessage {
@@ -1149,11 +1158,12 @@ mod tests {
         recorder.push(sleep).unwrap();
         recorder.push(run_proposal(6, b"two", false)).unwrap();
         assert!(recorder.checkpoint().is_none());
-        let Effect::Progress { attempt, entries, sleeps, sends, run_now, .. } = recorder.finish(Ending::Suspended)
+        let Effect::Progress { attempt, entries, sleeps, sends, run_now, arrived, .. } =
+            recorder.finish(Ending::Suspended)
         else {
             panic!("suspended");
         };
-        assert_eq!(attempt, AttemptId { run: 3, base });
+        assert_eq!((attempt, arrived), (AttemptId { run: 3, base }, 1));
         assert_eq!((entries.len(), sleeps.len(), sends.len(), run_now), (2, 1, 0, true));
     }
 

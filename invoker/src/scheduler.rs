@@ -917,10 +917,11 @@ impl Abandoned {
 /// An attempt that streams: each batch of the handler's messages is taken
 /// as it comes; lazy reads and call ids are answered at once, run results
 /// once a checkpoint made them durable. When the handler waits for something
-/// the stream does not bring itself (a call's result, a signal), the attempt
-/// waits with it while the partition has free slots: what arrives for the
-/// invocation meanwhile is checkpointed into its journal and then told to
-/// the handler. The request is closed (and the handler then suspends as in
+/// the stream does not bring itself (a call's result, a signal), what it
+/// sent is checkpointed and the attempt waits with it while the partition
+/// has free slots: what arrives for the invocation meanwhile (durable
+/// already, beside its journal) is told to the handler, and the attempt's
+/// next effect puts it in the journal where the handler saw it. The request is closed (and the handler then suspends as in
 /// request-response mode) when nothing came for the inactivity limit, when
 /// the handler waits for a sleep or a promise, or when other invocations
 /// wait for a slot.
@@ -983,20 +984,21 @@ impl Streamed<'_> {
                     continue;
                 }
                 Woke::Arrived => {
+                    // What arrived is durable already, beside the journal. The
+                    // handler is told what it was not told yet; the next effect
+                    // puts it in the journal before what the handler sends next.
                     let Some(arrived) = self.arrived(&recorder)? else { continue };
-                    if !recorder.can_checkpoint() {
-                        stream.close();
+                    let fresh = arrived.get(recorder.told_arrived() as usize..).unwrap_or_default();
+                    if fresh.is_empty() {
                         continue;
                     }
-                    recorder.take_arrived(arrived.len() as u32);
-                    self.checkpoint(&mut recorder, &mut stream).await?;
+                    recorder.tell_arrived(fresh.len() as u32);
                     let mut body = BytesMut::new();
-                    for entry in &arrived {
+                    for entry in fresh {
                         encode_raw(entry.ty, &entry.body, &mut body);
                     }
                     stream.send_encoded(body.freeze());
-                    metrics::counter!("ferry_invoker_arrivals_streamed_total").increment(arrived.len() as u64);
-                    waiting = false;
+                    metrics::counter!("ferry_invoker_arrivals_streamed_total").increment(fresh.len() as u64);
                     continue;
                 }
                 Woke::Handler(Err(e)) => return failed(&mut recorder, e),
@@ -1049,8 +1051,8 @@ impl Streamed<'_> {
         }
     }
 
-    /// Makes what the handler sent since the last checkpoint durable, with
-    /// what arrived that the recorder takes, and answers its run proposals.
+    /// Makes what the handler sent since the last checkpoint durable (after
+    /// what arrived that it was told before), and answers its run proposals.
     async fn checkpoint(
         &self,
         recorder: &mut journal::Recorder<'_>,

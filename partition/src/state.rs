@@ -635,11 +635,23 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
         let current = inv.attempt();
         let stale = Ok((Outcome::Stale, true));
         match effect {
-            Effect::Progress { attempt, entries, state, sleeps, run_now, sends, awaits_signal, promises, .. } => {
-                if current != Some(attempt) {
+            Effect::Progress {
+                attempt,
+                entries,
+                state,
+                sleeps,
+                run_now,
+                sends,
+                awaits_signal,
+                promises,
+                arrived,
+                ..
+            } => {
+                if current != Some(attempt) || inv.arrived.len() < arrived as usize {
                     return stale;
                 }
                 self.send(inv, sends)?;
+                inv.journal.extend(inv.arrived.drain(..arrived as usize));
                 inv.journal.extend(entries);
                 let answered = self.apply_promises(inv, promises)?;
                 // Results that came during the attempt: the next one sees them.
@@ -661,13 +673,12 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
                 }
             }
             Effect::Checkpoint { attempt, entries, state, sends, arrived, .. } => {
-                let arrived = arrived as usize;
-                if current != Some(attempt) || inv.arrived.len() < arrived {
+                if current != Some(attempt) || inv.arrived.len() < arrived as usize {
                     return stale;
                 }
                 self.send(inv, sends)?;
+                inv.journal.extend(inv.arrived.drain(..arrived as usize));
                 inv.journal.extend(entries);
-                inv.journal.extend(inv.arrived.drain(..arrived));
                 self.change_state(inv, state)?;
                 inv.attempts = 0;
                 inv.last_failure = None;
@@ -1702,6 +1713,7 @@ mod tests {
             sends: vec![],
             awaits_signal: false,
             promises: vec![],
+            arrived: 0,
         };
         assert_eq!(effect(state, at_ms - 1, progress), Outcome::Applied);
         let result = Completion::Success(Bytes::from_static(b"out"));
@@ -1841,11 +1853,12 @@ mod tests {
     }
 
     /// What arrives while a streaming attempt runs waits beside the journal,
-    /// and wakes whoever watches the invocation; a checkpoint that takes it
-    /// puts it in the journal after its own entries, and the attempt goes on
-    /// from there. A checkpoint cannot take more than arrived.
+    /// and wakes whoever watches the invocation. The handler is told it at
+    /// once; the attempt's next checkpoint (or its end) puts what it was told
+    /// in the journal before the entries it sent after, and the attempt goes
+    /// on from there. An effect cannot take more than arrived.
     #[tokio::test]
-    async fn a_checkpoint_takes_what_arrived_after_its_entries() {
+    async fn what_arrived_joins_the_journal_before_what_the_handler_sent_after() {
         let mut state = GroupState::default();
         apply(&mut state, vec![invoke("inv_1", None, HandlerType::Shared, None)]);
         let watch = state.watch("inv_1");
@@ -1870,12 +1883,35 @@ mod tests {
         };
         assert_eq!(effect(&mut state, 10, checkpoint(at(0, 0), 3)), Outcome::Stale, "more than arrived");
         assert_eq!(effect(&mut state, 11, checkpoint(at(0, 0), 1)), Outcome::Applied);
+        let journal = |state: &GroupState| -> Vec<Bytes> {
+            view(state).invocation("inv_1").unwrap().journal.iter().map(|e| e.body.clone()).collect()
+        };
+        assert_eq!(journal(&state), [&b"r1"[..], b"run", b"done"]);
         let inv = view(&state).invocation("inv_1").unwrap();
-        let bodies: Vec<&[u8]> = inv.journal.iter().map(|e| &e.body[..]).collect();
-        assert_eq!(bodies, [&b"run"[..], b"done", b"r1"]);
         assert_eq!((inv.arrived().len(), inv.attempt()), (1, Some(at(0, 3))));
         assert!(!woken().await, "a checkpoint is no news for the watcher");
-        assert_eq!(effect(&mut state, 12, complete("inv_1", at(0, 3), vec![])), Outcome::Applied);
+
+        // The handler was told r2 and r3, then suspended after one more entry.
+        state.apply(Command::Notify { at_ms: 0, notifications: vec![result(b"r3"), result(b"r4")] });
+        assert!(woken().await);
+        let progress = Effect::Progress {
+            id: "inv_1".to_owned(),
+            attempt: at(0, 3),
+            entries: vec![entry(0x0411, b"after")],
+            state: vec![],
+            sleeps: vec![],
+            run_now: false,
+            sends: vec![],
+            awaits_signal: true,
+            promises: vec![],
+            arrived: 2,
+        };
+        assert_eq!(effect(&mut state, 12, progress), Outcome::Applied);
+        assert_eq!(journal(&state)[3..], [&b"r2"[..], b"r3", b"after", b"r4"], "r4 came unseen: it goes last");
+        let inv = view(&state).invocation("inv_1").unwrap();
+        assert_eq!(inv.status, Status::Ready, "runs again for what it did not see");
+        let run = inv.attempt().unwrap();
+        assert_eq!(effect(&mut state, 13, complete("inv_1", run, vec![])), Outcome::Applied);
         assert!(woken().await, "completion wakes the watch");
     }
 
@@ -1902,6 +1938,7 @@ mod tests {
             sends: vec![],
             awaits_signal: false,
             promises: vec![],
+            arrived: 0,
         };
         assert_eq!(effect(&mut state, 20, progress.clone()), Outcome::Applied);
         assert_eq!(effect(&mut state, 21, progress), Outcome::Stale);
@@ -1979,6 +2016,7 @@ mod tests {
             sends: vec![],
             awaits_signal: false,
             promises: vec![],
+            arrived: 0,
         };
         assert_eq!(effect(&mut state, 10, progress), Outcome::Applied);
         assert_eq!(view(&state).invocation("inv_1").unwrap().status, Status::Suspended);
@@ -2183,6 +2221,7 @@ mod tests {
             sends,
             awaits_signal: false,
             promises: vec![],
+            arrived: 0,
         };
         let attempt = |state: &GroupState| view(state).invocation("inv_1").unwrap().attempt();
         let first = attempt(&caller).unwrap();
@@ -2335,6 +2374,7 @@ mod tests {
             sends: vec![],
             awaits_signal: false,
             promises,
+            arrived: 0,
         };
         let act = |state: &mut GroupState, at_ms, id: &str, promises| {
             let current = attempt(state, id);

@@ -134,6 +134,10 @@ pub enum Effect {
         /// What the handler did with its workflow's promises, answered as
         /// the effect applies.
         promises: Vec<PromiseOp>,
+        /// How many of what arrived for the invocation during the attempt
+        /// (call results, signals) the handler was told before it sent
+        /// `entries`: the first ones, which join the journal before them.
+        arrived: u32,
     },
     /// The handler ended: its state changes apply together with the result,
     /// and what it started elsewhere is sent.
@@ -165,10 +169,8 @@ pub enum Effect {
     /// An attempt that goes on (streaming) made its journal so far durable:
     /// its new entries, state changes and what it started elsewhere are
     /// kept, and the invocation stays running. The attempt's later effects
-    /// name the longer journal as their base. The first `arrived` of what
-    /// arrived for the invocation during the attempt (call results,
-    /// signals), which the attempt now tells its handler, join the journal
-    /// after `entries`.
+    /// name the longer journal as their base. `arrived` as in
+    /// [`Effect::Progress`].
     Checkpoint {
         id: String,
         attempt: AttemptId,
