@@ -19,6 +19,7 @@ use ferry_log::{partition_group, GroupId, PartitionId};
 use ferry_partition::partitioner::{attach_producer, outbox_producer, partition_of, reply_producer};
 use ferry_partition::state::Resolved;
 use ferry_partition::store::key;
+use ferry_partition::watch::Watch;
 use ferry_partition::wire::v1::{
     Attach, AttemptId, Command, Dedup, Effect, HandlerType, Invoke, JournalEntry, Notice, Notification, Outcome,
     Outgoing, ProtocolMode, Response, Retention, RetentionPolicy, ServiceType, Timeouts,
@@ -921,10 +922,10 @@ impl Abandoned {
 /// sent is checkpointed and the attempt waits with it while the partition
 /// has free slots: what arrives for the invocation meanwhile (durable
 /// already, beside its journal) is told to the handler, and the attempt's
-/// next effect puts it in the journal where the handler saw it. The request is closed (and the handler then suspends as in
-/// request-response mode) when nothing came for the inactivity limit, when
-/// the handler waits for a sleep or a promise, or when other invocations
-/// wait for a slot.
+/// next effect puts it in the journal where the handler saw it. The request
+/// is closed (and the handler then suspends as in request-response mode)
+/// when nothing came for the inactivity limit, when the handler waits for a
+/// sleep or a promise, or when other invocations wait for a slot.
 struct Streamed<'a> {
     job: &'a Job,
     targets: &'a Attempts,
@@ -957,9 +958,6 @@ impl Streamed<'_> {
                 Ok(recorder.fail(e.to_string()))
             }
         };
-        // Watched from before the request, so nothing that arrives once the
-        // handler waits is missed.
-        let watch = self.targets.log.machine(self.targets.group).ok().map(|m| m.watch(&self.job.id));
         let mut crowded = self.targets.crowded.clone();
         let mut stream = match client.stream(endpoint, self.job.body.clone(), traceparent, may_send).await {
             Ok(stream) => stream,
@@ -967,9 +965,17 @@ impl Streamed<'_> {
         };
         // The handler waits for what may arrive for the invocation.
         let mut waiting = false;
+        // Watched from the handler's first wait on (apply takes no lock for
+        // invocations nobody watches); what arrived before is read then.
+        let mut watch: Option<Watch> = None;
+        let mut look = false;
         loop {
             let quiet = stream.is_open().then_some(inactivity);
             let woke = match &watch {
+                Some(_) if waiting && stream.is_open() && look => {
+                    look = false;
+                    Woke::Arrived
+                }
                 Some(watch) if waiting && stream.is_open() => tokio::select! {
                     next = stream.next(quiet) => Woke::Handler(next),
                     _ = watch.changed() => Woke::Arrived,
@@ -1042,6 +1048,10 @@ impl Streamed<'_> {
                 if recorder.can_checkpoint() && !*crowded.borrow() {
                     if recorder.has_uncheckpointed() {
                         self.checkpoint(&mut recorder, &mut stream).await?;
+                    }
+                    if watch.is_none() {
+                        watch = self.targets.log.machine(self.targets.group).ok().map(|m| m.watch(&self.job.id));
+                        look = true;
                     }
                     waiting = true;
                 } else {
