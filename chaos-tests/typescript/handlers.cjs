@@ -151,10 +151,8 @@ const board = restate.object({
   },
 });
 
-/// Waits on an awakeable whose id it notes on the board under its key.
-const waitOnAwakeable = async (ctx) => {
-  const { id, promise } = ctx.awakeable();
-  ctx.objectSendClient(board, ctx.key).put(id);
+/// `{ value }` once `promise` resolves, or the terminal error it fails with.
+const settled = async (promise) => {
   try {
     return { value: await promise };
   } catch (e) {
@@ -163,6 +161,13 @@ const waitOnAwakeable = async (ctx) => {
     }
     throw e;
   }
+};
+
+/// Waits on an awakeable whose id it notes on the board under its key.
+const waitOnAwakeable = async (ctx) => {
+  const { id, promise } = ctx.awakeable();
+  ctx.objectSendClient(board, ctx.key).put(id);
+  return settled(promise);
 };
 
 const awake = restate.object({
@@ -192,16 +197,7 @@ const awake = restate.object({
 const parent = restate.service({
   name: "TsParent",
   handlers: {
-    call: async (ctx, input) => {
-      try {
-        return { value: await ctx.objectClient(awake, input.key).wait() };
-      } catch (e) {
-        if (e instanceof TerminalError) {
-          return failure(e);
-        }
-        throw e;
-      }
-    },
+    call: async (ctx, input) => settled(ctx.objectClient(awake, input.key).wait()),
   },
 });
 
