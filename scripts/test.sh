@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, exactly as CI runs it: installs what the tests need
 # (a C toolchain for librdkafka, the tansu broker, the Restate Python SDK in a
-# virtualenv under target/, the TypeScript SDK and Node.js 22 under target/),
+# virtualenv under target/, the TypeScript SDK and Node.js 22 and Restate's
+# CLI under target/),
 # then checks formatting, lints with warnings denied, builds every binary and
 # runs every test.
 set -euo pipefail
@@ -25,6 +26,9 @@ fi
 
 step "Restate TypeScript SDK and Node.js 22 (compatibility tests)"
 scripts/typescript-sdk.sh install >/dev/null
+
+step "Restate's CLI (compatibility tests)"
+scripts/restate.sh install cli >/dev/null
 
 if ! command -v cargo-nextest >/dev/null 2>&1; then
     step "installing cargo-nextest"

@@ -26,6 +26,15 @@ type Reply<T> = Result<Response<T>, Status>;
 
 #[tonic::async_trait]
 impl AdminService for AdminGrpc {
+    async fn query(&self, r: Request<pb::QueryRequest>) -> Reply<pb::QueryResponse> {
+        let answer = self.0.query(&r.into_inner().query).await?;
+        let json = answer.to_json().map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::QueryResponse {
+            columns: answer.schema.fields().iter().map(|f| f.name().clone()).collect(),
+            json: String::from_utf8(json).map_err(|e| Status::internal(e.to_string()))?,
+        }))
+    }
+
     async fn get_version(&self, _: Request<pb::GetVersionRequest>) -> Reply<pb::VersionInfo> {
         Ok(Response::new(self.0.version()))
     }

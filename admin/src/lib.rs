@@ -8,7 +8,7 @@ pub mod rest;
 pub mod server;
 mod service;
 
-pub use service::{Action, Admin};
+pub use service::{Action, Admin, Settings};
 
 /// Errors of admin calls; each maps to one HTTP status and one gRPC code.
 #[derive(Debug, thiserror::Error)]

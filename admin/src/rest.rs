@@ -3,13 +3,14 @@
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, patch};
+use axum::routing::{get, patch, post};
 use axum::{Json, Router};
 use ferry_proto::admin as pb;
 use serde_json::json;
 
+use crate::service::{MAX_ADMIN_API_VERSION, MIN_ADMIN_API_VERSION};
 use crate::{Action, Admin, Error};
 
 impl IntoResponse for Error {
@@ -37,9 +38,20 @@ fn reply<T>(result: Result<T, Error>) -> Reply<T> {
 }
 
 pub fn router(admin: Admin) -> Router {
+    let routes = routes();
+    let mut router = Router::new().merge(routes.clone());
+    for version in MIN_ADMIN_API_VERSION..=MAX_ADMIN_API_VERSION {
+        router = router.nest(&format!("/v{version}"), routes.clone());
+    }
+    router.fallback(|| async { Error::NotFound("no such path".to_owned()) }).with_state(admin)
+}
+
+/// The paths of every admin API version.
+fn routes() -> Router<Admin> {
     Router::new()
         .route("/health", get(|| async { Json(json!({})) }))
-        .route("/version", get(|State(a): State<Admin>| async move { Json(a.version()) }))
+        .route("/version", get(version))
+        .route("/query", post(query))
         .route("/deployments", get(list_deployments).post(register_deployment))
         .route("/deployments/{id}", get(get_deployment).delete(remove_deployment))
         .route("/services", get(|State(a): State<Admin>| async move { Json(a.list_services()) }))
@@ -65,36 +77,117 @@ pub fn router(admin: Admin) -> Router {
             get(|State(a): State<Admin>, Path(id): Path<String>| async move { reply(a.get_invocation(&id)) }),
         )
         .route("/cluster", get(cluster_status))
-        .fallback(|| async { Error::NotFound("no such path".to_owned()) })
-        .with_state(admin)
 }
 
+/// Restate's shape: the versions of the admin API served and where the
+/// ingress is. `features` names capabilities of Restate's servers; Ferry
+/// announces none of them.
+async fn version(State(admin): State<Admin>) -> Json<serde_json::Value> {
+    let version = admin.version();
+    Json(json!({
+        "version": version.version,
+        "min_admin_api_version": version.min_admin_api_version,
+        "max_admin_api_version": version.max_admin_api_version,
+        "ingress_endpoint": admin.ingress_endpoint(),
+        "features": {},
+    }))
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct QueryRequest {
+    query: String,
+}
+
+const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";
+
+/// `POST /query` with `{"query": "<SQL>"}`: the answer as JSON
+/// (`{"rows": [...]}`) when the request accepts exactly
+/// `application/json`, else as an Arrow IPC stream.
+async fn query(
+    State(admin): State<Admin>,
+    headers: HeaderMap,
+    request: Result<Json<QueryRequest>, JsonRejection>,
+) -> Result<Response, Error> {
+    let sql = body(request)?.query;
+    let json = headers.get(header::ACCEPT).is_some_and(|accept| accept.as_bytes() == b"application/json");
+    let answer = admin.query(&sql).await?;
+    let (content_type, bytes) =
+        if json { ("application/json", answer.to_json()) } else { (ARROW_STREAM, answer.to_arrow()) };
+    let bytes = bytes.map_err(|e| Error::Internal(e.to_string()))?;
+    Ok(([(header::CONTENT_TYPE, content_type)], bytes).into_response())
+}
+
+/// Restate's body of `POST /deployments`, whose optional fields may be null.
+#[derive(Debug, serde::Deserialize)]
+struct RegisterDeployment {
+    uri: String,
+    #[serde(default)]
+    additional_headers: Option<std::collections::HashMap<String, String>>,
+    #[serde(default)]
+    use_http_11: bool,
+    #[serde(default)]
+    force: Option<bool>,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+/// `201` for a new deployment, `200` for one registered again (or what a
+/// dry run would make of it), `409` for one whose services changed, without
+/// `force`.
 async fn register_deployment(
     State(admin): State<Admin>,
-    request: Result<Json<pb::RegisterDeploymentRequest>, JsonRejection>,
-) -> Result<(StatusCode, Json<pb::RegisterDeploymentResponse>), Error> {
-    let response = admin.register_deployment(body(request)?).await?;
-    Ok((StatusCode::CREATED, Json(response)))
+    request: Result<Json<RegisterDeployment>, JsonRejection>,
+) -> Result<(StatusCode, [(header::HeaderName, String); 1], Json<pb::RegisterDeploymentResponse>), Error> {
+    let request = body(request)?;
+    let response = admin
+        .register_deployment(pb::RegisterDeploymentRequest {
+            uri: request.uri,
+            additional_headers: request.additional_headers.unwrap_or_default(),
+            use_http_11: request.use_http_11,
+            force: request.force,
+            dry_run: request.dry_run,
+        })
+        .await?;
+    let status = if response.created { StatusCode::CREATED } else { StatusCode::OK };
+    let location = format!("deployments/{}", response.id);
+    Ok((status, [(header::LOCATION, location)], Json(response)))
 }
 
 async fn list_deployments(State(admin): State<Admin>) -> Json<pb::ListDeploymentsResponse> {
     Json(admin.list_deployments())
 }
 
-async fn get_deployment(State(admin): State<Admin>, Path(id): Path<String>) -> Reply<pb::Deployment> {
-    reply(admin.get_deployment(&id))
+/// A deployment with its services whole, as Restate's detailed deployment.
+async fn get_deployment(State(admin): State<Admin>, Path(id): Path<String>) -> Reply<serde_json::Value> {
+    let mut deployment = json!(admin.get_deployment(&id)?);
+    deployment["services"] = json!(admin.deployment_services(&id)?);
+    Ok(Json(deployment))
 }
 
 async fn remove_deployment(State(admin): State<Admin>, Path(id): Path<String>) -> Result<StatusCode, Error> {
     admin.remove_deployment(&id).await.map(|()| StatusCode::ACCEPTED)
 }
 
+/// Restate's body of `POST /subscriptions`, whose `options` may be null.
+#[derive(Debug, serde::Deserialize)]
+struct CreateSubscription {
+    source: String,
+    sink: String,
+    #[serde(default)]
+    options: Option<std::collections::HashMap<String, String>>,
+}
+
 async fn create_subscription(
     State(admin): State<Admin>,
-    request: Result<Json<pb::CreateSubscriptionRequest>, JsonRejection>,
+    request: Result<Json<CreateSubscription>, JsonRejection>,
 ) -> Result<(StatusCode, Json<pb::Subscription>), Error> {
-    let response = admin.create_subscription(body(request)?).await?;
-    Ok((StatusCode::CREATED, Json(response)))
+    let request = body(request)?;
+    let request = pb::CreateSubscriptionRequest {
+        source: request.source,
+        sink: request.sink,
+        options: request.options.unwrap_or_default(),
+    };
+    Ok((StatusCode::CREATED, Json(admin.create_subscription(request).await?)))
 }
 
 async fn list_subscriptions(

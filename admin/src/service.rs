@@ -11,8 +11,10 @@ use ferry_log::node::{GroupStatus, StateDigest};
 use ferry_log::{partition_group, PartitionId, METADATA_GROUP};
 use ferry_partition::partitioner::partition_of;
 use ferry_partition::state::{Completion, Invocation, MetadataState, RegisteredService};
+use ferry_partition::store::key;
 use ferry_partition::wire::v1::{
-    Command, Deployment, Effect, MetadataCommand, MetadataResponse, Outcome, Response, Source, Subscription,
+    Command, Deployment, Effect, MetadataCommand, MetadataResponse, Outcome, ProtocolMode, Response, RetentionPolicy,
+    ServiceType, Source, Subscription,
 };
 use ferry_partition::{Log, LogReads};
 use ferry_proto::admin as pb;
@@ -20,9 +22,10 @@ use rdkafka::consumer::BaseConsumer;
 
 use crate::Error;
 
-/// Admin API versions this node serves, as `/version` reports them.
+/// Admin API versions this node serves, as `/version` reports them: the
+/// paths are served under `/v{N}` for each, and without a prefix.
 pub const MIN_ADMIN_API_VERSION: u32 = 1;
-pub const MAX_ADMIN_API_VERSION: u32 = 1;
+pub const MAX_ADMIN_API_VERSION: u32 = 4;
 
 const DEFAULT_PAGE: u32 = 100;
 const MAX_PAGE: u32 = 10_000;
@@ -32,10 +35,30 @@ const MAX_PAGE: u32 = 10_000;
 pub struct Admin {
     log: Log,
     discovery: Discovery,
-    clusters: Arc<Vec<ClusterOptions>>,
     ingress: IngressStatus,
+    query: ferry_query::Engine,
+    settings: Arc<Settings>,
+}
+
+/// What the admin API tells of the node's configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The Kafka clusters of the config file.
+    pub clusters: Vec<ClusterOptions>,
     /// The configured `node-name` of each node.
-    names: Arc<BTreeMap<u64, String>>,
+    pub names: BTreeMap<u64, String>,
+    /// Limits of each SQL query.
+    pub query: ferry_query::Limits,
+    /// Where this node's HTTP ingress is reached, as `/version` tells.
+    pub ingress_endpoint: String,
+    /// Retention defaults, which a deployment's manifest overrides.
+    pub retention: RetentionPolicy,
+    /// The invoker's attempt timeouts, which a manifest overrides.
+    pub inactivity_timeout: Duration,
+    pub abort_timeout: Duration,
+    /// When the node started (milliseconds since the epoch): when its
+    /// configured Kafka clusters were made.
+    pub started_at_ms: u64,
 }
 
 fn now_ms() -> u64 {
@@ -46,23 +69,46 @@ fn timestamp(ms: u64) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
+/// A new id in Restate's form: `dp_1...`, `sub_1...`.
 fn new_id(prefix: &str) -> String {
-    format!("{prefix}_{}", ulid::Ulid::new())
+    key::resource_id(prefix, ulid::Ulid::new().0)
 }
 
-fn service_to_proto(service: &RegisteredService) -> pb::Service {
-    pb::Service {
-        name: service.def.name.clone(),
-        ty: service.def.ty.as_str().to_owned(),
-        deployment_id: service.deployment_id.clone(),
-        revision: service.revision,
-        public: true,
-        handlers: service
-            .def
-            .handlers
-            .iter()
-            .map(|h| pb::Handler { name: h.name.clone(), ty: h.ty.as_str().to_owned() })
-            .collect(),
+fn duration(ms: u64) -> String {
+    humantime::format_duration(Duration::from_millis(ms)).to_string()
+}
+
+impl Settings {
+    fn service_to_proto(&self, service: &RegisteredService) -> pb::Service {
+        let def = &service.def;
+        let retention = self.retention.overridden(&def.retention);
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        pb::Service {
+            name: def.name.clone(),
+            ty: def.ty.as_str().to_owned(),
+            deployment_id: service.deployment_id.clone(),
+            revision: service.revision,
+            public: true,
+            handlers: def
+                .handlers
+                .iter()
+                .map(|h| pb::Handler {
+                    name: h.name.clone(),
+                    ty: h.ty.as_str().to_owned(),
+                    input_description: String::new(),
+                    output_description: String::new(),
+                    enable_lazy_state: h.lazy_state,
+                    inactivity_timeout: h.timeouts.inactivity_ms.map(duration),
+                    abort_timeout: h.timeouts.abort_ms.map(duration),
+                })
+                .collect(),
+            journal_retention: duration(retention.journal_ms),
+            idempotency_retention: duration(retention.idempotency_ms),
+            workflow_completion_retention: (def.ty == ServiceType::Workflow)
+                .then(|| duration(retention.workflow_completion_ms)),
+            inactivity_timeout: duration(ms(self.inactivity_timeout)),
+            abort_timeout: duration(ms(self.abort_timeout)),
+        }
     }
 }
 
@@ -70,7 +116,11 @@ fn deployment_to_proto(d: &Deployment, metadata: &MetadataState) -> pb::Deployme
     pb::Deployment {
         id: d.id.clone(),
         uri: d.uri.clone(),
-        protocol_type: d.protocol_mode.as_str().to_owned(),
+        protocol_type: match d.protocol_mode {
+            ProtocolMode::RequestResponse => "RequestResponse",
+            ProtocolMode::BidiStream => "BidiStream",
+        }
+        .to_owned(),
         http_version: if d.http2 { "HTTP/2.0" } else { "HTTP/1.1" }.to_owned(),
         created_at: timestamp(d.created_at_ms),
         min_protocol_version: d.min_protocol_version,
@@ -211,14 +261,26 @@ fn group_to_proto(status: GroupStatus, state: Option<StateDigest>) -> pb::GroupS
 impl Admin {
     /// The admin API of `log`'s node; `ingress` is where its Kafka consumers
     /// report how they do; `names` holds the name of each node.
-    pub fn new(
-        log: Log,
-        discovery: Discovery,
-        clusters: Vec<ClusterOptions>,
-        ingress: IngressStatus,
-        names: BTreeMap<u64, String>,
-    ) -> Self {
-        Admin { log, discovery, clusters: Arc::new(clusters), ingress, names: Arc::new(names) }
+    pub fn new(log: Log, discovery: Discovery, ingress: IngressStatus, settings: Settings) -> Self {
+        Admin {
+            query: ferry_query::Engine::new(log.clone(), settings.query.clone()),
+            log,
+            discovery,
+            ingress,
+            settings: Arc::new(settings),
+        }
+    }
+
+    /// Runs a SQL query over the cluster's state ([`ferry_query`]).
+    pub async fn query(&self, sql: &str) -> Result<ferry_query::Answer, Error> {
+        self.query.query(sql).await.map_err(|e| match e {
+            ferry_query::Error::Query(message) => Error::BadRequest(message),
+            ferry_query::Error::Internal(message) => Error::Internal(message),
+        })
+    }
+
+    pub fn ingress_endpoint(&self) -> &str {
+        &self.settings.ingress_endpoint
     }
 
     /// The nodes (every member of any group), each group as this node sees
@@ -235,7 +297,7 @@ impl Admin {
             nodes: nodes
                 .into_iter()
                 .map(|(id, address)| {
-                    let name = self.names.get(&id).cloned().unwrap_or_else(|| format!("node-{id}"));
+                    let name = self.settings.names.get(&id).cloned().unwrap_or_else(|| format!("node-{id}"));
                     pb::ClusterNode { id, address, name }
                 })
                 .collect(),
@@ -303,15 +365,15 @@ impl Admin {
             m.deployments.values().find(|d| d.uri.trim_end_matches('/') == request.uri.trim_end_matches('/')).cloned()
         });
         let force = request.force.unwrap_or(true);
-        let id = match existing {
-            Some(d) if !force => {
+        let (id, created) = match existing {
+            Some(d) if !force && d.services != discovered.services => {
                 return Err(Error::Conflict(format!(
-                    "deployment {} already serves {}; pass force to replace it",
+                    "deployment {} already serves {} with other services; pass force to replace it",
                     d.id, d.uri
                 )))
             }
-            Some(d) => d.id,
-            None => new_id("dp"),
+            Some(d) => (d.id, false),
+            None => (new_id("dp"), true),
         };
         // A service may change deployments but not its kind.
         self.log.read_metadata(|m| {
@@ -341,19 +403,54 @@ impl Admin {
             created_at_ms: now_ms(),
         };
         let (min, max) = (deployment.min_protocol_version, deployment.max_protocol_version);
-        let names: Vec<String> = deployment.services.iter().map(|s| s.name.clone()).collect();
-        match self.propose_metadata(MetadataCommand::PutDeployment(deployment)).await? {
-            MetadataResponse::Done => {}
-            other => return Err(Error::Conflict(format!("{other:?}"))),
-        }
-        let services =
-            self.log.read_metadata(|m| names.iter().filter_map(|n| m.services.get(n)).map(service_to_proto).collect());
-        Ok(pb::RegisterDeploymentResponse { id, services, min_protocol_version: min, max_protocol_version: max })
+        let services = if request.dry_run {
+            // What registering would make: each service's next revision.
+            self.log.read_metadata(|m| {
+                let services = deployment.services.iter().map(|def| {
+                    let revision = m.services.get(&def.name).map_or(1, |r| r.revision + 1);
+                    RegisteredService { def: def.clone(), deployment_id: id.clone(), revision }
+                });
+                services.map(|s| self.settings.service_to_proto(&s)).collect()
+            })
+        } else {
+            let names: Vec<String> = deployment.services.iter().map(|s| s.name.clone()).collect();
+            match self.propose_metadata(MetadataCommand::PutDeployment(deployment)).await? {
+                MetadataResponse::Done => {}
+                other => return Err(Error::Conflict(format!("{other:?}"))),
+            }
+            self.log.read_metadata(|m| {
+                names.iter().filter_map(|n| m.services.get(n)).map(|s| self.settings.service_to_proto(s)).collect()
+            })
+        };
+        Ok(pb::RegisterDeploymentResponse {
+            id,
+            services,
+            min_protocol_version: min,
+            max_protocol_version: max,
+            created,
+        })
     }
 
     pub fn list_deployments(&self) -> pb::ListDeploymentsResponse {
         self.log.read_metadata(|m| pb::ListDeploymentsResponse {
             deployments: m.deployments.values().map(|d| deployment_to_proto(d, m)).collect(),
+        })
+    }
+
+    /// The services of deployment `id` as it registered them.
+    pub fn deployment_services(&self, id: &str) -> Result<Vec<pb::Service>, Error> {
+        self.log.read_metadata(|m| {
+            let deployment =
+                m.deployments.get(id).ok_or_else(|| Error::NotFound(format!("deployment {id} not found")))?;
+            Ok(deployment
+                .services
+                .iter()
+                .map(|def| {
+                    let revision = m.services.get(&def.name).map_or(0, |r| r.revision);
+                    let registered = RegisteredService { def: def.clone(), deployment_id: id.to_owned(), revision };
+                    self.settings.service_to_proto(&registered)
+                })
+                .collect())
         })
     }
 
@@ -373,19 +470,19 @@ impl Admin {
 
     pub fn list_services(&self) -> pb::ListServicesResponse {
         self.log.read_metadata(|m| pb::ListServicesResponse {
-            services: m.services.values().map(service_to_proto).collect(),
+            services: m.services.values().map(|s| self.settings.service_to_proto(s)).collect(),
         })
     }
 
     pub fn get_service(&self, name: &str) -> Result<pb::Service, Error> {
         self.log
-            .read_metadata(|m| m.services.get(name).map(service_to_proto))
+            .read_metadata(|m| m.services.get(name).map(|s| self.settings.service_to_proto(s)))
             .ok_or_else(|| Error::NotFound(format!("service {name} not found")))
     }
 
     fn cluster(&self, name: &str) -> Result<&ClusterOptions, Error> {
-        self.clusters.iter().find(|c| c.name == name).ok_or_else(|| {
-            let known: Vec<&str> = self.clusters.iter().map(|c| c.name.as_str()).collect();
+        self.settings.clusters.iter().find(|c| c.name == name).ok_or_else(|| {
+            let known: Vec<&str> = self.settings.clusters.iter().map(|c| c.name.as_str()).collect();
             Error::BadRequest(format!("unknown Kafka cluster {name:?}; configured clusters: [{}]", known.join(", ")))
         })
     }
@@ -453,34 +550,43 @@ impl Admin {
         }
     }
 
-    fn cluster_to_proto(cluster: &ClusterOptions) -> pb::KafkaCluster {
+    fn cluster_to_proto(&self, cluster: &ClusterOptions) -> pb::KafkaCluster {
+        let mut properties: std::collections::HashMap<String, String> =
+            cluster.redacted_properties().into_iter().collect();
+        properties.entry("bootstrap.servers".to_owned()).or_insert_with(|| cluster.brokers.join(","));
         pb::KafkaCluster {
             name: cluster.name.clone(),
             brokers: cluster.brokers.clone(),
-            properties: cluster.redacted_properties().into_iter().collect(),
+            properties,
+            created_at: timestamp(self.settings.started_at_ms),
+            subscriptions: Vec::new(),
         }
     }
 
     pub fn list_kafka_clusters(&self) -> pb::ListKafkaClustersResponse {
-        pb::ListKafkaClustersResponse { clusters: self.clusters.iter().map(Self::cluster_to_proto).collect() }
+        let clusters = self.settings.clusters.iter().map(|c| self.cluster_to_proto(c)).collect();
+        pb::ListKafkaClustersResponse { clusters }
     }
 
+    /// A cluster with the subscriptions that read from it.
     pub fn get_kafka_cluster(&self, name: &str) -> Result<pb::KafkaCluster, Error> {
-        self.clusters
-            .iter()
-            .find(|c| c.name == name)
-            .map(Self::cluster_to_proto)
-            .ok_or_else(|| Error::NotFound(format!("Kafka cluster {name} not found")))
+        let cluster = self.settings.clusters.iter().find(|c| c.name == name);
+        let mut cluster = cluster
+            .map(|c| self.cluster_to_proto(c))
+            .ok_or_else(|| Error::NotFound(format!("Kafka cluster {name} not found")))?;
+        cluster.subscriptions = self.log.read_metadata(|m| {
+            let reads = |s: &&Subscription| {
+                s.source().strip_prefix("kafka://").is_some_and(|rest| rest.split('/').next() == Some(name))
+            };
+            m.subscriptions.values().filter(reads).map(subscription_to_proto).collect()
+        });
+        Ok(cluster)
     }
 
     /// The partition an invocation id belongs to, from its partition key.
     fn partition_of_id(&self, id: &str) -> Option<PartitionId> {
-        let hex = id.strip_prefix("inv_")?;
-        if hex.len() != 32 {
-            return None;
-        }
-        let key = u64::from_str_radix(&hex[..16], 16).ok()?;
-        Some(partition_of(key, self.log.partitions()))
+        let (partition_key, _) = key::id_parts(id)?;
+        Some(partition_of(partition_key, self.log.partitions()))
     }
 
     pub fn get_invocation(&self, id: &str) -> Result<pb::Invocation, Error> {

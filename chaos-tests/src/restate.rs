@@ -1,7 +1,7 @@
 //! The real `restate-server`, as a baseline for Ferry's benchmarks: one node
 //! on loopback ports with its own temporary base directory, whose one Kafka
-//! cluster, `my-cluster`, is a given broker. `scripts/restate-server.sh
-//! install` puts the binary where [`RestateServer::binary`] looks for it.
+//! cluster, `my-cluster`, is a given broker. `scripts/restate.sh install
+//! server` puts the binary where [`RestateServer::binary`] looks for it.
 //!
 //! The process is killed, and its directory removed, when the handle is
 //! dropped.
@@ -33,23 +33,12 @@ pub struct RestateServer {
 
 impl RestateServer {
     /// The `restate-server` binary: `$FERRY_RESTATE_SERVER`, or the one
-    /// `scripts/restate-server.sh install` puts under `target/`.
+    /// `scripts/restate.sh install server` puts under `target/`.
     pub fn binary() -> Result<PathBuf> {
         if let Some(path) = std::env::var_os(BINARY_ENV) {
             return Ok(path.into());
         }
-        let platform = match std::env::consts::ARCH {
-            "x86_64" => "linux-x64",
-            "aarch64" => "linux-arm64",
-            arch => bail!("no restate-server package for {arch}"),
-        };
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../target/restate-server/node_modules/@restatedev")
-            .join(format!("restate-server-{platform}/bin/restate-server"));
-        if !path.exists() {
-            bail!("{} is missing: run scripts/restate-server.sh install", path.display());
-        }
-        Ok(path)
+        installed("server")
     }
 
     /// Starts a node with `partitions` partitions whose Kafka cluster
@@ -323,4 +312,27 @@ name = "my-cluster"
 brokers = [{brokers}]
 "#
     )
+}
+
+/// The binary of one of Restate's programs, `server` or `cli`, where
+/// `scripts/restate.sh install <program>` puts it.
+pub fn installed(program: &str) -> Result<PathBuf> {
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "linux-x64",
+        "aarch64" => "linux-arm64",
+        arch => bail!("no Restate packages for {arch}"),
+    };
+    let (dir, package, binary) = match program {
+        "server" => ("restate-server", "restate-server", "restate-server"),
+        "cli" => ("restate-cli", "restate", "restate"),
+        other => bail!("no Restate program {other}"),
+    };
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target")
+        .join(dir)
+        .join(format!("node_modules/@restatedev/{package}-{arch}/bin/{binary}"));
+    if !path.exists() {
+        bail!("{} is missing: run scripts/restate.sh install {program}", path.display());
+    }
+    Ok(path)
 }

@@ -431,8 +431,8 @@ async fn a_handler_attached_to_an_invocation_gets_its_result() -> Result<()> {
     // Attached once it is completed: at once. To no invocation: 404.
     let json = [("content-type", "application/json")];
     assert_eq!(node.ingress("/Fanout/attach", Some(&attach(&awaited)), &json).await?, (200, json!("done")));
-    let nobody = "inv_00000000000000010000000000000001";
-    let (status, output) = node.ingress("/Fanout/attach", Some(&attach(nobody)), &json).await?;
+    let nobody = ferry_partition::store::key::id(1, 1);
+    let (status, output) = node.ingress("/Fanout/attach", Some(&attach(&nobody)), &json).await?;
     assert_eq!((status, &output["code"]), (200, &json!(404)), "{output}");
     Ok(())
 }

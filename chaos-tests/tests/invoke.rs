@@ -142,7 +142,7 @@ async fn python_sdk_deployments_register_and_run() -> Result<()> {
     assert_eq!(status, 201, "{body}");
     assert_eq!(node.get("/services/PyCounter").await?["ty"], "VirtualObject");
     let deployment = node.get(&format!("/deployments/{}", body["id"].as_str().unwrap())).await?;
-    assert_eq!(deployment["protocol_type"], "REQUEST_RESPONSE");
+    assert_eq!(deployment["protocol_type"], "RequestResponse");
     assert_eq!(deployment["http_version"], "HTTP/1.1");
 
     let client = Client::new(Duration::from_secs(30), Duration::from_secs(1));

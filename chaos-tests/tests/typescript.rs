@@ -56,7 +56,7 @@ async fn noted(node: &Node, key: &str) -> Result<String> {
 async fn typescript_handlers_keep_state_run_steps_and_fail_as_told() -> Result<()> {
     let (_handlers, _dir, node) = node_with_typescript().await?;
     let deployment = &node.get("/deployments").await?["deployments"][0];
-    assert_eq!(deployment["protocol_type"], "BIDI_STREAM", "{deployment}");
+    assert_eq!(deployment["protocol_type"], "BidiStream", "{deployment}");
     assert_eq!(node.get("/services/TsApproval").await?["ty"], "Workflow");
 
     // State: get, set, stateKeys, clear and clearAll.

@@ -41,6 +41,10 @@ enum Command {
     /// The cluster: nodes, Raft groups, consumer lag.
     #[command(subcommand)]
     Cluster(Cluster),
+    /// Runs SQL over the cluster's state: Restate's introspection tables
+    /// (sys_invocation, sys_journal, state, sys_inbox, sys_promise,
+    /// sys_service, sys_deployment, ...; `SHOW TABLES` lists them).
+    Sql { query: String },
 }
 
 #[derive(Subcommand)]
@@ -147,9 +151,13 @@ fn key_value(text: &str) -> Result<(String, String), String> {
     Ok((key.to_owned(), value.to_owned()))
 }
 
+fn strings(columns: &[&str]) -> Vec<String> {
+    columns.iter().map(|c| (*c).to_owned()).collect()
+}
+
 /// `rows` under a header of `columns`.
 struct Table {
-    columns: &'static [&'static str],
+    columns: Vec<String>,
     rows: Vec<Vec<String>>,
 }
 
@@ -165,7 +173,7 @@ impl Table {
             let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
             println!("{}", padded.join("  ").trim_end());
         };
-        line(self.columns.to_vec());
+        line(self.columns.iter().map(String::as_str).collect());
         for row in &self.rows {
             line(row.iter().map(String::as_str).collect());
         }
@@ -180,8 +188,8 @@ struct Output<T> {
 
 impl<T: Serialize> Output<T> {
     /// An output shown as one table.
-    fn table(value: T, columns: &'static [&'static str], rows: Vec<Vec<String>>) -> Self {
-        Output { value, tables: vec![Table { columns, rows }] }
+    fn table(value: T, columns: &[&str], rows: Vec<Vec<String>>) -> Self {
+        Output { value, tables: vec![Table { columns: strings(columns), rows }] }
     }
 
     fn print(&self, json: bool) -> Result<()> {
@@ -199,6 +207,32 @@ impl<T: Serialize> Output<T> {
     }
 }
 
+/// The answer of `ferry sql`: its rows as a table, nulls as `-`; with
+/// `--json`, as the node answers `POST /query`.
+fn sql(answer: pb::QueryResponse) -> Result<Output<serde_json::Value>> {
+    let value: serde_json::Value = serde_json::from_str(&answer.json).context("the answer is not JSON")?;
+    let rows = value["rows"]
+        .as_array()
+        .map(|rows| {
+            rows.iter()
+                .map(|row| {
+                    answer
+                        .columns
+                        .iter()
+                        .map(|column| match &row[column] {
+                            serde_json::Value::Null => "-".to_owned(),
+                            serde_json::Value::String(s) => s.clone(),
+                            other => other.to_string(),
+                        })
+                        .collect()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let columns = answer.columns.iter().map(|c| c.to_uppercase()).collect();
+    Ok(Output { value, tables: vec![Table { columns, rows }] })
+}
+
 /// The tables of `ferry cluster status`: nodes, groups and consumer lag.
 fn cluster_status(status: pb::ClusterStatus) -> Output<pb::ClusterStatus> {
     let optional = |value: Option<u64>| value.map_or_else(|| "-".to_owned(), |v| v.to_string());
@@ -211,7 +245,7 @@ fn cluster_status(status: pb::ClusterStatus) -> Output<pb::ClusterStatus> {
         }
     };
     let nodes = Table {
-        columns: &["NODE", "NAME", "ADDRESS", "ANSWERED"],
+        columns: strings(&["NODE", "NAME", "ADDRESS", "ANSWERED"]),
         rows: status
             .nodes
             .iter()
@@ -222,7 +256,7 @@ fn cluster_status(status: pb::ClusterStatus) -> Output<pb::ClusterStatus> {
             .collect(),
     };
     let groups = Table {
-        columns: &[
+        columns: strings(&[
             "GROUP",
             "PARTITION",
             "LEADER",
@@ -233,7 +267,7 @@ fn cluster_status(status: pb::ClusterStatus) -> Output<pb::ClusterStatus> {
             "APPLIED",
             "VOTERS",
             "LEARNERS",
-        ],
+        ]),
         rows: status
             .groups
             .iter()
@@ -254,7 +288,7 @@ fn cluster_status(status: pb::ClusterStatus) -> Output<pb::ClusterStatus> {
             .collect(),
     };
     let lag = Table {
-        columns: &["SUBSCRIPTION", "TOPIC", "PARTITION", "LAG"],
+        columns: strings(&["SUBSCRIPTION", "TOPIC", "PARTITION", "LAG"]),
         rows: status
             .consumer_lag
             .iter()
@@ -262,7 +296,7 @@ fn cluster_status(status: pb::ClusterStatus) -> Output<pb::ClusterStatus> {
             .collect(),
     };
     let consumers = Table {
-        columns: &["SUBSCRIPTION", "CONSUMER", "DETAIL"],
+        columns: strings(&["SUBSCRIPTION", "CONSUMER", "DETAIL"]),
         rows: status
             .consumers
             .iter()
@@ -272,7 +306,7 @@ fn cluster_status(status: pb::ClusterStatus) -> Output<pb::ClusterStatus> {
     let mut tables = vec![nodes, groups, lag, consumers];
     if status.groups.iter().any(|g| g.state.is_some()) {
         tables.push(Table {
-            columns: &["GROUP", "APPLIED", "STATE-DIGEST"],
+            columns: strings(&["GROUP", "APPLIED", "STATE-DIGEST"]),
             rows: status
                 .groups
                 .iter()
@@ -318,6 +352,7 @@ async fn run(cli: Cli) -> Result<()> {
                     additional_headers: headers.into_iter().collect::<HashMap<_, _>>(),
                     use_http_11: http1,
                     force: None,
+                    dry_run: false,
                 };
                 let registered = admin.register_deployment(request).await?.into_inner();
                 let rows = registered.services.iter().map(|s| vec![registered.id.clone(), s.name.clone()]).collect();
@@ -420,6 +455,7 @@ async fn run(cli: Cli) -> Result<()> {
                 done(format!("resumed invocation {id}")).print(json)
             }
         },
+        Command::Sql { query } => sql(admin.query(pb::QueryRequest { query }).await?.into_inner())?.print(json),
         Command::Cluster(Cluster::Status { digests }) => {
             let request = pb::GetClusterStatusRequest { state_digests: digests };
             cluster_status(admin.get_cluster_status(request).await?.into_inner()).print(json)

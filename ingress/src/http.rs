@@ -28,6 +28,7 @@ use ferry_invoker::journal::{awakeable_target, signal, SignalId, SignalResult};
 use ferry_log::{partition_group, PartitionId};
 use ferry_partition::partitioner::partition_of;
 use ferry_partition::state::{Completion, Resolved};
+use ferry_partition::store::key;
 use ferry_partition::wire::v1::{
     Command, HandlerType, Invoke, Notice, Notification, Response as LogResponse, RetentionPolicy, ServiceType, Source,
     Target,
@@ -299,7 +300,7 @@ impl Ingress {
         };
         let target = Target { service: call.service, handler: call.handler, key: call.key, service_ty, handler_ty };
         let (partition_key, unique) = crate::ids(&target, idempotency_key.as_deref());
-        let id = format!("inv_{partition_key:016x}{unique:016x}");
+        let id = key::id(partition_key, unique);
         let partition = partition_of(partition_key, self.log.partitions());
         let now = now_ms();
         span.record("restate.invocation.id", id.as_str());
@@ -349,14 +350,13 @@ impl Ingress {
         });
         let target = run.ok_or_else(|| Error::new(404, format!("workflow {name} not found")))?;
         let (partition_key, unique) = crate::ids(&target, None);
-        Ok(format!("inv_{partition_key:016x}{unique:016x}"))
+        Ok(key::id(partition_key, unique))
     }
 
     fn partition_of_id(&self, id: &str) -> Result<PartitionId, Error> {
         let not_found = || Error::new(404, format!("invocation {id} not found"));
-        let hex = id.strip_prefix("inv_").filter(|h| h.len() == 32).ok_or_else(not_found)?;
-        let key = u64::from_str_radix(&hex[..16], 16).map_err(|_| not_found())?;
-        Ok(partition_of(key, self.log.partitions()))
+        let (partition_key, _) = key::id_parts(id).ok_or_else(not_found)?;
+        Ok(partition_of(partition_key, self.log.partitions()))
     }
 
     /// The result of an invocation, `None` while it runs.

@@ -5,6 +5,7 @@ use bytes::Bytes;
 use ferry_log::PartitionId;
 use ferry_partition::partitioner::{key_hash, partition_of, producer_seq_hash};
 use ferry_partition::state::MetadataState;
+use ferry_partition::store::key;
 use ferry_partition::wire::v1::{
     Dedup, HandlerType, Invoke, KafkaSource, Retention, RetentionPolicy, ServiceType, Source, Subscription, Target,
 };
@@ -133,7 +134,7 @@ pub fn invoke(origin: &Origin, sink: &Sink, mut record: Record, partitions: u32,
         None => (unkeyed, offset_unique(origin.producer, seq)),
     };
     let invoke = Invoke {
-        id: format!("inv_{partition_key:016x}{unique:016x}"),
+        id: key::id(partition_key, unique),
         target,
         payload: record.payload,
         headers: record.headers,
@@ -297,8 +298,8 @@ mod tests {
         let (_, again) = invoke(&origin(), &service, record(7, None), 16, 123);
         assert_eq!(a.id, again.id);
         assert_eq!(a.dedup, Some(Dedup { producer: 99, seq: 7 }));
-        let pkey = u64::from_str_radix(&a.id[4..20], 16).unwrap();
-        assert_eq!(partition_of(pkey, 16), p);
+        let (partition_key, _) = key::id_parts(&a.id).unwrap();
+        assert_eq!(partition_of(partition_key, 16), p);
     }
 
     /// A record's invocation is kept as its handler says, else its service,
@@ -340,7 +341,7 @@ mod tests {
         assert_eq!((p1, &first.id), (p2, &second.id), "one key, one run");
         assert_ne!(first.id, other.id);
         let (partition_key, unique) = crate::ids(&first.target, None);
-        assert_eq!(first.id, format!("inv_{partition_key:016x}{unique:016x}"), "the id HTTP derives");
+        assert_eq!(first.id, key::id(partition_key, unique), "the id HTTP derives");
         // Both records still advance the producer's sequence.
         assert_eq!((first.dedup.unwrap().seq, second.dedup.unwrap().seq), (1, 2));
 

@@ -1012,7 +1012,7 @@ mod tests {
 
     #[test]
     fn one_way_calls_start_invocations_named_by_their_caller_and_index() {
-        let caller = job("inv_00000000000000070000000000000001");
+        let caller = job(&key::id(7, 1));
         let messages = || {
             vec![
                 send("Counter", "k", 1, 0),
@@ -1048,7 +1048,7 @@ mod tests {
         };
         let again = invokes(again);
         assert_eq!(again.iter().map(|i| &i.id).collect::<Vec<_>>(), sends.iter().map(|i| &i.id).collect::<Vec<_>>());
-        let other = job("inv_00000000000000070000000000000002");
+        let other = job(&key::id(7, 2));
         let Effect::Complete { sends: others, .. } =
             other.effect(attempt(messages(), Ending::End), &Counter, &retry, 1_000)
         else {
@@ -1073,7 +1073,7 @@ mod tests {
     /// read after it sees the state changes it carried.
     #[test]
     fn a_streaming_attempt_checkpoints_its_runs_and_ends_from_the_longer_journal() {
-        let mut job = job("inv_00000000000000070000000000000001");
+        let mut job = job(&key::id(7, 1));
         job.state = Some(Arc::new(BTreeMap::new()));
         let retry = RetryPolicy::default();
         let mut recorder = job.recorder(&Counter, &retry, 0);
@@ -1179,7 +1179,7 @@ mod tests {
 
     #[test]
     fn lazy_reads_see_the_committed_state_with_the_invocations_own_changes() {
-        let mut job = job("inv_00000000000000070000000000000001");
+        let mut job = job(&key::id(7, 1));
         let committed: BTreeMap<Bytes, Bytes> = [("a", "1"), ("b", "2")]
             .map(|(k, v)| (Bytes::from_static(k.as_bytes()), Bytes::from_static(v.as_bytes())))
             .into();
@@ -1237,7 +1237,7 @@ mod tests {
 
     #[test]
     fn awakeable_ids_name_their_invocation_and_index_with_or_without_padding() {
-        let id = "inv_00000000000000070000000000000001";
+        let id = &key::id(7, 1);
         let awakeable = awakeable_id(id, 17);
         assert!(awakeable.starts_with("sign_1") && !awakeable.ends_with('='), "{awakeable}");
         assert_eq!(awakeable_target(&awakeable), Some((id.to_owned(), 17)));
@@ -1250,9 +1250,9 @@ mod tests {
 
     #[test]
     fn awakeables_and_signals_go_to_their_invocation_and_a_wait_for_one_suspends() {
-        let job = job("inv_00000000000000070000000000000001");
+        let job = job(&key::id(7, 1));
         let retry = RetryPolicy::default();
-        let target = "inv_00000000000000090000000000000002";
+        let target = &key::id(9, 2);
         let complete = Message::CompleteAwakeableCommand(pb::CompleteAwakeableCommandMessage {
             awakeable_id: awakeable_id(target, 18),
             result: Some(pb::complete_awakeable_command_message::Result::Value(pb::Value {
@@ -1286,7 +1286,7 @@ mod tests {
 
     #[test]
     fn a_suspended_attempt_journals_each_call_with_its_invocation_id() {
-        let caller = job("inv_00000000000000070000000000000001");
+        let caller = job(&key::id(7, 1));
         let retry = RetryPolicy::default();
         let effect = caller.effect(attempt(vec![send("Counter", "k", 1, 0)], Ending::Suspended), &Counter, &retry, 0);
         let Effect::Progress { entries, sends, .. } = effect else { panic!("the handler suspended") };

@@ -72,11 +72,50 @@ impl Default for Config {
 #[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
 pub struct AdminConfig {
     pub bind_address: SocketAddr,
+    /// What each SQL query (`POST /query`) may use.
+    pub query: QueryConfig,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        AdminConfig { bind_address: "0.0.0.0:9070".parse().expect("valid default") }
+        AdminConfig { bind_address: "0.0.0.0:9070".parse().expect("valid default"), query: QueryConfig::default() }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
+pub struct QueryConfig {
+    /// Rows in an answer; a query that returns more fails and says so.
+    pub max_rows: usize,
+    /// Memory of a query's sorts, joins and aggregates, and of its answer.
+    pub memory_bytes: usize,
+    /// Wall time of a query, waiting for its turn included.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Queries that run at once; more wait for a turn.
+    pub concurrency: usize,
+}
+
+impl Default for QueryConfig {
+    fn default() -> Self {
+        let limits = ferry_query::Limits::default();
+        QueryConfig {
+            max_rows: limits.max_rows,
+            memory_bytes: limits.memory_bytes,
+            timeout: limits.timeout,
+            concurrency: limits.concurrency,
+        }
+    }
+}
+
+impl QueryConfig {
+    pub fn limits(&self) -> ferry_query::Limits {
+        ferry_query::Limits {
+            max_rows: self.max_rows,
+            memory_bytes: self.memory_bytes,
+            timeout: self.timeout,
+            concurrency: self.concurrency,
+        }
     }
 }
 
@@ -399,6 +438,19 @@ impl Config {
             Some(address) => address.clone(),
             None if self.bind_address.ip().is_unspecified() => format!("127.0.0.1:{}", self.bind_address.port()),
             None => self.bind_address.to_string(),
+        }
+    }
+
+    /// The URL of this node's HTTP ingress: its bind address, with the
+    /// advertised host when it binds every interface.
+    pub fn ingress_endpoint(&self) -> String {
+        let ingress = self.ingress.bind_address;
+        if ingress.ip().is_unspecified() {
+            let advertised = self.advertised_address();
+            let host = advertised.rsplit_once(':').map_or(advertised.as_str(), |(host, _)| host);
+            format!("http://{host}:{}/", ingress.port())
+        } else {
+            format!("http://{ingress}/")
         }
     }
 

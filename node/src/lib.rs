@@ -92,13 +92,19 @@ pub async fn run(
     }
 
     let ingress_status = IngressStatus::default();
-    let admin = Admin::new(
-        log.clone(),
-        Discovery::default(),
-        config.ingress.kafka_clusters.clone(),
-        ingress_status.clone(),
-        config.node_names(),
-    );
+    let settings = ferry_admin::Settings {
+        clusters: config.ingress.kafka_clusters.clone(),
+        names: config.node_names(),
+        query: config.admin.query.limits(),
+        ingress_endpoint: config.ingress_endpoint(),
+        retention: config.invocation.retention(),
+        inactivity_timeout: config.invoker.stream_inactivity,
+        abort_timeout: config.invoker.attempt_timeout,
+        started_at_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+    };
+    let admin = Admin::new(log.clone(), Discovery::default(), ingress_status.clone(), settings);
     let admin_server = ferry_admin::server::serve(admin_listener, admin, servers_cancel.clone());
     spawn_server(&servers, "admin server", admin_server, &shutdown);
 

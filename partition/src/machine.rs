@@ -44,8 +44,9 @@ impl StateMachine for Machine {
     /// they await, outboxes carry results back. 8: handlers say whether they
     /// read state lazily. 9: workflow promises. 10: attach and output from
     /// handlers. 11: streaming attempts checkpoint their journal. 12: handlers
-    /// carry their manifest's timeouts.
-    const DATA_FORMAT: u32 = 12;
+    /// carry their manifest's timeouts. 13: invocation, deployment and
+    /// subscription ids in Restate's form ([`crate::store::key::id`]).
+    const DATA_FORMAT: u32 = 13;
 
     type Command = Command;
     type Response = Response;

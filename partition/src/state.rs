@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
 use crate::notifications;
-use crate::store::{key, scan_prefix, MemStore, Row, Store, StoreError, StoreRead, Table};
+use crate::store::{key, scan_prefix, MemStore, Row, Store, StoreError, StoreRead, Table, Visit};
 use crate::watch::{Watch, Watches};
 pub use crate::wire::v1::Completion;
 use crate::wire::v1::{
@@ -307,6 +307,41 @@ enum Promise {
     Completed(Completion),
     /// Not completed; these (invocation, completion id) wait for it.
     Awaited(Vec<(String, u32)>),
+}
+
+/// A state entry of a Virtual Object or Workflow key, as a scan reads it.
+#[derive(Debug, Clone, Copy)]
+pub struct StateEntry<'a> {
+    pub service: &'a str,
+    pub key: &'a str,
+    pub name: &'a [u8],
+    pub value: &'a [u8],
+}
+
+/// A row of a key's inbox: the head holds the key, the others wait for it.
+#[derive(Debug, Clone, Copy)]
+pub struct InboxEntry<'a> {
+    pub service: &'a str,
+    pub key: &'a str,
+    pub seq: u64,
+    pub id: &'a str,
+    pub head: bool,
+}
+
+/// A workflow promise: its result once completed.
+#[derive(Debug, Clone)]
+pub struct PromiseEntry<'a> {
+    pub service: &'a str,
+    pub key: &'a str,
+    pub name: &'a str,
+    pub result: Option<Completion>,
+}
+
+/// Splits a row that starts with [`key::object`] into (service, key, rest).
+fn split_object(row: &[u8]) -> Option<(&str, &str, &[u8])> {
+    let (service, rest) = key::take_str(row)?;
+    let (key, rest) = key::take_str(rest)?;
+    Some((service, key, rest))
 }
 
 /// The object key of the workflow `inv` is the run of, if it is one: its
@@ -1299,6 +1334,69 @@ impl<'a, S: StoreRead<Table> + ?Sized> PartitionRead<'a, S> {
         Ok(self.store.get(Table::Dedup, &producer.to_be_bytes())?.as_deref().and_then(key::u64_of))
     }
 
+    /// Calls `f` with the state entries of every Virtual Object and Workflow
+    /// key after the row `after` (a row key `f` was given), in row order,
+    /// until it breaks: a scan that can be resumed.
+    pub fn state_after(
+        &self,
+        after: Option<&[u8]>,
+        mut f: impl FnMut(&[u8], StateEntry<'_>) -> ControlFlow<()>,
+    ) -> Result<(), StoreError> {
+        self.rows_after(Table::Objects, after, &mut |row, value| match split_object(row) {
+            Some((service, key, name)) => f(row, StateEntry { service, key, name, value }),
+            None => ControlFlow::Continue(()),
+        })
+    }
+
+    /// Calls `f` with the rows of every key's inbox after the row `after`,
+    /// in row order (per key, head first), until it breaks.
+    pub fn inboxes_after(
+        &self,
+        after: Option<&[u8]>,
+        mut f: impl FnMut(&[u8], InboxEntry<'_>) -> ControlFlow<()>,
+    ) -> Result<(), StoreError> {
+        // A row heads its inbox when the row before it is of another key.
+        let mut previous = after.and_then(split_object).map(|(s, k, _)| (s.to_owned(), k.to_owned()));
+        self.rows_after(Table::Inboxes, after, &mut |row, id| {
+            let (Some((service, key, seq)), Ok(id)) = (split_object(row), std::str::from_utf8(id)) else {
+                return ControlFlow::Continue(());
+            };
+            let head = previous.as_ref().is_none_or(|(s, k)| s != service || k != key);
+            if head {
+                previous = Some((service.to_owned(), key.to_owned()));
+            }
+            let seq = key::u64_of(seq).unwrap_or_default();
+            f(row, InboxEntry { service, key, seq, id, head })
+        })
+    }
+
+    /// Calls `f` with the workflow promises after the row `after`, in row
+    /// order, until it breaks.
+    pub fn promises_after(
+        &self,
+        after: Option<&[u8]>,
+        mut f: impl FnMut(&[u8], PromiseEntry<'_>) -> ControlFlow<()>,
+    ) -> Result<(), StoreError> {
+        let mut failed = None;
+        self.rows_after(Table::Promises, after, &mut |row, value| {
+            let Some((service, key, name)) = split_object(row) else { return ControlFlow::Continue(()) };
+            let result = match decode::<Promise>(value) {
+                Ok(Promise::Completed(result)) => Some(result),
+                Ok(Promise::Awaited(_)) => None,
+                Err(e) => {
+                    failed = Some(e);
+                    return ControlFlow::Break(());
+                }
+            };
+            f(row, PromiseEntry { service, key, name: &String::from_utf8_lossy(name), result })
+        })?;
+        failed.map_or(Ok(()), |e| Err(e.into()))
+    }
+
+    fn rows_after(&self, table: Table, after: Option<&[u8]>, f: &mut Visit<'_>) -> Result<(), StoreError> {
+        self.store.scan(table, after.map_or(Bound::Unbounded, Bound::Excluded), Bound::Unbounded, f)
+    }
+
     /// The exclusive invocations queued for a key, head first.
     pub fn inbox(&self, service: &str, key: &str) -> Result<Vec<String>, StoreError> {
         let mut queued = Vec::new();
@@ -1579,6 +1677,64 @@ mod tests {
         assert_eq!(p.invocation("inv_3").unwrap().status, Status::Pending);
         // Shared handlers never queue.
         assert_eq!(p.invocation("inv_4").unwrap().status, Status::Ready);
+    }
+
+    #[test]
+    fn scans_of_inboxes_and_state_resume_after_any_row() {
+        let mut state = GroupState::default();
+        apply(
+            &mut state,
+            vec![
+                invoke("inv_1", Some("k"), HandlerType::Exclusive, None),
+                invoke("inv_2", Some("j"), HandlerType::Exclusive, None),
+                invoke("inv_3", Some("k"), HandlerType::Exclusive, None),
+                invoke("inv_5", Some("k"), HandlerType::Exclusive, None),
+            ],
+        );
+        for (key, name, value) in [("k", "a", "1"), ("k", "b", "2"), ("j", "a", "3")] {
+            let row = [key::object("Counter", key), name.as_bytes().to_vec()].concat();
+            state.tables_mut().put(Table::Objects, &row, value.as_bytes()).unwrap();
+        }
+        // One row per call, each call resuming after the row before.
+        let mut inbox = Vec::new();
+        let mut cursor: Option<Vec<u8>> = None;
+        loop {
+            let mut read = None;
+            state
+                .partition()
+                .inboxes_after(cursor.as_deref(), |row, entry| {
+                    read = Some((row.to_vec(), (entry.key.to_owned(), entry.id.to_owned(), entry.head)));
+                    ControlFlow::Break(())
+                })
+                .unwrap();
+            let Some((row, entry)) = read else { break };
+            inbox.push(entry);
+            cursor = Some(row);
+        }
+        let expected = [("j", "inv_2", true), ("k", "inv_1", true), ("k", "inv_3", false), ("k", "inv_5", false)];
+        assert_eq!(inbox, expected.map(|(k, id, head)| (k.to_owned(), id.to_owned(), head)));
+
+        let mut entries = Vec::new();
+        let mut cursor: Option<Vec<u8>> = None;
+        loop {
+            let mut read = None;
+            state
+                .partition()
+                .state_after(cursor.as_deref(), |row, e| {
+                    read =
+                        Some((row.to_vec(), format!("{}/{}/{}={}", e.service, e.key, ascii(e.name), ascii(e.value))));
+                    ControlFlow::Break(())
+                })
+                .unwrap();
+            let Some((row, entry)) = read else { break };
+            entries.push(entry);
+            cursor = Some(row);
+        }
+        assert_eq!(entries, ["Counter/j/a=3", "Counter/k/a=1", "Counter/k/b=2"]);
+    }
+
+    fn ascii(bytes: &[u8]) -> &str {
+        std::str::from_utf8(bytes).unwrap()
     }
 
     #[test]
@@ -2441,7 +2597,7 @@ mod tests {
     fn invocation_rows_sort_by_unique_part_and_name_their_id() {
         let (early, late) = (key::id(u64::MAX, 1), key::id(0, 2));
         assert!(key::invocation(&early) < key::invocation(&late));
-        for id in [early, late, "inv_other".to_owned(), "inv_0000000000000007000000000000000A".to_owned()] {
+        for id in [early, late, "inv_other".to_owned(), "inv_1ABC".to_owned()] {
             assert_eq!(key::invocation_id(&key::invocation(&id)), Some(id));
         }
     }

@@ -133,11 +133,10 @@ pub mod key {
         Some((u64::from_be_bytes(*at), std::str::from_utf8(id).ok()?))
     }
 
-    /// The row key of invocation `id`. An id is `inv_`, the partition key
-    /// and a unique part (16 hex digits each); its row is keyed unique part
-    /// first, so invocations whose unique parts grow (Kafka records, in
-    /// offset order) are written at the end of the table, not all over it.
-    /// Any other string is kept as it is, after a different first byte.
+    /// The row key of invocation `id` ([`id`]): unique part first, so
+    /// invocations whose unique parts grow (Kafka records, in offset order)
+    /// are written at the end of the table, not all over it. Any other
+    /// string is kept as it is, after a different first byte.
     pub fn invocation(id: &str) -> Vec<u8> {
         match id_parts(id) {
             Some((partition_key, unique)) => {
@@ -169,19 +168,72 @@ pub mod key {
         }
     }
 
-    /// The invocation id of a partition key and a unique part.
+    /// The invocation id of a partition key and a unique part, in Restate's
+    /// form, which its tools parse: `inv_1`, the partition key in 11 base62
+    /// digits, then a 128-bit uuid (here the unique part) in 22.
     pub fn id(partition_key: u64, unique: u64) -> String {
-        format!("inv_{partition_key:016x}{unique:016x}")
+        let mut id = String::with_capacity(INVOCATION_ID.len() + 33);
+        id.push_str(INVOCATION_ID);
+        push_base62(&mut id, u128::from(partition_key.swap_bytes()), 11);
+        push_base62(&mut id, u128::from(unique).swap_bytes(), 22);
+        id
     }
 
     /// The partition key and unique part of an id made by [`id`].
     pub fn id_parts(id: &str) -> Option<(u64, u64)> {
-        let hex =
-            id.strip_prefix("inv_").filter(|hex| hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_hexdigit()))?;
-        if hex.bytes().any(|b| b.is_ascii_uppercase()) {
-            return None;
+        let digits = id.strip_prefix(INVOCATION_ID).filter(|d| d.len() == 33)?;
+        let partition_key = u64::try_from(base62(&digits[..11])?).ok()?.swap_bytes();
+        let unique = u64::try_from(base62(&digits[11..])?.swap_bytes()).ok()?;
+        Some((partition_key, unique))
+    }
+
+    const INVOCATION_ID: &str = "inv_1";
+
+    /// The id of a deployment (`dp`), subscription (`sub`) or other
+    /// resource named by a 128-bit value, in Restate's form:
+    /// `<prefix>_1` and the value in 22 base62 digits.
+    pub fn resource_id(prefix: &str, value: u128) -> String {
+        let mut id = String::with_capacity(prefix.len() + 24);
+        id.push_str(prefix);
+        id.push_str("_1");
+        push_base62(&mut id, value.swap_bytes(), 22);
+        id
+    }
+
+    /// Digits of base62 as Restate writes them: `0-9`, `a-z`, `A-Z`.
+    const BASE62: &[u8; 62] = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+
+    /// Appends `value` in `width` (at most 30) base62 digits, zeros first.
+    fn push_base62(out: &mut String, value: u128, width: usize) {
+        // Ten digits at a time in u64 arithmetic: 62^10 < 2^64.
+        const LIMB: u128 = 62u128.pow(10);
+        let mut digits = [b'0'; 30];
+        let mut rest = value;
+        for limb in digits.rchunks_mut(10) {
+            let mut part = (rest % LIMB) as u64;
+            rest /= LIMB;
+            for digit in limb.iter_mut().rev() {
+                *digit = BASE62[(part % 62) as usize];
+                part /= 62;
+            }
         }
-        Some((u64::from_str_radix(&hex[..16], 16).ok()?, u64::from_str_radix(&hex[16..], 16).ok()?))
+        debug_assert!(
+            rest == 0 && digits[..30 - width].iter().all(|&d| d == b'0'),
+            "{value} needs more than {width} digits"
+        );
+        out.push_str(std::str::from_utf8(&digits[30 - width..]).expect("base62 digits are ASCII"));
+    }
+
+    fn base62(digits: &str) -> Option<u128> {
+        digits.bytes().try_fold(0u128, |value, b| {
+            let digit = match b {
+                b'0'..=b'9' => b - b'0',
+                b'a'..=b'z' => b - b'a' + 10,
+                b'A'..=b'Z' => b - b'A' + 36,
+                _ => return None,
+            };
+            value.checked_mul(62)?.checked_add(u128::from(digit))
+        })
     }
 
     /// Reads a big-endian u64 value or key.
@@ -195,6 +247,29 @@ mod tests {
     use std::ops::ControlFlow;
 
     use super::*;
+
+    #[test]
+    fn ids_are_restates() {
+        // restate-server 1.7 wrote the partition key 0x8172151ff72c5e52 so in
+        // the id inv_174rq2A9bm3T40PBnc89cVFviqZNWyexSd.
+        assert!(key::id(0x8172151ff72c5e52, 7).starts_with("inv_174rq2A9bm3T"));
+        // A deployment id from Restate's own tests.
+        assert_eq!(key::resource_id("dp", 0x019441f1be4f151534e91b9a2173692d), "dp_11nGQpCRmau6ypL82KH2TnP");
+        for (partition_key, unique) in [(0, 0), (u64::MAX, u64::MAX), (0x8172151ff72c5e52, 42), (1 << 63, 1)] {
+            let id = key::id(partition_key, unique);
+            assert_eq!(id.len(), 38, "{id}");
+            assert_eq!(key::id_parts(&id), Some((partition_key, unique)), "{id}");
+            assert_eq!(key::invocation_id(&key::invocation(&id)), Some(id));
+        }
+        // Not ids of this form: kept as they are.
+        let too_large = format!("inv_1{}", "Z".repeat(33));
+        for other in
+            ["inv_1", "inv_2000000000000000000000000000000000", "inv_1zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz!", &too_large]
+        {
+            assert_eq!(key::id_parts(other), None, "{other}");
+            assert_eq!(key::invocation_id(&key::invocation(other)).as_deref(), Some(other));
+        }
+    }
 
     #[test]
     fn a_prefix_scan_finds_exactly_one_owners_rows() {

@@ -24,6 +24,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use ferry_chaos_tests::{eventually, Broker, Cluster, Handlers, Node};
 use ferry_partition::partitioner::partition_of;
+use ferry_partition::store::key;
 use rdkafka::producer::{FutureRecord, Producer};
 use serde_json::{json, Value};
 
@@ -115,8 +116,8 @@ fn millis(invocation: &Value) -> Option<i64> {
 }
 
 fn partition(invocation: &Value) -> Option<u32> {
-    let hex = invocation["id"].as_str()?.strip_prefix("inv_")?;
-    Some(partition_of(u64::from_str_radix(hex.get(..16)?, 16).ok()?, SERVER_PARTITIONS))
+    let (partition_key, _) = key::id_parts(invocation["id"].as_str()?)?;
+    Some(partition_of(partition_key, SERVER_PARTITIONS))
 }
 
 /// CPU time (user + system) a process has used so far, from /proc.

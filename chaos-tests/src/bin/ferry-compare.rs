@@ -16,7 +16,7 @@
 //!
 //! Prints a Markdown table with both systems and their ratio, the CPU time
 //! per invocation of each server (with its child processes) and of the
-//! handler process during each backlog, and each server's peak RSS. Needs `scripts/restate-server.sh install`,
+//! handler process during each backlog, and each server's peak RSS. Needs `scripts/restate.sh install server`,
 //! `scripts/broker.sh install` and `cargo build --release --workspace --bins`.
 
 use std::process::Stdio;

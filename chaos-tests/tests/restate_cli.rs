@@ -1,0 +1,166 @@
+//! Restate's own CLI (`restate` 1.7.12 from npm, installed by
+//! `scripts/restate.sh install cli`) against a real node: each command a
+//! Restate user reaches for, with its output checked for what they look
+//! for.
+
+use std::path::Path;
+use std::process::Output;
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use ferry_chaos_tests::restate::installed;
+use ferry_chaos_tests::{free_port, Handlers, Node};
+use serde_json::Value;
+
+/// Runs `restate args` against `node` and returns what it printed, standard
+/// output then standard error.
+fn restate(node: &Node, home: &Path, args: &[&str]) -> Result<(bool, String)> {
+    let Output { status, stdout, stderr } = std::process::Command::new(installed("cli")?)
+        .env("RESTATE_ADMIN_URL", node.url("/"))
+        .env("HOME", home)
+        .env("NO_COLOR", "1")
+        .env("CI", "true")
+        .arg("--yes")
+        .args(args)
+        .output()?;
+    let text = format!("{}{}", String::from_utf8_lossy(&stdout), String::from_utf8_lossy(&stderr));
+    Ok((status.success(), text))
+}
+
+/// Runs a command that must succeed, without the warnings a CLI prints for
+/// a server it cannot verify, and returns its output.
+fn ok(node: &Node, home: &Path, args: &[&str]) -> Result<String> {
+    let (success, text) = restate(node, home, args)?;
+    ensure!(success, "restate {args:?} failed:\n{text}");
+    ensure!(!text.contains("WARNING"), "restate {args:?} warned:\n{text}");
+    Ok(text)
+}
+
+async fn send(node: &Node, path: &str) -> Result<String> {
+    let (status, body) = node.ingress(path, Some(""), &[]).await?;
+    ensure!(status == 202, "{path}: {status} {body}");
+    Ok(body["invocationId"].as_str().unwrap_or_default().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restates_cli_inspects_and_steers_a_node() -> Result<()> {
+    let handlers = Handlers::start().await?;
+    let dir = tempfile::tempdir()?;
+    let node = Node::start_for_broker(&dir.path().join("node"), &format!("127.0.0.1:{}", free_port())).await?;
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home)?;
+    let cli = |args: &[&str]| ok(&node, &home, args);
+
+    let whoami = cli(&["whoami"])?;
+    ensure!(whoami.contains("is healthy"), "{whoami}");
+    ensure!(whoami.contains(&format!(":{}/", node.ingress_port)), "the ingress endpoint: {whoami}");
+
+    let registered = cli(&["deployments", "register", &handlers.uri])?;
+    let deployments = node.get("/deployments").await?;
+    let deployment = deployments["deployments"][0]["id"].as_str().unwrap_or_default().to_owned();
+    ensure!(deployment.starts_with("dp_1"), "Restate's id form: {deployments}");
+    ensure!(registered.contains("Counter"), "{registered}");
+    let again = cli(&["deployments", "register", &handlers.uri])?;
+    ensure!(again.contains("already exists") && again.contains(&deployment), "{again}");
+
+    let listed = cli(&["deployments", "list"])?;
+    ensure!(listed.contains(&deployment) && listed.contains(&handlers.uri), "{listed}");
+    let described = cli(&["deployments", "describe", &deployment])?;
+    ensure!(described.contains("Bidirectional") && described.contains("Counter"), "{described}");
+
+    let services = cli(&["services", "list"])?;
+    ensure!(services.contains("Counter") && services.contains("virtual object"), "{services}");
+    ensure!(services.contains("Approval") && services.contains("workflow"), "{services}");
+    let counter = cli(&["services", "describe", "Counter"])?;
+    ensure!(counter.contains("VirtualObject") && counter.contains("add") && counter.contains(&deployment), "{counter}");
+    let config = cli(&["services", "config", "view", "Approval"])?;
+    ensure!(config.contains("Workflow retention time:  1d") && config.contains("Journal retention:  1d"), "{config}");
+
+    // Two completed invocations with state, and two that wait for an
+    // awakeable nobody completes.
+    let json = [("content-type", "application/json")];
+    for n in ["2", "3"] {
+        let (status, body) = node.ingress("/Counter/a/add", Some(n), &json).await?;
+        ensure!(status == 200, "{status} {body}");
+    }
+    let waiting = send(&node, "/Awake/w1/wait/send").await?;
+    let killed = send(&node, "/Awake/w2/wait/send").await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let state = cli(&["state", "get", "Counter", "a"])?;
+    ensure!(state.lines().any(|l| l.split_whitespace().eq(["count", "2"])), "{state}");
+
+    let active = cli(&["invocations", "list"])?;
+    ensure!(active.contains(&waiting) && active.contains("Awake/w1/wait"), "{active}");
+    ensure!(!active.contains("Counter/a/add"), "completed ones are not active: {active}");
+    let all = cli(&["invocations", "list", "--all"])?;
+    ensure!(all.contains("Counter/a/add") && all.contains("completed"), "{all}");
+    let one = cli(&["invocations", "describe", &waiting])?;
+    ensure!(one.contains("Awake/w1/wait") && one.contains("Command: Input"), "{one}");
+
+    let sql = cli(&["sql", "select target, status from sys_invocation where target_service_name = 'Counter'"])?;
+    ensure!(sql.matches("Counter/a/add").count() == 2 && sql.contains("2 rows"), "{sql}");
+
+    let cancelled = cli(&["invocations", "cancel", &waiting])?;
+    ensure!(cancelled.contains("Cancelled 1"), "{cancelled}");
+    let kill = cli(&["invocations", "kill", &killed])?;
+    ensure!(kill.contains("Killed 1"), "{kill}");
+    wait_for(&node, &format!("select id from sys_invocation where id = '{killed}' and status = 'completed'")).await?;
+    let purged = cli(&["invocations", "purge", &killed])?;
+    ensure!(purged.contains("Purged 1"), "{purged}");
+    wait_for(&node, &format!("select id from sys_invocation where id = '{waiting}' and status = 'completed'")).await?;
+    let after = cli(&["invocations", "list", "--all"])?;
+    ensure!(!after.contains(&killed), "purged: {after}");
+    ensure!(after.contains(&waiting), "cancelled and kept: {after}");
+
+    let clusters = cli(&["kafka-clusters", "list"])?;
+    ensure!(clusters.contains("my-cluster") && clusters.contains("PLAINTEXT://127.0.0.1:"), "{clusters}");
+    let created = cli(&[
+        "subscriptions",
+        "create",
+        "kafka://my-cluster/orders",
+        "service://Counter/add",
+        "auto.offset.reset=earliest",
+    ])?;
+    let subscription =
+        node.get("/subscriptions").await?["subscriptions"][0]["id"].as_str().unwrap_or_default().to_owned();
+    ensure!(subscription.starts_with("sub_1") && created.contains(&subscription), "{created}");
+    let listed = cli(&["subscriptions", "list"])?;
+    ensure!(listed.contains(&subscription) && listed.contains("service://Counter/add"), "{listed}");
+    let described = cli(&["subscriptions", "describe", &subscription])?;
+    ensure!(described.contains("kafka://my-cluster/orders") && described.contains("earliest"), "{described}");
+    let cluster = cli(&["kafka-clusters", "describe", "my-cluster"])?;
+    ensure!(cluster.contains(&subscription), "the cluster's subscriptions: {cluster}");
+    cli(&["subscriptions", "delete", &subscription])?;
+    ensure!(node.get("/subscriptions").await?["subscriptions"] == serde_json::json!([]));
+
+    let removed = cli(&["deployments", "remove", &deployment, "--force"])?;
+    ensure!(!node.get("/deployments").await?.to_string().contains(&deployment), "{removed}");
+    Ok(())
+}
+
+/// Waits until `sql` answers a row.
+async fn wait_for(node: &Node, sql: &str) -> Result<()> {
+    for _ in 0..100 {
+        if !query_json(node, sql).await?.is_empty() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("no row for {sql}")
+}
+
+/// `POST /query` in JSON: the rows.
+async fn query_json(node: &Node, sql: &str) -> Result<Vec<Value>> {
+    let response = node
+        .http
+        .post(node.url("/query"))
+        .header("accept", "application/json")
+        .json(&serde_json::json!({ "query": sql }))
+        .send()
+        .await?;
+    let status = response.status();
+    let body: Value = response.json().await?;
+    ensure!(status == 200, "{sql}: {status} {body}");
+    Ok(body["rows"].as_array().cloned().unwrap_or_default())
+}
