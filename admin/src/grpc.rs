@@ -26,6 +26,11 @@ type Reply<T> = Result<Response<T>, Status>;
 
 #[tonic::async_trait]
 impl AdminService for AdminGrpc {
+    async fn set_state(&self, r: Request<pb::SetStateRequest>) -> Reply<pb::SetStateResponse> {
+        self.0.set_state(r.into_inner()).await?;
+        Ok(Response::new(pb::SetStateResponse {}))
+    }
+
     async fn query(&self, r: Request<pb::QueryRequest>) -> Reply<pb::QueryResponse> {
         let answer = self.0.query(&r.into_inner().query).await?;
         let json = answer.to_json().map_err(|e| Status::internal(e.to_string()))?;

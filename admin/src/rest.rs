@@ -59,6 +59,7 @@ fn routes() -> Router<Admin> {
             "/services/{name}",
             get(|State(a): State<Admin>, Path(n): Path<String>| async move { reply(a.get_service(&n)) }),
         )
+        .route("/services/{name}/state", post(set_state))
         .route("/subscriptions", get(list_subscriptions).post(create_subscription))
         .route("/subscriptions/{id}", get(get_subscription).delete(delete_subscription))
         .route("/kafka-clusters", get(|State(a): State<Admin>| async move { Json(a.list_kafka_clusters()) }))
@@ -166,6 +167,46 @@ async fn get_deployment(State(admin): State<Admin>, Path(id): Path<String>) -> R
 
 async fn remove_deployment(State(admin): State<Admin>, Path(id): Path<String>) -> Result<StatusCode, Error> {
     admin.remove_deployment(&id).await.map(|()| StatusCode::ACCEPTED)
+}
+
+/// Restate's body of `POST /services/{service}/state`: the whole new state,
+/// each value as an array of bytes (or a string).
+#[derive(Debug, serde::Deserialize)]
+struct ModifyState {
+    #[serde(default)]
+    version: Option<String>,
+    object_key: String,
+    new_state: std::collections::HashMap<String, StateValue>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(untagged)]
+enum StateValue {
+    Bytes(Vec<u8>),
+    Text(String),
+}
+
+/// `202` once the new state is applied; `409` while an invocation holds the
+/// key or when the state changed since `version`.
+async fn set_state(
+    State(admin): State<Admin>,
+    Path(service): Path<String>,
+    request: Result<Json<ModifyState>, JsonRejection>,
+) -> Result<StatusCode, Error> {
+    let request = body(request)?;
+    let state = request
+        .new_state
+        .into_iter()
+        .map(|(k, v)| {
+            let value = match v {
+                StateValue::Bytes(bytes) => bytes,
+                StateValue::Text(text) => text.into_bytes(),
+            };
+            (k, value)
+        })
+        .collect();
+    let request = pb::SetStateRequest { service, key: request.object_key, version: request.version, state };
+    admin.set_state(request).await.map(|()| StatusCode::ACCEPTED)
 }
 
 /// Restate's body of `POST /subscriptions`, whose `options` may be null.

@@ -5,16 +5,17 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use ferry_ingress::{ClusterOptions, IngressStatus};
 use ferry_invoker::Discovery;
 use ferry_log::node::{GroupStatus, StateDigest};
 use ferry_log::{partition_group, PartitionId, METADATA_GROUP};
-use ferry_partition::partitioner::partition_of;
+use ferry_partition::partitioner::{key_hash, partition_of};
 use ferry_partition::state::{Completion, Invocation, MetadataState, RegisteredService};
 use ferry_partition::store::key;
 use ferry_partition::wire::v1::{
     Command, Deployment, Effect, MetadataCommand, MetadataResponse, Outcome, ProtocolMode, Response, RetentionPolicy,
-    ServiceType, Source, Subscription,
+    ServiceType, SetState, Source, Subscription,
 };
 use ferry_partition::{Log, LogReads};
 use ferry_proto::admin as pb;
@@ -595,6 +596,33 @@ impl Admin {
         self.log
             .read_partition(partition, |p| Ok(p.invocation(id)?.map(|inv| invocation_to_proto(&inv, partition))))?
             .ok_or_else(not_found)
+    }
+
+    /// Replaces the state of a Virtual Object or Workflow key.
+    pub async fn set_state(&self, request: pb::SetStateRequest) -> Result<(), Error> {
+        let service = &request.service;
+        match self.log.read_metadata(|m| m.services.get(service).map(|s| s.def.ty)) {
+            // A service removed since may still have state to clear.
+            None if !request.state.is_empty() => return Err(Error::NotFound(format!("service {service} not found"))),
+            Some(ServiceType::Service) => {
+                return Err(Error::BadRequest(format!(
+                    "{service} is a Service: only Virtual Objects and Workflows have state"
+                )))
+            }
+            _ => {}
+        }
+        let partition = partition_of(key_hash(service, &request.key), self.log.partitions());
+        let command = Command::SetState(SetState {
+            service: request.service,
+            key: request.key,
+            version: request.version,
+            state: request.state.into_iter().map(|(k, v)| (Bytes::from(k), Bytes::from(v))).collect(),
+        });
+        match self.log.propose_and_read(partition_group(partition), command).await? {
+            Response::StateSet(Outcome::Applied) => Ok(()),
+            Response::StateSet(Outcome::NotAllowed(why)) => Err(Error::Conflict(why)),
+            other => Err(Error::Internal(format!("unexpected response {other:?}"))),
+        }
     }
 
     /// Applies an operator's action to an invocation.

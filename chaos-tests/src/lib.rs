@@ -747,6 +747,18 @@ pub async fn node_with_handlers(config: &[(&str, &str)]) -> Result<(Broker, Hand
     Ok((broker, handlers, dir, node))
 }
 
+/// Resident memory of a process and its children (the node's consumer processes), in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let one = |pid: u32| -> u64 {
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return 0 };
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:")?.trim().strip_suffix("kB")?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    one(pid) + children(pid).into_iter().map(one).sum::<u64>()
+}
+
 /// The peak resident set size of a process (`VmHWM`), in KiB.
 pub fn peak_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

@@ -12,12 +12,13 @@ use ferry_chaos_tests::restate::installed;
 use ferry_chaos_tests::{free_port, Handlers, Node};
 use serde_json::Value;
 
-/// Runs `restate args` against `node` and returns what it printed, standard
-/// output then standard error.
-fn restate(node: &Node, home: &Path, args: &[&str]) -> Result<(bool, String)> {
+/// Runs `restate args` against `node` (its editor `editor`) and returns what
+/// it printed, standard output then standard error.
+fn restate(node: &Node, home: &Path, editor: &Path, args: &[&str]) -> Result<(bool, String)> {
     let Output { status, stdout, stderr } = std::process::Command::new(installed("cli")?)
         .env("RESTATE_ADMIN_URL", node.url("/"))
         .env("HOME", home)
+        .env("EDITOR", editor)
         .env("NO_COLOR", "1")
         .env("CI", "true")
         .arg("--yes")
@@ -30,7 +31,7 @@ fn restate(node: &Node, home: &Path, args: &[&str]) -> Result<(bool, String)> {
 /// Runs a command that must succeed, without the warnings a CLI prints for
 /// a server it cannot verify, and returns its output.
 fn ok(node: &Node, home: &Path, args: &[&str]) -> Result<String> {
-    let (success, text) = restate(node, home, args)?;
+    let (success, text) = restate(node, home, &home.join("editor.sh"), args)?;
     ensure!(success, "restate {args:?} failed:\n{text}");
     ensure!(!text.contains("WARNING"), "restate {args:?} warned:\n{text}");
     Ok(text)
@@ -49,6 +50,10 @@ async fn restates_cli_inspects_and_steers_a_node() -> Result<()> {
     let node = Node::start_for_broker(&dir.path().join("node"), &format!("127.0.0.1:{}", free_port())).await?;
     let home = dir.path().join("home");
     std::fs::create_dir_all(&home)?;
+    // `state edit` opens the state as JSON in $EDITOR; this one sets `count`.
+    let editor = home.join("editor.sh");
+    std::fs::write(&editor, "#!/bin/sh\nsed -i 's/\"count\": *[0-9]*/\"count\": 42/' \"$1\"\n")?;
+    std::fs::set_permissions(&editor, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     let cli = |args: &[&str]| ok(&node, &home, args);
 
     let whoami = cli(&["whoami"])?;
@@ -89,6 +94,14 @@ async fn restates_cli_inspects_and_steers_a_node() -> Result<()> {
 
     let state = cli(&["state", "get", "Counter", "a"])?;
     ensure!(state.lines().any(|l| l.split_whitespace().eq(["count", "2"])), "{state}");
+    cli(&["state", "edit", "Counter", "a"])?;
+    let state = cli(&["state", "get", "Counter", "a"])?;
+    ensure!(state.lines().any(|l| l.split_whitespace().eq(["count", "42"])), "edited: {state}");
+    let (status, count) = node.ingress("/Counter/a/add", Some("1"), &json).await?;
+    ensure!(status == 200 && count == 43, "the handler sees the edit: {status} {count}");
+    // A key held by an invocation is not edited under it.
+    let (held, refused) = restate(&node, &home, &editor, &["state", "edit", "Awake", "w1"])?;
+    ensure!(!held && refused.contains("409 Conflict"), "{refused}");
 
     let active = cli(&["invocations", "list"])?;
     ensure!(active.contains(&waiting) && active.contains("Awake/w1/wait"), "{active}");
@@ -99,7 +112,7 @@ async fn restates_cli_inspects_and_steers_a_node() -> Result<()> {
     ensure!(one.contains("Awake/w1/wait") && one.contains("Command: Input"), "{one}");
 
     let sql = cli(&["sql", "select target, status from sys_invocation where target_service_name = 'Counter'"])?;
-    ensure!(sql.matches("Counter/a/add").count() == 2 && sql.contains("2 rows"), "{sql}");
+    ensure!(sql.matches("Counter/a/add").count() == 3 && sql.contains("3 rows"), "{sql}");
 
     let cancelled = cli(&["invocations", "cancel", &waiting])?;
     ensure!(cancelled.contains("Cancelled 1"), "{cancelled}");
@@ -112,6 +125,11 @@ async fn restates_cli_inspects_and_steers_a_node() -> Result<()> {
     let after = cli(&["invocations", "list", "--all"])?;
     ensure!(!after.contains(&killed), "purged: {after}");
     ensure!(after.contains(&waiting), "cancelled and kept: {after}");
+
+    cli(&["state", "clear", "Counter/a"])?;
+    let cleared =
+        query_json(&node, "SELECT key FROM state WHERE service_name = 'Counter' AND service_key = 'a'").await?;
+    ensure!(cleared.is_empty(), "cleared: {cleared:?}");
 
     let clusters = cli(&["kafka-clusters", "list"])?;
     ensure!(clusters.contains("my-cluster") && clusters.contains("PLAINTEXT://127.0.0.1:"), "{clusters}");

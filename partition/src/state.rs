@@ -19,7 +19,7 @@ pub use crate::wire::v1::Completion;
 use crate::wire::v1::{
     Attach, AttemptId, Command, Dedup, Deployment, Effect, HandlerType, Invoke, JournalEntry, MetadataCommand,
     MetadataResponse, Notice, Notification, Outcome, Outgoing, PromiseOp, ReplyKind, ReplyTo, Response, Retention,
-    RetentionPolicy, ServiceDef, ServiceType, Sleep, Source, StateOp, Subscription, Target,
+    RetentionPolicy, ServiceDef, ServiceType, SetState, Sleep, Source, StateOp, Subscription, Target,
 };
 use crate::wire::{decode, encode};
 
@@ -44,6 +44,7 @@ pub fn apply<S: Store<Table> + ?Sized>(
         Command::TruncateOutbox { upto } => partition.truncate_outbox(upto)?,
         Command::Notify { at_ms, notifications } => partition.apply_notify(at_ms, notifications)?,
         Command::Attach(requests) => partition.apply_attach(requests)?,
+        Command::SetState(set) => Response::StateSet(partition.set_state(set)?),
     };
     partition.write_counters()?;
     Ok(response)
@@ -335,6 +336,35 @@ pub struct PromiseEntry<'a> {
     pub key: &'a str,
     pub name: &'a str,
     pub result: Option<Completion>,
+}
+
+/// The state of the object whose rows start with `object` ([`key::object`]).
+fn object_state(store: &(impl StoreRead<Table> + ?Sized), object: &[u8]) -> Result<BTreeMap<Bytes, Bytes>, StoreError> {
+    let mut state = BTreeMap::new();
+    scan_prefix(store, Table::Objects, object, &mut |k, v| {
+        state.insert(Bytes::copy_from_slice(&k[object.len()..]), Bytes::copy_from_slice(v));
+        ControlFlow::Continue(())
+    })?;
+    Ok(state)
+}
+
+/// The version of an object's state, as Restate computes it for state
+/// edits: SHA-256 over the entries in key order (each its index as a
+/// big-endian u64, 1, the key, 2, the value, 3), in URL-safe base64
+/// without padding.
+pub fn state_version(state: &BTreeMap<Bytes, Bytes>) -> String {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let mut hash = sha2::Sha256::new();
+    for (i, (name, value)) in state.iter().enumerate() {
+        hash.update((i as u64).to_be_bytes());
+        hash.update([1]);
+        hash.update(name);
+        hash.update([2]);
+        hash.update(value);
+        hash.update([3]);
+    }
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(hash.finalize())
 }
 
 /// Splits a row that starts with [`key::object`] into (service, key, rest).
@@ -896,6 +926,31 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
     }
 
     /// Drops the rows of `table` whose key starts with `prefix`.
+    fn set_state(&mut self, set: SetState) -> Result<Outcome, StoreError> {
+        let object = key::object(&set.service, &set.key);
+        if let Some((_, holder)) = first_with_prefix(self.store, Table::Inboxes, &object)? {
+            let holder = String::from_utf8_lossy(&holder);
+            return Ok(Outcome::NotAllowed(format!(
+                "invocation {holder} holds {}/{}; change its state once it is done",
+                set.service, set.key
+            )));
+        }
+        if let Some(expected) = &set.version {
+            let current = state_version(&object_state(self.store, &object)?);
+            if *expected != current {
+                return Ok(Outcome::NotAllowed(format!(
+                    "the state of {}/{} changed: its version is {current}, not {expected}",
+                    set.service, set.key
+                )));
+            }
+        }
+        self.remove_prefix(Table::Objects, &object)?;
+        for (name, value) in set.state {
+            self.store.put(Table::Objects, &[&object[..], &name[..]].concat(), &value)?;
+        }
+        Ok(Outcome::Applied)
+    }
+
     fn remove_prefix(&mut self, table: Table, prefix: &[u8]) -> Result<(), StoreError> {
         let mut rows = Vec::new();
         scan_prefix(self.store, table, prefix, &mut |k, _| {
@@ -1320,13 +1375,7 @@ impl<'a, S: StoreRead<Table> + ?Sized> PartitionRead<'a, S> {
 
     /// The state of a Virtual Object or Workflow key.
     pub fn object_state(&self, service: &str, key: &str) -> Result<BTreeMap<Bytes, Bytes>, StoreError> {
-        let object = key::object(service, key);
-        let mut state = BTreeMap::new();
-        scan_prefix(self.store, Table::Objects, &object, &mut |k, v| {
-            state.insert(Bytes::copy_from_slice(&k[object.len()..]), Bytes::copy_from_slice(v));
-            ControlFlow::Continue(())
-        })?;
-        Ok(state)
+        object_state(self.store, &key::object(service, key))
     }
 
     /// The last sequence number applied for `producer`.
@@ -1731,6 +1780,38 @@ mod tests {
             cursor = Some(row);
         }
         assert_eq!(entries, ["Counter/j/a=3", "Counter/k/a=1", "Counter/k/b=2"]);
+    }
+
+    #[test]
+    fn state_edits_check_the_version_and_wait_for_the_key() {
+        // Restate's own test vectors.
+        let version = |entries: &[(&str, &str)]| {
+            let state = entries.iter().map(|(k, v)| (Bytes::from(k.to_string()), Bytes::from(v.to_string()))).collect();
+            state_version(&state)
+        };
+        assert_eq!(version(&[]), "47DEQpj8HBSa-_TImW-5JCeuQeRkm5NMpJWZG3hSuFU");
+        assert_eq!(version(&[("name", "bob")]), "tDqA04Lj3_qJ-PgNPTecXDGZgpwy6jm2Ni2BYqJIthM");
+        assert_eq!(version(&[("b", "bbb"), ("a", "aaa")]), "RVM17P6x18Wp-JnzQ01BzmqCvhAunTOQI_az6Px3Zyk");
+        assert_eq!(version(&[("count", "42")]), "c3mP9LOZwAnBc5yV0kY-6ZMFceRVkt4bU2-CptjrHtg");
+
+        let mut state = GroupState::default();
+        apply(&mut state, vec![invoke("inv_1", Some("k"), HandlerType::Exclusive, None)]);
+        let set = |key: &str, version: Option<String>, count: &str| {
+            let entry = (Bytes::from_static(b"count"), Bytes::from(count.to_owned()));
+            Command::SetState(SetState { service: "Counter".into(), key: key.into(), version, state: vec![entry] })
+        };
+        let refused = |response: Response| matches!(response, Response::StateSet(Outcome::NotAllowed(_)));
+        assert!(refused(state.apply(set("k", None, "1"))), "inv_1 holds k");
+        assert_eq!(state.apply(set("j", Some(version(&[])), "1")), Response::StateSet(Outcome::Applied));
+        assert!(refused(state.apply(set("j", Some(version(&[])), "2"))), "the state changed meanwhile");
+        assert_eq!(state.apply(set("j", Some(version(&[("count", "1")])), "2")), Response::StateSet(Outcome::Applied));
+        assert_eq!(state.apply(set("j", None, "3")), Response::StateSet(Outcome::Applied), "no version: always");
+        let current = state.partition().object_state("Counter", "j").unwrap();
+        assert_eq!(current, BTreeMap::from([(Bytes::from_static(b"count"), Bytes::from_static(b"3"))]));
+        let cleared =
+            Command::SetState(SetState { service: "Counter".into(), key: "j".into(), version: None, state: vec![] });
+        assert_eq!(state.apply(cleared), Response::StateSet(Outcome::Applied));
+        assert!(state.partition().object_state("Counter", "j").unwrap().is_empty());
     }
 
     fn ascii(bytes: &[u8]) -> &str {

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use ferry_chaos_tests::{children, cpu_seconds, produce, Broker, Handlers, Node, Record};
+use ferry_chaos_tests::{cpu_seconds, produce, rss_kib, Broker, Handlers, Node, Record};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -105,17 +105,6 @@ impl Sample {
             format!("{:.0}", self.handler_cpu_us),
         ]
     }
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let one = |pid: u32| -> u64 {
-        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return 0 };
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:")?.trim().strip_suffix("kB")?.trim().parse().ok())
-            .unwrap_or(0)
-    };
-    one(pid) + children(pid).into_iter().map(one).sum::<u64>()
 }
 
 fn dir_bytes(path: &Path) -> u64 {

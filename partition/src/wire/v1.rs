@@ -35,6 +35,19 @@ pub enum Command {
     /// Handlers ask for the results of invocations of this partition,
     /// dropping duplicates.
     Attach(Vec<Attach>),
+    /// An operator replaces the state of a Virtual Object or Workflow key.
+    SetState(SetState),
+}
+
+/// Replace the state of `key` of `service` with `state`: only while no
+/// invocation holds the key and, if `version` is given, only if the current
+/// state has that version ([`crate::state::state_version`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SetState {
+    pub service: String,
+    pub key: String,
+    pub version: Option<String>,
+    pub state: Vec<(Bytes, Bytes)>,
 }
 
 /// A handler asks for invocation `id`'s result: to wait for it
@@ -311,6 +324,8 @@ pub enum Response {
         appended: u32,
         dropped: u32,
     },
+    /// What a [`Command::SetState`] did: `Applied`, or `NotAllowed` with why.
+    StateSet(Outcome),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
