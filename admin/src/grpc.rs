@@ -68,6 +68,10 @@ impl AdminService for AdminGrpc {
         Ok(Response::new(self.0.list_services()))
     }
 
+    async fn modify_service(&self, r: Request<pb::ModifyServiceRequest>) -> Reply<pb::Service> {
+        Ok(Response::new(self.0.modify_service(r.into_inner()).await?))
+    }
+
     async fn get_service(&self, r: Request<pb::GetServiceRequest>) -> Reply<pb::Service> {
         Ok(Response::new(self.0.get_service(&r.into_inner().name)?))
     }
@@ -106,6 +110,23 @@ impl AdminService for AdminGrpc {
         Ok(Response::new(self.0.get_kafka_cluster(&r.into_inner().name)?))
     }
 
+    async fn create_kafka_cluster(&self, r: Request<pb::CreateKafkaClusterRequest>) -> Reply<pb::KafkaCluster> {
+        Ok(Response::new(self.0.create_kafka_cluster(r.into_inner()).await?))
+    }
+
+    async fn update_kafka_cluster(&self, r: Request<pb::UpdateKafkaClusterRequest>) -> Reply<pb::KafkaCluster> {
+        Ok(Response::new(self.0.update_kafka_cluster(r.into_inner()).await?))
+    }
+
+    async fn delete_kafka_cluster(
+        &self,
+        r: Request<pb::DeleteKafkaClusterRequest>,
+    ) -> Reply<pb::DeleteKafkaClusterResponse> {
+        let r = r.into_inner();
+        self.0.delete_kafka_cluster(&r.name, r.force).await?;
+        Ok(Response::new(pb::DeleteKafkaClusterResponse {}))
+    }
+
     async fn list_invocations(&self, r: Request<pb::ListInvocationsRequest>) -> Reply<pb::ListInvocationsResponse> {
         Ok(Response::new(self.0.list_invocations(r.get_ref())?))
     }
@@ -135,6 +156,17 @@ impl AdminService for AdminGrpc {
 
     async fn resume_invocation(&self, r: Request<pb::InvocationActionRequest>) -> Reply<pb::InvocationActionResponse> {
         Ok(Response::new(self.0.act_on_invocation(&r.into_inner().id, Action::Resume).await?))
+    }
+
+    async fn pause_invocation(&self, r: Request<pb::InvocationActionRequest>) -> Reply<pb::InvocationActionResponse> {
+        Ok(Response::new(self.0.act_on_invocation(&r.into_inner().id, Action::Pause).await?))
+    }
+
+    async fn restart_invocation_as_new(
+        &self,
+        r: Request<pb::InvocationActionRequest>,
+    ) -> Reply<pb::RestartAsNewResponse> {
+        Ok(Response::new(self.0.restart_as_new(&r.into_inner().id).await?))
     }
 
     async fn get_cluster_status(&self, request: Request<pb::GetClusterStatusRequest>) -> Reply<pb::ClusterStatus> {

@@ -57,15 +57,21 @@ fn routes() -> Router<Admin> {
         .route("/services", get(|State(a): State<Admin>| async move { Json(a.list_services()) }))
         .route(
             "/services/{name}",
-            get(|State(a): State<Admin>, Path(n): Path<String>| async move { reply(a.get_service(&n)) }),
+            get(|State(a): State<Admin>, Path(n): Path<String>| async move { reply(a.get_service(&n)) })
+                .patch(modify_service),
         )
         .route("/services/{name}/state", post(set_state))
         .route("/subscriptions", get(list_subscriptions).post(create_subscription))
         .route("/subscriptions/{id}", get(get_subscription).delete(delete_subscription))
-        .route("/kafka-clusters", get(|State(a): State<Admin>| async move { Json(a.list_kafka_clusters()) }))
+        .route(
+            "/kafka-clusters",
+            get(|State(a): State<Admin>| async move { Json(a.list_kafka_clusters()) }).post(create_kafka_cluster),
+        )
         .route(
             "/kafka-clusters/{name}",
-            get(|State(a): State<Admin>, Path(n): Path<String>| async move { reply(a.get_kafka_cluster(&n)) }),
+            get(|State(a): State<Admin>, Path(n): Path<String>| async move { reply(a.get_kafka_cluster(&n)) })
+                .patch(update_kafka_cluster)
+                .delete(delete_kafka_cluster),
         )
         .route("/invocations", get(list_invocations))
         .route("/invocations/{id}/cancel", patch(|s, p| act(s, p, Action::Cancel)))
@@ -73,6 +79,8 @@ fn routes() -> Router<Admin> {
         .route("/invocations/{id}/purge", patch(|s, p| act(s, p, Action::Purge)))
         .route("/invocations/{id}/purge-journal", patch(|s, p| act(s, p, Action::PurgeJournal)))
         .route("/invocations/{id}/resume", patch(|s, p| act(s, p, Action::Resume)))
+        .route("/invocations/{id}/pause", patch(|s, p| act(s, p, Action::Pause)))
+        .route("/invocations/{id}/restart-as-new", patch(restart_as_new))
         .route(
             "/invocations/{id}",
             get(|State(a): State<Admin>, Path(id): Path<String>| async move { reply(a.get_invocation(&id)) }),
@@ -169,6 +177,41 @@ async fn remove_deployment(State(admin): State<Admin>, Path(id): Path<String>) -
     admin.remove_deployment(&id).await.map(|()| StatusCode::ACCEPTED)
 }
 
+/// Restate's body of `PATCH /services/{name}`; each field may be null.
+#[derive(Debug, serde::Deserialize)]
+struct ModifyService {
+    #[serde(default)]
+    public: Option<bool>,
+    #[serde(default)]
+    journal_retention: Option<String>,
+    #[serde(default)]
+    idempotency_retention: Option<String>,
+    #[serde(default)]
+    workflow_completion_retention: Option<String>,
+    #[serde(default)]
+    inactivity_timeout: Option<String>,
+    #[serde(default)]
+    abort_timeout: Option<String>,
+}
+
+async fn modify_service(
+    State(admin): State<Admin>,
+    Path(name): Path<String>,
+    request: Result<Json<ModifyService>, JsonRejection>,
+) -> Reply<pb::Service> {
+    let m = body(request)?;
+    let request = pb::ModifyServiceRequest {
+        name,
+        public: m.public,
+        journal_retention: m.journal_retention,
+        idempotency_retention: m.idempotency_retention,
+        workflow_completion_retention: m.workflow_completion_retention,
+        inactivity_timeout: m.inactivity_timeout,
+        abort_timeout: m.abort_timeout,
+    };
+    reply(admin.modify_service(request).await)
+}
+
 /// Restate's body of `POST /services/{service}/state`: the whole new state,
 /// each value as an array of bytes (or a string).
 #[derive(Debug, serde::Deserialize)]
@@ -246,10 +289,97 @@ async fn delete_subscription(State(admin): State<Admin>, Path(id): Path<String>)
     admin.delete_subscription(&id).await.map(|()| StatusCode::ACCEPTED)
 }
 
-/// `200` when done, `202` when a cancellation is on its way to the handler.
+/// Restate's body of `POST /kafka-clusters`.
+#[derive(Debug, serde::Deserialize)]
+struct CreateKafkaCluster {
+    name: String,
+    properties: std::collections::HashMap<String, String>,
+}
+
+async fn create_kafka_cluster(
+    State(admin): State<Admin>,
+    request: Result<Json<CreateKafkaCluster>, JsonRejection>,
+) -> Result<(StatusCode, [(header::HeaderName, String); 1], Json<pb::KafkaCluster>), Error> {
+    let CreateKafkaCluster { name, properties } = body(request)?;
+    let cluster = admin.create_kafka_cluster(pb::CreateKafkaClusterRequest { name, properties }).await?;
+    let location = format!("kafka-clusters/{}", cluster.name);
+    Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(cluster)))
+}
+
+/// Restate's body of `PATCH /kafka-clusters/{name}`: the whole new set of
+/// properties.
+#[derive(Debug, serde::Deserialize)]
+struct UpdateKafkaCluster {
+    properties: std::collections::HashMap<String, String>,
+}
+
+async fn update_kafka_cluster(
+    State(admin): State<Admin>,
+    Path(name): Path<String>,
+    request: Result<Json<UpdateKafkaCluster>, JsonRejection>,
+) -> Reply<pb::KafkaCluster> {
+    let properties = body(request)?.properties;
+    reply(admin.update_kafka_cluster(pb::UpdateKafkaClusterRequest { name, properties }).await)
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+struct DeleteKafkaCluster {
+    #[serde(default)]
+    force: Option<bool>,
+}
+
+/// `202` once deleted; `409` while subscriptions read from it, without `force=true`.
+async fn delete_kafka_cluster(
+    State(admin): State<Admin>,
+    Path(name): Path<String>,
+    query: Result<Query<DeleteKafkaCluster>, axum::extract::rejection::QueryRejection>,
+) -> Result<StatusCode, Error> {
+    let Query(request) = query.map_err(|r| Error::BadRequest(r.body_text()))?;
+    admin.delete_kafka_cluster(&name, request.force.unwrap_or(false)).await.map(|()| StatusCode::ACCEPTED)
+}
+
+/// `200` when done (or the invocation was paused already), `202` when a
+/// cancellation is on its way to the handler or a running invocation is
+/// pausing.
 async fn act(State(admin): State<Admin>, Path(id): Path<String>, action: Action) -> Result<StatusCode, Error> {
     let response = admin.act_on_invocation(&id, action).await?;
     Ok(if response.accepted { StatusCode::ACCEPTED } else { StatusCode::OK })
+}
+
+/// Restate's query of `restart-as-new`: which journal entries the new
+/// invocation starts with and which deployment runs it.
+#[derive(Debug, Default, serde::Deserialize)]
+struct RestartAsNew {
+    #[serde(default)]
+    from: Option<u32>,
+    #[serde(default)]
+    deployment: Option<String>,
+}
+
+/// Restate's answer: `{"new_invocation_id": ...}`. The new invocation starts
+/// from the beginning (`from=0`), on the service's current deployment
+/// (`deployment=latest`; `keep` is the same while its deployment serves it).
+async fn restart_as_new(
+    State(admin): State<Admin>,
+    Path(id): Path<String>,
+    query: Result<Query<RestartAsNew>, axum::extract::rejection::QueryRejection>,
+) -> Reply<serde_json::Value> {
+    let Query(request) = query.map_err(|r| Error::BadRequest(r.body_text()))?;
+    if request.from.unwrap_or(0) > 0 {
+        return Err(Error::BadRequest(
+            "from: a restarted invocation starts from the beginning of its journal (from=0)".to_owned(),
+        ));
+    }
+    match request.deployment.as_deref() {
+        None | Some("latest" | "keep") => {}
+        Some(other) => {
+            return Err(Error::BadRequest(format!(
+                "deployment {other:?}: the new invocation runs on the service's current deployment (latest)"
+            )))
+        }
+    }
+    let restarted = admin.restart_as_new(&id).await?;
+    Ok(Json(json!({ "new_invocation_id": restarted.new_invocation_id })))
 }
 
 async fn cluster_status(

@@ -6,16 +6,17 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use ferry_ingress::kafka::{find_cluster, is_secret, REDACTED};
 use ferry_ingress::{ClusterOptions, IngressStatus};
 use ferry_invoker::Discovery;
 use ferry_log::node::{GroupStatus, StateDigest};
 use ferry_log::{partition_group, PartitionId, METADATA_GROUP};
-use ferry_partition::partitioner::{key_hash, partition_of};
+use ferry_partition::partitioner::{invocation_ids, key_hash, partition_of};
 use ferry_partition::state::{Completion, Invocation, MetadataState, RegisteredService};
 use ferry_partition::store::key;
 use ferry_partition::wire::v1::{
-    Command, Deployment, Effect, MetadataCommand, MetadataResponse, Outcome, ProtocolMode, Response, RetentionPolicy,
-    ServiceType, SetState, Source, Subscription,
+    Command, Deployment, Effect, HandlerType, Invoke, KafkaCluster, MetadataCommand, MetadataResponse, Outcome,
+    ProtocolMode, Response, RetentionPolicy, ServiceType, SetState, Source, Subscription, Target,
 };
 use ferry_partition::{Log, LogReads};
 use ferry_proto::admin as pb;
@@ -75,21 +76,32 @@ fn new_id(prefix: &str) -> String {
     key::resource_id(prefix, ulid::Ulid::new().0)
 }
 
+/// A duration as Restate's API takes it: "1d", "12h", "90 s", "1h 30m" or
+/// ISO 8601 ("PT1H", "P1D"); a day is 24 hours.
+fn parse_duration_ms(text: &str) -> Result<u64, String> {
+    let span: jiff::Span = text.trim().parse().map_err(|e| format!("invalid duration {text:?}: {e}"))?;
+    let duration = span
+        .to_duration(jiff::SpanRelativeTo::days_are_24_hours())
+        .map_err(|e| format!("invalid duration {text:?}: {e}"))?;
+    let duration = Duration::try_from(duration).map_err(|_| format!("duration {text:?} is negative"))?;
+    Ok(u64::try_from(duration.as_millis()).unwrap_or(u64::MAX))
+}
+
 fn duration(ms: u64) -> String {
     humantime::format_duration(Duration::from_millis(ms)).to_string()
 }
 
 impl Settings {
     fn service_to_proto(&self, service: &RegisteredService) -> pb::Service {
-        let def = &service.def;
-        let retention = self.retention.overridden(&def.retention);
+        let (def, set) = (&service.def, &service.config);
+        let retention = self.retention.overridden(&def.retention).overridden(&set.retention);
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         pb::Service {
             name: def.name.clone(),
             ty: def.ty.as_str().to_owned(),
             deployment_id: service.deployment_id.clone(),
             revision: service.revision,
-            public: true,
+            public: set.is_public(),
             handlers: def
                 .handlers
                 .iter()
@@ -99,16 +111,16 @@ impl Settings {
                     input_description: String::new(),
                     output_description: String::new(),
                     enable_lazy_state: h.lazy_state,
-                    inactivity_timeout: h.timeouts.inactivity_ms.map(duration),
-                    abort_timeout: h.timeouts.abort_ms.map(duration),
+                    inactivity_timeout: set.timeouts.inactivity_ms.or(h.timeouts.inactivity_ms).map(duration),
+                    abort_timeout: set.timeouts.abort_ms.or(h.timeouts.abort_ms).map(duration),
                 })
                 .collect(),
             journal_retention: duration(retention.journal_ms),
             idempotency_retention: duration(retention.idempotency_ms),
             workflow_completion_retention: (def.ty == ServiceType::Workflow)
                 .then(|| duration(retention.workflow_completion_ms)),
-            inactivity_timeout: duration(ms(self.inactivity_timeout)),
-            abort_timeout: duration(ms(self.abort_timeout)),
+            inactivity_timeout: duration(set.timeouts.inactivity_ms.unwrap_or(ms(self.inactivity_timeout))),
+            abort_timeout: duration(set.timeouts.abort_ms.unwrap_or(ms(self.abort_timeout))),
         }
     }
 }
@@ -138,6 +150,21 @@ fn deployment_to_proto(d: &Deployment, metadata: &MetadataState) -> pb::Deployme
     }
 }
 
+/// A cluster as the API shows it: secrets redacted, its brokers among its
+/// properties as `bootstrap.servers`.
+fn cluster_to_proto(cluster: &ClusterOptions, created_at_ms: u64, configured: bool) -> pb::KafkaCluster {
+    let mut properties: std::collections::HashMap<String, String> = cluster.redacted_properties().into_iter().collect();
+    properties.entry("bootstrap.servers".to_owned()).or_insert_with(|| cluster.brokers.join(","));
+    pb::KafkaCluster {
+        name: cluster.name.clone(),
+        brokers: cluster.brokers.clone(),
+        properties,
+        created_at: timestamp(created_at_ms),
+        subscriptions: Vec::new(),
+        configured,
+    }
+}
+
 fn subscription_to_proto(s: &Subscription) -> pb::Subscription {
     pb::Subscription {
         id: s.id.clone(),
@@ -155,6 +182,7 @@ pub enum Action {
     Purge,
     PurgeJournal,
     Resume,
+    Pause,
 }
 
 impl Action {
@@ -165,6 +193,7 @@ impl Action {
             Action::Purge => "purge",
             Action::PurgeJournal => "purge the journal of",
             Action::Resume => "resume",
+            Action::Pause => "pause",
         }
     }
 }
@@ -409,7 +438,12 @@ impl Admin {
             self.log.read_metadata(|m| {
                 let services = deployment.services.iter().map(|def| {
                     let revision = m.services.get(&def.name).map_or(1, |r| r.revision + 1);
-                    RegisteredService { def: def.clone(), deployment_id: id.clone(), revision }
+                    RegisteredService {
+                        def: def.clone(),
+                        deployment_id: id.clone(),
+                        revision,
+                        config: Default::default(),
+                    }
                 });
                 services.map(|s| self.settings.service_to_proto(&s)).collect()
             })
@@ -447,8 +481,10 @@ impl Admin {
                 .services
                 .iter()
                 .map(|def| {
-                    let revision = m.services.get(&def.name).map_or(0, |r| r.revision);
-                    let registered = RegisteredService { def: def.clone(), deployment_id: id.to_owned(), revision };
+                    let (revision, config) =
+                        m.services.get(&def.name).map_or((0, Default::default()), |r| (r.revision, r.config));
+                    let registered =
+                        RegisteredService { def: def.clone(), deployment_id: id.to_owned(), revision, config };
                     self.settings.service_to_proto(&registered)
                 })
                 .collect())
@@ -481,10 +517,53 @@ impl Admin {
             .ok_or_else(|| Error::NotFound(format!("service {name} not found")))
     }
 
-    fn cluster(&self, name: &str) -> Result<&ClusterOptions, Error> {
-        self.settings.clusters.iter().find(|c| c.name == name).ok_or_else(|| {
-            let known: Vec<&str> = self.settings.clusters.iter().map(|c| c.name.as_str()).collect();
-            Error::BadRequest(format!("unknown Kafka cluster {name:?}; configured clusters: [{}]", known.join(", ")))
+    /// Changes what an operator sets of a service: what `request` leaves
+    /// unset stays as it is.
+    pub async fn modify_service(&self, request: pb::ModifyServiceRequest) -> Result<pb::Service, Error> {
+        let name = request.name;
+        let (ty, mut config) = self
+            .log
+            .read_metadata(|m| m.services.get(&name).map(|s| (s.def.ty, s.config)))
+            .ok_or_else(|| Error::NotFound(format!("service {name} not found")))?;
+        if request.workflow_completion_retention.is_some() && ty != ServiceType::Workflow {
+            return Err(Error::BadRequest(format!(
+                "workflow_completion_retention: {name} is a {}, not a Workflow",
+                ty.as_str()
+            )));
+        }
+        let set = |field: &str, value: Option<String>, to: &mut Option<u64>| -> Result<(), Error> {
+            if let Some(text) = value {
+                *to = Some(parse_duration_ms(&text).map_err(|e| Error::BadRequest(format!("{field}: {e}")))?);
+            }
+            Ok(())
+        };
+        set("journal_retention", request.journal_retention, &mut config.retention.journal_ms)?;
+        set("idempotency_retention", request.idempotency_retention, &mut config.retention.idempotency_ms)?;
+        set(
+            "workflow_completion_retention",
+            request.workflow_completion_retention,
+            &mut config.retention.workflow_completion_ms,
+        )?;
+        set("inactivity_timeout", request.inactivity_timeout, &mut config.timeouts.inactivity_ms)?;
+        set("abort_timeout", request.abort_timeout, &mut config.timeouts.abort_ms)?;
+        if let Some(public) = request.public {
+            config.public = Some(public);
+        }
+        match self.propose_metadata(MetadataCommand::ConfigureService { name: name.clone(), config }).await? {
+            MetadataResponse::Done => self.get_service(&name),
+            MetadataResponse::NotFound => Err(Error::NotFound(format!("service {name} not found"))),
+            MetadataResponse::Conflict(message) => Err(Error::Conflict(message)),
+        }
+    }
+
+    /// Kafka cluster `name`, of the config file or registered.
+    fn cluster(&self, name: &str) -> Result<ClusterOptions, Error> {
+        self.log.read_metadata(|m| {
+            find_cluster(&self.settings.clusters, m, name).ok_or_else(|| {
+                let configured = self.settings.clusters.iter().map(|c| c.name.as_str());
+                let known: Vec<&str> = configured.chain(m.kafka_clusters.keys().map(String::as_str)).collect();
+                Error::BadRequest(format!("unknown Kafka cluster {name:?}; known clusters: [{}]", known.join(", ")))
+            })
         })
     }
 
@@ -517,7 +596,7 @@ impl Admin {
             created_at_ms: now_ms(),
         };
         // librdkafka checks every option name and value when a client is made.
-        let config = ferry_ingress::kafka::consumer_config(cluster, &subscription, "ferry-admin-validation");
+        let config = ferry_ingress::kafka::consumer_config(&cluster, &subscription, "ferry-admin-validation");
         config.create::<BaseConsumer>().map_err(|e| Error::BadRequest(format!("invalid subscription options: {e}")))?;
         match self.propose_metadata(MetadataCommand::PutSubscription(subscription.clone())).await? {
             MetadataResponse::Done => Ok(subscription_to_proto(&subscription)),
@@ -551,37 +630,115 @@ impl Admin {
         }
     }
 
-    fn cluster_to_proto(&self, cluster: &ClusterOptions) -> pb::KafkaCluster {
-        let mut properties: std::collections::HashMap<String, String> =
-            cluster.redacted_properties().into_iter().collect();
-        properties.entry("bootstrap.servers".to_owned()).or_insert_with(|| cluster.brokers.join(","));
-        pb::KafkaCluster {
-            name: cluster.name.clone(),
-            brokers: cluster.brokers.clone(),
-            properties,
-            created_at: timestamp(self.settings.started_at_ms),
-            subscriptions: Vec::new(),
-        }
+    /// Every Kafka cluster: those of the config file, then the registered ones.
+    fn clusters(&self, m: &MetadataState) -> Vec<pb::KafkaCluster> {
+        let configured = self.settings.clusters.iter().map(|c| cluster_to_proto(c, self.settings.started_at_ms, true));
+        let registered = m.kafka_clusters.values().filter_map(|c| {
+            let options = ClusterOptions::from_registered(c).ok()?;
+            Some(cluster_to_proto(&options, c.created_at_ms, false))
+        });
+        configured.chain(registered).collect()
     }
 
     pub fn list_kafka_clusters(&self) -> pb::ListKafkaClustersResponse {
-        let clusters = self.settings.clusters.iter().map(|c| self.cluster_to_proto(c)).collect();
-        pb::ListKafkaClustersResponse { clusters }
+        pb::ListKafkaClustersResponse { clusters: self.log.read_metadata(|m| self.clusters(m)) }
     }
 
     /// A cluster with the subscriptions that read from it.
     pub fn get_kafka_cluster(&self, name: &str) -> Result<pb::KafkaCluster, Error> {
-        let cluster = self.settings.clusters.iter().find(|c| c.name == name);
-        let mut cluster = cluster
-            .map(|c| self.cluster_to_proto(c))
-            .ok_or_else(|| Error::NotFound(format!("Kafka cluster {name} not found")))?;
-        cluster.subscriptions = self.log.read_metadata(|m| {
-            let reads = |s: &&Subscription| {
-                s.source().strip_prefix("kafka://").is_some_and(|rest| rest.split('/').next() == Some(name))
-            };
-            m.subscriptions.values().filter(reads).map(subscription_to_proto).collect()
-        });
-        Ok(cluster)
+        self.log.read_metadata(|m| {
+            let mut cluster = self
+                .clusters(m)
+                .into_iter()
+                .find(|c| c.name == name)
+                .ok_or_else(|| Error::NotFound(format!("Kafka cluster {name} not found")))?;
+            cluster.subscriptions =
+                m.subscriptions.values().filter(|s| s.cluster == name).map(subscription_to_proto).collect();
+            Ok(cluster)
+        })
+    }
+
+    /// Registers a Kafka cluster in the metadata group.
+    pub async fn create_kafka_cluster(
+        &self,
+        request: pb::CreateKafkaClusterRequest,
+    ) -> Result<pb::KafkaCluster, Error> {
+        let name = request.name;
+        if name.is_empty()
+            || name.len() > 253
+            || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(Error::BadRequest(format!(
+                "invalid Kafka cluster name {name:?}: use 1 to 253 letters, digits, '-', '_' or '.'"
+            )));
+        }
+        if self.settings.clusters.iter().any(|c| c.name == name) {
+            return Err(Error::Conflict(format!("Kafka cluster {name} exists in the config file")));
+        }
+        let cluster =
+            KafkaCluster { name, properties: request.properties.into_iter().collect(), created_at_ms: now_ms() };
+        self.put_kafka_cluster(cluster, true).await
+    }
+
+    /// Replaces the properties of a registered Kafka cluster.
+    pub async fn update_kafka_cluster(
+        &self,
+        request: pb::UpdateKafkaClusterRequest,
+    ) -> Result<pb::KafkaCluster, Error> {
+        let name = request.name;
+        self.refuse_configured(&name, "change it there")?;
+        let mut properties: BTreeMap<String, String> = request.properties.into_iter().collect();
+        let current = self.log.read_metadata(|m| m.kafka_clusters.get(&name).cloned());
+        let current = current.ok_or_else(|| Error::NotFound(format!("Kafka cluster {name} not found")))?;
+        // Reads show secrets redacted; sent back unchanged, they keep their value.
+        for (key, value) in &mut properties {
+            if value == REDACTED && is_secret(key) {
+                if let Some(kept) = current.properties.get(key) {
+                    value.clone_from(kept);
+                }
+            }
+        }
+        self.put_kafka_cluster(KafkaCluster { name, properties, created_at_ms: current.created_at_ms }, false).await
+    }
+
+    /// Checks `cluster` the way its consumers will use it, then proposes it.
+    async fn put_kafka_cluster(&self, cluster: KafkaCluster, create: bool) -> Result<pb::KafkaCluster, Error> {
+        let options = ClusterOptions::from_registered(&cluster)
+            .map_err(|e| Error::BadRequest(format!("Kafka cluster {}: {e}", cluster.name)))?;
+        // librdkafka checks every property name and value when a client is made.
+        let mut config = rdkafka::config::ClientConfig::new();
+        config.set("bootstrap.servers", options.brokers.join(",")).set("group.id", "ferry-admin-validation");
+        for (k, v) in &options.properties {
+            config.set(k, v.to_string());
+        }
+        config
+            .create::<BaseConsumer>()
+            .map_err(|e| Error::BadRequest(format!("Kafka cluster {}: invalid properties: {e}", cluster.name)))?;
+        let name = cluster.name.clone();
+        let created_at_ms = cluster.created_at_ms;
+        match self.propose_metadata(MetadataCommand::PutKafkaCluster { cluster, create }).await? {
+            MetadataResponse::Done => {}
+            MetadataResponse::NotFound => return Err(Error::NotFound(format!("Kafka cluster {name} not found"))),
+            MetadataResponse::Conflict(message) => return Err(Error::Conflict(message)),
+        }
+        Ok(cluster_to_proto(&options, created_at_ms, false))
+    }
+
+    /// Forgets a registered Kafka cluster.
+    pub async fn delete_kafka_cluster(&self, name: &str, force: bool) -> Result<(), Error> {
+        self.refuse_configured(name, "remove it there")?;
+        match self.propose_metadata(MetadataCommand::RemoveKafkaCluster { name: name.to_owned(), force }).await? {
+            MetadataResponse::Done => Ok(()),
+            MetadataResponse::NotFound => Err(Error::NotFound(format!("Kafka cluster {name} not found"))),
+            MetadataResponse::Conflict(message) => Err(Error::Conflict(message)),
+        }
+    }
+
+    fn refuse_configured(&self, name: &str, what_to_do: &str) -> Result<(), Error> {
+        if self.settings.clusters.iter().any(|c| c.name == name) {
+            return Err(Error::Conflict(format!("Kafka cluster {name} comes from the config file: {what_to_do}")));
+        }
+        Ok(())
     }
 
     /// The partition an invocation id belongs to, from its partition key.
@@ -630,12 +787,18 @@ impl Admin {
         let partition =
             self.partition_of_id(id).ok_or_else(|| Error::NotFound(format!("invocation {id} not found")))?;
         let id = id.to_owned();
+        // A pause of a paused invocation changes nothing and says so.
+        let was_paused = action == Action::Pause
+            && self.log.read_partition(partition, |p| {
+                Ok(p.invocation(&id)?.is_some_and(|i| i.status == ferry_partition::state::Status::Paused))
+            })?;
         let effect = match action {
             Action::Cancel => Effect::Cancel { id: id.clone(), signal: ferry_invoker::journal::cancel_signal() },
             Action::Kill => Effect::Kill { id: id.clone() },
             Action::Purge => Effect::Purge { id: id.clone() },
             Action::PurgeJournal => Effect::PurgeJournal { id: id.clone() },
             Action::Resume => Effect::Resume { id: id.clone() },
+            Action::Pause => Effect::Pause { id: id.clone() },
         };
         let command = Command::Effects { at_ms: now_ms(), effects: vec![effect] };
         let outcome = match self.log.propose_and_read(partition_group(partition), command).await? {
@@ -647,13 +810,66 @@ impl Admin {
                 let completed = self
                     .log
                     .read_partition(partition, |p| Ok(p.invocation(&id)?.is_none_or(|i| i.completion.is_some())))?;
-                Ok(pb::InvocationActionResponse { accepted: action == Action::Cancel && !completed })
+                let accepted = match action {
+                    Action::Cancel => !completed,
+                    Action::Pause => !was_paused,
+                    _ => false,
+                };
+                Ok(pb::InvocationActionResponse { accepted })
             }
             Outcome::NotFound => Err(Error::NotFound(format!("invocation {id} not found"))),
             Outcome::NotAllowed(why) => {
                 Err(Error::Conflict(format!("cannot {} invocation {id}: {why}", action.verb())))
             }
             Outcome::Stale => Err(Error::Conflict(format!("invocation {id} changed meanwhile; try again"))),
+        }
+    }
+
+    /// Starts a new invocation of a completed one's handler, with its input
+    /// and headers, under a new id (Restate's restart-as-new, from the start
+    /// of the journal).
+    pub async fn restart_as_new(&self, id: &str) -> Result<pb::RestartAsNewResponse, Error> {
+        let not_found = || Error::NotFound(format!("invocation {id} not found"));
+        let partition = self.partition_of_id(id).ok_or_else(not_found)?;
+        let old = self.log.read_partition(partition, |p| p.invocation(id))?.ok_or_else(not_found)?;
+        if old.completion.is_none() {
+            return Err(Error::Conflict(format!(
+                "invocation {id} is {}: only a completed invocation restarts as new",
+                old.status.as_str()
+            )));
+        }
+        if old.target.handler_ty == HandlerType::Workflow {
+            return Err(Error::Conflict(format!("invocation {id} runs a workflow, which runs once per key")));
+        }
+        let (service, handler) = (&old.target.service, &old.target.handler);
+        let resolved = self
+            .log
+            .read_metadata(|m| m.resolve(service, handler, self.settings.retention, false))
+            .map_err(|(_, why)| Error::Conflict(format!("cannot restart invocation {id}: {why}")))?;
+        let target = Target { service_ty: resolved.service_ty, handler_ty: resolved.handler_ty, ..old.target };
+        // The low 64 bits of a ULID are random.
+        let seed = ulid::Ulid::new().0 as u64;
+        let (partition_key, unique) = invocation_ids(&target, None, seed);
+        let new_id = key::id(partition_key, unique);
+        let invoke = Invoke {
+            id: new_id.clone(),
+            target,
+            payload: old.payload,
+            headers: old.headers,
+            source: Source::Ingress,
+            dedup: None,
+            created_at_ms: now_ms(),
+            failure: None,
+            not_before_ms: None,
+            trace: None,
+            retention: resolved.retention,
+            reply: None,
+            idempotency_key: None,
+        };
+        let group = partition_group(partition_of(partition_key, self.log.partitions()));
+        match self.log.propose_and_read(group, Command::Invoke(vec![invoke].into())).await? {
+            Response::Invoked { created: 1, .. } => Ok(pb::RestartAsNewResponse { new_invocation_id: new_id }),
+            other => Err(Error::Internal(format!("unexpected response {other:?}"))),
         }
     }
 
@@ -721,6 +937,19 @@ impl Admin {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_parse_as_restate_writes_them() {
+        for (text, ms) in [("1d", 86_400_000), ("12h", 43_200_000), ("5m", 300_000), ("90 s", 90_000)] {
+            assert_eq!(parse_duration_ms(text), Ok(ms), "{text}");
+        }
+        assert_eq!(parse_duration_ms("1h 30m"), Ok(5_400_000));
+        assert_eq!(parse_duration_ms("PT1H"), Ok(3_600_000));
+        assert_eq!(parse_duration_ms("P1D"), Ok(86_400_000));
+        for bad in ["", "bogus", "-5m", "5 parsecs"] {
+            assert!(parse_duration_ms(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn uris_parse_or_explain() {

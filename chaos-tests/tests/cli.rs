@@ -54,6 +54,22 @@ async fn every_command_against_a_node() -> Result<()> {
 
     assert!(ok(port, &["services", "list"])?.contains("VirtualObject"));
     assert_eq!(json(port, &["services", "describe", "Counter"])?["ty"], "VirtualObject");
+    let configured = json(port, &["services", "configure", "Counter", "--journal-retention", "2h"])?;
+    assert_eq!(configured["journal_retention"], "2h");
+    assert_eq!(node.get("/services/Counter").await?["journal_retention"], "2h");
+    let bad = fails(port, &["services", "configure", "Counter", "--journal-retention", "soon"])?;
+    assert!(bad.contains("InvalidArgument") && bad.contains("journal_retention"), "{bad}");
+
+    let args = ["kafka-clusters", "create", "rt", "--property", "bootstrap.servers=127.0.0.1:9", "--property"];
+    let created = json(port, &[&args[..], &["sasl.password=hunter2"]].concat())?;
+    assert_eq!((&created["properties"]["sasl.password"], &created["configured"]), (&json!("***"), &json!(false)));
+    let clusters = ok(port, &["kafka-clusters", "list"])?;
+    assert!(clusters.contains("config file") && clusters.contains("admin API"), "{clusters}");
+    let args = ["kafka-clusters", "update", "rt", "--property", "bootstrap.servers=127.0.0.1:10"];
+    assert_eq!(json(port, &args)?["brokers"], json!(["127.0.0.1:10"]));
+    assert!(fails(port, &["kafka-clusters", "delete", "my-cluster"])?.contains("config file"));
+    ok(port, &["kafka-clusters", "delete", "rt"])?;
+    assert!(fails(port, &["kafka-clusters", "describe", "rt"])?.contains("NotFound"));
 
     let args = ["subscriptions", "create", "kafka://my-cluster/t", "service://Counter/add", "--option"];
     let created = json(port, &[&args[..], &["auto.offset.reset=earliest"]].concat())?;
@@ -71,9 +87,20 @@ async fn every_command_against_a_node() -> Result<()> {
     assert_eq!(listed["invocations"][0]["id"], inv.as_str());
     assert!(ok(port, &["invocations", "list"])?.contains(&inv));
     assert_eq!(json(port, &["invocations", "describe", &inv])?["target"], "Counter/k/add");
+    assert!(ok(port, &["invocations", "pause", &inv])?.contains("paused invocation"));
+    assert!(ok(port, &["invocations", "pause", &inv])?.contains("already paused"));
+    assert_eq!(json(port, &["invocations", "describe", &inv])?["status"], "paused");
+    assert!(ok(port, &["invocations", "resume", &inv])?.contains("resumed"));
     assert!(ok(port, &["invocations", "cancel", &inv])?.contains("cancellation sent"));
-    assert!(fails(port, &["invocations", "resume", &inv])?.contains("AlreadyExists"), "only paused ones resume");
+    assert!(fails(port, &["invocations", "restart-as-new", &inv])?.contains("only a completed invocation"));
     assert!(ok(port, &["invocations", "kill", &inv])?.contains("killed"));
+    assert!(fails(port, &["invocations", "resume", &inv])?.contains("AlreadyExists"), "completed ones stay so");
+    let restarted = json(port, &["invocations", "restart-as-new", &inv])?;
+    let new_id = restarted["new_invocation_id"].as_str().unwrap().to_owned();
+    assert!(new_id.starts_with("inv_1") && new_id != inv, "{restarted}");
+    let new = json(port, &["invocations", "describe", &new_id])?;
+    assert_eq!((&new["target"], &new["payload_size"]), (&json!("Counter/k/add"), &json!(r#"{"poison": true}"#.len())));
+    assert!(ok(port, &["invocations", "kill", &new_id])?.contains("killed"));
     assert!(ok(port, &["invocations", "purge", &inv])?.contains("purged"));
     ok(port, &["deployments", "remove", &id])?;
 

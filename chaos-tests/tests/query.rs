@@ -173,6 +173,24 @@ async fn sql_over_every_table_in_json_and_arrow() -> Result<()> {
         "{promises:?}"
     );
 
+    // Idempotency keys: on the invocation, and in sys_idempotency.
+    let keyed = [("content-type", "application/json"), ("idempotency-key", "order-7")];
+    let (status, body) = node.ingress("/Counter/i/add", Some("1"), &keyed).await?;
+    ensure!(status == 200, "{status} {body}");
+    let id = rows(&node, "SELECT id FROM sys_invocation WHERE idempotency_key = 'order-7'").await?;
+    ensure!(id.len() == 1, "{id:?}");
+    let idempotency = rows(
+        &node,
+        "SELECT service_name, service_key, service_handler, idempotency_key, invocation_id FROM sys_idempotency",
+    )
+    .await?;
+    ensure!(
+        idempotency
+            == [json!({"service_name": "Counter", "service_key": "i", "service_handler": "add",
+                       "idempotency_key": "order-7", "invocation_id": id[0]["id"]})],
+        "{idempotency:?}"
+    );
+
     // The tables, as information_schema lists them.
     let tables = rows(&node, "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'").await?;
     for table in [
@@ -183,6 +201,7 @@ async fn sql_over_every_table_in_json_and_arrow() -> Result<()> {
         "sys_inbox",
         "sys_keyed_service_status",
         "sys_promise",
+        "sys_idempotency",
         "sys_service",
         "sys_deployment",
     ] {

@@ -114,6 +114,27 @@ async fn restates_cli_inspects_and_steers_a_node() -> Result<()> {
     let sql = cli(&["sql", "select target, status from sys_invocation where target_service_name = 'Counter'"])?;
     ensure!(sql.matches("Counter/a/add").count() == 3 && sql.contains("3 rows"), "{sql}");
 
+    // Restarted as new: the first add runs again with its input.
+    let first =
+        query_json(&node, "SELECT id FROM sys_invocation WHERE target = 'Counter/a/add' ORDER BY created_at").await?;
+    let first = first.first().and_then(|row| row["id"].as_str()).unwrap_or_default().to_owned();
+    let restarted = cli(&["invocations", "restart-as-new", &first])?;
+    ensure!(restarted.contains("Restarted 1"), "{restarted}");
+    wait_for(&node, "SELECT id FROM sys_invocation WHERE target = 'Counter/a/add' AND status = 'completed' OFFSET 3")
+        .await?;
+    let (status, count) = node.ingress("/Counter/a/add", Some("1"), &json).await?;
+    ensure!(status == 200 && count == 45, "four adds after the edit: {status} {count}");
+
+    // Paused while it waits, then resumed.
+    let paused = cli(&["invocations", "pause", &waiting])?;
+    ensure!(paused.contains("Paused 1"), "{paused}");
+    wait_for(&node, &format!("SELECT id FROM sys_invocation WHERE id = '{waiting}' AND status = 'paused'")).await?;
+    let (again, refused) = restate(&node, &home, &editor, &["invocations", "pause", &waiting])?;
+    ensure!(!again && refused.contains("No invocations found"), "paused already: {refused}");
+    let resumed = cli(&["invocations", "resume", &waiting])?;
+    ensure!(resumed.contains("Resumed 1"), "{resumed}");
+    wait_for(&node, &format!("SELECT id FROM sys_invocation WHERE id = '{waiting}' AND status <> 'paused'")).await?;
+
     let cancelled = cli(&["invocations", "cancel", &waiting])?;
     ensure!(cancelled.contains("Cancelled 1"), "{cancelled}");
     let kill = cli(&["invocations", "kill", &killed])?;
@@ -151,6 +172,43 @@ async fn restates_cli_inspects_and_steers_a_node() -> Result<()> {
     ensure!(cluster.contains(&subscription), "the cluster's subscriptions: {cluster}");
     cli(&["subscriptions", "delete", &subscription])?;
     ensure!(node.get("/subscriptions").await?["subscriptions"] == serde_json::json!([]));
+
+    // A cluster registered at runtime, beside the config file's.
+    let created = cli(&["kafka-clusters", "create", "rt", "bootstrap.servers=127.0.0.1:9", "sasl.password=hunter2"])?;
+    ensure!(created.contains("Kafka cluster rt created"), "{created}");
+    let clusters = cli(&["kafka-clusters", "list"])?;
+    ensure!(clusters.contains("my-cluster") && clusters.contains("rt "), "{clusters}");
+    let described = cli(&["kafka-clusters", "describe", "rt"])?;
+    ensure!(described.contains("***") && !described.contains("hunter2"), "secrets redacted: {described}");
+    let patched =
+        cli(&["kafka-clusters", "patch", "rt", "--set", "client.id=ferry-test", "--set", "sasl.password=hunter3"])?;
+    ensure!(patched.contains("Kafka cluster rt updated"), "{patched}");
+    let rt = node.get("/kafka-clusters/rt").await?;
+    ensure!(rt["properties"]["client.id"] == "ferry-test" && rt["properties"]["sasl.password"] == "***", "{rt}");
+    cli(&["subscriptions", "create", "kafka://rt/orders", "service://Counter/add"])?;
+    let (deleted, refused) = restate(&node, &home, &editor, &["kafka-clusters", "delete", "rt"])?;
+    ensure!(!deleted && refused.contains("--force"), "in use: {refused}");
+    // It warns that the subscription is orphaned.
+    let (deleted, text) = restate(&node, &home, &editor, &["kafka-clusters", "delete", "--force", "rt"])?;
+    ensure!(deleted && text.contains("Kafka cluster rt deleted") && text.contains("orphaned"), "{text}");
+    ensure!(node.admin(reqwest::Method::GET, "/kafka-clusters/rt", None).await?.0 == 404);
+
+    // A service's settings, changed until a deployment registers it again.
+    let patched =
+        cli(&["services", "config", "patch", "Counter", "--journal-retention", "2d", "--abort-timeout", "15m"])?;
+    ensure!(patched.contains("Journal retention") && patched.contains("2d"), "{patched}");
+    let config = cli(&["services", "config", "view", "Counter"])?;
+    ensure!(config.contains("Journal retention:  2d") && config.contains("15m"), "{config}");
+    cli(&["services", "config", "patch", "Counter", "--public", "false"])?;
+    let (status, body) = node.ingress("/Counter/a/add", Some("1"), &json).await?;
+    ensure!(status == 400 && body.to_string().contains("private"), "a private service: {status} {body}");
+    let (wrong, refused) = restate(
+        &node,
+        &home,
+        &editor,
+        &["services", "config", "patch", "Counter", "--workflow-completion-retention", "1h"],
+    )?;
+    ensure!(!wrong && refused.contains("400"), "only workflows: {refused}");
 
     let removed = cli(&["deployments", "remove", &deployment, "--force"])?;
     ensure!(!node.get("/deployments").await?.to_string().contains(&deployment), "{removed}");

@@ -317,3 +317,128 @@ async fn consumption_waits_out_a_broker_that_is_down() -> Result<()> {
     assert!(node.metric("ferry_ingress_consumer_errors_total").await? > 0.0, "broker errors are counted");
     Ok(())
 }
+
+/// Kafka clusters registered through the admin API, beside the config
+/// file's: a subscription reads through one, its consumer restarts when the
+/// cluster's properties change, waits while the cluster is gone, and
+/// resumes when it is back, every record invoked once throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_clusters_registered_at_runtime_feed_subscriptions() -> Result<()> {
+    let (broker, _handlers, _dir, node) = node_with_handlers(&[]).await?;
+    broker.create_topic("runtime", 2).await?;
+    let clusters = node.get("/kafka-clusters").await?;
+    assert_eq!(clusters["clusters"].as_array().map(Vec::len), Some(1), "{clusters}");
+    assert_eq!(
+        (&clusters["clusters"][0]["name"], &clusters["clusters"][0]["configured"]),
+        (&json!("my-cluster"), &json!(true))
+    );
+
+    let create =
+        |name: &str, properties: Value| node.post("/kafka-clusters", json!({ "name": name, "properties": properties }));
+    let servers = broker.bootstrap();
+    for (name, properties, expected, says) in [
+        ("bad/name", json!({ "bootstrap.servers": servers }), 400, "invalid Kafka cluster name"),
+        ("rt", json!({ "client.id": "x" }), 400, "bootstrap.servers"),
+        ("rt", json!({ "bootstrap.servers": servers, "no.such.property": "1" }), 400, "no.such.property"),
+        ("my-cluster", json!({ "bootstrap.servers": servers }), 409, "config file"),
+    ] {
+        let (status, body) = create(name, properties).await?;
+        assert_eq!(status, expected, "{name}: {body}");
+        assert!(body["message"].as_str().is_some_and(|m| m.contains(says)), "{name}: {body}");
+    }
+    let (status, created) = create("rt", json!({ "bootstrap.servers": servers, "sasl.password": "hunter2" })).await?;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["properties"]["sasl.password"], "***", "secrets are redacted: {created}");
+    assert_eq!(created["properties"]["bootstrap.servers"], servers.as_str());
+    assert_eq!(create("rt", json!({ "bootstrap.servers": servers })).await?.0, 409, "the name is taken");
+    let listed = node.get("/kafka-clusters").await?;
+    let names: Vec<&str> =
+        listed["clusters"].as_array().into_iter().flatten().filter_map(|c| c["name"].as_str()).collect();
+    assert_eq!(names, ["my-cluster", "rt"]);
+
+    let (status, body) = node
+        .post(
+            "/subscriptions",
+            json!({ "source": "kafka://rt/runtime", "sink": SUBSCRIBE_COUNTER, "options": { "auto.offset.reset": "earliest" } }),
+        )
+        .await?;
+    assert_eq!(status, 201, "{body}");
+    let sub = body["id"].as_str().context("subscription id")?.to_owned();
+    let described = node.get("/kafka-clusters/rt").await?;
+    assert_eq!(described["subscriptions"][0]["id"], sub.as_str(), "{described}");
+
+    let producer = broker.producer()?;
+    let batch = |from: usize, n: usize| -> Vec<Record> {
+        (from..from + n)
+            .map(|i| Record {
+                key: Some(format!("key-{}", i % 10).into_bytes()),
+                payload: json!({ "seq": i }).to_string().into_bytes(),
+                headers: vec![],
+            })
+            .collect()
+    };
+    let completed = |n: usize| {
+        let (node, sub) = (&node, &sub);
+        async move {
+            eventually(Duration::from_secs(120), &format!("{n} completed invocations"), || async {
+                let all = node.invocations(&format!("subscription={sub}")).await?;
+                Ok((all.len() >= n && all.iter().all(|inv| inv["status"] == "completed")).then_some(all))
+            })
+            .await
+            .with_context(|| node.log_tail())
+        }
+    };
+    produce(&producer, "runtime", &batch(0, 100)).await?;
+    completed(100).await?;
+
+    // New properties: the consumer restarts with them and goes on where it was.
+    let (status, patched) = node
+        .admin(
+            Method::PATCH,
+            "/kafka-clusters/rt",
+            Some(
+                json!({ "properties": { "bootstrap.servers": servers, "sasl.password": "***", "client.rack": "r1" } }),
+            ),
+        )
+        .await?;
+    assert_eq!(status, 200, "{patched}");
+    assert_eq!((&patched["properties"]["client.rack"], &patched["created_at"]), (&json!("r1"), &created["created_at"]));
+    produce(&producer, "runtime", &batch(100, 100)).await?;
+    completed(200).await?;
+
+    // In use: deleted only with force; the subscription then waits for it.
+    let (status, body) = node.admin(Method::DELETE, "/kafka-clusters/rt", None).await?;
+    assert_eq!(status, 409, "{body}");
+    assert!(body["message"].as_str().is_some_and(|m| m.contains(&sub)), "{body}");
+    let (status, body) = node.admin(Method::DELETE, "/kafka-clusters/my-cluster", None).await?;
+    assert_eq!(status, 409, "a cluster of the config file stays: {body}");
+    assert_eq!(node.admin(Method::DELETE, "/kafka-clusters/rt?force=true", None).await?.0, 202);
+    assert_eq!(node.admin(Method::GET, "/kafka-clusters/rt", None).await?.0, 404);
+    eventually(Duration::from_secs(60), "the consumer to wait for its cluster", || async {
+        let status = node.get("/cluster").await?;
+        let consumer =
+            status["consumers"].as_array().into_iter().flatten().find(|c| c["subscription_id"] == sub.as_str());
+        Ok(consumer
+            .filter(|c| c["detail"].as_str().is_some_and(|d| d.contains("unknown Kafka cluster rt")))
+            .map(|_| ()))
+    })
+    .await
+    .with_context(|| node.log_tail())?;
+    produce(&producer, "runtime", &batch(200, 50)).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(node.invocations(&format!("subscription={sub}")).await?.len(), 200, "nothing read without the cluster");
+
+    let (status, body) = create("rt", json!({ "bootstrap.servers": servers })).await?;
+    assert_eq!(status, 201, "{body}");
+    let invocations = completed(250).await?;
+    assert_eq!(by_offset(&invocations).len(), 250, "every offset once");
+    let mut total = 0;
+    for k in 0..10 {
+        let (status, counter) = node.ingress(&format!("/Counter/key-{k}/get"), Some(""), &[]).await?;
+        assert_eq!(status, 200, "{counter}");
+        assert_eq!(counter["duplicates"], 0, "key-{k}: {counter}");
+        total += counter["count"].as_u64().unwrap_or(0);
+    }
+    assert_eq!(total, 250);
+    Ok(())
+}

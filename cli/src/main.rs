@@ -35,6 +35,9 @@ enum Command {
     /// Kafka subscriptions.
     #[command(subcommand)]
     Subscriptions(Subscriptions),
+    /// Kafka clusters: those of the config file and those registered at runtime.
+    #[command(subcommand)]
+    KafkaClusters(KafkaClusters),
     /// Invocations.
     #[command(subcommand)]
     Invocations(Invocations),
@@ -83,7 +86,28 @@ enum Deployments {
 #[derive(Subcommand)]
 enum Services {
     List,
-    Describe { name: String },
+    Describe {
+        name: String,
+    },
+    /// Changes a service's settings until a deployment registers it again;
+    /// durations as "1d", "12h" or ISO 8601 ("PT1H").
+    Configure {
+        name: String,
+        /// Whether the HTTP ingress may call it (otherwise only other services do).
+        #[arg(long)]
+        public: Option<bool>,
+        #[arg(long)]
+        journal_retention: Option<String>,
+        #[arg(long)]
+        idempotency_retention: Option<String>,
+        /// Workflows only.
+        #[arg(long)]
+        workflow_completion_retention: Option<String>,
+        #[arg(long)]
+        inactivity_timeout: Option<String>,
+        #[arg(long)]
+        abort_timeout: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -102,6 +126,37 @@ enum Subscriptions {
     },
     Delete {
         id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum KafkaClusters {
+    List,
+    /// A cluster with the subscriptions that read from it.
+    Describe {
+        name: String,
+    },
+    /// Registers cluster NAME; bootstrap.servers is required.
+    Create {
+        name: String,
+        /// A librdkafka property, NAME=VALUE (e.g. bootstrap.servers=kafka:9092).
+        #[arg(long = "property", value_parser = key_value, required = true)]
+        properties: Vec<(String, String)>,
+    },
+    /// Replaces every property of registered cluster NAME; its subscriptions'
+    /// consumers restart with them.
+    Update {
+        name: String,
+        /// A librdkafka property, NAME=VALUE; a secret given as *** keeps its value.
+        #[arg(long = "property", value_parser = key_value, required = true)]
+        properties: Vec<(String, String)>,
+    },
+    /// Forgets registered cluster NAME.
+    Delete {
+        name: String,
+        /// Even if subscriptions read from it (they wait for a cluster of that name).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -140,8 +195,16 @@ enum Invocations {
     PurgeJournal {
         id: String,
     },
-    /// Runs a paused invocation again.
+    /// Runs a paused, backing-off or suspended invocation now.
     Resume {
+        id: String,
+    },
+    /// Stops a running, backing-off or suspended invocation until it is resumed.
+    Pause {
+        id: String,
+    },
+    /// Starts a completed invocation's handler again with its input, under a new id.
+    RestartAsNew {
         id: String,
     },
 }
@@ -394,6 +457,26 @@ async fn run(cli: Cli) -> Result<()> {
             Services::Describe { name } => {
                 fields(admin.get_service(pb::GetServiceRequest { name }).await?.into_inner())?.print(json)
             }
+            Services::Configure {
+                name,
+                public,
+                journal_retention,
+                idempotency_retention,
+                workflow_completion_retention,
+                inactivity_timeout,
+                abort_timeout,
+            } => {
+                let request = pb::ModifyServiceRequest {
+                    name,
+                    public,
+                    journal_retention,
+                    idempotency_retention,
+                    workflow_completion_retention,
+                    inactivity_timeout,
+                    abort_timeout,
+                };
+                fields(admin.modify_service(request).await?.into_inner())?.print(json)
+            }
         },
         Command::Subscriptions(command) => match command {
             Subscriptions::Create { source, sink, options } => {
@@ -413,6 +496,35 @@ async fn run(cli: Cli) -> Result<()> {
             Subscriptions::Delete { id } => {
                 admin.delete_subscription(pb::DeleteSubscriptionRequest { id: id.clone() }).await?;
                 done(format!("deleted subscription {id}")).print(json)
+            }
+        },
+        Command::KafkaClusters(command) => match command {
+            KafkaClusters::List => {
+                let list = admin.list_kafka_clusters(pb::ListKafkaClustersRequest {}).await?.into_inner();
+                let rows = list
+                    .clusters
+                    .iter()
+                    .map(|c| {
+                        let from = if c.configured { "config file" } else { "admin API" };
+                        vec![c.name.clone(), c.brokers.join(","), from.to_owned(), c.created_at.clone()]
+                    })
+                    .collect();
+                Output::table(list, &["NAME", "BROKERS", "FROM", "CREATED"], rows).print(json)
+            }
+            KafkaClusters::Describe { name } => {
+                fields(admin.get_kafka_cluster(pb::GetKafkaClusterRequest { name }).await?.into_inner())?.print(json)
+            }
+            KafkaClusters::Create { name, properties } => {
+                let request = pb::CreateKafkaClusterRequest { name, properties: properties.into_iter().collect() };
+                fields(admin.create_kafka_cluster(request).await?.into_inner())?.print(json)
+            }
+            KafkaClusters::Update { name, properties } => {
+                let request = pb::UpdateKafkaClusterRequest { name, properties: properties.into_iter().collect() };
+                fields(admin.update_kafka_cluster(request).await?.into_inner())?.print(json)
+            }
+            KafkaClusters::Delete { name, force } => {
+                admin.delete_kafka_cluster(pb::DeleteKafkaClusterRequest { name: name.clone(), force }).await?;
+                done(format!("deleted Kafka cluster {name}")).print(json)
             }
         },
         Command::Invocations(command) => match command {
@@ -453,6 +565,17 @@ async fn run(cli: Cli) -> Result<()> {
             Invocations::Resume { id } => {
                 admin.resume_invocation(pb::InvocationActionRequest { id: id.clone() }).await?;
                 done(format!("resumed invocation {id}")).print(json)
+            }
+            Invocations::Pause { id } => {
+                let response = admin.pause_invocation(pb::InvocationActionRequest { id: id.clone() }).await?;
+                let what = if response.into_inner().accepted { "paused" } else { "already paused:" };
+                done(format!("{what} invocation {id}")).print(json)
+            }
+            Invocations::RestartAsNew { id } => {
+                let request = pb::InvocationActionRequest { id: id.clone() };
+                let new_id = admin.restart_invocation_as_new(request).await?.into_inner().new_invocation_id;
+                let value = serde_json::json!({ "invocation_id": id, "new_invocation_id": new_id });
+                Output::table(value, &["INVOCATION", "NEW INVOCATION"], vec![vec![id, new_id]]).print(json)
             }
         },
         Command::Sql { query } => sql(admin.query(pb::QueryRequest { query }).await?.into_inner())?.print(json),

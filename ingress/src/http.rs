@@ -283,10 +283,13 @@ impl Ingress {
             Some(Err(_)) => return Err(Error::new(400, "the idempotency-key header is not visible ASCII")),
             None => None,
         };
-        let Resolved { service_ty, handler_ty, retention } = self
+        let Resolved { service_ty, handler_ty, retention, public } = self
             .log
             .read_metadata(|m| m.resolve(&call.service, &call.handler, self.retention, idempotency_key.is_some()))
             .map_err(|(status, message)| Error::new(status, message))?;
+        if !public {
+            return Err(Error::new(400, format!("service {} is private: only other services call it", call.service)));
+        }
         if service_ty.is_keyed() != call.key.is_some() {
             let what = if service_ty.is_keyed() { "needs a key" } else { "takes no key" };
             return Err(Error::new(400, format!("{} {what}", call.service)));
@@ -322,6 +325,7 @@ impl Ingress {
             trace: ferry_telemetry::TraceContext::of(&append),
             retention,
             reply: None,
+            idempotency_key,
         };
         let command = Command::Invoke(vec![invoke].into());
         let proposal = self.log.propose_until(partition_group(partition), command, APPEND_TIMEOUT);

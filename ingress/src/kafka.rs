@@ -15,7 +15,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ferry_log::{partition_group, PartitionId};
 use ferry_partition::partitioner::kafka_producer_id;
-use ferry_partition::wire::v1::{Command, Invoke, Response, RetentionPolicy, Subscription};
+use ferry_partition::state::MetadataState;
+use ferry_partition::wire::v1::{Command, Invoke, KafkaCluster, Response, RetentionPolicy, Subscription};
 use ferry_partition::{Log, LogReads};
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
@@ -98,16 +99,50 @@ impl ClusterOptions {
         Ok(())
     }
 
+    /// A cluster registered through the admin API, as its consumers use it:
+    /// its `bootstrap.servers` (or `metadata.broker.list`) are its brokers.
+    pub fn from_registered(cluster: &KafkaCluster) -> Result<ClusterOptions, String> {
+        let mut properties = cluster.properties.clone();
+        let servers = properties
+            .remove("bootstrap.servers")
+            .or_else(|| properties.remove("metadata.broker.list"))
+            .ok_or("properties must set bootstrap.servers (or metadata.broker.list)")?;
+        let options = ClusterOptions {
+            name: cluster.name.clone(),
+            brokers: servers.split(',').map(str::trim).filter(|b| !b.is_empty()).map(str::to_owned).collect(),
+            properties: properties.into_iter().map(|(k, v)| (k, PropertyValue::String(v))).collect(),
+        };
+        options.validate()?;
+        Ok(options)
+    }
+
     /// Properties with secret values hidden, for display.
     pub fn redacted_properties(&self) -> BTreeMap<String, String> {
         self.properties
             .iter()
-            .map(|(k, v)| {
-                let secret = ["password", "secret", "token", "key"].iter().any(|s| k.to_ascii_lowercase().contains(s));
-                (k.clone(), if secret { "***".to_owned() } else { v.to_string() })
-            })
+            .map(|(k, v)| (k.clone(), if is_secret(k) { REDACTED.to_owned() } else { v.to_string() }))
             .collect()
     }
+}
+
+/// What a secret property's value reads as.
+pub const REDACTED: &str = "***";
+
+/// Whether librdkafka property `name` holds a credential (a user name, a
+/// password, a key).
+pub fn is_secret(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    ["password", "secret", "token", "key", "username"].iter().any(|s| name.contains(s))
+}
+
+/// The Kafka cluster `name`: from the config file (`configured`), else one
+/// registered through the admin API and kept in `metadata`.
+pub fn find_cluster(configured: &[ClusterOptions], metadata: &MetadataState, name: &str) -> Option<ClusterOptions> {
+    configured
+        .iter()
+        .find(|c| c.name == name)
+        .cloned()
+        .or_else(|| metadata.kafka_clusters.get(name).and_then(|c| ClusterOptions::from_registered(c).ok()))
 }
 
 /// Tuning of the Kafka ingress (`[ingress]`).
@@ -367,51 +402,80 @@ impl KafkaIngress {
         KafkaIngress { log, clusters: Arc::new(clusters), options, retention, status, program: Arc::new(program) }
     }
 
-    /// Follows the subscriptions until `cancel` fires, then stops every consumer.
+    /// Follows the subscriptions until `cancel` fires, then stops every
+    /// consumer. A subscription whose cluster changes (registered, replaced
+    /// or removed at runtime) gets a new consumer once the old one stopped.
     pub async fn run(self, cancel: CancellationToken) {
         let tracker = TaskTracker::new();
         let mut changes = self.log.metadata_changes();
-        let mut running: HashMap<String, CancellationToken> = HashMap::new();
+        let mut running: HashMap<String, Running> = HashMap::new();
         loop {
             // Tests make the ingress itself fail here.
             fail::fail_point!("kafka-ingress");
-            let desired = self.log.read_metadata(|m| m.subscriptions.clone());
-            running.retain(|id, token| {
-                let keep = desired.contains_key(id);
-                if !keep {
-                    info!(subscription = %id, "subscription deleted, stopping its consumer");
-                    token.cancel();
-                }
-                keep
+            let desired: BTreeMap<String, (Subscription, Option<ClusterOptions>)> = self.log.read_metadata(|m| {
+                let cluster = |s: &Subscription| find_cluster(&self.clusters, m, &s.cluster);
+                m.subscriptions.iter().map(|(id, s)| (id.clone(), (s.clone(), cluster(s)))).collect()
             });
-            for (id, subscription) in desired {
+            let stale: Vec<String> = running
+                .iter()
+                .filter(|(id, r)| desired.get(*id).is_none_or(|(_, cluster)| *cluster != r.cluster))
+                .map(|(id, _)| id.clone())
+                .collect();
+            let mut stopping = HashMap::new();
+            for id in stale {
+                let Some(stopped) = running.remove(&id) else { continue };
+                if desired.contains_key(&id) {
+                    info!(subscription = %id, "the subscription's Kafka cluster changed, restarting its consumer");
+                } else {
+                    info!(subscription = %id, "subscription deleted, stopping its consumer");
+                }
+                stopped.token.cancel();
+                stopping.insert(id, stopped.task);
+            }
+            for (id, (subscription, cluster)) in desired {
                 if running.contains_key(&id) {
                     continue;
                 }
                 let token = cancel.child_token();
-                running.insert(id, token.clone());
                 let worker = SubscriptionWorker {
                     log: self.log.clone(),
-                    clusters: self.clusters.clone(),
+                    cluster: cluster.clone(),
                     options: self.options.clone(),
                     retention: self.retention,
                     subscription,
                     status: self.status.clone(),
                     program: self.program.clone(),
                 };
-                tracker.spawn(worker.supervise(token));
+                // Its consumer group has one member of this node at a time.
+                let previous = stopping.remove(&id);
+                let supervised = token.clone();
+                let task = tracker.spawn(async move {
+                    if let Some(previous) = previous {
+                        let _ = previous.await;
+                    }
+                    worker.supervise(supervised).await
+                });
+                running.insert(id, Running { token, cluster, task });
             }
             tokio::select! {
                 changed = changes.changed() => if changed.is_err() { break },
                 _ = cancel.cancelled() => break,
             }
         }
-        for token in running.values() {
-            token.cancel();
+        for r in running.values() {
+            r.token.cancel();
         }
         tracker.close();
         tracker.wait().await;
     }
+}
+
+/// The consumer of a subscription on this node.
+struct Running {
+    token: CancellationToken,
+    /// The cluster it was started for.
+    cluster: Option<ClusterOptions>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 /// How long a consumer process has to commit its stored offsets and leave
@@ -539,7 +603,8 @@ impl ConsumerProcess {
 
 struct SubscriptionWorker {
     log: Log,
-    clusters: Arc<Vec<ClusterOptions>>,
+    /// Its cluster, if there is one of that name.
+    cluster: Option<ClusterOptions>,
     options: Options,
     retention: RetentionPolicy,
     subscription: Subscription,
@@ -551,10 +616,7 @@ impl SubscriptionWorker {
     /// What the subscription's consumer process starts with.
     fn start(&self) -> Result<Start, Error> {
         let sub = &self.subscription;
-        let cluster = self.clusters.iter().find(|c| c.name == sub.cluster).ok_or_else(|| Error::UnknownCluster {
-            name: sub.cluster.clone(),
-            known: self.clusters.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", "),
-        })?;
+        let cluster = self.cluster.as_ref().ok_or_else(|| Error::UnknownCluster { name: sub.cluster.clone() })?;
         let client_id = format!("ferry-{}-{}", self.log.node_id(), sub.id);
         let config = consumer_config(cluster, sub, &client_id);
         Ok(Start {
@@ -603,6 +665,7 @@ impl SubscriptionWorker {
     async fn run(&self, cancel: CancellationToken) -> Result<(), String> {
         let sub = &self.subscription;
         let mut backoff = self.options.backoff();
+        let mut failed_to_start = false;
         let mut process = loop {
             let spawned = match self.start() {
                 Ok(start) => ConsumerProcess::spawn(&self.program, &start)
@@ -615,6 +678,8 @@ impl SubscriptionWorker {
                 Err(e) => {
                     let delay = backoff.next();
                     warn!(subscription = %sub.id, "{e}; retrying in {delay:?}");
+                    self.status.set_state(&sub.id, ConsumerState::Restarting { reason: e });
+                    failed_to_start = true;
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => continue,
                         _ = cancel.cancelled() => return Ok(()),
@@ -622,6 +687,9 @@ impl SubscriptionWorker {
                 }
             }
         };
+        if failed_to_start {
+            self.status.set_state(&sub.id, ConsumerState::Starting);
+        }
         info!(subscription = %sub.id, source = %sub.source(), sink = %sub.sink(), group = sub.group_id(), "consuming");
         let mut feeds = Feeds {
             worker: self,

@@ -42,8 +42,8 @@ fn rand_u64() -> u64 {
 /// Errors of the ingress.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("unknown Kafka cluster {name}; configured clusters: {known}")]
-    UnknownCluster { name: String, known: String },
+    #[error("unknown Kafka cluster {name}: neither in the config file nor registered with POST /kafka-clusters")]
+    UnknownCluster { name: String },
     #[error("subscription {subscription}: cannot create a Kafka consumer: {source}")]
     Consumer { subscription: String, source: rdkafka::error::KafkaError },
     #[error("invalid Kafka cluster {name}: {reason}")]

@@ -41,10 +41,10 @@ impl Sink {
     pub fn resolve(metadata: &MetadataState, subscription: &Subscription, defaults: RetentionPolicy) -> Sink {
         let (service, handler) = (&subscription.service, &subscription.handler);
         let recorded = (subscription.service_ty, subscription.handler_ty);
-        let def = metadata.services.get(service).and_then(|s| Some((&s.def, s.def.handler(handler)?)));
-        let current = def.map(|(service, handler)| (service.ty, handler.ty));
+        let def = metadata.services.get(service).and_then(|s| Some((s, s.def.handler(handler)?)));
+        let current = def.map(|(service, handler)| (service.def.ty, handler.ty));
         let retention = match def {
-            Some((service, handler)) => service.retention(handler, defaults, false),
+            Some((service, handler)) => service.def.retention(handler, defaults, &service.config, false),
             None => defaults.retention(subscription.handler_ty, false),
         };
         let unavailable = match current {
@@ -153,6 +153,7 @@ pub fn invoke(origin: &Origin, sink: &Sink, mut record: Record, partitions: u32,
         trace: None,
         retention: sink.retention,
         reply: None,
+        idempotency_key: None,
     };
     (partition_of(partition_key, partitions), invoke)
 }

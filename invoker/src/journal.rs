@@ -192,7 +192,12 @@ impl Job {
         let (resolved, failure) = match targets.resolve(call.service, call.handler, idempotency_key.is_some()) {
             Ok(resolved) => (resolved, None),
             Err((message, retention)) => {
-                let unknown = Resolved { service_ty: ServiceType::Service, handler_ty: HandlerType::Shared, retention };
+                let unknown = Resolved {
+                    service_ty: ServiceType::Service,
+                    handler_ty: HandlerType::Shared,
+                    retention,
+                    public: true,
+                };
                 (unknown, Some((404, message)))
             }
         };
@@ -224,6 +229,7 @@ impl Job {
                 completion_id,
                 kind: ReplyKind::Call,
             }),
+            idempotency_key: idempotency_key.map(str::to_owned),
         }
     }
 
@@ -969,6 +975,7 @@ mod tests {
                     service_ty: ServiceType::VirtualObject,
                     handler_ty: HandlerType::Exclusive,
                     retention: Retention::FOREVER,
+                    public: true,
                 }),
                 _ => Err((format!("service {service} not found"), Retention::FOREVER)),
             }

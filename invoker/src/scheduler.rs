@@ -695,14 +695,19 @@ struct Target {
     streams: bool,
     headers: BTreeMap<String, String>,
     version: ProtocolVersion,
-    /// The handler's own timeouts, from its manifest.
+    /// The handler's own timeouts: an operator's, else its manifest's.
     timeouts: Timeouts,
 }
 
 fn resolve(log: &Log, service: &str, handler: &str) -> Result<Target, String> {
     log.read_metadata(|m| {
         let registered = m.services.get(service).ok_or_else(|| format!("service {service} is not registered"))?;
-        let timeouts = registered.def.handler(handler).map(|h| h.timeouts).unwrap_or_default();
+        let manifest = registered.def.handler(handler).map(|h| h.timeouts).unwrap_or_default();
+        let set = registered.config.timeouts;
+        let timeouts = Timeouts {
+            inactivity_ms: set.inactivity_ms.or(manifest.inactivity_ms),
+            abort_ms: set.abort_ms.or(manifest.abort_ms),
+        };
         let deployment = m
             .deployments
             .get(&registered.deployment_id)

@@ -17,9 +17,10 @@ use crate::store::{key, scan_prefix, MemStore, Row, Store, StoreError, StoreRead
 use crate::watch::{Watch, Watches};
 pub use crate::wire::v1::Completion;
 use crate::wire::v1::{
-    Attach, AttemptId, Command, Dedup, Deployment, Effect, HandlerType, Invoke, JournalEntry, MetadataCommand,
-    MetadataResponse, Notice, Notification, Outcome, Outgoing, PromiseOp, ReplyKind, ReplyTo, Response, Retention,
-    RetentionPolicy, ServiceDef, ServiceType, SetState, Sleep, Source, StateOp, Subscription, Target,
+    Attach, AttemptId, Command, Dedup, Deployment, Effect, HandlerType, Invoke, JournalEntry, KafkaCluster,
+    MetadataCommand, MetadataResponse, Notice, Notification, Outcome, Outgoing, PromiseOp, ReplyKind, ReplyTo,
+    Response, Retention, RetentionPolicy, ServiceConfig, ServiceDef, ServiceType, SetState, Sleep, Source, StateOp,
+    Subscription, Target,
 };
 use crate::wire::{decode, encode};
 
@@ -117,6 +118,8 @@ pub struct Invocation {
     pub payload: Bytes,
     pub headers: Vec<(String, String)>,
     pub source: Source,
+    /// The idempotency key its id was made from.
+    pub idempotency_key: Option<String>,
     pub status: Status,
     pub created_at_ms: u64,
     pub modified_at_ms: u64,
@@ -481,6 +484,7 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
                 payload: invoke.payload,
                 headers: invoke.headers,
                 source: invoke.source,
+                idempotency_key: invoke.idempotency_key,
                 status: Status::Scheduled,
                 created_at_ms: invoke.created_at_ms,
                 modified_at_ms: invoke.created_at_ms,
@@ -846,13 +850,40 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
                 let retired = self.retire(inv, at_ms)?;
                 return Ok((Outcome::Applied, !retired.removed));
             }
-            Effect::Resume { .. } => {
-                if status != Status::Paused {
+            // As in Restate: a paused invocation runs again with its
+            // attempts counted anew, a backing-off or suspended one runs now,
+            // a running one goes on.
+            Effect::Resume { .. } => match status {
+                Status::Paused | Status::BackingOff | Status::Suspended => {
+                    if let Some(at) = inv.wake_at_ms.take() {
+                        self.store.remove(Table::Timers, &key::due(at, &inv.id))?;
+                    }
+                    if status == Status::Paused {
+                        inv.attempts = 0;
+                    }
+                    self.make_runnable(inv)?;
+                }
+                Status::Ready => {}
+                Status::Scheduled | Status::Pending | Status::Completed => {
                     return Ok((Outcome::NotAllowed(format!("the invocation is {}", status.as_str())), true));
                 }
-                inv.attempts = 0;
-                self.make_runnable(inv)?;
-            }
+            },
+            Effect::Pause { .. } => match status {
+                Status::Ready | Status::BackingOff | Status::Suspended => {
+                    // Its sleeps and backoff wait for the resume: the handler
+                    // asks for them again when it runs.
+                    if let Some(at) = inv.wake_at_ms.take() {
+                        self.store.remove(Table::Timers, &key::due(at, &inv.id))?;
+                    }
+                    inv.journal.append(&mut inv.arrived);
+                    self.unrun(inv, Status::Paused)?;
+                }
+                Status::Paused => {}
+                Status::Scheduled | Status::Pending | Status::Completed => {
+                    let why = format!("the invocation is {}: only a started one can pause", status.as_str());
+                    return Ok((Outcome::NotAllowed(why), true));
+                }
+            },
         }
         Ok((Outcome::Applied, true))
     }
@@ -1467,6 +1498,8 @@ pub struct MetadataState {
     pub subscriptions: BTreeMap<String, Subscription>,
     /// Ids of deleted subscriptions: partitions drop their dedup entries.
     pub deleted_subscriptions: BTreeSet<String>,
+    /// Kafka clusters registered at runtime, by name.
+    pub kafka_clusters: BTreeMap<String, KafkaCluster>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -1474,6 +1507,7 @@ pub struct RegisteredService {
     pub def: ServiceDef,
     pub deployment_id: String,
     pub revision: u32,
+    pub config: ServiceConfig,
 }
 
 /// What an invocation of a handler is, as the registered services say.
@@ -1482,6 +1516,8 @@ pub struct Resolved {
     pub service_ty: ServiceType,
     pub handler_ty: HandlerType,
     pub retention: Retention,
+    /// Whether the HTTP ingress may call it.
+    pub public: bool,
 }
 
 impl MetadataState {
@@ -1503,7 +1539,8 @@ impl MetadataState {
         Ok(Resolved {
             service_ty: registered.def.ty,
             handler_ty: def.ty,
-            retention: registered.def.retention(def, defaults, idempotent),
+            retention: registered.def.retention(def, defaults, &registered.config, idempotent),
+            public: registered.config.is_public(),
         })
     }
 
@@ -1512,12 +1549,16 @@ impl MetadataState {
             MetadataCommand::PutDeployment(deployment) => {
                 // Re-registering a deployment replaces it: services it no longer
                 // serves go away, the others get a new revision.
+                // What an operator set goes too, as in Restate: the manifest rules.
                 for def in &deployment.services {
                     let revision = self.services.get(&def.name).map_or(1, |s| s.revision + 1);
-                    self.services.insert(
-                        def.name.clone(),
-                        RegisteredService { def: def.clone(), deployment_id: deployment.id.clone(), revision },
-                    );
+                    let registered = RegisteredService {
+                        def: def.clone(),
+                        deployment_id: deployment.id.clone(),
+                        revision,
+                        config: ServiceConfig::default(),
+                    };
+                    self.services.insert(def.name.clone(), registered);
                 }
                 let served = |name: &String| deployment.services.iter().any(|d| &d.name == name);
                 self.services.retain(|name, s| s.deployment_id != deployment.id || served(name));
@@ -1543,6 +1584,40 @@ impl MetadataState {
                     return MetadataResponse::NotFound;
                 }
                 self.deleted_subscriptions.insert(id);
+                MetadataResponse::Done
+            }
+            MetadataCommand::ConfigureService { name, config } => {
+                let Some(service) = self.services.get_mut(&name) else {
+                    return MetadataResponse::NotFound;
+                };
+                service.config = config;
+                MetadataResponse::Done
+            }
+            MetadataCommand::PutKafkaCluster { mut cluster, create } => {
+                match (self.kafka_clusters.get(&cluster.name), create) {
+                    (Some(_), true) => {
+                        return MetadataResponse::Conflict(format!("Kafka cluster {} exists", cluster.name))
+                    }
+                    (None, false) => return MetadataResponse::NotFound,
+                    (Some(existing), false) => cluster.created_at_ms = existing.created_at_ms,
+                    (None, true) => {}
+                }
+                self.kafka_clusters.insert(cluster.name.clone(), cluster);
+                MetadataResponse::Done
+            }
+            MetadataCommand::RemoveKafkaCluster { name, force } => {
+                if !self.kafka_clusters.contains_key(&name) {
+                    return MetadataResponse::NotFound;
+                }
+                let readers: Vec<&str> =
+                    self.subscriptions.values().filter(|s| s.cluster == name).map(|s| s.id.as_str()).collect();
+                if !force && !readers.is_empty() {
+                    return MetadataResponse::Conflict(format!(
+                        "Kafka cluster {name} is used by subscriptions {}; delete them first, or pass force=true",
+                        readers.join(", ")
+                    ));
+                }
+                self.kafka_clusters.remove(&name);
                 MetadataResponse::Done
             }
         };
@@ -1585,6 +1660,7 @@ mod tests {
             trace: None,
             retention: Retention::FOREVER,
             reply: None,
+            idempotency_key: None,
         }
     }
 
@@ -2236,6 +2312,27 @@ mod tests {
         let inv = view(&state).invocation("inv_1").unwrap();
         assert_eq!(inv.completion, Some(Completion::Failure { code: 500, message: "boom".to_owned() }));
         assert_eq!(runnable(&state), vec!["inv_3", "inv_2"]);
+
+        // An operator pauses a running invocation and a backing-off one.
+        let pause = |id: &str| Effect::Pause { id: id.to_owned() };
+        assert_eq!(effect(&mut state, 540, pause("inv_3")), Outcome::Applied);
+        assert_eq!(view(&state).invocation("inv_3").unwrap().status, Status::Paused);
+        assert_eq!(runnable(&state), vec!["inv_2"]);
+        assert_eq!(effect(&mut state, 541, pause("inv_3")), Outcome::Applied, "pausing again changes nothing");
+        let failed_2 = Effect::Failed {
+            id: "inv_2".to_owned(),
+            attempt: at(4, 0),
+            message: "boom".to_owned(),
+            retry_at_ms: Some(900),
+            pause: false,
+        };
+        assert_eq!(effect(&mut state, 550, failed_2), Outcome::Applied);
+        assert_eq!(effect(&mut state, 560, pause("inv_2")), Outcome::Applied);
+        assert!(view(&state).timers().is_empty(), "its backoff is dropped");
+        assert!(runnable(&state).is_empty());
+        assert!(matches!(effect(&mut state, 570, pause("inv_1")), Outcome::NotAllowed(_)), "inv_1 is completed");
+        assert_eq!(effect(&mut state, 580, Effect::Resume { id: "inv_2".to_owned() }), Outcome::Applied);
+        assert_eq!(runnable(&state), vec!["inv_2"]);
     }
 
     #[test]
@@ -2723,5 +2820,43 @@ mod tests {
         assert!(m.services.is_empty());
         assert_eq!(m.apply(MetadataCommand::RemoveDeployment { id: "dp_2".to_owned() }), MetadataResponse::NotFound);
         assert_eq!(m.version, 5);
+    }
+
+    #[test]
+    fn kafka_clusters_are_created_replaced_and_removed_unless_in_use() {
+        let cluster = |servers: &str, at: u64| KafkaCluster {
+            name: "orders".to_owned(),
+            properties: [("bootstrap.servers".to_owned(), servers.to_owned())].into(),
+            created_at_ms: at,
+        };
+        let put = |cluster, create| MetadataCommand::PutKafkaCluster { cluster, create };
+        let remove = |force| MetadataCommand::RemoveKafkaCluster { name: "orders".to_owned(), force };
+        let mut m = MetadataState::default();
+        assert_eq!(m.apply(put(cluster("a:9092", 1), false)), MetadataResponse::NotFound);
+        assert_eq!(m.apply(put(cluster("a:9092", 1), true)), MetadataResponse::Done);
+        assert!(matches!(m.apply(put(cluster("b:9092", 2), true)), MetadataResponse::Conflict(_)));
+        // A replacement keeps when the cluster was made.
+        assert_eq!(m.apply(put(cluster("b:9092", 3), false)), MetadataResponse::Done);
+        assert_eq!(m.kafka_clusters["orders"], cluster("b:9092", 1));
+
+        let subscription = Subscription {
+            id: "sub_1".to_owned(),
+            cluster: "orders".to_owned(),
+            topic: "t".to_owned(),
+            service: "Counter".to_owned(),
+            handler: "add".to_owned(),
+            service_ty: ServiceType::VirtualObject,
+            handler_ty: HandlerType::Exclusive,
+            options: BTreeMap::new(),
+            created_at_ms: 1,
+        };
+        assert_eq!(m.apply(MetadataCommand::PutSubscription(subscription)), MetadataResponse::Done);
+        match m.apply(remove(false)) {
+            MetadataResponse::Conflict(why) => assert!(why.contains("sub_1"), "{why}"),
+            other => panic!("removed a cluster in use: {other:?}"),
+        }
+        assert_eq!(m.apply(remove(true)), MetadataResponse::Done);
+        assert!(m.kafka_clusters.is_empty() && m.subscriptions.contains_key("sub_1"));
+        assert_eq!(m.apply(remove(true)), MetadataResponse::NotFound);
     }
 }

@@ -84,6 +84,7 @@ pub fn partition_tables() -> Vec<Box<dyn PartitionTable>> {
         Box::new(Invocations { shape: Shape::Invocation }),
         Box::new(Invocations { shape: Shape::Status }),
         Box::new(Invocations { shape: Shape::Journal }),
+        Box::new(Invocations { shape: Shape::Idempotency }),
         Box::new(ObjectState),
         Box::new(Inboxes { holders: false }),
         Box::new(Inboxes { holders: true }),
@@ -159,6 +160,15 @@ const JOURNAL: &[(&str, Ty)] = &[
     ("appended_at", Ty::Time),
 ];
 
+const IDEMPOTENCY: &[(&str, Ty)] = &[
+    ("partition_key", Ty::U64),
+    ("service_name", Ty::Str),
+    ("service_key", Ty::Str),
+    ("service_handler", Ty::Str),
+    ("idempotency_key", Ty::Str),
+    ("invocation_id", Ty::Str),
+];
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Shape {
     /// `sys_invocation`: an invocation and its attempts, statuses as `restate invocations list` shows them.
@@ -167,6 +177,8 @@ enum Shape {
     Status,
     /// `sys_journal`: a row per journal entry.
     Journal,
+    /// `sys_idempotency`: a row per retained invocation made with an idempotency key.
+    Idempotency,
 }
 
 #[derive(Debug)]
@@ -180,12 +192,14 @@ impl PartitionTable for Invocations {
             Shape::Invocation => "sys_invocation",
             Shape::Status => "sys_invocation_status",
             Shape::Journal => "sys_journal",
+            Shape::Idempotency => "sys_idempotency",
         }
     }
 
     fn columns(&self) -> &'static [(&'static str, Ty)] {
         match self.shape {
             Shape::Journal => JOURNAL,
+            Shape::Idempotency => IDEMPOTENCY,
             Shape::Invocation | Shape::Status => INVOCATION,
         }
     }
@@ -193,6 +207,9 @@ impl PartitionTable for Invocations {
     fn scope_columns(&self) -> ScopeColumns {
         match self.shape {
             Shape::Journal => ScopeColumns { id: Some("id"), service: None, key: None },
+            Shape::Idempotency => {
+                ScopeColumns { id: Some("invocation_id"), service: Some("service_name"), key: Some("service_key") }
+            }
             Shape::Invocation | Shape::Status => {
                 ScopeColumns { id: Some("id"), service: Some("target_service_name"), key: Some("target_service_key") }
             }
@@ -237,6 +254,18 @@ impl Invocations {
         match self.shape {
             Shape::Invocation | Shape::Status => self.append_invocation(inv, rows),
             Shape::Journal => append_journal(inv, rows),
+            Shape::Idempotency => {
+                if let Some(idempotency_key) = &inv.idempotency_key {
+                    let target = &inv.target;
+                    rows.u64(partition_key(&inv.id))
+                        .str(Some(&target.service))
+                        .str(target.key.as_deref())
+                        .str(Some(&target.handler))
+                        .str(Some(idempotency_key))
+                        .str(Some(&inv.id))
+                        .end();
+                }
+            }
         }
     }
 
@@ -267,7 +296,7 @@ impl Invocations {
             .str(target.key.as_deref())
             .str(Some(&target.handler))
             .str(Some(service_ty(target.service_ty)))
-            .str(None)
+            .str(inv.idempotency_key.as_deref())
             .str(Some(match inv.source {
                 Source::Ingress => "ingress",
                 Source::Service { .. } => "service",

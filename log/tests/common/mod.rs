@@ -42,5 +42,6 @@ pub fn invoke(i: u64) -> Invoke {
         trace: None,
         retention: Retention::FOREVER,
         reply: None,
+        idempotency_key: None,
     }
 }

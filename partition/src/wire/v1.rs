@@ -175,7 +175,7 @@ pub enum Effect {
     Kill { id: String },
     /// Forget a completed invocation.
     Purge { id: String },
-    /// Run a paused invocation again.
+    /// Run a paused, backing-off or suspended invocation now.
     Resume { id: String },
     /// Drop the journal of a completed invocation now, keeping its result.
     PurgeJournal { id: String },
@@ -192,6 +192,10 @@ pub enum Effect {
         sends: Vec<Outgoing>,
         arrived: u32,
     },
+    /// Stop a running, backing-off or suspended invocation until it is
+    /// resumed: its attempt is abandoned, its key stays held, and results
+    /// that arrive meanwhile wait in its journal.
+    Pause { id: String },
 }
 
 impl Effect {
@@ -217,6 +221,7 @@ impl Effect {
             | Effect::Purge { id }
             | Effect::Resume { id }
             | Effect::PurgeJournal { id }
+            | Effect::Pause { id }
             | Effect::Checkpoint { id, .. } => id,
         }
     }
@@ -347,6 +352,23 @@ pub enum MetadataCommand {
     RemoveSubscription {
         id: String,
     },
+    /// Replace what an operator set for a registered service.
+    ConfigureService {
+        name: String,
+        config: ServiceConfig,
+    },
+    /// Register a Kafka cluster (`create`: refused if the name is taken) or
+    /// replace the properties of a registered one (refused if there is none).
+    PutKafkaCluster {
+        cluster: KafkaCluster,
+        create: bool,
+    },
+    /// Forget a Kafka cluster; refused while subscriptions read from it,
+    /// unless `force` (they then wait for a cluster of that name).
+    RemoveKafkaCluster {
+        name: String,
+        force: bool,
+    },
 }
 
 /// A request to run one handler.
@@ -376,6 +398,8 @@ pub struct Invoke {
     pub retention: Retention,
     /// A call's caller, which gets the result.
     pub reply: Option<ReplyTo>,
+    /// The idempotency key its id was made from.
+    pub idempotency_key: Option<String>,
 }
 
 /// How long a completed invocation is kept, fixed when it is created.
@@ -589,9 +613,16 @@ impl ServiceDef {
     }
 
     /// The retention of an invocation of `handler`: `defaults`, overridden
-    /// by the service, then by the handler.
-    pub fn retention(&self, handler: &HandlerDef, defaults: RetentionPolicy, idempotent: bool) -> Retention {
-        defaults.overridden(&self.retention).overridden(&handler.retention).retention(handler.ty, idempotent)
+    /// by the service, by the handler, then by what an operator set.
+    pub fn retention(
+        &self,
+        handler: &HandlerDef,
+        defaults: RetentionPolicy,
+        config: &ServiceConfig,
+        idempotent: bool,
+    ) -> Retention {
+        let policy = defaults.overridden(&self.retention).overridden(&handler.retention).overridden(&config.retention);
+        policy.retention(handler.ty, idempotent)
     }
 }
 
@@ -618,6 +649,33 @@ pub struct Timeouts {
     /// An attempt whose request is complete (sent whole, or closed) fails
     /// when its handler sends nothing more for this long.
     pub abort_ms: Option<u64>,
+}
+
+/// What an operator set for a service (Restate's `PATCH /services/{name}`):
+/// each value set overrides the deployment's manifest and the defaults,
+/// until a deployment registers the service again.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceConfig {
+    /// `Some(false)`: called only by other services, not through the HTTP ingress.
+    pub public: Option<bool>,
+    pub retention: RetentionOverrides,
+    pub timeouts: Timeouts,
+}
+
+impl ServiceConfig {
+    pub fn is_public(&self) -> bool {
+        self.public.unwrap_or(true)
+    }
+}
+
+/// A Kafka cluster registered through the admin API (the config file's
+/// clusters are not in the log).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KafkaCluster {
+    pub name: String,
+    /// librdkafka properties, `bootstrap.servers` among them.
+    pub properties: BTreeMap<String, String>,
+    pub created_at_ms: u64,
 }
 
 /// `kafka://<cluster>/<topic>` -> `service://<service>/<handler>`.
