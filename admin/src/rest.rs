@@ -1,7 +1,7 @@
 //! The REST gateway: Restate's admin paths and JSON shapes over [`Admin`].
 //! Errors are `{"message": ...}` with the status that fits.
 
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -29,6 +29,11 @@ impl IntoResponse for Error {
 /// A JSON body, or an error naming what is wrong with it.
 fn body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, Error> {
     body.map(|Json(v)| v).map_err(|rejection| Error::BadRequest(rejection.body_text()))
+}
+
+/// A query string, or an error naming what is wrong with it.
+fn params<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, Error> {
+    query.map(|Query(v)| v).map_err(|rejection| Error::BadRequest(rejection.body_text()))
 }
 
 type Reply<T> = Result<Json<T>, Error>;
@@ -177,38 +182,13 @@ async fn remove_deployment(State(admin): State<Admin>, Path(id): Path<String>) -
     admin.remove_deployment(&id).await.map(|()| StatusCode::ACCEPTED)
 }
 
-/// Restate's body of `PATCH /services/{name}`; each field may be null.
-#[derive(Debug, serde::Deserialize)]
-struct ModifyService {
-    #[serde(default)]
-    public: Option<bool>,
-    #[serde(default)]
-    journal_retention: Option<String>,
-    #[serde(default)]
-    idempotency_retention: Option<String>,
-    #[serde(default)]
-    workflow_completion_retention: Option<String>,
-    #[serde(default)]
-    inactivity_timeout: Option<String>,
-    #[serde(default)]
-    abort_timeout: Option<String>,
-}
-
+/// Restate's body of `PATCH /services/{name}`: each field optional or null.
 async fn modify_service(
     State(admin): State<Admin>,
     Path(name): Path<String>,
-    request: Result<Json<ModifyService>, JsonRejection>,
+    request: Result<Json<pb::ModifyServiceRequest>, JsonRejection>,
 ) -> Reply<pb::Service> {
-    let m = body(request)?;
-    let request = pb::ModifyServiceRequest {
-        name,
-        public: m.public,
-        journal_retention: m.journal_retention,
-        idempotency_retention: m.idempotency_retention,
-        workflow_completion_retention: m.workflow_completion_retention,
-        inactivity_timeout: m.inactivity_timeout,
-        abort_timeout: m.abort_timeout,
-    };
+    let request = pb::ModifyServiceRequest { name, ..body(request)? };
     reply(admin.modify_service(request).await)
 }
 
@@ -332,9 +312,9 @@ struct DeleteKafkaCluster {
 async fn delete_kafka_cluster(
     State(admin): State<Admin>,
     Path(name): Path<String>,
-    query: Result<Query<DeleteKafkaCluster>, axum::extract::rejection::QueryRejection>,
+    query: Result<Query<DeleteKafkaCluster>, QueryRejection>,
 ) -> Result<StatusCode, Error> {
-    let Query(request) = query.map_err(|r| Error::BadRequest(r.body_text()))?;
+    let request = params(query)?;
     admin.delete_kafka_cluster(&name, request.force.unwrap_or(false)).await.map(|()| StatusCode::ACCEPTED)
 }
 
@@ -362,9 +342,9 @@ struct RestartAsNew {
 async fn restart_as_new(
     State(admin): State<Admin>,
     Path(id): Path<String>,
-    query: Result<Query<RestartAsNew>, axum::extract::rejection::QueryRejection>,
+    query: Result<Query<RestartAsNew>, QueryRejection>,
 ) -> Reply<serde_json::Value> {
-    let Query(request) = query.map_err(|r| Error::BadRequest(r.body_text()))?;
+    let request = params(query)?;
     if request.from.unwrap_or(0) > 0 {
         return Err(Error::BadRequest(
             "from: a restarted invocation starts from the beginning of its journal (from=0)".to_owned(),
@@ -384,16 +364,16 @@ async fn restart_as_new(
 
 async fn cluster_status(
     State(admin): State<Admin>,
-    query: Result<Query<pb::GetClusterStatusRequest>, axum::extract::rejection::QueryRejection>,
+    query: Result<Query<pb::GetClusterStatusRequest>, QueryRejection>,
 ) -> Reply<pb::ClusterStatus> {
-    let Query(request) = query.map_err(|r| Error::BadRequest(r.body_text()))?;
+    let request = params(query)?;
     Ok(Json(admin.cluster_status(&request)))
 }
 
 async fn list_invocations(
     State(admin): State<Admin>,
-    query: Result<Query<pb::ListInvocationsRequest>, axum::extract::rejection::QueryRejection>,
+    query: Result<Query<pb::ListInvocationsRequest>, QueryRejection>,
 ) -> Reply<pb::ListInvocationsResponse> {
-    let Query(request) = query.map_err(|r| Error::BadRequest(r.body_text()))?;
+    let request = params(query)?;
     reply(admin.list_invocations(&request))
 }
