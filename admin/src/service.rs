@@ -150,6 +150,22 @@ fn deployment_to_proto(d: &Deployment, metadata: &MetadataState) -> pb::Deployme
     }
 }
 
+/// New properties of a cluster with each secret sent back as reads show it
+/// (`***`) given its `current` value.
+fn unredacted(
+    mut properties: BTreeMap<String, String>,
+    current: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    for (key, value) in &mut properties {
+        if value == REDACTED && is_secret(key) {
+            if let Some(kept) = current.get(key) {
+                value.clone_from(kept);
+            }
+        }
+    }
+    properties
+}
+
 /// A cluster as the API shows it: secrets redacted, its brokers among its
 /// properties as `bootstrap.servers`.
 fn cluster_to_proto(cluster: &ClusterOptions, created_at_ms: u64, configured: bool) -> pb::KafkaCluster {
@@ -687,17 +703,9 @@ impl Admin {
     ) -> Result<pb::KafkaCluster, Error> {
         let name = request.name;
         self.refuse_configured(&name, "change it there")?;
-        let mut properties: BTreeMap<String, String> = request.properties.into_iter().collect();
         let current = self.log.read_metadata(|m| m.kafka_clusters.get(&name).cloned());
         let current = current.ok_or_else(|| Error::NotFound(format!("Kafka cluster {name} not found")))?;
-        // Reads show secrets redacted; sent back unchanged, they keep their value.
-        for (key, value) in &mut properties {
-            if value == REDACTED && is_secret(key) {
-                if let Some(kept) = current.properties.get(key) {
-                    value.clone_from(kept);
-                }
-            }
-        }
+        let properties = unredacted(request.properties.into_iter().collect(), &current.properties);
         self.put_kafka_cluster(KafkaCluster { name, properties, created_at_ms: current.created_at_ms }, false).await
     }
 
@@ -937,6 +945,18 @@ impl Admin {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_sent_back_redacted_keep_their_value() {
+        let map = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+        };
+        let current = map(&[("sasl.password", "hunter2"), ("sasl.username", "me"), ("client.id", "a")]);
+        let sent = map(&[("sasl.password", "***"), ("sasl.username", "you"), ("client.id", "***"), ("x.token", "***")]);
+        let expected =
+            map(&[("sasl.password", "hunter2"), ("sasl.username", "you"), ("client.id", "***"), ("x.token", "***")]);
+        assert_eq!(unredacted(sent, &current), expected, "only a secret that exists is kept");
+    }
 
     #[test]
     fn durations_parse_as_restate_writes_them() {

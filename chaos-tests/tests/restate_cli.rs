@@ -108,6 +108,13 @@ async fn restates_cli_inspects_and_steers_a_node() -> Result<()> {
     ensure!(!active.contains("Counter/a/add"), "completed ones are not active: {active}");
     let all = cli(&["invocations", "list", "--all"])?;
     ensure!(all.contains("Counter/a/add") && all.contains("completed"), "{all}");
+    // The list's filters.
+    let counter = cli(&["invocations", "list", "--service", "Counter", "--completion-result", "success"])?;
+    ensure!(counter.contains("Counter/a/add") && !counter.contains("Awake"), "{counter}");
+    let w1 = cli(&["invocations", "list", "--service", "Awake", "--key", "w1", "--virtual-objects-only"])?;
+    ensure!(w1.contains(&waiting) && !w1.contains(&killed), "{w1}");
+    let by_handler = cli(&["invocations", "list", "--all", "--handler", "add", "--limit", "1"])?;
+    ensure!(by_handler.matches("Counter/a/add").count() == 1 && !by_handler.contains("Awake"), "{by_handler}");
     let one = cli(&["invocations", "describe", &waiting])?;
     ensure!(one.contains("Awake/w1/wait") && one.contains("Command: Input"), "{one}");
 
@@ -185,6 +192,13 @@ async fn restates_cli_inspects_and_steers_a_node() -> Result<()> {
     ensure!(patched.contains("Kafka cluster rt updated"), "{patched}");
     let rt = node.get("/kafka-clusters/rt").await?;
     ensure!(rt["properties"]["client.id"] == "ferry-test" && rt["properties"]["sasl.password"] == "***", "{rt}");
+    let cluster_editor = home.join("cluster-editor.sh");
+    std::fs::write(&cluster_editor, "#!/bin/sh\necho 'client.rack=r2' >> \"$1\"\n")?;
+    std::fs::set_permissions(&cluster_editor, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let (edited, text) = restate(&node, &home, &cluster_editor, &["kafka-clusters", "edit", "rt"])?;
+    ensure!(edited && text.contains("Kafka cluster rt updated"), "{text}");
+    let rt = node.get("/kafka-clusters/rt").await?;
+    ensure!(rt["properties"]["client.rack"] == "r2" && rt["properties"]["client.id"] == "ferry-test", "{rt}");
     cli(&["subscriptions", "create", "kafka://rt/orders", "service://Counter/add"])?;
     let (deleted, refused) = restate(&node, &home, &editor, &["kafka-clusters", "delete", "rt"])?;
     ensure!(!deleted && refused.contains("--force"), "in use: {refused}");
@@ -199,6 +213,14 @@ async fn restates_cli_inspects_and_steers_a_node() -> Result<()> {
     ensure!(patched.contains("Journal retention") && patched.contains("2d"), "{patched}");
     let config = cli(&["services", "config", "view", "Counter"])?;
     ensure!(config.contains("Journal retention:  2d") && config.contains("15m"), "{config}");
+    // `services config edit` and `kafka-clusters edit` open a file in $EDITOR.
+    let service_editor = home.join("service-editor.sh");
+    std::fs::write(&service_editor, "#!/bin/sh\necho 'idempotency_retention = \"3d\"' >> \"$1\"\n")?;
+    std::fs::set_permissions(&service_editor, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let (edited, text) = restate(&node, &home, &service_editor, &["services", "config", "edit", "Counter"])?;
+    ensure!(edited, "{text}");
+    let counter = node.get("/services/Counter").await?;
+    ensure!(counter["idempotency_retention"] == "3days" && counter["journal_retention"] == "2days", "{counter}");
     cli(&["services", "config", "patch", "Counter", "--public", "false"])?;
     let (status, body) = node.ingress("/Counter/a/add", Some("1"), &json).await?;
     ensure!(status == 400 && body.to_string().contains("private"), "a private service: {status} {body}");
