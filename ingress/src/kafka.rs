@@ -453,7 +453,10 @@ impl KafkaIngress {
                     if let Some(previous) = previous {
                         let _ = previous.await;
                     }
-                    worker.supervise(supervised).await
+                    // Changed again meanwhile: a later consumer replaces this one.
+                    if !supervised.is_cancelled() {
+                        worker.supervise(supervised).await
+                    }
                 });
                 running.insert(id, Running { token, cluster, task });
             }
