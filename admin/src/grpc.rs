@@ -99,6 +99,14 @@ impl AdminService for AdminGrpc {
         Ok(Response::new(pb::DeleteSubscriptionResponse {}))
     }
 
+    async fn pause_subscription(&self, r: Request<pb::PauseSubscriptionRequest>) -> Reply<pb::Subscription> {
+        Ok(Response::new(self.0.pause_subscription(&r.into_inner().id, true).await?))
+    }
+
+    async fn resume_subscription(&self, r: Request<pb::ResumeSubscriptionRequest>) -> Reply<pb::Subscription> {
+        Ok(Response::new(self.0.pause_subscription(&r.into_inner().id, false).await?))
+    }
+
     async fn list_kafka_clusters(
         &self,
         _: Request<pb::ListKafkaClustersRequest>,

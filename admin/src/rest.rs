@@ -69,6 +69,18 @@ fn routes() -> Router<Admin> {
         .route("/subscriptions", get(list_subscriptions).post(create_subscription))
         .route("/subscriptions/{id}", get(get_subscription).delete(delete_subscription))
         .route(
+            "/subscriptions/{id}/pause",
+            patch(|State(a): State<Admin>, Path(id): Path<String>| async move {
+                reply(a.pause_subscription(&id, true).await)
+            }),
+        )
+        .route(
+            "/subscriptions/{id}/resume",
+            patch(|State(a): State<Admin>, Path(id): Path<String>| async move {
+                reply(a.pause_subscription(&id, false).await)
+            }),
+        )
+        .route(
             "/kafka-clusters",
             get(|State(a): State<Admin>| async move { Json(a.list_kafka_clusters()) }).post(create_kafka_cluster),
         )

@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use ferry_ingress::kafka::{find_cluster, is_secret, REDACTED};
+use ferry_ingress::subscription;
 use ferry_ingress::{ClusterOptions, IngressStatus};
 use ferry_invoker::Discovery;
 use ferry_log::node::{GroupStatus, StateDigest};
@@ -20,9 +21,10 @@ use ferry_partition::wire::v1::{
 };
 use ferry_partition::{Log, LogReads};
 use ferry_proto::admin as pb;
-use rdkafka::consumer::BaseConsumer;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use crate::Error;
+use tracing::warn;
 
 /// Admin API versions this node serves, as `/version` reports them: the
 /// paths are served under `/v{N}` for each, and without a prefix.
@@ -187,6 +189,41 @@ fn subscription_to_proto(s: &Subscription) -> pb::Subscription {
         source: s.source(),
         sink: s.sink(),
         options: s.options.clone().into_iter().collect(),
+        paused: s.paused,
+    }
+}
+
+/// What the cluster says of a subscription's topic.
+enum TopicCheck {
+    Found,
+    /// The topic, or a partition the subscription names, does not exist.
+    Missing(String),
+    /// The cluster did not answer.
+    Unknown(String),
+}
+
+/// Asks the cluster whether `topic` exists with each of `partitions`.
+fn check_topic(consumer: &BaseConsumer, topic: &str, partitions: &[i32]) -> TopicCheck {
+    const TIMEOUT: Duration = Duration::from_secs(5);
+    let metadata = match consumer.fetch_metadata(Some(topic), TIMEOUT) {
+        Ok(metadata) => metadata,
+        Err(e) => return TopicCheck::Unknown(e.to_string()),
+    };
+    let Some(found) = metadata.topics().iter().find(|t| t.name() == topic) else {
+        return TopicCheck::Missing(format!("the cluster has no topic {topic}"));
+    };
+    match found.error() {
+        None => {}
+        Some(rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART) => {
+            return TopicCheck::Missing(format!("the cluster has no topic {topic}"));
+        }
+        Some(other) => return TopicCheck::Unknown(format!("topic {topic}: {other:?}")),
+    }
+    let count = found.partitions().len() as i32;
+    let existing: std::collections::BTreeSet<i32> = found.partitions().iter().map(|p| p.id()).collect();
+    match partitions.iter().find(|p| !existing.contains(p)) {
+        Some(p) => TopicCheck::Missing(format!("topic {topic} has {count} partitions and no partition {p}")),
+        None => TopicCheck::Found,
     }
 }
 
@@ -599,6 +636,7 @@ impl Admin {
         })?;
         let id = new_id("sub");
         let mut options: BTreeMap<String, String> = request.options.into_iter().collect();
+        let settings = subscription::Settings::parse(&options).map_err(Error::BadRequest)?;
         options.entry("group.id".to_owned()).or_insert_with(|| id.clone());
         let subscription = Subscription {
             id,
@@ -610,10 +648,26 @@ impl Admin {
             handler_ty,
             options,
             created_at_ms: now_ms(),
+            paused: false,
         };
         // librdkafka checks every option name and value when a client is made.
-        let config = ferry_ingress::kafka::consumer_config(&cluster, &subscription, "ferry-admin-validation");
-        config.create::<BaseConsumer>().map_err(|e| Error::BadRequest(format!("invalid subscription options: {e}")))?;
+        let config =
+            ferry_ingress::kafka::consumer_config(&cluster, &subscription, &settings, "ferry-admin-validation");
+        let consumer: BaseConsumer =
+            config.create().map_err(|e| Error::BadRequest(format!("invalid subscription options: {e}")))?;
+        let (topic, partitions) = (subscription.topic.clone(), settings.partitions());
+        let checked = tokio::task::spawn_blocking(move || check_topic(&consumer, &topic, &partitions))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        match checked {
+            TopicCheck::Found => {}
+            TopicCheck::Missing(why) => {
+                return Err(Error::BadRequest(format!("source {}: {why}", request.source)));
+            }
+            TopicCheck::Unknown(why) => {
+                warn!(source = %request.source, "cannot check the topic, subscribing anyway: {why}");
+            }
+        }
         match self.propose_metadata(MetadataCommand::PutSubscription(subscription.clone())).await? {
             MetadataResponse::Done => Ok(subscription_to_proto(&subscription)),
             other => Err(Error::Conflict(format!("{other:?}"))),
@@ -636,6 +690,16 @@ impl Admin {
         self.log
             .read_metadata(|m| m.subscriptions.get(id).map(subscription_to_proto))
             .ok_or_else(|| Error::NotFound(format!("subscription {id} not found")))
+    }
+
+    /// Pauses (or resumes) subscription `id` on every node.
+    pub async fn pause_subscription(&self, id: &str, paused: bool) -> Result<pb::Subscription, Error> {
+        let command = MetadataCommand::PauseSubscription { id: id.to_owned(), paused };
+        match self.propose_metadata(command).await? {
+            MetadataResponse::Done => self.get_subscription(id),
+            MetadataResponse::NotFound => Err(Error::NotFound(format!("subscription {id} not found"))),
+            MetadataResponse::Conflict(message) => Err(Error::Conflict(message)),
+        }
     }
 
     pub async fn delete_subscription(&self, id: &str) -> Result<(), Error> {

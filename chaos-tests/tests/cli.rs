@@ -72,11 +72,19 @@ async fn every_command_against_a_node() -> Result<()> {
     assert!(fails(port, &["kafka-clusters", "describe", "rt"])?.contains("NotFound"));
 
     let args = ["subscriptions", "create", "kafka://my-cluster/t", "service://Counter/add", "--option"];
-    let created = json(port, &[&args[..], &["auto.offset.reset=earliest"]].concat())?;
+    let bad = fails(port, &[&args[..], &["auto.offset.reset=earliest", "--start", "newest"]].concat())?;
+    assert!(bad.contains("InvalidArgument") && bad.contains("unknown ferry.start.position"), "{bad}");
+    let starts = ["--start", "specific-offsets", "--start-offsets", "0:5"];
+    let created = json(port, &[&args[..], &["auto.offset.reset=earliest"], &starts[..]].concat())?;
     let sub = created["id"].as_str().unwrap().to_owned();
     assert_eq!(created["options"]["auto.offset.reset"], "earliest");
+    assert_eq!(created["options"]["ferry.start.offsets"], "0:5");
     assert!(ok(port, &["subscriptions", "list"])?.contains(&sub));
     assert_eq!(json(port, &["subscriptions", "describe", &sub])?["sink"], "service://Counter/add");
+    assert_eq!(json(port, &["subscriptions", "pause", &sub])?["paused"], true);
+    assert!(ok(port, &["subscriptions", "list"])?.contains("paused"));
+    assert!(json(port, &["subscriptions", "resume", &sub])?.get("paused").is_none_or(|p| p == false));
+    assert!(fails(port, &["subscriptions", "pause", "sub_nope"])?.contains("NotFound"));
     ok(port, &["subscriptions", "delete", &sub])?;
 
     // An invocation to act on: one that keeps failing holds its key.

@@ -23,6 +23,7 @@ async fn grpc_and_rest_serve_the_same_data() -> Result<()> {
         .await?
         .into_inner();
     assert!(registered.id.starts_with("dp_"));
+    broker.create_topic("t", 1).await?;
     let (status, sub) =
         node.post("/subscriptions", json!({"source": "kafka://my-cluster/t", "sink": "service://Sink/handle"})).await?;
     assert_eq!(status, 201, "{sub}");

@@ -69,6 +69,7 @@ async fn registers_a_rust_sdk_deployment_and_rejects_bad_requests() -> Result<()
     assert_eq!(node.get("/services/Sink").await?["ty"], "Service");
 
     // Exactly the command from Restate's Kafka documentation.
+    broker.create_topic("my-topic", 1).await?;
     let (status, sub) = node
         .post(
             "/subscriptions",
@@ -101,6 +102,7 @@ async fn registers_a_rust_sdk_deployment_and_rejects_bad_requests() -> Result<()
             400,
             "no.such.property",
         ),
+        ("/subscriptions", json!({"source": "kafka://my-cluster/t", "sink": SUBSCRIBE_COUNTER}), 400, "no topic t"),
         ("/deployments", json!({"uri": unreachable}), 400, "cannot reach"),
         ("/deployments", json!({"uri": "not a uri"}), 400, "invalid deployment uri"),
         ("/deployments", json!({"uri": not_a_deployment}), 400, "404"),
@@ -440,5 +442,167 @@ async fn kafka_clusters_registered_at_runtime_feed_subscriptions() -> Result<()>
         total += counter["count"].as_u64().unwrap_or(0);
     }
     assert_eq!(total, 250);
+    Ok(())
+}
+
+/// The (partition, offset) of each invocation of `subscription`, once
+/// `count` of them completed.
+async fn invoked_offsets(node: &Node, subscription: &str, count: usize) -> Result<Vec<(i64, i64)>> {
+    let all = eventually(Duration::from_secs(120), &format!("{count} invocations of {subscription}"), || async {
+        let all = node.invocations(&format!("subscription={subscription}")).await?;
+        Ok((all.len() >= count && all.iter().all(|inv| inv["status"] == "completed")).then_some(all))
+    })
+    .await
+    .with_context(|| node.log_tail())?;
+    let mut offsets: Vec<(i64, i64)> = all
+        .iter()
+        .map(|inv| (inv["source"]["partition"].as_i64().unwrap_or(-1), inv["source"]["offset"].as_i64().unwrap_or(-1)))
+        .collect();
+    offsets.sort_unstable();
+    Ok(offsets)
+}
+
+/// Start positions with StateFun's names: each subscription begins where its
+/// position says, against records produced with known timestamps (on a broker
+/// that keeps record timestamps, tansu on SQLite), and bad positions are 400s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_start_where_their_position_says() -> Result<()> {
+    use rdkafka::producer::FutureRecord;
+
+    let dir = tempfile::tempdir()?;
+    std::fs::create_dir_all(dir.path().join("broker"))?;
+    let broker = Broker::start_persistent(&dir.path().join("broker")).await?;
+    let handlers = Handlers::start().await?;
+    let node = Node::start(&dir.path().join("node"), &broker).await?;
+    let (status, body) = node.post("/deployments", json!({ "uri": handlers.uri })).await?;
+    assert_eq!(status, 201, "{body}");
+    broker.create_topic("positions", 2).await?;
+
+    // 30 records in each partition, a second apart, an hour ago.
+    let producer = broker.producer()?;
+    let base_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as i64 - 3_600_000;
+    for partition in 0..2 {
+        for i in 0..30i64 {
+            let (key, payload) = (format!("k{i}"), json!({ "seq": i }).to_string());
+            let record = FutureRecord::to("positions").partition(partition).key(&key).payload(&payload);
+            let sent = producer.send(record.timestamp(base_ms + i * 1_000), Duration::from_secs(30)).await;
+            let delivery = sent.map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
+            assert_eq!(delivery.offset, i);
+        }
+    }
+
+    let create = |topic: &str, options: Value| {
+        node.post(
+            "/subscriptions",
+            json!({ "source": format!("kafka://my-cluster/{topic}"), "sink": SUBSCRIBE_COUNTER, "options": options }),
+        )
+    };
+    let at = |ms: i64| jiff::Timestamp::from_millisecond(ms).map(|t| t.to_string());
+    for (topic, options, says) in [
+        ("positions", json!({ "ferry.start.position": "newest" }), "unknown ferry.start.position"),
+        ("positions", json!({ "ferry.start.position": "at-timestamp" }), "needs ferry.start.timestamp"),
+        (
+            "positions",
+            json!({ "ferry.start.position": "at-timestamp", "ferry.start.timestamp": "an hour ago" }),
+            "not an RFC 3339 time",
+        ),
+        (
+            "positions",
+            json!({ "ferry.start.position": "specific-offsets", "ferry.start.offsets": "0:1,5:1" }),
+            "no partition 5",
+        ),
+        ("positions", json!({ "ferry.start.postion": "earliest" }), "unknown subscription option"),
+        ("no-such-topic", json!({}), "no topic no-such-topic"),
+    ] {
+        let (status, body) = create(topic, options.clone()).await?;
+        assert_eq!(status, 400, "{options}: {body}");
+        assert!(body["message"].as_str().is_some_and(|m| m.contains(says)), "{options}: {body}");
+    }
+
+    let subscribe = |options: Value| async move {
+        let (status, body) = create("positions", options).await?;
+        anyhow::ensure!(status == 201, "{body}");
+        Ok::<_, anyhow::Error>(body["id"].as_str().context("id")?.to_owned())
+    };
+    let specific =
+        subscribe(json!({ "ferry.start.position": "specific-offsets", "ferry.start.offsets": "0:25,1:28" })).await?;
+    let timed =
+        subscribe(json!({ "ferry.start.position": "at-timestamp", "ferry.start.timestamp": at(base_ms + 19_500)? }))
+            .await?;
+    let earliest = subscribe(json!({ "ferry.start.position": "earliest" })).await?;
+    let latest = subscribe(json!({ "ferry.start.position": "latest", "statistics.interval.ms": "500" })).await?;
+
+    let range = |partition: i64, offsets: std::ops::Range<i64>| offsets.map(move |o| (partition, o));
+    assert_eq!(
+        invoked_offsets(&node, &specific, 7).await?,
+        range(0, 25..30).chain(range(1, 28..30)).collect::<Vec<_>>()
+    );
+    assert_eq!(invoked_offsets(&node, &timed, 20).await?, range(0, 20..30).chain(range(1, 20..30)).collect::<Vec<_>>());
+    assert_eq!(
+        invoked_offsets(&node, &earliest, 60).await?,
+        range(0, 0..30).chain(range(1, 0..30)).collect::<Vec<_>>()
+    );
+
+    // `latest` waits after the last record: once its consumer knows where
+    // it is in both partitions, only what comes next reaches the handler.
+    eventually(Duration::from_secs(60), "the latest subscription positioned", || async {
+        let status = node.get("/cluster").await?;
+        let lags = status["consumer_lag"].as_array().into_iter().flatten();
+        Ok((lags.filter(|l| l["subscription_id"] == latest.as_str()).count() == 2).then_some(()))
+    })
+    .await?;
+    assert!(node.invocations(&format!("subscription={latest}")).await?.is_empty());
+    for i in 30..35 {
+        let (key, payload) = (format!("k{i}"), json!({ "seq": i }).to_string());
+        let record = FutureRecord::to("positions").partition(0).key(&key).payload(&payload);
+        producer.send(record, Duration::from_secs(30)).await.map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
+    }
+    assert_eq!(invoked_offsets(&node, &latest, 5).await?, range(0, 30..35).collect::<Vec<_>>());
+    // The others go on from where they are, each record once.
+    assert_eq!(invoked_offsets(&node, &specific, 12).await?.len(), 12);
+    assert_eq!(invoked_offsets(&node, &earliest, 65).await?.len(), 65);
+    let listed = node.get(&format!("/subscriptions/{timed}")).await?;
+    assert_eq!(listed["options"]["ferry.start.position"], "at-timestamp", "{listed}");
+    Ok(())
+}
+
+/// A paused subscription has no consumer on any node and reads nothing; once
+/// resumed it goes on from its group's committed offsets, each record once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_subscription_reads_nothing_until_resumed() -> Result<()> {
+    let (broker, _handlers, _dir, node) = node_with_handlers(&[]).await?;
+    broker.create_topic("pausing", 1).await?;
+    let sub = subscribe(&node, "pausing", SUBSCRIBE_COUNTER).await?;
+    let producer = broker.producer()?;
+    let records = |from: i64| -> Vec<Record> {
+        (from..from + 20)
+            .map(|i| Record {
+                key: Some(format!("k{}", i % 4).into_bytes()),
+                payload: json!({ "seq": i }).to_string().into_bytes(),
+                headers: vec![],
+            })
+            .collect()
+    };
+    produce(&producer, "pausing", &records(0)).await?;
+    invoked_offsets(&node, &sub, 20).await?;
+
+    let (status, paused) = node.admin(Method::PATCH, &format!("/subscriptions/{sub}/pause"), None).await?;
+    assert_eq!((status, &paused["paused"]), (200, &json!(true)), "{paused}");
+    assert_eq!(node.get("/subscriptions").await?["subscriptions"][0]["paused"], true);
+    eventually(Duration::from_secs(60), "the paused subscription's consumer gone", || async {
+        let status = node.get("/cluster").await?;
+        let mut consumers = status["consumers"].as_array().into_iter().flatten();
+        Ok(consumers.all(|c| c["subscription_id"] != sub.as_str()).then_some(()))
+    })
+    .await?;
+    produce(&producer, "pausing", &records(20)).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(node.invocations(&format!("subscription={sub}")).await?.len(), 20, "nothing read while paused");
+
+    let (status, resumed) = node.admin(Method::PATCH, &format!("/subscriptions/{sub}/resume"), None).await?;
+    assert_eq!((status, &resumed["paused"]), (200, &json!(false)), "{resumed}");
+    let offsets = invoked_offsets(&node, &sub, 40).await?;
+    assert_eq!(offsets, (0..40).map(|o| (0, o)).collect::<Vec<_>>(), "each record once");
+    assert_eq!(node.admin(Method::PATCH, "/subscriptions/sub_unknown/pause", None).await?.0, 404);
     Ok(())
 }

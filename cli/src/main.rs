@@ -116,15 +116,35 @@ enum Subscriptions {
     Create {
         source: String,
         sink: String,
-        /// A librdkafka consumer option, NAME=VALUE (e.g. auto.offset.reset=earliest).
+        /// A librdkafka consumer option, or one of Ferry's (`ferry.`), NAME=VALUE
+        /// (e.g. fetch.wait.max.ms=50).
         #[arg(long = "option", value_parser = key_value)]
         options: Vec<(String, String)>,
+        /// Where partitions the group has no committed offset for start:
+        /// group-offsets, earliest, latest, specific-offsets or at-timestamp
+        /// (ferry.start.position).
+        #[arg(long)]
+        start: Option<String>,
+        /// With `--start at-timestamp`: an RFC 3339 time, e.g. 2026-12-01T08:00:00Z.
+        #[arg(long)]
+        start_timestamp: Option<String>,
+        /// With `--start specific-offsets`: PARTITION:OFFSET,... e.g. 0:100,1:250.
+        #[arg(long)]
+        start_offsets: Option<String>,
     },
     List,
     Describe {
         id: String,
     },
     Delete {
+        id: String,
+    },
+    /// Stops consuming; the group keeps its committed offsets.
+    Pause {
+        id: String,
+    },
+    /// Consumes again from the group's committed offsets.
+    Resume {
         id: String,
     },
 }
@@ -479,16 +499,39 @@ async fn run(cli: Cli) -> Result<()> {
             }
         },
         Command::Subscriptions(command) => match command {
-            Subscriptions::Create { source, sink, options } => {
-                let request = pb::CreateSubscriptionRequest { source, sink, options: options.into_iter().collect() };
+            Subscriptions::Create { source, sink, options, start, start_timestamp, start_offsets } => {
+                let mut options: std::collections::HashMap<String, String> = options.into_iter().collect();
+                let starts = [
+                    ("ferry.start.position", start),
+                    ("ferry.start.timestamp", start_timestamp),
+                    ("ferry.start.offsets", start_offsets),
+                ];
+                for (key, value) in starts {
+                    if let Some(value) = value {
+                        options.insert(key.to_owned(), value);
+                    }
+                }
+                let request = pb::CreateSubscriptionRequest { source, sink, options };
                 fields(admin.create_subscription(request).await?.into_inner())?.print(json)
             }
             Subscriptions::List => {
                 let request = pb::ListSubscriptionsRequest::default();
                 let list = admin.list_subscriptions(request).await?.into_inner();
-                let rows =
-                    list.subscriptions.iter().map(|s| vec![s.id.clone(), s.source.clone(), s.sink.clone()]).collect();
-                Output::table(list, &["ID", "SOURCE", "SINK"], rows).print(json)
+                let rows = list
+                    .subscriptions
+                    .iter()
+                    .map(|s| {
+                        let state = if s.paused { "paused" } else { "active" };
+                        vec![s.id.clone(), s.source.clone(), s.sink.clone(), state.to_owned()]
+                    })
+                    .collect();
+                Output::table(list, &["ID", "SOURCE", "SINK", "STATE"], rows).print(json)
+            }
+            Subscriptions::Pause { id } => {
+                fields(admin.pause_subscription(pb::PauseSubscriptionRequest { id }).await?.into_inner())?.print(json)
+            }
+            Subscriptions::Resume { id } => {
+                fields(admin.resume_subscription(pb::ResumeSubscriptionRequest { id }).await?.into_inner())?.print(json)
             }
             Subscriptions::Describe { id } => {
                 fields(admin.get_subscription(pb::GetSubscriptionRequest { id }).await?.into_inner())?.print(json)

@@ -44,6 +44,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::record::Record;
+use crate::subscription::StartPosition;
 
 /// The largest frame either side accepts: a batch of records is cut at the
 /// batch byte limit, and one record alone is at most what librdkafka
@@ -55,6 +56,8 @@ pub(crate) const FRAME_BYTES_MAX: usize = 1 << 30;
 pub(crate) struct Start {
     pub subscription: String,
     pub topic: String,
+    /// Where partitions without a committed offset start.
+    pub start: StartPosition,
     /// Every librdkafka property of the consumer.
     pub config: Vec<(String, String)>,
     /// Most records, and most bytes of records, in one [`Event::Records`].
@@ -184,6 +187,7 @@ impl Output {
 
 struct ChildContext {
     topic: String,
+    start: StartPosition,
     out: Arc<Output>,
     /// The generation of each assigned partition. Rebalances change it and
     /// stores and holds read it under this lock.
@@ -276,21 +280,80 @@ impl ChildContext {
         }
     }
 
+    /// Reports an error the consumer cannot go on after, and exits: the node
+    /// starts it again.
+    fn fail(&self, message: String) -> ! {
+        self.out.send(&Event::Error { message, topic_missing: false });
+        self.out.flush();
+        std::process::exit(3);
+    }
+
+    /// Sets the start offset of each partition of `tpl` that the group has
+    /// no committed offset for, as the subscription's start position says.
+    /// Offsets the position leaves to librdkafka (`auto.offset.reset`) stay
+    /// unset.
+    fn start_offsets(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) -> Result<(), String> {
+        const TIMEOUT: Duration = Duration::from_secs(10);
+        if matches!(self.start, StartPosition::GroupOffsets | StartPosition::Earliest | StartPosition::Latest) {
+            return Ok(());
+        }
+        let mut mine = TopicPartitionList::new();
+        for element in tpl.elements().iter().filter(|e| e.topic() == self.topic) {
+            mine.add_partition(&self.topic, element.partition());
+        }
+        let committed =
+            consumer.committed_offsets(mine, TIMEOUT).map_err(|e| format!("reading committed offsets: {e}"))?;
+        let fresh: Vec<i32> =
+            committed.elements().iter().filter(|e| e.offset() == Offset::Invalid).map(|e| e.partition()).collect();
+        let starts: Vec<(i32, Offset)> = match &self.start {
+            StartPosition::SpecificOffsets(offsets) => {
+                fresh.iter().filter_map(|p| offsets.get(p).map(|&offset| (*p, Offset::Offset(offset)))).collect()
+            }
+            StartPosition::AtTimestamp(ms) if !fresh.is_empty() => {
+                let mut times = TopicPartitionList::new();
+                for &partition in &fresh {
+                    times
+                        .add_partition_offset(&self.topic, partition, Offset::Offset(*ms))
+                        .map_err(|e| format!("partition {partition}: {e}"))?;
+                }
+                let found =
+                    consumer.offsets_for_times(times, TIMEOUT).map_err(|e| format!("finding offsets by time: {e}"))?;
+                found
+                    .elements()
+                    .iter()
+                    .map(|e| match e.offset() {
+                        Offset::Offset(offset) if offset >= 0 => (e.partition(), Offset::Offset(offset)),
+                        // No record at or after the time: wait after the last.
+                        _ => (e.partition(), Offset::End),
+                    })
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
+        for (partition, offset) in starts {
+            tpl.set_partition_offset(&self.topic, partition, offset)
+                .map_err(|e| format!("starting partition {partition} at {offset:?}: {e}"))?;
+            self.out.log(
+                LogLevel::Info,
+                format!("partition {partition} has no committed offset: starts at {offset:?} ({})", self.start.name()),
+            );
+        }
+        Ok(())
+    }
+
     /// Assigns `tpl` and reports it with the topic's id, which the node
     /// makes part of the records' producer.
     fn assign(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
         let topic_id = match describe_topic_id(consumer, &self.topic) {
             Ok(id) => id,
-            Err(message) => {
-                // Without the id the records' producer is unknown: start over.
-                self.out.send(&Event::Error {
-                    message: format!("cannot read topic {}'s id: {message}", self.topic),
-                    topic_missing: false,
-                });
-                self.out.flush();
-                std::process::exit(3);
-            }
+            // Without the id the records' producer is unknown: start over.
+            Err(message) => self.fail(format!("cannot read topic {}'s id: {message}", self.topic)),
         };
+        let mut tpl = tpl.clone();
+        if let Err(message) = self.start_offsets(consumer, &mut tpl) {
+            self.fail(format!("cannot find where to start ({}): {message}", self.start.name()));
+        }
+        let tpl = &tpl;
         let mut assigned = self.lock_assigned();
         let partitions: Vec<(i32, u64)> = tpl
             .elements()
@@ -585,6 +648,7 @@ pub fn process_main() -> ExitCode {
     let wake = Arc::new(Wake::default());
     let context = ChildContext {
         topic: start.topic.clone(),
+        start: start.start.clone(),
         out: out.clone(),
         assigned: Mutex::default(),
         generations: AtomicU64::new(0),

@@ -31,6 +31,7 @@ use tracing::{debug, error, info, warn, Span};
 
 use crate::consumer::{self, Control, Event, LogLevel, Start};
 use crate::record::{self, Origin, Record, Sink};
+use crate::subscription::Settings;
 use crate::Error;
 
 /// A Kafka cluster from the configuration (`[[ingress.kafka-clusters]]`).
@@ -208,8 +209,14 @@ impl Backoff {
     }
 }
 
-/// Builds the librdkafka configuration of a subscription's consumer.
-pub fn consumer_config(cluster: &ClusterOptions, subscription: &Subscription, client_id: &str) -> ClientConfig {
+/// Builds the librdkafka configuration of a subscription's consumer, whose
+/// own options `settings` has read.
+pub fn consumer_config(
+    cluster: &ClusterOptions,
+    subscription: &Subscription,
+    settings: &Settings,
+    client_id: &str,
+) -> ClientConfig {
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", cluster.brokers.join(","));
     config.set("client.id", client_id);
@@ -219,7 +226,7 @@ pub fn consumer_config(cluster: &ClusterOptions, subscription: &Subscription, cl
     for (k, v) in &cluster.properties {
         config.set(k, v.to_string());
     }
-    for (k, v) in &subscription.options {
+    for (k, v) in settings.consumer_options(&subscription.options) {
         config.set(k, v);
     }
     // Each partition has a queue of its own in the consumer process, and
@@ -404,28 +411,37 @@ impl KafkaIngress {
 
     /// Follows the subscriptions until `cancel` fires, then stops every
     /// consumer. A subscription whose cluster changes (registered, replaced
-    /// or removed at runtime) gets a new consumer once the old one stopped.
+    /// or removed at runtime), or that is resumed, gets a new consumer once
+    /// the old one stopped.
     pub async fn run(self, cancel: CancellationToken) {
         let tracker = TaskTracker::new();
         let mut changes = self.log.metadata_changes();
         let mut running: HashMap<String, Running> = HashMap::new();
+        // Consumers told to stop, until they have left their group.
+        let mut stopping: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
         loop {
+            stopping.retain(|_, task| !task.is_finished());
             // Tests make the ingress itself fail here.
             fail::fail_point!("kafka-ingress");
             let desired: BTreeMap<String, (Subscription, Option<ClusterOptions>)> = self.log.read_metadata(|m| {
                 let cluster = |s: &Subscription| find_cluster(&self.clusters, m, &s.cluster);
-                m.subscriptions.iter().map(|(id, s)| (id.clone(), (s.clone(), cluster(s)))).collect()
+                m.subscriptions
+                    .iter()
+                    .filter(|(_, s)| !s.paused)
+                    .map(|(id, s)| (id.clone(), (s.clone(), cluster(s))))
+                    .collect()
             });
             let stale: Vec<String> = running
                 .iter()
                 .filter(|(id, r)| desired.get(*id).is_none_or(|(_, cluster)| *cluster != r.cluster))
                 .map(|(id, _)| id.clone())
                 .collect();
-            let mut stopping = HashMap::new();
             for id in stale {
                 let Some(stopped) = running.remove(&id) else { continue };
                 if desired.contains_key(&id) {
                     info!(subscription = %id, "the subscription's Kafka cluster changed, restarting its consumer");
+                } else if self.log.read_metadata(|m| m.subscriptions.contains_key(&id)) {
+                    info!(subscription = %id, "subscription paused, stopping its consumer");
                 } else {
                     info!(subscription = %id, "subscription deleted, stopping its consumer");
                 }
@@ -620,11 +636,14 @@ impl SubscriptionWorker {
     fn start(&self) -> Result<Start, Error> {
         let sub = &self.subscription;
         let cluster = self.cluster.as_ref().ok_or_else(|| Error::UnknownCluster { name: sub.cluster.clone() })?;
+        let settings = Settings::parse(&sub.options)
+            .map_err(|reason| Error::InvalidSubscription { id: sub.id.clone(), reason })?;
         let client_id = format!("ferry-{}-{}", self.log.node_id(), sub.id);
-        let config = consumer_config(cluster, sub, &client_id);
+        let config = consumer_config(cluster, sub, &settings, &client_id);
         Ok(Start {
             subscription: sub.id.clone(),
             topic: sub.topic.clone(),
+            start: settings.start,
             config: config.config_map().iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             batch_records_max: self.options.batch_records_max,
             batch_bytes_max: self.options.batch_bytes_max,

@@ -11,6 +11,7 @@ pub mod consumer;
 pub mod http;
 pub mod kafka;
 pub mod record;
+pub mod subscription;
 
 pub use kafka::{ClusterOptions, ConsumerProgram, ConsumerState, IngressStatus, KafkaIngress, LagKey, Options};
 
@@ -46,6 +47,8 @@ pub enum Error {
     UnknownCluster { name: String },
     #[error("subscription {subscription}: cannot create a Kafka consumer: {source}")]
     Consumer { subscription: String, source: rdkafka::error::KafkaError },
+    #[error("subscription {id}: {reason}")]
+    InvalidSubscription { id: String, reason: String },
     #[error("invalid Kafka cluster {name}: {reason}")]
     InvalidCluster { name: String, reason: String },
 }

@@ -197,6 +197,7 @@ mod tests {
             handler_ty: HandlerType::Exclusive,
             options: Default::default(),
             created_at_ms: 1,
+            paused: false,
         }
     }
 

@@ -45,8 +45,9 @@ impl StateMachine for Machine {
     /// read state lazily. 9: workflow promises. 10: attach and output from
     /// handlers. 11: streaming attempts checkpoint their journal. 12: handlers
     /// carry their manifest's timeouts. 13: invocation, deployment and
-    /// subscription ids in Restate's form ([`crate::store::key::id`]).
-    const DATA_FORMAT: u32 = 13;
+    /// subscription ids in Restate's form ([`crate::store::key::id`]). 14:
+    /// subscriptions can be paused.
+    const DATA_FORMAT: u32 = 14;
 
     type Command = Command;
     type Response = Response;

@@ -1586,6 +1586,13 @@ impl MetadataState {
                 self.deleted_subscriptions.insert(id);
                 MetadataResponse::Done
             }
+            MetadataCommand::PauseSubscription { id, paused } => match self.subscriptions.get_mut(&id) {
+                Some(subscription) => {
+                    subscription.paused = paused;
+                    MetadataResponse::Done
+                }
+                None => MetadataResponse::NotFound,
+            },
             MetadataCommand::ConfigureService { name, config } => {
                 let Some(service) = self.services.get_mut(&name) else {
                     return MetadataResponse::NotFound;
@@ -2849,8 +2856,15 @@ mod tests {
             handler_ty: HandlerType::Exclusive,
             options: BTreeMap::new(),
             created_at_ms: 1,
+            paused: false,
         };
         assert_eq!(m.apply(MetadataCommand::PutSubscription(subscription)), MetadataResponse::Done);
+        let pause = |id: &str, paused| MetadataCommand::PauseSubscription { id: id.to_owned(), paused };
+        assert_eq!(m.apply(pause("sub_1", true)), MetadataResponse::Done);
+        assert!(m.subscriptions["sub_1"].paused);
+        assert_eq!(m.apply(pause("sub_1", false)), MetadataResponse::Done);
+        assert!(!m.subscriptions["sub_1"].paused);
+        assert_eq!(m.apply(pause("sub_2", true)), MetadataResponse::NotFound);
         match m.apply(remove(false)) {
             MetadataResponse::Conflict(why) => assert!(why.contains("sub_1"), "{why}"),
             other => panic!("removed a cluster in use: {other:?}"),

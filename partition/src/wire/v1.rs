@@ -352,6 +352,12 @@ pub enum MetadataCommand {
     RemoveSubscription {
         id: String,
     },
+    /// Stop consuming a subscription (`paused`) or start again; its consumer
+    /// group keeps its offsets meanwhile.
+    PauseSubscription {
+        id: String,
+        paused: bool,
+    },
     /// Replace what an operator set for a registered service.
     ConfigureService {
         name: String,
@@ -692,9 +698,12 @@ pub struct Subscription {
     /// from how a node resolves the sink when it reads the record.
     pub service_ty: ServiceType,
     pub handler_ty: HandlerType,
-    /// librdkafka options, including the resolved `group.id`.
+    /// librdkafka options, including the resolved `group.id`, and Ferry's own
+    /// (`ferry.`).
     pub options: BTreeMap<String, String>,
     pub created_at_ms: u64,
+    /// Paused: no node consumes it until it is resumed.
+    pub paused: bool,
 }
 
 impl Subscription {
