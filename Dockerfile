@@ -10,7 +10,7 @@ RUN cargo build --release --workspace --bins --locked
 
 FROM debian:bookworm-slim
 RUN apt-get update -q \
-    && apt-get install -y -q --no-install-recommends ca-certificates \
+    && apt-get install -y -q --no-install-recommends ca-certificates libssl3 \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/ferry-server /src/target/release/ferry \
     /src/target/release/ferry-test-handlers /src/target/release/ferry-produce /usr/local/bin/

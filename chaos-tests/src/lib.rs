@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -81,6 +81,9 @@ pub struct Broker {
     pub port: u16,
     /// Where a persistent broker keeps its database.
     data_dir: Option<PathBuf>,
+    /// The SCRAM-SHA-256 user and password every client must authenticate
+    /// as, if the broker requires authentication.
+    user: Option<(String, String)>,
 }
 
 impl Broker {
@@ -89,22 +92,59 @@ impl Broker {
     }
 
     pub async fn start_on(port: u16) -> Result<Broker> {
-        let child = Self::spawn(port, None).await?;
-        Ok(Broker { child, port, data_dir: None })
+        let child = Self::spawn(port, None, false).await?;
+        Ok(Broker { child, port, data_dir: None, user: None })
     }
 
     /// A broker that keeps topics, records and committed offsets in
     /// `data_dir`, so that [`Broker::restart`] finds them again.
     pub async fn start_persistent(data_dir: &Path) -> Result<Broker> {
         let port = free_port();
-        let child = Self::spawn(port, Some(data_dir)).await?;
-        Ok(Broker { child, port, data_dir: Some(data_dir.to_owned()) })
+        let child = Self::spawn(port, Some(data_dir), false).await?;
+        Ok(Broker { child, port, data_dir: Some(data_dir.to_owned()), user: None })
     }
 
-    async fn spawn(port: u16, data_dir: Option<&Path>) -> Result<Child> {
+    /// A persistent broker that requires SASL authentication, with one
+    /// SCRAM-SHA-256 user. (tansu takes a new user only from a client that
+    /// is already authenticated, so the first one is made before
+    /// authentication is turned on.)
+    pub async fn start_authenticated(data_dir: &Path, user: &str, password: &str) -> Result<Broker> {
+        let port = free_port();
+        let mut open = Self::spawn(port, Some(data_dir), false).await?;
+        let url = format!("tcp://127.0.0.1:{port}");
+        let created = Command::new("tansu")
+            .args(["user", "create", "--broker", &url, user, password, "--mechanism", "scram256"])
+            .output()
+            .await?;
+        ensure!(created.status.success(), "tansu user create: {}", String::from_utf8_lossy(&created.stderr));
+        open.start_kill()?;
+        open.wait().await?;
+        let child = Self::spawn(port, Some(data_dir), true).await?;
+        let user = Some((user.to_owned(), password.to_owned()));
+        Ok(Broker { child, port, data_dir: Some(data_dir.to_owned()), user })
+    }
+
+    /// The librdkafka properties a client of this broker needs beyond
+    /// `bootstrap.servers`.
+    pub fn client_properties(&self) -> Vec<(&'static str, String)> {
+        match &self.user {
+            Some((user, password)) => vec![
+                ("security.protocol", "SASL_PLAINTEXT".to_owned()),
+                ("sasl.mechanism", "SCRAM-SHA-256".to_owned()),
+                ("sasl.username", user.clone()),
+                ("sasl.password", password.clone()),
+            ],
+            None => Vec::new(),
+        }
+    }
+
+    async fn spawn(port: u16, data_dir: Option<&Path>, authentication: bool) -> Result<Child> {
         let url = format!("tcp://127.0.0.1:{port}");
         let mut command = Command::new("tansu");
         command.args(["broker", "--listener-url", &url, "--advertised-listener-url", &url]);
+        if authentication {
+            command.arg("--authentication");
+        }
         match data_dir {
             // tansu opens `sqlite://<path>` relative to its working directory.
             Some(dir) => command.args(["--storage-engine", "sqlite://tansu.db"]).current_dir(dir),
@@ -126,7 +166,7 @@ impl Broker {
         let dir = self.data_dir.clone().context("only a persistent broker keeps its data over a restart")?;
         self.child.start_kill()?;
         self.child.wait().await?;
-        self.child = Self::spawn(self.port, Some(&dir)).await?;
+        self.child = Self::spawn(self.port, Some(&dir), self.user.is_some()).await?;
         Ok(())
     }
 
@@ -178,6 +218,9 @@ impl Broker {
     fn client_config(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", self.bootstrap());
+        for (key, value) in self.client_properties() {
+            config.set(key, value);
+        }
         config
     }
 
@@ -526,6 +569,23 @@ impl Node {
     /// The operating-system process id, while running.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().and_then(Child::id)
+    }
+
+    /// Everything the node has logged.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.base_dir.join("node.log")).unwrap_or_default()
+    }
+
+    /// What `ferry-server --dump-config` prints with this node's
+    /// configuration.
+    pub async fn dump_config(&self) -> Result<String> {
+        let mut command = Command::new(binary("ferry-server")?);
+        for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("FERRY_")) {
+            command.env_remove(key);
+        }
+        let out = command.arg("--base-dir").arg(&self.base_dir).arg("--dump-config").envs(&self.env).output().await?;
+        ensure!(out.status.success(), "--dump-config: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8(out.stdout)?)
     }
 
     pub fn log_tail(&self) -> String {

@@ -606,3 +606,120 @@ async fn a_paused_subscription_reads_nothing_until_resumed() -> Result<()> {
     assert_eq!(node.admin(Method::PATCH, "/subscriptions/sub_unknown/pause", None).await?.0, 404);
     Ok(())
 }
+
+/// A cluster that requires SASL/SCRAM (tansu with authentication), reached
+/// with librdkafka's own keys from the config file and from the admin API:
+/// records reach the handler once each, and the password shows nowhere
+/// (`--dump-config`, `/kafka-clusters`, the node's log).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sasl_scram_clusters_feed_subscriptions_and_keep_their_password() -> Result<()> {
+    const PASSWORD: &str = "scram-secret-7f3a";
+    let dir = tempfile::tempdir()?;
+    std::fs::create_dir_all(dir.path().join("broker"))?;
+    let broker = Broker::start_authenticated(&dir.path().join("broker"), "ferry", PASSWORD).await?;
+    broker.create_topic("secured", 2).await?;
+    broker.create_topic("secured-too", 1).await?;
+    let handlers = Handlers::start().await?;
+    let clusters = format!(
+        r#"[{{name="my-cluster",brokers=["SASL_PLAINTEXT://{}"],"security.protocol"="SASL_PLAINTEXT","sasl.mechanism"="SCRAM-SHA-256","sasl.username"="ferry","sasl.password"="{PASSWORD}"}}]"#,
+        broker.bootstrap()
+    );
+    let env = BTreeMap::from([("FERRY_INGRESS__KAFKA_CLUSTERS".to_owned(), clusters)]);
+    let node = Node::start_with(&dir.path().join("node"), env).await?;
+    let (status, body) = node.post("/deployments", json!({ "uri": handlers.uri })).await?;
+    assert_eq!(status, 201, "{body}");
+
+    let dumped = node.dump_config().await?;
+    assert!(dumped.contains("sasl.username") && !dumped.contains(PASSWORD), "{dumped}");
+
+    // The config file's cluster.
+    let sub = subscribe(&node, "secured", SUBSCRIBE_COUNTER).await?;
+    let producer = broker.producer()?;
+    let records: Vec<Record> = (0..40)
+        .map(|i| Record {
+            key: Some(format!("k{}", i % 5).into_bytes()),
+            payload: json!({ "seq": i }).to_string().into_bytes(),
+            headers: vec![],
+        })
+        .collect();
+    produce(&producer, "secured", &records).await?;
+    let offsets = invoked_offsets(&node, &sub, 40).await?;
+    assert_eq!(offsets.len(), 40, "each record once: {offsets:?}");
+
+    // A cluster registered at runtime with the same keys.
+    let mut properties: serde_json::Map<String, Value> =
+        broker.client_properties().into_iter().map(|(k, v)| (k.to_owned(), json!(v))).collect();
+    properties.insert("bootstrap.servers".to_owned(), json!(broker.bootstrap()));
+    let (status, created) = node.post("/kafka-clusters", json!({ "name": "rt", "properties": properties })).await?;
+    assert_eq!(status, 201, "{created}");
+    let (status, body) = node
+        .post(
+            "/subscriptions",
+            json!({ "source": "kafka://rt/secured-too", "sink": SUBSCRIBE_COUNTER,
+                    "options": { "ferry.start.position": "earliest" } }),
+        )
+        .await?;
+    assert_eq!(status, 201, "{body}");
+    let runtime_sub = body["id"].as_str().context("id")?.to_owned();
+    produce(&producer, "secured-too", &records[..10]).await?;
+    assert_eq!(invoked_offsets(&node, &runtime_sub, 10).await?, (0..10).map(|o| (0, o)).collect::<Vec<_>>());
+
+    // A wrong password: the consumer reports the broker's refusal.
+    properties.insert("sasl.password".to_owned(), json!("wrong"));
+    let (status, _) = node.post("/kafka-clusters", json!({ "name": "wrong", "properties": properties })).await?;
+    assert_eq!(status, 201);
+    let (status, body) = node
+        .post("/subscriptions", json!({ "source": "kafka://wrong/secured-too", "sink": SUBSCRIBE_COUNTER }))
+        .await?;
+    assert_eq!(status, 201, "a cluster that refuses the check is not asked: {body}");
+    let refused = body["id"].as_str().context("id")?.to_owned();
+    eventually(Duration::from_secs(60), "the refused consumer's errors counted", || async {
+        let errors = ferry_chaos_tests::prometheus::scrape(&node)
+            .await?
+            .sum("ferry_ingress_consumer_errors_total", &[("subscription", refused.as_str())]);
+        Ok((errors > 0.0).then_some(()))
+    })
+    .await?;
+    assert!(node.invocations(&format!("subscription={refused}")).await?.is_empty());
+
+    let listed = node.get("/kafka-clusters").await?.to_string();
+    assert!(listed.contains("***") && !listed.contains(PASSWORD), "{listed}");
+    let log = node.log();
+    assert!(!log.contains(PASSWORD), "the password is in the node's log");
+    Ok(())
+}
+
+/// One handler subscribed to two topics and two handlers to one topic: each
+/// subscription is its own consumer group, and each gets every record of its
+/// topic once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_topics_and_handlers_each_get_every_record_once() -> Result<()> {
+    let (broker, _handlers, _dir, node) = node_with_handlers(&[]).await?;
+    broker.create_topic("fan-a", 2).await?;
+    broker.create_topic("fan-b", 1).await?;
+    let a_to_counter = subscribe(&node, "fan-a", SUBSCRIBE_COUNTER).await?;
+    let a_to_sink = subscribe(&node, "fan-a", "service://Sink/handle").await?;
+    let b_to_counter = subscribe(&node, "fan-b", SUBSCRIBE_COUNTER).await?;
+    let records = |prefix: &str, count: usize, keys: usize| -> Vec<Record> {
+        (0..count)
+            .map(|i| Record {
+                key: Some(format!("{prefix}{}", i % keys).into_bytes()),
+                payload: json!({ "seq": i }).to_string().into_bytes(),
+                headers: vec![],
+            })
+            .collect()
+    };
+    let producer = broker.producer()?;
+    let mut produced_a = produce(&producer, "fan-a", &records("a", 30, 3)).await?;
+    let produced_b = produce(&producer, "fan-b", &records("b", 20, 2)).await?;
+    produced_a.sort_unstable();
+    let as_pairs = |delivered: &[(i32, i64)]| delivered.iter().map(|&(p, o)| (p as i64, o)).collect::<Vec<_>>();
+    assert_eq!(invoked_offsets(&node, &a_to_counter, 30).await?, as_pairs(&produced_a));
+    assert_eq!(invoked_offsets(&node, &a_to_sink, 30).await?, as_pairs(&produced_a));
+    assert_eq!(invoked_offsets(&node, &b_to_counter, 20).await?, as_pairs(&produced_b));
+    for (key, count) in [("a0", 10), ("a1", 10), ("a2", 10), ("b0", 10), ("b1", 10)] {
+        let (status, counter) = node.ingress(&format!("/Counter/{key}/get"), Some(""), &[]).await?;
+        assert_eq!((status, &counter["count"]), (200, &json!(count)), "{key}: {counter}");
+    }
+    Ok(())
+}

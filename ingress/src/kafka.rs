@@ -117,6 +117,17 @@ impl ClusterOptions {
         Ok(options)
     }
 
+    /// The cluster with secret property values hidden, for display.
+    pub fn redacted(&self) -> ClusterOptions {
+        let mut shown = self.clone();
+        for (key, value) in shown.properties.iter_mut() {
+            if is_secret(key) {
+                *value = PropertyValue::String(REDACTED.to_owned());
+            }
+        }
+        shown
+    }
+
     /// Properties with secret values hidden, for display.
     pub fn redacted_properties(&self) -> BTreeMap<String, String> {
         self.properties
@@ -644,7 +655,12 @@ impl SubscriptionWorker {
             subscription: sub.id.clone(),
             topic: sub.topic.clone(),
             start: settings.start,
-            config: config.config_map().iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            // `config_map` hides credentials: each value is read with `get`.
+            config: config
+                .config_map()
+                .keys()
+                .map(|k| (k.to_string(), config.get(k).unwrap_or_default().to_owned()))
+                .collect(),
             batch_records_max: self.options.batch_records_max,
             batch_bytes_max: self.options.batch_bytes_max,
         })

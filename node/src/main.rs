@@ -166,8 +166,13 @@ const LATENCY_BUCKETS_SECONDS: [f64; 22] = [
     10.0, 30.0, 60.0,
 ];
 
+/// The configuration as TOML, Kafka credentials shown as `***`.
 fn toml_string(config: &Config) -> Result<String, String> {
-    toml::to_string(config).map_err(|e| e.to_string())
+    let mut shown = config.clone();
+    for cluster in shown.ingress.kafka_clusters.iter_mut() {
+        *cluster = cluster.redacted();
+    }
+    toml::to_string(&shown).map_err(|e| e.to_string())
 }
 
 async fn wait_for_signal() {
