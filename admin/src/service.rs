@@ -637,6 +637,13 @@ impl Admin {
         let id = new_id("sub");
         let mut options: BTreeMap<String, String> = request.options.into_iter().collect();
         let settings = subscription::Settings::parse(&options).map_err(Error::BadRequest)?;
+        if settings.ordered && service_ty.is_keyed() {
+            return Err(Error::BadRequest(format!(
+                "{} ferry.ordering applies to Services: a {} runs one invocation at a time per key already",
+                request.sink,
+                service_ty.as_str()
+            )));
+        }
         options.entry("group.id".to_owned()).or_insert_with(|| id.clone());
         let subscription = Subscription {
             id,

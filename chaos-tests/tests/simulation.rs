@@ -196,6 +196,7 @@ impl Sim {
                 topic: "t".to_owned(),
                 partition: kp as i32,
                 producer: ferry_partition::partitioner::kafka_producer_id("sub_sim", "sub_sim", "t", None, kp as i32),
+                ordered: false,
             })
             .collect();
         Sim {

@@ -723,3 +723,55 @@ async fn several_topics_and_handlers_each_get_every_record_once() -> Result<()> 
     }
     Ok(())
 }
+
+/// `ferry.ordering = "partition"`: a Service's records of one Kafka partition
+/// run one at a time, in offset order, while the partitions go side by side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordered_subscriptions_run_each_kafka_partitions_records_one_at_a_time() -> Result<()> {
+    let (broker, handlers, _dir, node) = node_with_handlers(&[]).await?;
+    broker.create_topic("ordered", 2).await?;
+    let create = |sink: &str| {
+        node.post(
+            "/subscriptions",
+            json!({ "source": "kafka://my-cluster/ordered", "sink": sink,
+                    "options": { "auto.offset.reset": "earliest", "ferry.ordering": "partition" } }),
+        )
+    };
+    let (status, body) = create(SUBSCRIBE_COUNTER).await?;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["message"].as_str().is_some_and(|m| m.contains("applies to Services")), "{body}");
+    let (status, body) = create("service://Sink/handle").await?;
+    assert_eq!(status, 201, "{body}");
+    let sub = body["id"].as_str().context("id")?.to_owned();
+
+    const PER_PARTITION: i64 = 12;
+    let records: Vec<Record> = (0..2 * PER_PARTITION)
+        .map(|i| Record {
+            key: Some(format!("k{}", i % 4).into_bytes()),
+            payload: json!({ "seq": i, "hold_ms": 30 }).to_string().into_bytes(),
+            headers: vec![],
+        })
+        .collect();
+    produce(&broker.producer()?, "ordered", &records).await?;
+    invoked_offsets(&node, &sub, records.len()).await?;
+
+    let lines = std::fs::read_to_string(handlers.record_dir.path().join("sink.jsonl"))?;
+    let mut calls: BTreeMap<i64, Vec<(u64, u64, i64)>> = BTreeMap::new();
+    for line in lines.lines() {
+        let call: Value = serde_json::from_str(line)?;
+        let header = |name: &str| call["headers"][name].as_str().and_then(|v| v.parse::<i64>().ok());
+        let (Some(partition), Some(offset)) = (header("kafka.partition"), header("kafka.offset")) else { continue };
+        let (started, ended) = (call["started_ms"].as_u64().unwrap_or(0), call["ts_ms"].as_u64().unwrap_or(0));
+        calls.entry(partition).or_default().push((started, ended, offset));
+    }
+    assert_eq!(calls.values().map(Vec::len).sum::<usize>(), records.len(), "each record once: {calls:?}");
+    for (partition, mut runs) in calls {
+        runs.sort_unstable();
+        for pair in runs.windows(2) {
+            let ((_, ended, offset), (started, _, next)) = (pair[0], pair[1]);
+            assert!(next > offset, "partition {partition}: offset {next} ran after {offset}");
+            assert!(started >= ended, "partition {partition}: offset {next} started before {offset} ended");
+        }
+    }
+    Ok(())
+}

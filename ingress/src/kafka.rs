@@ -847,6 +847,7 @@ impl SubscriptionWorker {
                 topic: sub.topic.clone(),
                 partition,
                 producer: kafka_producer_id(&sub.id, sub.group_id(), &sub.topic, topic_id, partition),
+                ordered: Settings::parse(&sub.options).is_ok_and(|s| s.ordered),
             },
             options: self.options.clone(),
             retention: self.retention,

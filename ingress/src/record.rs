@@ -7,7 +7,8 @@ use ferry_partition::partitioner::{key_hash, partition_of, producer_seq_hash};
 use ferry_partition::state::MetadataState;
 use ferry_partition::store::key;
 use ferry_partition::wire::v1::{
-    Dedup, HandlerType, Invoke, KafkaSource, Retention, RetentionPolicy, ServiceType, Source, Subscription, Target,
+    ordering_key, Dedup, HandlerType, Invoke, KafkaSource, Retention, RetentionPolicy, ServiceType, Source,
+    Subscription, Target, ORDERED_PARTITIONS,
 };
 
 /// A record read from Kafka.
@@ -74,6 +75,8 @@ pub struct Origin {
     pub topic: String,
     pub partition: i32,
     pub producer: u64,
+    /// One record at a time per Kafka partition (`ferry.ordering`).
+    pub ordered: bool,
 }
 
 /// The largest record taken as it is: a larger one is created failed,
@@ -131,6 +134,12 @@ pub fn invoke(origin: &Origin, sink: &Sink, mut record: Record, partitions: u32,
         // rare record whose id another producer's record took gets another
         // from the partition.
         Some(key) => (key_hash(&sink.service, key), offset_unique(origin.producer, seq)),
+        // Ordered records of a Kafka partition share a Ferry partition,
+        // where they queue in one inbox.
+        None if origin.ordered => {
+            let ordering = ordering_key(&origin.subscription, &origin.topic, origin.partition);
+            (key_hash(ORDERED_PARTITIONS, &ordering), offset_unique(origin.producer, seq))
+        }
         None => (unkeyed, offset_unique(origin.producer, seq)),
     };
     let invoke = Invoke {
@@ -145,6 +154,7 @@ pub fn invoke(origin: &Origin, sink: &Sink, mut record: Record, partitions: u32,
             offset: record.offset,
             timestamp_ms: record.timestamp_ms,
             key: record.key,
+            ordered: origin.ordered && !service_ty.is_keyed(),
         }),
         dedup: Some(Dedup { producer: origin.producer, seq }),
         created_at_ms: now_ms,
@@ -168,7 +178,7 @@ mod tests {
     use super::*;
 
     fn origin() -> Origin {
-        Origin { subscription: "sub_1".into(), topic: "t".into(), partition: 2, producer: 99 }
+        Origin { subscription: "sub_1".into(), topic: "t".into(), partition: 2, producer: 99, ordered: false }
     }
 
     fn record(offset: i64, key: Option<&[u8]>) -> Record {

@@ -15,6 +15,10 @@
 //! A partition the group has committed an offset for resumes there, whatever
 //! the position: the position picks where a subscription begins, and a
 //! restarted consumer never reads again what was handed to the log before.
+//!
+//! `ferry.ordering = "partition"` runs the records of each Kafka partition
+//! one at a time, in offset order, on a Service sink (whose invocations
+//! otherwise run side by side).
 
 use std::collections::BTreeMap;
 
@@ -25,8 +29,9 @@ pub const PREFIX: &str = "ferry.";
 pub const START_POSITION: &str = "ferry.start.position";
 pub const START_TIMESTAMP: &str = "ferry.start.timestamp";
 pub const START_OFFSETS: &str = "ferry.start.offsets";
+pub const ORDERING: &str = "ferry.ordering";
 
-const KNOWN: [&str; 3] = [START_POSITION, START_TIMESTAMP, START_OFFSETS];
+const KNOWN: [&str; 4] = [START_POSITION, START_TIMESTAMP, START_OFFSETS, ORDERING];
 
 /// Where a subscription's consumer starts a partition that its group has
 /// no committed offset for.
@@ -67,6 +72,10 @@ impl StartPosition {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Settings {
     pub start: StartPosition,
+    /// `ferry.ordering = "partition"`: the records of one Kafka partition run
+    /// one at a time, in offset order (for a Service sink; Virtual Objects
+    /// and Workflows run one at a time per key anyway).
+    pub ordered: bool,
 }
 
 impl Settings {
@@ -102,7 +111,12 @@ impl Settings {
                 return Err(format!("{START_POSITION} {position} contradicts auto.offset.reset {set}"));
             }
         }
-        Ok(Settings { start })
+        let ordered = match get(ORDERING) {
+            None => false,
+            Some("partition") => true,
+            Some(other) => return Err(format!("unknown {ORDERING} {other:?}; the one ordering is \"partition\"")),
+        };
+        Ok(Settings { start, ordered })
     }
 
     /// The librdkafka properties among `options`, with what the start
@@ -196,6 +210,8 @@ mod tests {
         assert!(refused(&[(START_POSITION, "specific-offsets"), (START_OFFSETS, "-1:5")]).contains("at least 0"));
         assert!(refused(&[(START_OFFSETS, "0:5")]).contains("applies only with"));
         assert!(refused(&[(START_POSITION, "earliest"), ("auto.offset.reset", "latest")]).contains("contradicts"));
+        assert!(refused(&[(ORDERING, "global")]).contains("unknown ferry.ordering"));
+        assert!(Settings::parse(&options(&[(ORDERING, "partition")])).unwrap().ordered);
     }
 
     #[test]

@@ -46,7 +46,7 @@ impl StateMachine for Machine {
     /// handlers. 11: streaming attempts checkpoint their journal. 12: handlers
     /// carry their manifest's timeouts. 13: invocation, deployment and
     /// subscription ids in Restate's form ([`crate::store::key::id`]). 14:
-    /// subscriptions can be paused.
+    /// subscriptions can be paused, records of ordered subscriptions say so.
     const DATA_FORMAT: u32 = 14;
 
     type Command = Command;

@@ -20,7 +20,7 @@ use crate::wire::v1::{
     Attach, AttemptId, Command, Dedup, Deployment, Effect, HandlerType, Invoke, JournalEntry, KafkaCluster,
     MetadataCommand, MetadataResponse, Notice, Notification, Outcome, Outgoing, PromiseOp, ReplyKind, ReplyTo,
     Response, Retention, RetentionPolicy, ServiceConfig, ServiceDef, ServiceType, SetState, Sleep, Source, StateOp,
-    Subscription, Target,
+    Subscription, Target, ORDERED_PARTITIONS,
 };
 use crate::wire::{decode, encode};
 
@@ -265,6 +265,19 @@ impl Invocation {
     /// The row prefix of its object's state and inbox, if it is keyed.
     fn object_key(&self) -> Option<Vec<u8>> {
         Some(key::object(&self.target.service, self.target.key.as_deref()?))
+    }
+
+    /// The inbox it queues in, one invocation running at a time: its
+    /// object's for an exclusive handler, its Kafka partition's for a record
+    /// of a subscription ordered per partition.
+    fn inbox_key(&self) -> Option<Vec<u8>> {
+        if self.target.is_exclusive() {
+            return self.object_key();
+        }
+        match &self.source {
+            Source::Kafka(kafka) => kafka.ordering_key().map(|k| key::object(ORDERED_PARTITIONS, &k)),
+            _ => None,
+        }
     }
 }
 
@@ -1054,10 +1067,10 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
         Ok(())
     }
 
-    /// Queues a new or delayed invocation: exclusive ones in their key's inbox.
+    /// Queues a new or delayed invocation: exclusive ones in their key's
+    /// inbox, ordered records in their Kafka partition's.
     fn enqueue(&mut self, inv: &mut Invocation) -> Result<(), StoreError> {
-        if inv.target.is_exclusive() {
-            let object = inv.object_key().expect("exclusive targets are keyed");
+        if let Some(object) = inv.inbox_key() {
             let seq = self.next(NEXT_INBOX_SEQ)?;
             inv.inbox_seq = Some(seq);
             let head = first_with_prefix(self.store, Table::Inboxes, &object)?;
@@ -1129,13 +1142,13 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
         Ok(!self.retire(inv, at_ms)?.removed)
     }
 
-    /// Takes a completed exclusive invocation out of its key's inbox and lets
-    /// the next one there run.
+    /// Takes a completed invocation out of its inbox and lets the next one
+    /// there run.
     fn release_key(&mut self, inv: &mut Invocation, status: Status) -> Result<(), StoreError> {
-        if status == Status::Scheduled || !inv.target.is_exclusive() {
+        if status == Status::Scheduled {
             return Ok(());
         }
-        let object = inv.object_key().expect("exclusive targets are keyed");
+        let Some(object) = inv.inbox_key() else { return Ok(()) };
         if let Some(seq) = inv.inbox_seq.take() {
             self.store.remove(Table::Inboxes, &[&object[..], &seq.to_be_bytes()].concat())?;
         }
@@ -1659,6 +1672,7 @@ mod tests {
                 offset: dedup.map_or(0, |d| d.1 as i64),
                 timestamp_ms: None,
                 key: None,
+                ordered: false,
             }),
             dedup: dedup.map(|(producer, seq)| Dedup { producer, seq }),
             created_at_ms: 10,
@@ -1809,6 +1823,35 @@ mod tests {
         assert_eq!(p.invocation("inv_3").unwrap().status, Status::Pending);
         // Shared handlers never queue.
         assert_eq!(p.invocation("inv_4").unwrap().status, Status::Ready);
+    }
+
+    #[test]
+    fn ordered_records_run_one_at_a_time_per_kafka_partition() {
+        let ordered = |id: &str, partition: i32, offset: u64| {
+            let mut invoke = invoke(id, None, HandlerType::Shared, Some((7 + partition as u64, offset)));
+            if let Source::Kafka(kafka) = &mut invoke.source {
+                (kafka.ordered, kafka.partition) = (true, partition);
+            }
+            invoke
+        };
+        let mut state = GroupState::default();
+        apply(
+            &mut state,
+            vec![ordered("inv_1", 0, 1), ordered("inv_2", 0, 2), ordered("inv_3", 1, 1), ordered("inv_4", 0, 3)],
+        );
+        let status = |state: &GroupState, id: &str| view(state).invocation(id).unwrap().status;
+        assert_eq!(
+            ["inv_1", "inv_2", "inv_3", "inv_4"].map(|id| status(&state, id)),
+            [Status::Ready, Status::Pending, Status::Ready, Status::Pending]
+        );
+        assert_eq!(view(&state).inbox(ORDERED_PARTITIONS, "sub_1/t/0"), vec!["inv_1", "inv_2", "inv_4"]);
+        // The next record of partition 0 runs once the one before it is done.
+        state.apply(Command::Effects { at_ms: 20, effects: vec![Effect::Kill { id: "inv_1".to_owned() }] });
+        assert_eq!(status(&state, "inv_2"), Status::Ready);
+        assert_eq!(status(&state, "inv_4"), Status::Pending);
+        // Records of an unordered subscription never queue.
+        apply(&mut state, vec![invoke("inv_5", None, HandlerType::Shared, Some((9, 1)))]);
+        assert_eq!(status(&state, "inv_5"), Status::Ready);
     }
 
     #[test]

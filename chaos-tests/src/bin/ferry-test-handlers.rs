@@ -6,7 +6,8 @@
 //!
 //! * `Sink/handle` (service): accepts any payload (any content type, or none),
 //!   and records the invocation id plus the request headers it sees (e.g. the
-//!   Kafka metadata headers) to `$FERRY_TEST_RECORD_DIR/sink.jsonl`.
+//!   Kafka metadata headers) to `$FERRY_TEST_RECORD_DIR/sink.jsonl`, after
+//!   holding the call `hold_ms` if a JSON payload says so.
 //! * `Counter` (virtual object): exclusive `add` counts calls and checks the
 //!   per-key ordering of `{"seq": N}` payloads (and fails, retryably, for
 //!   `{"poison": true}`); exclusive `reset` takes a JSON number as the new
@@ -226,10 +227,16 @@ struct Sink;
 
 #[restate_sdk::service]
 impl Sink {
-    /// Records the invocation id, headers and payload of every attempt.
+    /// Records the invocation id, headers and payload of every attempt,
+    /// after holding it `hold_ms` if the payload says so.
     #[handler]
     async fn handle(&self, ctx: Context<'_>, payload: AnyPayload) -> Result<(), HandlerError> {
+        let started_ms = unix_millis();
+        if let Some(hold_ms) = payload.as_json().and_then(|p| p.get("hold_ms").and_then(Value::as_u64)) {
+            tokio::time::sleep(std::time::Duration::from_millis(hold_ms)).await;
+        }
         let record = json!({
+            "started_ms": started_ms,
             "invocation_id": ctx.invocation_id(),
             "headers": headers_json(ctx.headers()),
             "payload_len": payload.0.len(),

@@ -520,9 +520,28 @@ pub struct KafkaSource {
     pub offset: i64,
     pub timestamp_ms: Option<i64>,
     pub key: Option<Bytes>,
+    /// Of a subscription ordered per Kafka partition (`ferry.ordering`):
+    /// it runs after the record before it in its Kafka partition completed.
+    pub ordered: bool,
+}
+
+/// The service name of the inboxes that order records per Kafka partition,
+/// which no registered service can have.
+pub const ORDERED_PARTITIONS: &str = "";
+
+/// The inbox key of the ordered records of one Kafka partition.
+pub fn ordering_key(subscription: &str, topic: &str, partition: i32) -> String {
+    format!("{subscription}/{topic}/{partition}")
 }
 
 impl KafkaSource {
+    /// The inbox key this record's invocation queues under, if its
+    /// subscription is ordered per Kafka partition: one per (subscription,
+    /// topic, partition).
+    pub fn ordering_key(&self) -> Option<String> {
+        self.ordered.then(|| ordering_key(&self.subscription, &self.topic, self.partition))
+    }
+
     /// The Kafka metadata headers every invocation from a record receives,
     /// derived here rather than stored with each record.
     pub fn metadata_headers(&self) -> [(&'static str, String); 6] {
