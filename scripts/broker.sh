@@ -3,7 +3,10 @@
 #
 # Usage:
 #   scripts/broker.sh install          install tansu 0.6.x with the in-memory and SQLite storage
-#                                      engines if missing; prints the binary's path
+#                                      engines if missing, and openssl and socat (the TLS front
+#                                      the tests put before tansu, which cannot serve TLS itself:
+#                                      its --cert and --key flags exclude each other); prints
+#                                      tansu's path
 #   scripts/broker.sh start            start a broker on 127.0.0.1 (port $BROKER_PORT or a free one);
 #                                      prints "BROKER=127.0.0.1:PORT", "PID=<pid>" and "LOG=<file>"
 #   scripts/broker.sh stop PID         stop a broker started by `start`
@@ -54,6 +57,16 @@ cmd_install() {
         echo "broker.sh: installing tansu $TANSU_VERSION_REQ (this takes several minutes)..." >&2
         cargo install --locked tansu --version "$TANSU_VERSION_REQ" --features "$TANSU_FEATURES" >&2
         tansu_ok || die "tansu still not usable after install"
+    fi
+    local tools=()
+    command -v openssl >/dev/null 2>&1 || tools+=(openssl)
+    command -v socat >/dev/null 2>&1 || tools+=(socat)
+    if [ ${#tools[@]} -gt 0 ]; then
+        echo "broker.sh: installing ${tools[*]} (the tests' TLS front)..." >&2
+        local sudo_cmd=""
+        [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+        $sudo_cmd apt-get update -q >&2
+        $sudo_cmd apt-get install -y -q --no-install-recommends "${tools[@]}" >&2
     fi
     command -v tansu
 }

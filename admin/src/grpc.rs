@@ -95,7 +95,8 @@ impl AdminService for AdminGrpc {
         &self,
         r: Request<pb::DeleteSubscriptionRequest>,
     ) -> Reply<pb::DeleteSubscriptionResponse> {
-        self.0.delete_subscription(&r.into_inner().id).await?;
+        let request = r.into_inner();
+        self.0.delete_subscription(&request.id, request.skip_drain).await?;
         Ok(Response::new(pb::DeleteSubscriptionResponse {}))
     }
 

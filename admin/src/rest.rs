@@ -277,8 +277,19 @@ async fn get_subscription(State(admin): State<Admin>, Path(id): Path<String>) ->
     reply(admin.get_subscription(&id))
 }
 
-async fn delete_subscription(State(admin): State<Admin>, Path(id): Path<String>) -> Result<StatusCode, Error> {
-    admin.delete_subscription(&id).await.map(|()| StatusCode::ACCEPTED)
+/// `?drain=false` deletes at once, killing what has not completed.
+#[derive(serde::Deserialize)]
+struct DeleteSubscription {
+    drain: Option<bool>,
+}
+
+async fn delete_subscription(
+    State(admin): State<Admin>,
+    Path(id): Path<String>,
+    query: Result<Query<DeleteSubscription>, QueryRejection>,
+) -> Result<StatusCode, Error> {
+    let skip_drain = params(query)?.drain == Some(false);
+    admin.delete_subscription(&id, skip_drain).await.map(|()| StatusCode::ACCEPTED)
 }
 
 /// Restate's body of `POST /kafka-clusters`.

@@ -24,7 +24,7 @@ use ferry_proto::admin as pb;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use crate::Error;
-use tracing::warn;
+use tracing::{debug, info, warn};
 
 /// Admin API versions this node serves, as `/version` reports them: the
 /// paths are served under `/v{N}` for each, and without a prefix.
@@ -190,6 +190,7 @@ fn subscription_to_proto(s: &Subscription) -> pb::Subscription {
         sink: s.sink(),
         options: s.options.clone().into_iter().collect(),
         paused: s.paused,
+        draining: s.draining,
     }
 }
 
@@ -656,6 +657,7 @@ impl Admin {
             options,
             created_at_ms: now_ms(),
             paused: false,
+            draining: false,
         };
         // librdkafka checks every option name and value when a client is made.
         let config =
@@ -709,12 +711,57 @@ impl Admin {
         }
     }
 
-    pub async fn delete_subscription(&self, id: &str) -> Result<(), Error> {
-        match self.propose_metadata(MetadataCommand::RemoveSubscription { id: id.to_owned() }).await? {
-            MetadataResponse::Done => Ok(()),
-            MetadataResponse::NotFound => Err(Error::NotFound(format!("subscription {id} not found"))),
-            MetadataResponse::Conflict(message) => Err(Error::Conflict(message)),
+    /// Deletes subscription `id`: its consumers stop at once; it goes once
+    /// the invocations of its records have completed, or at once with
+    /// `skip_drain`, which kills those that have not.
+    pub async fn delete_subscription(&self, id: &str, skip_drain: bool) -> Result<(), Error> {
+        let command = match skip_drain {
+            false => MetadataCommand::DrainSubscription { id: id.to_owned() },
+            true => MetadataCommand::RemoveSubscription { id: id.to_owned() },
+        };
+        match self.propose_metadata(command).await? {
+            MetadataResponse::Done => {}
+            MetadataResponse::NotFound => return Err(Error::NotFound(format!("subscription {id} not found"))),
+            MetadataResponse::Conflict(message) => return Err(Error::Conflict(message)),
         }
+        if skip_drain {
+            let (admin, id) = (self.clone(), id.to_owned());
+            tokio::spawn(async move { admin.kill_open_invocations(&id).await });
+        }
+        Ok(())
+    }
+
+    /// Kills every invocation of subscription `id`'s records that has not
+    /// completed.
+    async fn kill_open_invocations(&self, id: &str) {
+        let mut killed = 0;
+        let mut page_token = String::new();
+        loop {
+            let request = pb::ListInvocationsRequest {
+                subscription: id.to_owned(),
+                limit: MAX_PAGE,
+                page_token: std::mem::take(&mut page_token),
+                ..Default::default()
+            };
+            let page = match self.list_invocations(&request) {
+                Ok(page) => page,
+                Err(e) => {
+                    warn!(subscription = %id, "listing the invocations to kill: {e}");
+                    return;
+                }
+            };
+            for inv in page.invocations.iter().filter(|inv| inv.status != "completed") {
+                match self.act_on_invocation(&inv.id, Action::Kill).await {
+                    Ok(_) => killed += 1,
+                    Err(e) => debug!(subscription = %id, invocation = %inv.id, "kill: {e}"),
+                }
+            }
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            page_token = page.next_page_token;
+        }
+        info!(subscription = %id, killed, "deleted without draining: killed the invocations that had not completed");
     }
 
     /// Every Kafka cluster: those of the config file, then the registered ones.

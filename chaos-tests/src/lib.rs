@@ -39,9 +39,26 @@ pub fn seeded_rng() -> Result<rand::rngs::StdRng> {
     Ok(rand::rngs::StdRng::seed_from_u64(seed))
 }
 
-/// A port that was free a moment ago.
+/// A loopback port that was free a moment ago. It is picked at random below
+/// the kernel's ephemeral range, which the ports the kernel gives outgoing
+/// connections (and `bind(0)`) come from: between this call and the server's
+/// bind, no client connection of any process can take it, and test
+/// processes running side by side rarely pick the same one.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    use rand::Rng;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000, ephemeral_low.max(10_001));
+    let mut rng = rand::rng();
+    for _ in 0..1_000 {
+        let port = rng.random_range(low..high);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {low}..{high}")
 }
 
 /// The directory cargo puts this workspace's binaries in.
@@ -84,6 +101,9 @@ pub struct Broker {
     /// The SCRAM-SHA-256 user and password every client must authenticate
     /// as, if the broker requires authentication.
     user: Option<(String, String)>,
+    /// For a broker behind TLS: the CA that signed its certificate, and the
+    /// TLS front (socat) that clients reach it through.
+    tls: Option<(PathBuf, Child)>,
 }
 
 impl Broker {
@@ -93,7 +113,7 @@ impl Broker {
 
     pub async fn start_on(port: u16) -> Result<Broker> {
         let child = Self::spawn(port, None, false).await?;
-        Ok(Broker { child, port, data_dir: None, user: None })
+        Ok(Broker { child, port, data_dir: None, user: None, tls: None })
     }
 
     /// A broker that keeps topics, records and committed offsets in
@@ -101,7 +121,7 @@ impl Broker {
     pub async fn start_persistent(data_dir: &Path) -> Result<Broker> {
         let port = free_port();
         let child = Self::spawn(port, Some(data_dir), false).await?;
-        Ok(Broker { child, port, data_dir: Some(data_dir.to_owned()), user: None })
+        Ok(Broker { child, port, data_dir: Some(data_dir.to_owned()), user: None, tls: None })
     }
 
     /// A persistent broker that requires SASL authentication, with one
@@ -121,27 +141,78 @@ impl Broker {
         open.wait().await?;
         let child = Self::spawn(port, Some(data_dir), true).await?;
         let user = Some((user.to_owned(), password.to_owned()));
-        Ok(Broker { child, port, data_dir: Some(data_dir.to_owned()), user })
+        Ok(Broker { child, port, data_dir: Some(data_dir.to_owned()), user, tls: None })
+    }
+
+    /// An authenticating broker (as [`Broker::start_authenticated`]) that
+    /// clients reach only over TLS, with a certificate for 127.0.0.1 signed by
+    /// a CA made here (`ca.pem` in `data_dir`): SASL_SSL end to end. tansu
+    /// 0.6.0 cannot serve TLS itself (its `--cert` and `--key` flags exclude
+    /// each other), so a TLS front, socat, takes the port tansu advertises
+    /// and forwards to tansu's listener.
+    pub async fn start_tls(data_dir: &Path, user: &str, password: &str) -> Result<Broker> {
+        let ca = make_certificates(data_dir).await?;
+        let mut broker = Self::start_authenticated(data_dir, user, password).await?;
+        let front = free_port();
+        broker.child.start_kill()?;
+        broker.child.wait().await?;
+        broker.child = Self::spawn_advertising(broker.port, front, Some(data_dir), true).await?;
+        let listen = format!(
+            "OPENSSL-LISTEN:{front},bind=127.0.0.1,reuseaddr,fork,cert={},key={},verify=0",
+            data_dir.join("broker.pem").display(),
+            data_dir.join("broker.key").display()
+        );
+        let socat = Command::new("socat")
+            .args([listen, format!("TCP:127.0.0.1:{}", broker.port)])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start socat (scripts/broker.sh install installs it)")?;
+        wait_for_port(front, Duration::from_secs(30)).await?;
+        broker.port = front;
+        broker.tls = Some((ca, socat));
+        Ok(broker)
     }
 
     /// The librdkafka properties a client of this broker needs beyond
     /// `bootstrap.servers`.
     pub fn client_properties(&self) -> Vec<(&'static str, String)> {
-        match &self.user {
-            Some((user, password)) => vec![
-                ("security.protocol", "SASL_PLAINTEXT".to_owned()),
-                ("sasl.mechanism", "SCRAM-SHA-256".to_owned()),
-                ("sasl.username", user.clone()),
-                ("sasl.password", password.clone()),
-            ],
-            None => Vec::new(),
+        let mut properties = Vec::new();
+        let protocol = match (&self.user, &self.tls) {
+            (None, None) => return properties,
+            (Some(_), None) => "SASL_PLAINTEXT",
+            (None, Some(_)) => "SSL",
+            (Some(_), Some(_)) => "SASL_SSL",
+        };
+        properties.push(("security.protocol", protocol.to_owned()));
+        if let Some((user, password)) = &self.user {
+            properties.push(("sasl.mechanism", "SCRAM-SHA-256".to_owned()));
+            properties.push(("sasl.username", user.clone()));
+            properties.push(("sasl.password", password.clone()));
         }
+        if let Some((ca, _)) = &self.tls {
+            properties.push(("ssl.ca.location", ca.display().to_string()));
+        }
+        properties
     }
 
     async fn spawn(port: u16, data_dir: Option<&Path>, authentication: bool) -> Result<Child> {
+        Self::spawn_advertising(port, port, data_dir, authentication).await
+    }
+
+    /// Starts tansu listening on `port` and telling clients to connect to
+    /// `advertised`.
+    async fn spawn_advertising(
+        port: u16,
+        advertised: u16,
+        data_dir: Option<&Path>,
+        authentication: bool,
+    ) -> Result<Child> {
         let url = format!("tcp://127.0.0.1:{port}");
+        let advertised_url = format!("tcp://127.0.0.1:{advertised}");
         let mut command = Command::new("tansu");
-        command.args(["broker", "--listener-url", &url, "--advertised-listener-url", &url]);
+        command.args(["broker", "--listener-url", &url, "--advertised-listener-url", &advertised_url]);
         if authentication {
             command.arg("--authentication");
         }
@@ -164,6 +235,7 @@ impl Broker {
     /// with the same data.
     pub async fn restart(&mut self) -> Result<()> {
         let dir = self.data_dir.clone().context("only a persistent broker keeps its data over a restart")?;
+        ensure!(self.tls.is_none(), "a broker behind TLS is not restarted");
         self.child.start_kill()?;
         self.child.wait().await?;
         self.child = Self::spawn(self.port, Some(&dir), self.user.is_some()).await?;
@@ -313,6 +385,64 @@ impl Broker {
             .set("message.timeout.ms", "60000")
             .create()?)
     }
+}
+
+/// Makes a CA and a certificate for 127.0.0.1 signed by it in `dir`
+/// (`ca.pem`, `broker.pem`, `broker.key`) with the openssl command; answers
+/// the CA's path.
+async fn make_certificates(dir: &Path) -> Result<PathBuf> {
+    let steps: [&[&str]; 3] = [
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=ferry-test-ca",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ],
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "broker.key",
+            "-out",
+            "broker.csr",
+        ],
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "broker.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "san.cnf",
+            "-out",
+            "broker.pem",
+        ],
+    ];
+    std::fs::write(dir.join("san.cnf"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n")?;
+    for args in steps {
+        let out = Command::new("openssl").args(args).current_dir(dir).output().await.context("openssl")?;
+        ensure!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(dir.join("ca.pem"))
 }
 
 /// A record as read back from a topic.

@@ -85,7 +85,8 @@ async fn every_command_against_a_node() -> Result<()> {
     assert!(ok(port, &["subscriptions", "list"])?.contains("paused"));
     assert!(json(port, &["subscriptions", "resume", &sub])?.get("paused").is_none_or(|p| p == false));
     assert!(fails(port, &["subscriptions", "pause", "sub_nope"])?.contains("NotFound"));
-    ok(port, &["subscriptions", "delete", &sub])?;
+    assert!(ok(port, &["subscriptions", "delete", &sub])?.contains("goes once its invocations have completed"));
+    assert!(fails(port, &["subscriptions", "delete", "sub_nope", "--no-drain"])?.contains("NotFound"));
 
     // An invocation to act on: one that keeps failing holds its key.
     let (status, sent) = node.ingress("/Counter/k/add/send", Some(r#"{"poison": true}"#), &[]).await?;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use ferry_chaos_tests::restate::installed;
-use ferry_chaos_tests::{free_port, Handlers, Node};
+use ferry_chaos_tests::{eventually, free_port, Handlers, Node};
 use serde_json::Value;
 
 /// Runs `restate args` against `node` (its editor `editor`) and returns what
@@ -178,7 +178,10 @@ async fn restates_cli_inspects_and_steers_a_node() -> Result<()> {
     let cluster = cli(&["kafka-clusters", "describe", "my-cluster"])?;
     ensure!(cluster.contains(&subscription), "the cluster's subscriptions: {cluster}");
     cli(&["subscriptions", "delete", &subscription])?;
-    ensure!(node.get("/subscriptions").await?["subscriptions"] == serde_json::json!([]));
+    eventually(Duration::from_secs(30), "the deleted subscription gone", || async {
+        Ok((node.get("/subscriptions").await?["subscriptions"] == serde_json::json!([])).then_some(()))
+    })
+    .await?;
 
     // A cluster registered at runtime, beside the config file's.
     let created = cli(&["kafka-clusters", "create", "rt", "bootstrap.servers=127.0.0.1:9", "sasl.password=hunter2"])?;

@@ -152,7 +152,10 @@ async fn registers_a_rust_sdk_deployment_and_rejects_bad_requests() -> Result<()
 
     let (status, _) = node.admin(Method::DELETE, &format!("/subscriptions/{sub_id}"), None).await?;
     assert_eq!(status, 202);
-    assert_eq!(node.admin(Method::GET, &format!("/subscriptions/{sub_id}"), None).await?.0, 404);
+    eventually(Duration::from_secs(30), "the drained subscription gone", || async {
+        Ok((node.admin(Method::GET, &format!("/subscriptions/{sub_id}"), None).await?.0 == 404).then_some(()))
+    })
+    .await?;
     drop(broker);
     Ok(())
 }
@@ -773,5 +776,141 @@ async fn ordered_subscriptions_run_each_kafka_partitions_records_one_at_a_time()
             assert!(started >= ended, "partition {partition}: offset {next} started before {offset} ended");
         }
     }
+    Ok(())
+}
+
+/// Deleting a subscription stops its consumers at once; by default it goes
+/// once what it appended has run (`draining` meanwhile), with `drain=false`
+/// at once, the invocations it left unfinished killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_subscription_drains_what_it_appended_or_kills_it() -> Result<()> {
+    let (broker, _handlers, _dir, node) = node_with_handlers(&[]).await?;
+    // Records that run one at a time, 150 ms each.
+    let slow = |count: i64| -> Vec<Record> {
+        (0..count)
+            .map(|i| Record {
+                key: None,
+                payload: json!({ "seq": i, "hold_ms": 150 }).to_string().into_bytes(),
+                headers: vec![],
+            })
+            .collect()
+    };
+    let mut subscriptions = Vec::new();
+    for topic in ["drained", "dropped"] {
+        broker.create_topic(topic, 1).await?;
+        let (status, body) = node
+            .post(
+                "/subscriptions",
+                json!({ "source": format!("kafka://my-cluster/{topic}"), "sink": "service://Sink/handle",
+                        "options": { "auto.offset.reset": "earliest", "ferry.ordering": "partition" } }),
+            )
+            .await?;
+        assert_eq!(status, 201, "{body}");
+        subscriptions.push(body["id"].as_str().context("id")?.to_owned());
+    }
+    let (drained, dropped) = (&subscriptions[0], &subscriptions[1]);
+    let producer = broker.producer()?;
+    produce(&producer, "drained", &slow(12)).await?;
+    produce(&producer, "dropped", &slow(12)).await?;
+    let appended = |sub: &str, count: usize| {
+        let (node, sub) = (&node, sub.to_owned());
+        async move {
+            eventually(Duration::from_secs(60), &format!("{count} invocations of {sub}"), || async {
+                let all = node.invocations(&format!("subscription={sub}")).await?;
+                Ok((all.len() >= count).then_some(all))
+            })
+            .await
+        }
+    };
+    appended(drained, 12).await?;
+    appended(dropped, 12).await?;
+
+    // Dropped: gone at once; what had not run is killed.
+    let (status, _) = node.admin(Method::DELETE, &format!("/subscriptions/{dropped}?drain=false"), None).await?;
+    assert_eq!(status, 202);
+    assert_eq!(node.admin(Method::GET, &format!("/subscriptions/{dropped}"), None).await?.0, 404);
+    let all = eventually(Duration::from_secs(60), "every invocation of the dropped one completed", || async {
+        let all = node.invocations(&format!("subscription={dropped}")).await?;
+        Ok(all.iter().all(|inv| inv["status"] == "completed").then_some(all))
+    })
+    .await?;
+    let killed = all.iter().filter(|inv| inv["completion_result"] == "failure").count();
+    assert!(killed > 0, "some had not run and were killed: {all:?}");
+    // Drained: it stays, draining, until its twelve have run, and reads no more.
+    let (status, _) = node.admin(Method::DELETE, &format!("/subscriptions/{drained}"), None).await?;
+    assert_eq!(status, 202);
+    let described = node.get(&format!("/subscriptions/{drained}")).await?;
+    assert_eq!(described["draining"], true, "{described}");
+    let (status, body) = node.admin(Method::PATCH, &format!("/subscriptions/{drained}/resume"), None).await?;
+    assert_eq!(status, 409, "{body}");
+    produce(&producer, "drained", &slow(3)).await?;
+    eventually(Duration::from_secs(60), "the drained subscription gone", || async {
+        Ok((node.admin(Method::GET, &format!("/subscriptions/{drained}"), None).await?.0 == 404).then_some(()))
+    })
+    .await?;
+    let all = node.invocations(&format!("subscription={drained}")).await?;
+    assert_eq!(all.len(), 12, "nothing read after the delete");
+    assert!(all.iter().all(|inv| inv["completion_result"] == "success"), "{all:?}");
+
+    assert_eq!(node.admin(Method::DELETE, "/subscriptions/sub_unknown", None).await?.0, 404);
+    Ok(())
+}
+
+/// SASL_SSL: a cluster reached over TLS (verified against its CA) with
+/// SCRAM, through librdkafka's own keys; a node without the CA cannot
+/// connect, and says so in its consumer errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sasl_ssl_clusters_feed_subscriptions() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    std::fs::create_dir_all(dir.path().join("broker"))?;
+    let broker = Broker::start_tls(&dir.path().join("broker"), "ferry", "tls-secret-51").await?;
+    broker.create_topic("encrypted", 2).await?;
+    let (handlers, tempdir_node) = (Handlers::start().await?, dir.path().join("node"));
+    let node = Node::start_configured(&tempdir_node, "127.0.0.1:9", &[]).await?;
+    let (status, body) = node.post("/deployments", json!({ "uri": handlers.uri })).await?;
+    assert_eq!(status, 201, "{body}");
+
+    let mut properties: serde_json::Map<String, Value> =
+        broker.client_properties().into_iter().map(|(k, v)| (k.to_owned(), json!(v))).collect();
+    assert_eq!(properties["security.protocol"], "SASL_SSL");
+    properties.insert("bootstrap.servers".to_owned(), json!(broker.bootstrap()));
+    let (status, created) = node.post("/kafka-clusters", json!({ "name": "tls", "properties": properties })).await?;
+    assert_eq!(status, 201, "{created}");
+    let (status, body) = node
+        .post(
+            "/subscriptions",
+            json!({ "source": "kafka://tls/encrypted", "sink": SUBSCRIBE_COUNTER,
+                    "options": { "ferry.start.position": "earliest" } }),
+        )
+        .await?;
+    assert_eq!(status, 201, "{body}");
+    let sub = body["id"].as_str().context("id")?.to_owned();
+    let records: Vec<Record> = (0..30)
+        .map(|i| Record {
+            key: Some(format!("k{}", i % 3).into_bytes()),
+            payload: json!({ "seq": i }).to_string().into_bytes(),
+            headers: vec![],
+        })
+        .collect();
+    produce(&broker.producer()?, "encrypted", &records).await?;
+    assert_eq!(invoked_offsets(&node, &sub, 30).await?.len(), 30);
+
+    // Without the CA the broker's certificate is not trusted.
+    properties.remove("ssl.ca.location");
+    let (status, _) = node.post("/kafka-clusters", json!({ "name": "untrusted", "properties": properties })).await?;
+    assert_eq!(status, 201);
+    let (status, body) = node
+        .post("/subscriptions", json!({ "source": "kafka://untrusted/encrypted", "sink": SUBSCRIBE_COUNTER }))
+        .await?;
+    assert_eq!(status, 201, "{body}");
+    let untrusted = body["id"].as_str().context("id")?.to_owned();
+    eventually(Duration::from_secs(60), "the untrusting consumer's errors counted", || async {
+        let errors = ferry_chaos_tests::prometheus::scrape(&node)
+            .await?
+            .sum("ferry_ingress_consumer_errors_total", &[("subscription", untrusted.as_str())]);
+        Ok((errors > 0.0).then_some(()))
+    })
+    .await?;
+    assert!(node.log().contains("certificate verify failed"), "the log says why");
     Ok(())
 }

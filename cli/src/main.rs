@@ -136,8 +136,13 @@ enum Subscriptions {
     Describe {
         id: String,
     },
+    /// Stops consuming at once; the subscription goes once the invocations of
+    /// its records have completed.
     Delete {
         id: String,
+        /// Delete at once, killing the invocations that have not completed.
+        #[arg(long)]
+        no_drain: bool,
     },
     /// Stops consuming; the group keeps its committed offsets.
     Pause {
@@ -521,7 +526,11 @@ async fn run(cli: Cli) -> Result<()> {
                     .subscriptions
                     .iter()
                     .map(|s| {
-                        let state = if s.paused { "paused" } else { "active" };
+                        let state = match (s.draining, s.paused) {
+                            (true, _) => "draining",
+                            (false, true) => "paused",
+                            (false, false) => "active",
+                        };
                         vec![s.id.clone(), s.source.clone(), s.sink.clone(), state.to_owned()]
                     })
                     .collect();
@@ -536,9 +545,15 @@ async fn run(cli: Cli) -> Result<()> {
             Subscriptions::Describe { id } => {
                 fields(admin.get_subscription(pb::GetSubscriptionRequest { id }).await?.into_inner())?.print(json)
             }
-            Subscriptions::Delete { id } => {
-                admin.delete_subscription(pb::DeleteSubscriptionRequest { id: id.clone() }).await?;
-                done(format!("deleted subscription {id}")).print(json)
+            Subscriptions::Delete { id, no_drain } => {
+                admin
+                    .delete_subscription(pb::DeleteSubscriptionRequest { id: id.clone(), skip_drain: no_drain })
+                    .await?;
+                let what = match no_drain {
+                    true => format!("deleted subscription {id}; its open invocations are being killed"),
+                    false => format!("subscription {id} stopped; it goes once its invocations have completed"),
+                };
+                done(what).print(json)
             }
         },
         Command::KafkaClusters(command) => match command {

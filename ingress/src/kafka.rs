@@ -13,10 +13,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ferry_log::{partition_group, PartitionId};
+use ferry_log::{partition_group, PartitionId, METADATA_GROUP};
 use ferry_partition::partitioner::kafka_producer_id;
 use ferry_partition::state::MetadataState;
-use ferry_partition::wire::v1::{Command, Invoke, KafkaCluster, Response, RetentionPolicy, Subscription};
+use ferry_partition::wire::v1::{
+    Command, Invoke, KafkaCluster, MetadataCommand, Response, RetentionPolicy, Subscription,
+};
 use ferry_partition::{Log, LogReads};
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
@@ -430,6 +432,10 @@ impl KafkaIngress {
         let mut running: HashMap<String, Running> = HashMap::new();
         // Consumers told to stop, until they have left their group.
         let mut stopping: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+        let mut drain_check = tokio::time::interval(DRAIN_CHECK_INTERVAL);
+        drain_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Since when each draining subscription has had nothing open.
+        let mut drained: HashMap<String, tokio::time::Instant> = HashMap::new();
         loop {
             stopping.retain(|_, task| !task.is_finished());
             // Tests make the ingress itself fail here.
@@ -438,7 +444,7 @@ impl KafkaIngress {
                 let cluster = |s: &Subscription| find_cluster(&self.clusters, m, &s.cluster);
                 m.subscriptions
                     .iter()
-                    .filter(|(_, s)| !s.paused)
+                    .filter(|(_, s)| !s.paused && !s.draining)
                     .map(|(id, s)| (id.clone(), (s.clone(), cluster(s))))
                     .collect()
             });
@@ -451,8 +457,10 @@ impl KafkaIngress {
                 let Some(stopped) = running.remove(&id) else { continue };
                 if desired.contains_key(&id) {
                     info!(subscription = %id, "the subscription's Kafka cluster changed, restarting its consumer");
-                } else if self.log.read_metadata(|m| m.subscriptions.contains_key(&id)) {
-                    info!(subscription = %id, "subscription paused, stopping its consumer");
+                } else if let Some(draining) = self.log.read_metadata(|m| m.subscriptions.get(&id).map(|s| s.draining))
+                {
+                    let why = if draining { "being deleted" } else { "paused" };
+                    info!(subscription = %id, "subscription {why}, stopping its consumer");
                 } else {
                     info!(subscription = %id, "subscription deleted, stopping its consumer");
                 }
@@ -489,6 +497,7 @@ impl KafkaIngress {
             }
             tokio::select! {
                 changed = changes.changed() => if changed.is_err() { break },
+                _ = drain_check.tick() => self.finish_drains(&mut drained).await,
                 _ = cancel.cancelled() => break,
             }
         }
@@ -497,6 +506,64 @@ impl KafkaIngress {
         }
         tracker.close();
         tracker.wait().await;
+    }
+}
+
+/// How often the metadata leader looks whether subscriptions being deleted
+/// have drained.
+const DRAIN_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How long a draining subscription must have had nothing open before it
+/// goes: its consumers on every node have seen it draining and stopped
+/// appending by then.
+const DRAIN_QUIET: Duration = Duration::from_secs(2);
+
+impl KafkaIngress {
+    /// On the metadata leader: removes each subscription being deleted
+    /// whose records' invocations have all completed in every partition, for
+    /// [`DRAIN_QUIET`].
+    async fn finish_drains(&self, drained: &mut HashMap<String, tokio::time::Instant>) {
+        let draining: Vec<String> =
+            self.log.read_metadata(|m| m.subscriptions.values().filter(|s| s.draining).map(|s| s.id.clone()).collect());
+        drained.retain(|id, _| draining.contains(id));
+        if draining.is_empty() || !self.log.is_leader(METADATA_GROUP) {
+            return;
+        }
+        for id in draining {
+            let mut open = Ok(0);
+            for partition in 0..self.log.partitions() {
+                match self.log.read_partition(partition, |view| view.open_invocations(&id)) {
+                    Ok(count) => open = open.map(|sum| sum + count),
+                    Err(e) => {
+                        open = Err(e);
+                        break;
+                    }
+                }
+            }
+            match open {
+                Ok(0) => {}
+                Ok(open) => {
+                    debug!(subscription = %id, open, "draining");
+                    drained.remove(&id);
+                    continue;
+                }
+                Err(e) => {
+                    debug!(subscription = %id, "cannot count what is open: {e}");
+                    drained.remove(&id);
+                    continue;
+                }
+            }
+            let since = *drained.entry(id.clone()).or_insert_with(tokio::time::Instant::now);
+            if since.elapsed() < DRAIN_QUIET {
+                continue;
+            }
+            let remove = Command::Metadata(MetadataCommand::RemoveSubscription { id: id.clone() });
+            match self.log.propose(METADATA_GROUP, remove).await {
+                Ok(_) => info!(subscription = %id, "subscription drained and deleted"),
+                Err(e) => warn!(subscription = %id, "deleting the drained subscription: {e}"),
+            }
+            drained.remove(&id);
+        }
     }
 }
 

@@ -208,6 +208,7 @@ mod tests {
             options: Default::default(),
             created_at_ms: 1,
             paused: false,
+            draining: false,
         }
     }
 

@@ -406,6 +406,20 @@ const EXPIRY_REMOVE: u8 = 1;
 const NEXT_RUN_SEQ: &[u8] = b"next_run_seq";
 const NEXT_INBOX_SEQ: &[u8] = b"next_inbox_seq";
 const NEXT_OUTBOX_SEQ: &[u8] = b"next_outbox_seq";
+/// Prefix of the count of a subscription's invocations not completed yet.
+const OPEN_PREFIX: &[u8] = b"open/";
+
+fn open_counter(subscription: &str) -> Vec<u8> {
+    [OPEN_PREFIX, subscription.as_bytes()].concat()
+}
+
+/// The counter of the subscription `inv` comes from, if any.
+fn open_counter_of(inv: &Invocation) -> Option<Vec<u8>> {
+    match &inv.source {
+        Source::Kafka(kafka) => Some(open_counter(&kafka.subscription)),
+        Source::Ingress | Source::Service { .. } => None,
+    }
+}
 
 fn counter(store: &(impl StoreRead<Table> + ?Sized), name: &[u8]) -> Result<u64, StoreError> {
     Ok(store.get(Table::Counters, name)?.as_deref().and_then(key::u64_of).unwrap_or(0))
@@ -520,6 +534,9 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
                 arrived: Vec::new(),
             };
             self.count(Status::Scheduled, 1)?;
+            if let Some(open) = open_counter_of(&inv) {
+                self.add(&open, 1)?;
+            }
             let kept = match (invoke.failure, invoke.not_before_ms) {
                 (Some((code, message)), _) => {
                     self.complete(&mut inv, Completion::Failure { code, message }, invoke.created_at_ms)?
@@ -1044,8 +1061,16 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
 
     /// Adds `delta` to the count of invocations in `status`.
     fn count(&mut self, status: Status, delta: i64) -> Result<(), StoreError> {
-        let count = self.counter_mut(&status.counter())?;
-        count.0 = count.0.checked_add_signed(delta).expect("status counts stay positive");
+        self.add(&status.counter(), delta)
+    }
+
+    /// Adds `delta` to counter `name`, a count that never goes below zero.
+    fn add(&mut self, name: &[u8], delta: i64) -> Result<(), StoreError> {
+        let count = self.counter_mut(name)?;
+        count.0 = count
+            .0
+            .checked_add_signed(delta)
+            .ok_or_else(|| StoreError(format!("counter {} below zero", String::from_utf8_lossy(name))))?;
         count.1 = true;
         Ok(())
     }
@@ -1060,7 +1085,13 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
 
     fn write_counters(&mut self) -> Result<(), StoreError> {
         for (name, (value, changed)) in std::mem::take(&mut self.counters) {
-            if changed {
+            if !changed {
+                continue;
+            }
+            // A subscription with nothing open keeps no row.
+            if value == 0 && name.starts_with(OPEN_PREFIX) {
+                self.store.remove(Table::Counters, &name)?;
+            } else {
                 self.store.put(Table::Counters, &name, &value.to_be_bytes())?;
             }
         }
@@ -1124,6 +1155,9 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
     fn complete(&mut self, inv: &mut Invocation, result: Completion, at_ms: u64) -> Result<bool, StoreError> {
         let status = inv.status;
         self.unrun(inv, Status::Completed)?;
+        if let Some(open) = open_counter_of(inv) {
+            self.add(&open, -1)?;
+        }
         for to in std::mem::take(&mut inv.replies) {
             self.put_outgoing(&Outgoing::Reply { to, result: Some(result.clone()) })?;
         }
@@ -1391,6 +1425,11 @@ impl<'a, S: StoreRead<Table> + ?Sized> PartitionRead<'a, S> {
         Ok(self.status_counts()?.iter().sum())
     }
 
+    /// How many invocations of subscription `id`'s records have not completed.
+    pub fn open_invocations(&self, subscription: &str) -> Result<u64, StoreError> {
+        counter(self.store, &open_counter(subscription))
+    }
+
     /// How many invocations are in each status, in the order of [`Status::ALL`].
     pub fn status_counts(&self) -> Result<[u64; Status::ALL.len()], StoreError> {
         let mut counts = [0; Status::ALL.len()];
@@ -1600,8 +1639,18 @@ impl MetadataState {
                 MetadataResponse::Done
             }
             MetadataCommand::PauseSubscription { id, paused } => match self.subscriptions.get_mut(&id) {
+                Some(subscription) if subscription.draining && !paused => {
+                    MetadataResponse::Conflict(format!("subscription {id} is being deleted"))
+                }
                 Some(subscription) => {
                     subscription.paused = paused;
+                    MetadataResponse::Done
+                }
+                None => MetadataResponse::NotFound,
+            },
+            MetadataCommand::DrainSubscription { id } => match self.subscriptions.get_mut(&id) {
+                Some(subscription) => {
+                    subscription.draining = true;
                     MetadataResponse::Done
                 }
                 None => MetadataResponse::NotFound,
@@ -1823,6 +1872,28 @@ mod tests {
         assert_eq!(p.invocation("inv_3").unwrap().status, Status::Pending);
         // Shared handlers never queue.
         assert_eq!(p.invocation("inv_4").unwrap().status, Status::Ready);
+    }
+
+    #[test]
+    fn a_subscriptions_open_invocations_are_counted_until_they_complete() {
+        let mut state = GroupState::default();
+        let mut failed = invoke("inv_3", None, HandlerType::Shared, Some((1, 3)));
+        failed.failure = Some((400, "undeliverable".to_owned()));
+        apply(
+            &mut state,
+            vec![
+                invoke("inv_1", Some("k"), HandlerType::Exclusive, Some((1, 1))),
+                invoke("inv_2", Some("k"), HandlerType::Exclusive, Some((1, 2))),
+                failed,
+            ],
+        );
+        let open = |state: &GroupState| view(state).0.open_invocations("sub_1").unwrap();
+        assert_eq!(open(&state), 2, "created failed, the third is not open");
+        state.apply(Command::Effects { at_ms: 20, effects: vec![Effect::Kill { id: "inv_1".to_owned() }] });
+        assert_eq!(open(&state), 1);
+        state.apply(Command::Effects { at_ms: 21, effects: vec![Effect::Kill { id: "inv_2".to_owned() }] });
+        assert_eq!(open(&state), 0);
+        assert_eq!(view(&state).0.open_invocations("sub_2").unwrap(), 0);
     }
 
     #[test]
@@ -2900,6 +2971,7 @@ mod tests {
             options: BTreeMap::new(),
             created_at_ms: 1,
             paused: false,
+            draining: false,
         };
         assert_eq!(m.apply(MetadataCommand::PutSubscription(subscription)), MetadataResponse::Done);
         let pause = |id: &str, paused| MetadataCommand::PauseSubscription { id: id.to_owned(), paused };
@@ -2908,6 +2980,11 @@ mod tests {
         assert_eq!(m.apply(pause("sub_1", false)), MetadataResponse::Done);
         assert!(!m.subscriptions["sub_1"].paused);
         assert_eq!(m.apply(pause("sub_2", true)), MetadataResponse::NotFound);
+        let drain = |id: &str| MetadataCommand::DrainSubscription { id: id.to_owned() };
+        assert_eq!(m.apply(drain("sub_1")), MetadataResponse::Done);
+        assert!(m.subscriptions["sub_1"].draining);
+        assert!(matches!(m.apply(pause("sub_1", false)), MetadataResponse::Conflict(_)), "no resume while draining");
+        assert_eq!(m.apply(drain("sub_2")), MetadataResponse::NotFound);
         match m.apply(remove(false)) {
             MetadataResponse::Conflict(why) => assert!(why.contains("sub_1"), "{why}"),
             other => panic!("removed a cluster in use: {other:?}"),

@@ -358,6 +358,12 @@ pub enum MetadataCommand {
         id: String,
         paused: bool,
     },
+    /// Stop consuming a subscription for good; it is removed
+    /// ([`MetadataCommand::RemoveSubscription`]) once the invocations of the
+    /// records it appended have completed.
+    DrainSubscription {
+        id: String,
+    },
     /// Replace what an operator set for a registered service.
     ConfigureService {
         name: String,
@@ -723,6 +729,9 @@ pub struct Subscription {
     pub created_at_ms: u64,
     /// Paused: no node consumes it until it is resumed.
     pub paused: bool,
+    /// Being deleted: no node consumes it, and it goes once every invocation
+    /// of its records has completed.
+    pub draining: bool,
 }
 
 impl Subscription {
