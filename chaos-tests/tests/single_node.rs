@@ -22,6 +22,48 @@ async fn subscribe(node: &Node, topic: &str, sink: &str) -> Result<String> {
     Ok(body["id"].as_str().context("subscription id")?.to_owned())
 }
 
+/// Records `{"seq": i}` for each `i` of `seqs` (with `hold_ms` if given, for
+/// `Sink/handle`), keyed `{prefix}{i % count}` by `keys` or not keyed.
+fn seq_records(seqs: std::ops::Range<i64>, keys: Option<(&str, i64)>, hold_ms: Option<u64>) -> Vec<Record> {
+    seqs.map(|i| {
+        let mut payload = json!({ "seq": i });
+        if let Some(hold_ms) = hold_ms {
+            payload["hold_ms"] = json!(hold_ms);
+        }
+        Record {
+            key: keys.map(|(prefix, count)| format!("{prefix}{}", i % count).into_bytes()),
+            payload: payload.to_string().into_bytes(),
+            headers: vec![],
+        }
+    })
+    .collect()
+}
+
+/// Registers Kafka cluster `name` with `properties`, subscribes `Counter/add`
+/// to `topic` there, and waits until its consumer reports errors: a cluster
+/// the broker refuses. Answers the subscription's id.
+async fn refused_subscription(
+    node: &Node,
+    name: &str,
+    properties: &serde_json::Map<String, Value>,
+    topic: &str,
+) -> Result<String> {
+    let (status, body) = node.post("/kafka-clusters", json!({ "name": name, "properties": properties })).await?;
+    assert_eq!(status, 201, "{body}");
+    let source = format!("kafka://{name}/{topic}");
+    let (status, body) = node.post("/subscriptions", json!({ "source": source, "sink": SUBSCRIBE_COUNTER })).await?;
+    assert_eq!(status, 201, "a cluster that does not answer the topic check is not asked: {body}");
+    let id = body["id"].as_str().context("id")?.to_owned();
+    eventually(Duration::from_secs(60), &format!("the errors of {name}'s consumer counted"), || async {
+        let errors = ferry_chaos_tests::prometheus::scrape(node)
+            .await?
+            .sum("ferry_ingress_consumer_errors_total", &[("subscription", id.as_str())]);
+        Ok((errors > 0.0).then_some(()))
+    })
+    .await?;
+    Ok(id)
+}
+
 /// Everything the metadata group holds, as the admin API shows it.
 async fn snapshot(node: &Node) -> Result<(Value, Value, Value)> {
     Ok((node.get("/deployments").await?, node.get("/services").await?, node.get("/subscriptions").await?))
@@ -577,15 +619,7 @@ async fn a_paused_subscription_reads_nothing_until_resumed() -> Result<()> {
     broker.create_topic("pausing", 1).await?;
     let sub = subscribe(&node, "pausing", SUBSCRIBE_COUNTER).await?;
     let producer = broker.producer()?;
-    let records = |from: i64| -> Vec<Record> {
-        (from..from + 20)
-            .map(|i| Record {
-                key: Some(format!("k{}", i % 4).into_bytes()),
-                payload: json!({ "seq": i }).to_string().into_bytes(),
-                headers: vec![],
-            })
-            .collect()
-    };
+    let records = |from: i64| seq_records(from..from + 20, Some(("k", 4)), None);
     produce(&producer, "pausing", &records(0)).await?;
     invoked_offsets(&node, &sub, 20).await?;
 
@@ -638,13 +672,7 @@ async fn sasl_scram_clusters_feed_subscriptions_and_keep_their_password() -> Res
     // The config file's cluster.
     let sub = subscribe(&node, "secured", SUBSCRIBE_COUNTER).await?;
     let producer = broker.producer()?;
-    let records: Vec<Record> = (0..40)
-        .map(|i| Record {
-            key: Some(format!("k{}", i % 5).into_bytes()),
-            payload: json!({ "seq": i }).to_string().into_bytes(),
-            headers: vec![],
-        })
-        .collect();
+    let records = seq_records(0..40, Some(("k", 5)), None);
     produce(&producer, "secured", &records).await?;
     let offsets = invoked_offsets(&node, &sub, 40).await?;
     assert_eq!(offsets.len(), 40, "each record once: {offsets:?}");
@@ -669,20 +697,7 @@ async fn sasl_scram_clusters_feed_subscriptions_and_keep_their_password() -> Res
 
     // A wrong password: the consumer reports the broker's refusal.
     properties.insert("sasl.password".to_owned(), json!("wrong"));
-    let (status, _) = node.post("/kafka-clusters", json!({ "name": "wrong", "properties": properties })).await?;
-    assert_eq!(status, 201);
-    let (status, body) = node
-        .post("/subscriptions", json!({ "source": "kafka://wrong/secured-too", "sink": SUBSCRIBE_COUNTER }))
-        .await?;
-    assert_eq!(status, 201, "a cluster that refuses the check is not asked: {body}");
-    let refused = body["id"].as_str().context("id")?.to_owned();
-    eventually(Duration::from_secs(60), "the refused consumer's errors counted", || async {
-        let errors = ferry_chaos_tests::prometheus::scrape(&node)
-            .await?
-            .sum("ferry_ingress_consumer_errors_total", &[("subscription", refused.as_str())]);
-        Ok((errors > 0.0).then_some(()))
-    })
-    .await?;
+    let refused = refused_subscription(&node, "wrong", &properties, "secured-too").await?;
     assert!(node.invocations(&format!("subscription={refused}")).await?.is_empty());
 
     let listed = node.get("/kafka-clusters").await?.to_string();
@@ -703,15 +718,7 @@ async fn several_topics_and_handlers_each_get_every_record_once() -> Result<()> 
     let a_to_counter = subscribe(&node, "fan-a", SUBSCRIBE_COUNTER).await?;
     let a_to_sink = subscribe(&node, "fan-a", "service://Sink/handle").await?;
     let b_to_counter = subscribe(&node, "fan-b", SUBSCRIBE_COUNTER).await?;
-    let records = |prefix: &str, count: usize, keys: usize| -> Vec<Record> {
-        (0..count)
-            .map(|i| Record {
-                key: Some(format!("{prefix}{}", i % keys).into_bytes()),
-                payload: json!({ "seq": i }).to_string().into_bytes(),
-                headers: vec![],
-            })
-            .collect()
-    };
+    let records = |prefix: &str, count: i64, keys: i64| seq_records(0..count, Some((prefix, keys)), None);
     let producer = broker.producer()?;
     let mut produced_a = produce(&producer, "fan-a", &records("a", 30, 3)).await?;
     let produced_b = produce(&producer, "fan-b", &records("b", 20, 2)).await?;
@@ -748,13 +755,7 @@ async fn ordered_subscriptions_run_each_kafka_partitions_records_one_at_a_time()
     let sub = body["id"].as_str().context("id")?.to_owned();
 
     const PER_PARTITION: i64 = 12;
-    let records: Vec<Record> = (0..2 * PER_PARTITION)
-        .map(|i| Record {
-            key: Some(format!("k{}", i % 4).into_bytes()),
-            payload: json!({ "seq": i, "hold_ms": 30 }).to_string().into_bytes(),
-            headers: vec![],
-        })
-        .collect();
+    let records = seq_records(0..2 * PER_PARTITION, Some(("k", 4)), Some(30));
     produce(&broker.producer()?, "ordered", &records).await?;
     invoked_offsets(&node, &sub, records.len()).await?;
 
@@ -786,15 +787,7 @@ async fn ordered_subscriptions_run_each_kafka_partitions_records_one_at_a_time()
 async fn a_deleted_subscription_drains_what_it_appended_or_kills_it() -> Result<()> {
     let (broker, _handlers, _dir, node) = node_with_handlers(&[]).await?;
     // Records that run one at a time, 150 ms each.
-    let slow = |count: i64| -> Vec<Record> {
-        (0..count)
-            .map(|i| Record {
-                key: None,
-                payload: json!({ "seq": i, "hold_ms": 150 }).to_string().into_bytes(),
-                headers: vec![],
-            })
-            .collect()
-    };
+    let slow = |count: i64| seq_records(0..count, None, Some(150));
     let mut subscriptions = Vec::new();
     for topic in ["drained", "dropped"] {
         broker.create_topic(topic, 1).await?;
@@ -885,32 +878,13 @@ async fn sasl_ssl_clusters_feed_subscriptions() -> Result<()> {
         .await?;
     assert_eq!(status, 201, "{body}");
     let sub = body["id"].as_str().context("id")?.to_owned();
-    let records: Vec<Record> = (0..30)
-        .map(|i| Record {
-            key: Some(format!("k{}", i % 3).into_bytes()),
-            payload: json!({ "seq": i }).to_string().into_bytes(),
-            headers: vec![],
-        })
-        .collect();
+    let records = seq_records(0..30, Some(("k", 3)), None);
     produce(&broker.producer()?, "encrypted", &records).await?;
     assert_eq!(invoked_offsets(&node, &sub, 30).await?.len(), 30);
 
     // Without the CA the broker's certificate is not trusted.
     properties.remove("ssl.ca.location");
-    let (status, _) = node.post("/kafka-clusters", json!({ "name": "untrusted", "properties": properties })).await?;
-    assert_eq!(status, 201);
-    let (status, body) = node
-        .post("/subscriptions", json!({ "source": "kafka://untrusted/encrypted", "sink": SUBSCRIBE_COUNTER }))
-        .await?;
-    assert_eq!(status, 201, "{body}");
-    let untrusted = body["id"].as_str().context("id")?.to_owned();
-    eventually(Duration::from_secs(60), "the untrusting consumer's errors counted", || async {
-        let errors = ferry_chaos_tests::prometheus::scrape(&node)
-            .await?
-            .sum("ferry_ingress_consumer_errors_total", &[("subscription", untrusted.as_str())]);
-        Ok((errors > 0.0).then_some(()))
-    })
-    .await?;
+    refused_subscription(&node, "untrusted", &properties, "encrypted").await?;
     assert!(node.log().contains("certificate verify failed"), "the log says why");
     Ok(())
 }

@@ -535,7 +535,7 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
             };
             self.count(Status::Scheduled, 1)?;
             if let Some(open) = open_counter_of(&inv) {
-                self.add(&open, 1)?;
+                self.count_open(&open, 1)?;
             }
             let kept = match (invoke.failure, invoke.not_before_ms) {
                 (Some((code, message)), _) => {
@@ -1061,16 +1061,18 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
 
     /// Adds `delta` to the count of invocations in `status`.
     fn count(&mut self, status: Status, delta: i64) -> Result<(), StoreError> {
-        self.add(&status.counter(), delta)
+        let count = self.counter_mut(&status.counter())?;
+        count.0 = count.0.checked_add_signed(delta).expect("status counts stay positive");
+        count.1 = true;
+        Ok(())
     }
 
-    /// Adds `delta` to counter `name`, a count that never goes below zero.
-    fn add(&mut self, name: &[u8], delta: i64) -> Result<(), StoreError> {
+    /// Adds `delta` to a subscription's count of open invocations. It only
+    /// tells when a deleted subscription has drained, so it stops at zero
+    /// rather than fail the command.
+    fn count_open(&mut self, name: &[u8], delta: i64) -> Result<(), StoreError> {
         let count = self.counter_mut(name)?;
-        count.0 = count
-            .0
-            .checked_add_signed(delta)
-            .ok_or_else(|| StoreError(format!("counter {} below zero", String::from_utf8_lossy(name))))?;
+        count.0 = count.0.saturating_add_signed(delta);
         count.1 = true;
         Ok(())
     }
@@ -1156,7 +1158,7 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
         let status = inv.status;
         self.unrun(inv, Status::Completed)?;
         if let Some(open) = open_counter_of(inv) {
-            self.add(&open, -1)?;
+            self.count_open(&open, -1)?;
         }
         for to in std::mem::take(&mut inv.replies) {
             self.put_outgoing(&Outgoing::Reply { to, result: Some(result.clone()) })?;
