@@ -39,6 +39,31 @@ fn seq_records(seqs: std::ops::Range<i64>, keys: Option<(&str, i64)>, hold_ms: O
     .collect()
 }
 
+/// Registers `broker` as Kafka cluster `name` (its address and the client
+/// properties it needs) and subscribes `Counter/add` to `topic` there from the
+/// earliest record. Answers the cluster's properties and the subscription's id.
+async fn subscribe_through(
+    node: &Node,
+    broker: &Broker,
+    name: &str,
+    topic: &str,
+) -> Result<(serde_json::Map<String, Value>, String)> {
+    let mut properties: serde_json::Map<String, Value> =
+        broker.client_properties().into_iter().map(|(k, v)| (k.to_owned(), json!(v))).collect();
+    properties.insert("bootstrap.servers".to_owned(), json!(broker.bootstrap()));
+    let (status, created) = node.post("/kafka-clusters", json!({ "name": name, "properties": properties })).await?;
+    assert_eq!(status, 201, "{created}");
+    let (status, body) = node
+        .post(
+            "/subscriptions",
+            json!({ "source": format!("kafka://{name}/{topic}"), "sink": SUBSCRIBE_COUNTER,
+                    "options": { "ferry.start.position": "earliest" } }),
+        )
+        .await?;
+    assert_eq!(status, 201, "{body}");
+    Ok((properties, body["id"].as_str().context("id")?.to_owned()))
+}
+
 /// Registers Kafka cluster `name` with `properties`, subscribes `Counter/add`
 /// to `topic` there, and waits until its consumer reports errors: a cluster
 /// the broker refuses. Answers the subscription's id.
@@ -678,20 +703,7 @@ async fn sasl_scram_clusters_feed_subscriptions_and_keep_their_password() -> Res
     assert_eq!(offsets.len(), 40, "each record once: {offsets:?}");
 
     // A cluster registered at runtime with the same keys.
-    let mut properties: serde_json::Map<String, Value> =
-        broker.client_properties().into_iter().map(|(k, v)| (k.to_owned(), json!(v))).collect();
-    properties.insert("bootstrap.servers".to_owned(), json!(broker.bootstrap()));
-    let (status, created) = node.post("/kafka-clusters", json!({ "name": "rt", "properties": properties })).await?;
-    assert_eq!(status, 201, "{created}");
-    let (status, body) = node
-        .post(
-            "/subscriptions",
-            json!({ "source": "kafka://rt/secured-too", "sink": SUBSCRIBE_COUNTER,
-                    "options": { "ferry.start.position": "earliest" } }),
-        )
-        .await?;
-    assert_eq!(status, 201, "{body}");
-    let runtime_sub = body["id"].as_str().context("id")?.to_owned();
+    let (mut properties, runtime_sub) = subscribe_through(&node, &broker, "rt", "secured-too").await?;
     produce(&producer, "secured-too", &records[..10]).await?;
     assert_eq!(invoked_offsets(&node, &runtime_sub, 10).await?, (0..10).map(|o| (0, o)).collect::<Vec<_>>());
 
@@ -863,21 +875,8 @@ async fn sasl_ssl_clusters_feed_subscriptions() -> Result<()> {
     let (status, body) = node.post("/deployments", json!({ "uri": handlers.uri })).await?;
     assert_eq!(status, 201, "{body}");
 
-    let mut properties: serde_json::Map<String, Value> =
-        broker.client_properties().into_iter().map(|(k, v)| (k.to_owned(), json!(v))).collect();
+    let (mut properties, sub) = subscribe_through(&node, &broker, "tls", "encrypted").await?;
     assert_eq!(properties["security.protocol"], "SASL_SSL");
-    properties.insert("bootstrap.servers".to_owned(), json!(broker.bootstrap()));
-    let (status, created) = node.post("/kafka-clusters", json!({ "name": "tls", "properties": properties })).await?;
-    assert_eq!(status, 201, "{created}");
-    let (status, body) = node
-        .post(
-            "/subscriptions",
-            json!({ "source": "kafka://tls/encrypted", "sink": SUBSCRIBE_COUNTER,
-                    "options": { "ferry.start.position": "earliest" } }),
-        )
-        .await?;
-    assert_eq!(status, 201, "{body}");
-    let sub = body["id"].as_str().context("id")?.to_owned();
     let records = seq_records(0..30, Some(("k", 3)), None);
     produce(&broker.producer()?, "encrypted", &records).await?;
     assert_eq!(invoked_offsets(&node, &sub, 30).await?.len(), 30);
