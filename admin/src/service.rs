@@ -228,6 +228,24 @@ fn check_topic(consumer: &BaseConsumer, topic: &str, partitions: &[i32]) -> Topi
     }
 }
 
+/// Refuses a subscription whose `topic` (or a partition of it) the cluster
+/// `consumer` connects to does not have; `what` names the option in the
+/// refusal. A cluster that does not answer is not asked.
+async fn require_topic(consumer: BaseConsumer, topic: &str, partitions: Vec<i32>, what: &str) -> Result<(), Error> {
+    let name = topic.to_owned();
+    let checked = tokio::task::spawn_blocking(move || check_topic(&consumer, &name, &partitions))
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    match checked {
+        TopicCheck::Found => Ok(()),
+        TopicCheck::Missing(why) => Err(Error::BadRequest(format!("{what}: {why}"))),
+        TopicCheck::Unknown(why) => {
+            warn!(topic, "cannot check {what}, subscribing anyway: {why}");
+            Ok(())
+        }
+    }
+}
+
 /// What an operator can do to an invocation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -664,18 +682,18 @@ impl Admin {
             ferry_ingress::kafka::consumer_config(&cluster, &subscription, &settings, "ferry-admin-validation");
         let consumer: BaseConsumer =
             config.create().map_err(|e| Error::BadRequest(format!("invalid subscription options: {e}")))?;
-        let (topic, partitions) = (subscription.topic.clone(), settings.partitions());
-        let checked = tokio::task::spawn_blocking(move || check_topic(&consumer, &topic, &partitions))
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))?;
-        match checked {
-            TopicCheck::Found => {}
-            TopicCheck::Missing(why) => {
-                return Err(Error::BadRequest(format!("source {}: {why}", request.source)));
-            }
-            TopicCheck::Unknown(why) => {
-                warn!(source = %request.source, "cannot check the topic, subscribing anyway: {why}");
-            }
+        let what = format!("source {}", request.source);
+        require_topic(consumer, &subscription.topic, settings.partitions(), &what).await?;
+        if let Some(dead_letter) = settings.dead_letter_topic(cluster_name) {
+            let cluster = self.cluster(&dead_letter.cluster).map_err(|e| match e {
+                Error::BadRequest(why) => Error::BadRequest(format!("{}: {why}", subscription::DEAD_LETTER_CLUSTER)),
+                other => other,
+            })?;
+            let config = ferry_ingress::kafka::cluster_config(&cluster, "ferry-admin-validation");
+            let consumer: BaseConsumer = config
+                .create()
+                .map_err(|e| Error::BadRequest(format!("Kafka cluster {}: {e}", dead_letter.cluster)))?;
+            require_topic(consumer, &dead_letter.topic, Vec::new(), subscription::DEAD_LETTER_TOPIC).await?;
         }
         match self.propose_metadata(MetadataCommand::PutSubscription(subscription.clone())).await? {
             MetadataResponse::Done => Ok(subscription_to_proto(&subscription)),

@@ -20,7 +20,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
@@ -272,6 +272,12 @@ impl Broker {
                         offset: m.offset(),
                         key: m.key().map(<[u8]>::to_vec),
                         payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                        headers: m.headers().map_or_else(Vec::new, |headers| {
+                            headers
+                                .iter()
+                                .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
+                                .collect()
+                        }),
                     });
                 }
             }
@@ -452,6 +458,14 @@ pub struct TopicRecord {
     pub offset: i64,
     pub key: Option<Vec<u8>>,
     pub payload: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl TopicRecord {
+    /// The value of header `name`, as text.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    }
 }
 
 /// A producing task; it returns the (partition, offset) of every record.

@@ -74,11 +74,15 @@ async fn every_command_against_a_node() -> Result<()> {
     let args = ["subscriptions", "create", "kafka://my-cluster/t", "service://Counter/add", "--option"];
     let bad = fails(port, &[&args[..], &["auto.offset.reset=earliest", "--start", "newest"]].concat())?;
     assert!(bad.contains("InvalidArgument") && bad.contains("unknown ferry.start.position"), "{bad}");
-    let starts = ["--start", "specific-offsets", "--start-offsets", "0:5"];
+    let elsewhere = ["--dead-letter-topic", "dead", "--dead-letter-cluster", "other"];
+    let bad = fails(port, &[&args[..], &["auto.offset.reset=earliest"], &elsewhere[..]].concat())?;
+    assert!(bad.contains("InvalidArgument") && bad.contains("ferry.dead-letter.cluster"), "{bad}");
+    let starts = ["--start", "specific-offsets", "--start-offsets", "0:5", "--dead-letter-topic", "t"];
     let created = json(port, &[&args[..], &["auto.offset.reset=earliest"], &starts[..]].concat())?;
     let sub = created["id"].as_str().unwrap().to_owned();
     assert_eq!(created["options"]["auto.offset.reset"], "earliest");
     assert_eq!(created["options"]["ferry.start.offsets"], "0:5");
+    assert_eq!(created["options"]["ferry.dead-letter.topic"], "t");
     assert!(ok(port, &["subscriptions", "list"])?.contains(&sub));
     assert_eq!(json(port, &["subscriptions", "describe", &sub])?["sink"], "service://Counter/add");
     assert_eq!(json(port, &["subscriptions", "pause", &sub])?["paused"], true);

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use ferry_chaos_tests::{eventually, Broker, Handlers, Node};
+use ferry_chaos_tests::{eventually, Broker, Handlers, Node, Record};
 use rand::Rng;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -187,5 +187,138 @@ async fn sigkill_loses_and_doubles_nothing() -> Result<()> {
         })
         .await?;
     }
+    Ok(())
+}
+
+/// Records whose invocation ends failed (a terminal error from the handler,
+/// a key a Virtual Object cannot take) go to the subscription's dead-letter
+/// topic once each, with their value, key and headers and why and where
+/// from; records that succeed do not. The node is SIGKILLed while dead
+/// letters are being produced: none is lost or doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_produced_once_per_failed_record_across_a_sigkill() -> Result<()> {
+    const RECORDS: i64 = 300;
+    const UNKEYED: i64 = 20;
+    // Until the kill, every batch of dead letters is produced and then its
+    // truncation is lost, as if the node had failed in between: the node
+    // reads the topic back before each next batch, and after the restart.
+    let failpoints = [("FAILPOINTS", "egress-truncate=return")];
+    let (broker, _handlers, _dir, mut node) = ferry_chaos_tests::node_with_handlers(&failpoints).await?;
+    for (topic, partitions) in [("work", 2), ("unkeyed", 1), ("dead", 2)] {
+        broker.create_topic(topic, partitions).await?;
+    }
+    let subscribe = |topic: &str, sink: &str, extra: Value| {
+        let mut options = json!({"auto.offset.reset": "earliest", "ferry.dead-letter.topic": "dead",
+                                 "session.timeout.ms": SESSION_TIMEOUT.as_millis().to_string()});
+        for (key, value) in extra.as_object().into_iter().flatten() {
+            options[key] = value.clone();
+        }
+        let body = json!({"source": format!("kafka://my-cluster/{topic}"), "sink": sink, "options": options});
+        let node = &node;
+        async move { node.post("/subscriptions", body).await }
+    };
+    // Refused: a topic or cluster that does not exist, a cluster without a topic.
+    let (status, body) =
+        subscribe("work", "service://Sink/handle", json!({"ferry.dead-letter.topic": "nowhere"})).await?;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("ferry.dead-letter.topic"), "{body}");
+    let (status, body) =
+        subscribe("work", "service://Sink/handle", json!({"ferry.dead-letter.cluster": "other"})).await?;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("unknown Kafka cluster \\\"other\\\""), "{body}");
+
+    // Every fifth record fails; records run one at a time per partition, so
+    // dead letters keep coming while the node is killed.
+    let (status, body) = subscribe("work", "service://Sink/handle", json!({"ferry.ordering": "partition"})).await?;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = subscribe("unkeyed", "service://Counter/add", json!({})).await?;
+    assert_eq!(status, 201, "{body}");
+    let records: Vec<Record> = (0..RECORDS)
+        .map(|i| {
+            let mut payload = json!({"seq": i, "hold_ms": 10});
+            if i % 5 == 0 {
+                payload["fail"] = json!(format!("record {i} is bad"));
+            }
+            Record {
+                key: Some(format!("k{i}").into_bytes()),
+                payload: payload.to_string().into_bytes(),
+                headers: vec![("origin".to_owned(), format!("test-{i}"))],
+            }
+        })
+        .collect();
+    let producer = broker.producer()?;
+    let produced = ferry_chaos_tests::produce(&producer, "work", &records).await?;
+    let unkeyed: Vec<Record> = (0..UNKEYED)
+        .map(|i| Record { key: None, payload: json!({"seq": i}).to_string().into_bytes(), headers: vec![] })
+        .collect();
+    ferry_chaos_tests::produce(&producer, "unkeyed", &unkeyed).await?;
+
+    eventually(Duration::from_secs(60), "dead letters, some found already produced", || async {
+        let produced = node.metric("ferry_egress_records_total").await?;
+        let skipped = node.metric("ferry_egress_records_skipped_total").await?;
+        Ok((produced >= 5.0 && skipped > 0.0).then_some(()))
+    })
+    .await?;
+    node.kill().await;
+    tokio::time::sleep(SESSION_TIMEOUT + Duration::from_secs(1)).await;
+    node.set_env("FAILPOINTS", "egress-truncate=off");
+    node.restart().await?;
+
+    let expected: HashSet<(String, i64)> = produced
+        .iter()
+        .zip(0..)
+        .filter(|(_, i)| i % 5 == 0)
+        .map(|((partition, offset), _)| (format!("work/{partition}"), *offset))
+        .chain((0..UNKEYED).map(|offset| ("unkeyed/0".to_owned(), offset)))
+        .collect();
+    let dead = eventually(Duration::from_secs(120), "a dead letter for each failed record", || async {
+        let dead = broker.read_topic("dead", 2).await?;
+        Ok((dead.len() >= expected.len()).then_some(dead))
+    })
+    .await?;
+    // Nothing more comes once the egress is empty.
+    eventually(Duration::from_secs(60), "the egress to be empty", || async {
+        Ok((node.metric("ferry_egress_pending").await? == 0.0).then_some(()))
+    })
+    .await?;
+    let dead = if dead.len() == expected.len() { broker.read_topic("dead", 2).await? } else { dead };
+    for line in node.log().lines().filter(|l| l.contains("egress")) {
+        eprintln!("EGRESS {line}");
+    }
+    for r in &dead {
+        eprintln!(
+            "DEAD {} {} {:?} {:?}",
+            r.partition,
+            r.offset,
+            r.header("ferry.dead-letter.offset"),
+            r.header("ferry.egress.id")
+        );
+    }
+    let mut seen = HashSet::new();
+    for record in &dead {
+        let header = |name: &str| record.header(name).with_context(|| format!("{name} in {:?}", record.headers));
+        let source = (
+            format!("{}/{}", header("ferry.dead-letter.topic")?, header("ferry.dead-letter.partition")?),
+            header("ferry.dead-letter.offset")?.parse::<i64>()?,
+        );
+        assert!(seen.insert(source.clone()), "{source:?} twice in the dead-letter topic");
+        assert!(expected.contains(&source), "{source:?} did not fail");
+        assert!(header("ferry.dead-letter.subscription")?.starts_with("sub_"));
+        header("ferry.dead-letter.invocation")?;
+        if source.0.starts_with("work/") {
+            let payload: Value = serde_json::from_slice(&record.payload)?;
+            let seq = payload["seq"].as_i64().context("seq")?;
+            assert_eq!(header("ferry.dead-letter.reason")?, format!("record {seq} is bad"));
+            assert_eq!(header("ferry.dead-letter.code")?, "422");
+            assert_eq!(header("origin")?, format!("test-{seq}"), "the record's own headers");
+            assert_eq!(record.key.as_deref(), Some(format!("k{seq}").as_bytes()));
+        } else {
+            assert!(header("ferry.dead-letter.reason")?.contains("needs one"), "{:?}", record.headers);
+            assert_eq!(record.key, None);
+        }
+    }
+    assert_eq!(seen.len(), expected.len(), "{} dead letters for {} failed records", seen.len(), expected.len());
+    let skipped = node.metric("ferry_egress_records_skipped_total").await?;
+    assert!(skipped > 0.0, "the restarted node found what was produced before the kill");
     Ok(())
 }

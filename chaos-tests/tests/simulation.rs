@@ -197,6 +197,7 @@ impl Sim {
                 partition: kp as i32,
                 producer: ferry_partition::partitioner::kafka_producer_id("sub_sim", "sub_sim", "t", None, kp as i32),
                 ordered: false,
+                dead_letter: None,
             })
             .collect();
         Sim {

@@ -131,6 +131,12 @@ enum Subscriptions {
         /// With `--start specific-offsets`: PARTITION:OFFSET,... e.g. 0:100,1:250.
         #[arg(long)]
         start_offsets: Option<String>,
+        /// The topic records whose invocation ends failed go to (ferry.dead-letter.topic).
+        #[arg(long)]
+        dead_letter_topic: Option<String>,
+        /// The cluster of the dead-letter topic, if not the source's (ferry.dead-letter.cluster).
+        #[arg(long)]
+        dead_letter_cluster: Option<String>,
     },
     List,
     Describe {
@@ -504,14 +510,25 @@ async fn run(cli: Cli) -> Result<()> {
             }
         },
         Command::Subscriptions(command) => match command {
-            Subscriptions::Create { source, sink, options, start, start_timestamp, start_offsets } => {
+            Subscriptions::Create {
+                source,
+                sink,
+                options,
+                start,
+                start_timestamp,
+                start_offsets,
+                dead_letter_topic,
+                dead_letter_cluster,
+            } => {
                 let mut options: std::collections::HashMap<String, String> = options.into_iter().collect();
-                let starts = [
+                let ferry_options = [
                     ("ferry.start.position", start),
                     ("ferry.start.timestamp", start_timestamp),
                     ("ferry.start.offsets", start_offsets),
+                    ("ferry.dead-letter.topic", dead_letter_topic),
+                    ("ferry.dead-letter.cluster", dead_letter_cluster),
                 ];
-                for (key, value) in starts {
+                for (key, value) in ferry_options {
                     if let Some(value) = value {
                         options.insert(key.to_owned(), value);
                     }

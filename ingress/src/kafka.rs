@@ -222,6 +222,17 @@ impl Backoff {
     }
 }
 
+/// A librdkafka client of `cluster`: its brokers and properties.
+pub fn cluster_config(cluster: &ClusterOptions, client_id: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", cluster.brokers.join(","));
+    config.set("client.id", client_id);
+    for (k, v) in &cluster.properties {
+        config.set(k, v.to_string());
+    }
+    config
+}
+
 /// Builds the librdkafka configuration of a subscription's consumer, whose
 /// own options `settings` has read.
 pub fn consumer_config(
@@ -230,14 +241,11 @@ pub fn consumer_config(
     settings: &Settings,
     client_id: &str,
 ) -> ClientConfig {
-    let mut config = ClientConfig::new();
-    config.set("bootstrap.servers", cluster.brokers.join(","));
-    config.set("client.id", client_id);
+    let mut config = cluster_config(cluster, client_id);
     // Incremental rebalances move only the partitions that change owner, so a
     // node joining or leaving does not pause every other node's partitions.
-    config.set("partition.assignment.strategy", "cooperative-sticky");
-    for (k, v) in &cluster.properties {
-        config.set(k, v.to_string());
+    if config.get("partition.assignment.strategy").is_none() {
+        config.set("partition.assignment.strategy", "cooperative-sticky");
     }
     for (k, v) in settings.consumer_options(&subscription.options) {
         config.set(k, v);
@@ -903,6 +911,7 @@ impl SubscriptionWorker {
         token: CancellationToken,
     ) -> mpsc::Sender<Record> {
         let sub = &self.subscription;
+        let settings = Settings::parse(&sub.options);
         let (tx, rx) = mpsc::channel(self.options.batch_records_max);
         let worker = PartitionWorker {
             log: self.log.clone(),
@@ -914,7 +923,8 @@ impl SubscriptionWorker {
                 topic: sub.topic.clone(),
                 partition,
                 producer: kafka_producer_id(&sub.id, sub.group_id(), &sub.topic, topic_id, partition),
-                ordered: Settings::parse(&sub.options).is_ok_and(|s| s.ordered),
+                ordered: settings.as_ref().is_ok_and(|s| s.ordered),
+                dead_letter: settings.ok().and_then(|s| s.dead_letter_topic(&sub.cluster)),
             },
             options: self.options.clone(),
             retention: self.retention,

@@ -8,6 +8,7 @@
 //! Restate's ingress paths on port 8080.
 
 pub mod consumer;
+pub mod egress;
 pub mod http;
 pub mod kafka;
 pub mod record;

@@ -7,7 +7,7 @@ use ferry_partition::partitioner::{key_hash, partition_of, producer_seq_hash};
 use ferry_partition::state::MetadataState;
 use ferry_partition::store::key;
 use ferry_partition::wire::v1::{
-    ordering_key, Dedup, HandlerType, Invoke, KafkaSource, Retention, RetentionPolicy, ServiceType, Source,
+    ordering_key, Dedup, HandlerType, Invoke, KafkaSource, KafkaTopic, Retention, RetentionPolicy, ServiceType, Source,
     Subscription, Target, ORDERED_PARTITIONS,
 };
 
@@ -77,6 +77,8 @@ pub struct Origin {
     pub producer: u64,
     /// One record at a time per Kafka partition (`ferry.ordering`).
     pub ordered: bool,
+    /// Where records whose invocation ends failed go (`ferry.dead-letter.topic`).
+    pub dead_letter: Option<KafkaTopic>,
 }
 
 /// The largest record taken as it is: a larger one is created failed,
@@ -155,6 +157,7 @@ pub fn invoke(origin: &Origin, sink: &Sink, mut record: Record, partitions: u32,
             timestamp_ms: record.timestamp_ms,
             key: record.key,
             ordered: origin.ordered && !service_ty.is_keyed(),
+            dead_letter: origin.dead_letter.clone(),
         }),
         dedup: Some(Dedup { producer: origin.producer, seq }),
         created_at_ms: now_ms,
@@ -178,7 +181,14 @@ mod tests {
     use super::*;
 
     fn origin() -> Origin {
-        Origin { subscription: "sub_1".into(), topic: "t".into(), partition: 2, producer: 99, ordered: false }
+        Origin {
+            subscription: "sub_1".into(),
+            topic: "t".into(),
+            partition: 2,
+            producer: 99,
+            ordered: false,
+            dead_letter: None,
+        }
     }
 
     fn record(offset: i64, key: Option<&[u8]>) -> Record {

@@ -19,9 +19,16 @@
 //! `ferry.ordering = "partition"` runs the records of each Kafka partition
 //! one at a time, in offset order, on a Service sink (whose invocations
 //! otherwise run side by side).
+//!
+//! `ferry.dead-letter.topic` names a topic that each record whose invocation
+//! ends failed is produced to, once, with its key, value and headers and
+//! [`ferry_partition::wire::v1::DEAD_LETTER_HEADERS`] saying why and where
+//! from; `ferry.dead-letter.cluster` names its cluster (by default the
+//! subscription's).
 
 use std::collections::BTreeMap;
 
+use ferry_partition::wire::v1::KafkaTopic;
 use serde::{Deserialize, Serialize};
 
 /// The prefix of Ferry's own options.
@@ -30,8 +37,11 @@ pub const START_POSITION: &str = "ferry.start.position";
 pub const START_TIMESTAMP: &str = "ferry.start.timestamp";
 pub const START_OFFSETS: &str = "ferry.start.offsets";
 pub const ORDERING: &str = "ferry.ordering";
+pub const DEAD_LETTER_TOPIC: &str = "ferry.dead-letter.topic";
+pub const DEAD_LETTER_CLUSTER: &str = "ferry.dead-letter.cluster";
 
-const KNOWN: [&str; 4] = [START_POSITION, START_TIMESTAMP, START_OFFSETS, ORDERING];
+const KNOWN: [&str; 6] =
+    [START_POSITION, START_TIMESTAMP, START_OFFSETS, ORDERING, DEAD_LETTER_TOPIC, DEAD_LETTER_CLUSTER];
 
 /// Where a subscription's consumer starts a partition that its group has
 /// no committed offset for.
@@ -76,6 +86,8 @@ pub struct Settings {
     /// one at a time, in offset order (for a Service sink; Virtual Objects
     /// and Workflows run one at a time per key anyway).
     pub ordered: bool,
+    /// `ferry.dead-letter.topic` and its cluster (`None`: the subscription's).
+    pub dead_letter: Option<(Option<String>, String)>,
 }
 
 impl Settings {
@@ -116,7 +128,13 @@ impl Settings {
             Some("partition") => true,
             Some(other) => return Err(format!("unknown {ORDERING} {other:?}; the one ordering is \"partition\"")),
         };
-        Ok(Settings { start, ordered })
+        let dead_letter = match (get(DEAD_LETTER_CLUSTER), get(DEAD_LETTER_TOPIC)) {
+            (_, Some("")) => return Err(format!("{DEAD_LETTER_TOPIC} is empty")),
+            (Some(_), None) => return Err(format!("{DEAD_LETTER_CLUSTER} applies only with {DEAD_LETTER_TOPIC}")),
+            (cluster, Some(topic)) => Some((cluster.filter(|c| !c.is_empty()).map(str::to_owned), topic.to_owned())),
+            (None, None) => None,
+        };
+        Ok(Settings { start, ordered, dead_letter })
     }
 
     /// The librdkafka properties among `options`, with what the start
@@ -128,6 +146,15 @@ impl Settings {
             properties.push(("auto.offset.reset".to_owned(), reset.to_owned()));
         }
         properties
+    }
+
+    /// Where failed records go, its cluster resolved: the subscription's
+    /// (`cluster`) unless the options name another.
+    pub fn dead_letter_topic(&self, cluster: &str) -> Option<KafkaTopic> {
+        self.dead_letter.as_ref().map(|(named, topic)| KafkaTopic {
+            cluster: named.clone().unwrap_or_else(|| cluster.to_owned()),
+            topic: topic.clone(),
+        })
     }
 
     /// The partitions the options name, which must exist.
@@ -212,6 +239,14 @@ mod tests {
         assert!(refused(&[(START_POSITION, "earliest"), ("auto.offset.reset", "latest")]).contains("contradicts"));
         assert!(refused(&[(ORDERING, "global")]).contains("unknown ferry.ordering"));
         assert!(Settings::parse(&options(&[(ORDERING, "partition")])).unwrap().ordered);
+        assert!(refused(&[(DEAD_LETTER_TOPIC, " ")]).contains("is empty"));
+        assert!(refused(&[(DEAD_LETTER_CLUSTER, "c")]).contains("applies only with ferry.dead-letter.topic"));
+        let dead_letter = |pairs: &[(&str, &str)]| Settings::parse(&options(pairs)).unwrap().dead_letter;
+        assert_eq!(dead_letter(&[(DEAD_LETTER_TOPIC, "dlq")]), Some((None, "dlq".to_owned())));
+        assert_eq!(
+            dead_letter(&[(DEAD_LETTER_TOPIC, "dlq"), (DEAD_LETTER_CLUSTER, "other")]),
+            Some((Some("other".to_owned()), "dlq".to_owned()))
+        );
     }
 
     #[test]

@@ -131,6 +131,8 @@ pub async fn run(
         consumer_program,
     );
     let ingress_task = tokio::spawn(ingress.run(ingress_cancel.clone()));
+    let egress = ferry_ingress::egress::Egress::new(log.clone(), config.ingress.kafka_clusters.clone());
+    let egress_task = tokio::spawn(egress.run(ingress_cancel.clone()));
 
     info!(
         node_id = config.node_id,
@@ -143,16 +145,18 @@ pub async fn run(
         "ferry is ready"
     );
 
-    // The invoker and the Kafka ingress run until they are told to stop; if
-    // either ends before that, or a Raft group stops on a fatal error, the
+    // The invoker and the Kafka ingress and egress run until they are told
+    // to stop; if any ends before that, or a Raft group stops on a fatal error, the
     // node goes down loudly rather than running on without it.
     let mut ingress_task = std::pin::pin!(ingress_task);
     let mut invoker_task = std::pin::pin!(invoker_task);
+    let mut egress_task = std::pin::pin!(egress_task);
     let failure = tokio::select! {
         _ = shutdown.cancelled() => None,
         reason = log.failed() => Some(reason),
         ended = &mut ingress_task => Some(format!("the Kafka ingress ended: {}", ended_how(ended))),
         ended = &mut invoker_task => Some(format!("the invoker ended: {}", ended_how(ended))),
+        ended = &mut egress_task => Some(format!("the Kafka egress ended: {}", ended_how(ended))),
     };
     match &failure {
         Some(reason) => error!("shutting down: {reason}"),
@@ -162,6 +166,11 @@ pub async fn run(
     if !ingress_task.is_finished() {
         if let Err(e) = ingress_task.await {
             error!("kafka ingress ended abnormally: {e}");
+        }
+    }
+    if !egress_task.is_finished() {
+        if let Err(e) = egress_task.await {
+            error!("kafka egress ended abnormally: {e}");
         }
     }
     invoker_cancel.cancel();

@@ -47,7 +47,8 @@ impl StateMachine for Machine {
     /// carry their manifest's timeouts. 13: invocation, deployment and
     /// subscription ids in Restate's form ([`crate::store::key::id`]). 14:
     /// subscriptions can be paused, records of ordered subscriptions say so.
-    const DATA_FORMAT: u32 = 14;
+    /// 15: records name their dead-letter topic, partitions keep an egress.
+    const DATA_FORMAT: u32 = 15;
 
     type Command = Command;
     type Response = Response;

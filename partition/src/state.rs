@@ -17,10 +17,10 @@ use crate::store::{key, scan_prefix, MemStore, Row, Store, StoreError, StoreRead
 use crate::watch::{Watch, Watches};
 pub use crate::wire::v1::Completion;
 use crate::wire::v1::{
-    Attach, AttemptId, Command, Dedup, Deployment, Effect, HandlerType, Invoke, JournalEntry, KafkaCluster,
-    MetadataCommand, MetadataResponse, Notice, Notification, Outcome, Outgoing, PromiseOp, ReplyKind, ReplyTo,
-    Response, Retention, RetentionPolicy, ServiceConfig, ServiceDef, ServiceType, SetState, Sleep, Source, StateOp,
-    Subscription, Target, ORDERED_PARTITIONS,
+    Attach, AttemptId, Command, Dedup, Deployment, Effect, EgressPosition, HandlerType, Invoke, JournalEntry,
+    KafkaCluster, KafkaRecord, MetadataCommand, MetadataResponse, Notice, Notification, Outcome, Outgoing, PromiseOp,
+    ReplyKind, ReplyTo, Response, Retention, RetentionPolicy, ServiceConfig, ServiceDef, ServiceType, SetState, Sleep,
+    Source, StateOp, Subscription, Target, DEAD_LETTER_HEADERS, ORDERED_PARTITIONS,
 };
 use crate::wire::{decode, encode};
 
@@ -46,6 +46,7 @@ pub fn apply<S: Store<Table> + ?Sized>(
         Command::Notify { at_ms, notifications } => partition.apply_notify(at_ms, notifications)?,
         Command::Attach(requests) => partition.apply_attach(requests)?,
         Command::SetState(set) => Response::StateSet(partition.set_state(set)?),
+        Command::TruncateEgress { upto, positions } => partition.truncate_egress(upto, positions)?,
     };
     partition.write_counters()?;
     Ok(response)
@@ -406,6 +407,7 @@ const EXPIRY_REMOVE: u8 = 1;
 const NEXT_RUN_SEQ: &[u8] = b"next_run_seq";
 const NEXT_INBOX_SEQ: &[u8] = b"next_inbox_seq";
 const NEXT_OUTBOX_SEQ: &[u8] = b"next_outbox_seq";
+const NEXT_EGRESS_SEQ: &[u8] = b"next_egress_seq";
 /// Prefix of the count of a subscription's invocations not completed yet.
 const OPEN_PREFIX: &[u8] = b"open/";
 
@@ -688,15 +690,72 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
     }
 
     fn truncate_outbox(&mut self, upto: u64) -> Result<Response, StoreError> {
+        Ok(Response::Truncated { rows: self.remove_through(Table::Outbox, upto)? })
+    }
+
+    /// Removes the rows of `table`, keyed by sequence number, up to `upto`;
+    /// answers how many.
+    fn remove_through(&mut self, table: Table, upto: u64) -> Result<u32, StoreError> {
         let mut rows = Vec::new();
-        self.store.scan(Table::Outbox, Bound::Unbounded, Bound::Included(&upto.to_be_bytes()), &mut |k, _| {
+        self.store.scan(table, Bound::Unbounded, Bound::Included(&upto.to_be_bytes()), &mut |k, _| {
             rows.push(k.to_vec());
             ControlFlow::Continue(())
         })?;
         for row in &rows {
-            self.store.remove(Table::Outbox, row)?;
+            self.store.remove(table, row)?;
         }
-        Ok(Response::Truncated { rows: rows.len() as u32 })
+        Ok(rows.len() as u32)
+    }
+
+    /// Puts the record of an invocation that ended failed in the egress, for
+    /// its subscription's dead-letter topic: its key, value and headers as
+    /// they came, and why and where from in [`DEAD_LETTER_HEADERS`].
+    fn dead_letter(&mut self, inv: &Invocation, result: &Completion) -> Result<(), StoreError> {
+        let (Source::Kafka(kafka), Completion::Failure { code, message }) = (&inv.source, result) else {
+            return Ok(());
+        };
+        let Some(to) = &kafka.dead_letter else { return Ok(()) };
+        let mut headers: Vec<(String, Bytes)> =
+            inv.headers.iter().map(|(k, v)| (k.clone(), Bytes::copy_from_slice(v.as_bytes()))).collect();
+        let [reason, code_header, subscription, topic, partition, offset, invocation] = DEAD_LETTER_HEADERS;
+        headers.extend(
+            [
+                (reason, message.clone()),
+                (code_header, code.to_string()),
+                (subscription, kafka.subscription.clone()),
+                (topic, kafka.topic.clone()),
+                (partition, kafka.partition.to_string()),
+                (offset, kafka.offset.to_string()),
+                (invocation, inv.id.clone()),
+            ]
+            .map(|(name, value)| (name.to_owned(), Bytes::from(value))),
+        );
+        let record = KafkaRecord {
+            id: format!("{}/dead-letter", inv.id),
+            cluster: to.cluster.clone(),
+            topic: to.topic.clone(),
+            key: kafka.key.clone(),
+            value: inv.payload.clone(),
+            headers,
+        };
+        let seq = self.next(NEXT_EGRESS_SEQ)?;
+        self.store.put(Table::Egress, &seq.to_be_bytes(), &encode(&record))
+    }
+
+    /// Drops the egress rows up to `upto` and moves the positions forward.
+    fn truncate_egress(&mut self, upto: Option<u64>, positions: Vec<EgressPosition>) -> Result<Response, StoreError> {
+        for position in positions {
+            let row = key::egress_position(&position.cluster, &position.topic, position.partition);
+            let known = self.store.get(Table::EgressPositions, &row)?.as_deref().and_then(key::u64_of);
+            if known.is_none_or(|known| (known as i64) < position.offset) {
+                self.store.put(Table::EgressPositions, &row, &(position.offset.max(0) as u64).to_be_bytes())?;
+            }
+        }
+        let rows = match upto {
+            Some(upto) => self.remove_through(Table::Egress, upto)?,
+            None => 0,
+        };
+        Ok(Response::Truncated { rows })
     }
 
     /// An id in the partition of `taken` that no invocation has: the same
@@ -1163,6 +1222,7 @@ impl<S: Store<Table> + ?Sized> Partition<'_, S> {
         for to in std::mem::take(&mut inv.replies) {
             self.put_outgoing(&Outgoing::Reply { to, result: Some(result.clone()) })?;
         }
+        self.dead_letter(inv, &result)?;
         inv.completion = Some(result);
         inv.completed_at_ms = Some(at_ms);
         self.local.watches.mark(&inv.id);
@@ -1371,10 +1431,46 @@ impl<'a, S: StoreRead<Table> + ?Sized> PartitionRead<'a, S> {
     /// the first, at most `max_bytes` encoded: (sequence number, what to
     /// deliver).
     pub fn outbox(&self, max_rows: usize, max_bytes: usize) -> Result<Vec<(u64, Outgoing)>, StoreError> {
+        self.sequenced(Table::Outbox, max_rows, max_bytes)
+    }
+
+    /// The first rows of the egress, bounded as [`PartitionRead::outbox`]'s.
+    pub fn egress(&self, max_rows: usize, max_bytes: usize) -> Result<Vec<(u64, KafkaRecord)>, StoreError> {
+        self.sequenced(Table::Egress, max_rows, max_bytes)
+    }
+
+    /// How many rows the egress holds: from its first to the last taken.
+    pub fn egress_pending(&self) -> Result<u64, StoreError> {
+        let first = first_with_prefix(self.store, Table::Egress, &[])?;
+        let next = counter(self.store, NEXT_EGRESS_SEQ)?;
+        Ok(first.and_then(|(k, _)| key::u64_of(&k)).map_or(0, |first| next.saturating_sub(first)))
+    }
+
+    /// How far the egress has got in each Kafka partition it produced to.
+    pub fn egress_positions(&self) -> Result<Vec<EgressPosition>, StoreError> {
+        let mut positions = Vec::new();
+        self.store.scan(Table::EgressPositions, Bound::Unbounded, Bound::Unbounded, &mut |k, v| {
+            if let (Some((cluster, topic, partition)), Some(offset)) = (key::egress_position_parts(k), key::u64_of(v)) {
+                let (cluster, topic) = (cluster.to_owned(), topic.to_owned());
+                positions.push(EgressPosition { cluster, topic, partition, offset: offset as i64 });
+            }
+            ControlFlow::Continue(())
+        })?;
+        Ok(positions)
+    }
+
+    /// The first rows of `table`, keyed by sequence number, at most
+    /// `max_rows` of them and, past the first, at most `max_bytes` encoded.
+    fn sequenced<T: serde::de::DeserializeOwned>(
+        &self,
+        table: Table,
+        max_rows: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, T)>, StoreError> {
         let mut rows = Vec::new();
         let mut bytes = 0;
         let mut failed = None;
-        self.store.scan(Table::Outbox, Bound::Unbounded, Bound::Unbounded, &mut |k, v| {
+        self.store.scan(table, Bound::Unbounded, Bound::Unbounded, &mut |k, v| {
             bytes += v.len();
             if rows.len() == max_rows || (!rows.is_empty() && bytes > max_bytes) {
                 return ControlFlow::Break(());
@@ -1382,7 +1478,9 @@ impl<'a, S: StoreRead<Table> + ?Sized> PartitionRead<'a, S> {
             match (key::u64_of(k), decode(v)) {
                 (Some(seq), Ok(outgoing)) => rows.push((seq, outgoing)),
                 (_, Err(e)) => failed = Some(StoreError::from(e)),
-                (None, _) => failed = Some(StoreError(format!("outbox row key {k:?} is not a sequence number"))),
+                (None, _) => {
+                    failed = Some(StoreError(format!("{} row key {k:?} is not a sequence number", table.name())))
+                }
             }
             if failed.is_some() {
                 return ControlFlow::Break(());
@@ -1700,7 +1798,7 @@ impl MetadataState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::v1::KafkaSource;
+    use crate::wire::v1::{KafkaSource, KafkaTopic};
     use std::sync::Arc;
     use std::time::Duration;
 
@@ -1724,6 +1822,7 @@ mod tests {
                 timestamp_ms: None,
                 key: None,
                 ordered: false,
+                dead_letter: None,
             }),
             dedup: dedup.map(|(producer, seq)| Dedup { producer, seq }),
             created_at_ms: 10,
@@ -2029,6 +2128,76 @@ mod tests {
         assert!(matches!(&failed.completion, Some(Completion::Failure { message, .. }) if message.contains("gone")));
         assert_eq!(p.invocation("inv_2").unwrap().status, Status::Ready);
         assert_eq!(p.inbox("Counter", "k"), vec!["inv_2"]);
+    }
+
+    /// A record whose invocation ends failed, however it ends, goes to its
+    /// subscription's dead-letter topic through the egress, once, with why
+    /// and where from; one that succeeds does not. Truncation drops rows up
+    /// to a sequence number and only moves positions forward.
+    #[test]
+    fn failed_records_with_a_dead_letter_topic_go_to_the_egress_once() {
+        let mut state = GroupState::default();
+        let with_dead_letter = |mut invoke: Invoke| {
+            let Source::Kafka(kafka) = &mut invoke.source else { unreachable!() };
+            kafka.dead_letter = Some(KafkaTopic { cluster: "c".to_owned(), topic: "dlq".to_owned() });
+            kafka.key = Some(Bytes::from_static(b"k"));
+            invoke
+        };
+        let mut undeliverable = with_dead_letter(invoke("inv_1", None, HandlerType::Exclusive, Some((1, 0))));
+        undeliverable.failure = Some((400, "record has no key".to_owned()));
+        apply(
+            &mut state,
+            vec![
+                undeliverable,
+                with_dead_letter(invoke("inv_2", None, HandlerType::Exclusive, Some((1, 1)))),
+                with_dead_letter(invoke("inv_3", None, HandlerType::Exclusive, Some((1, 2)))),
+                invoke("inv_4", None, HandlerType::Exclusive, Some((1, 3))),
+            ],
+        );
+        // Runs: inv_2 0, inv_3 1, inv_4 2.
+        run_to_completion(&mut state, "inv_2", 0, 100);
+        let failed = |id: &str, run| Effect::Failed {
+            id: id.to_owned(),
+            attempt: at(run, 0),
+            message: "boom".to_owned(),
+            retry_at_ms: None,
+            pause: false,
+        };
+        assert_eq!(effect(&mut state, 110, failed("inv_3", 1)), Outcome::Applied);
+        assert_eq!(effect(&mut state, 120, failed("inv_4", 2)), Outcome::Applied, "no dead-letter topic");
+        assert_eq!(effect(&mut state, 130, failed("inv_3", 1)), Outcome::Stale, "completed already");
+
+        let rows = state.partition().egress(10, usize::MAX).unwrap();
+        assert_eq!(rows.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), vec![0, 1]);
+        assert_eq!(state.partition().egress_pending().unwrap(), 2);
+        let header = |record: &KafkaRecord, name: &str| {
+            record.headers.iter().find(|(k, _)| k == name).map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        };
+        let (_, first) = &rows[0];
+        assert_eq!((first.cluster.as_str(), first.topic.as_str()), ("c", "dlq"));
+        assert_eq!((first.key.as_deref(), &first.value[..]), (Some(&b"k"[..]), &b"1"[..]));
+        assert_eq!(header(first, "kafka.offset").as_deref(), Some("0"), "the record's own headers");
+        assert_eq!(header(first, DEAD_LETTER_HEADERS[0]).as_deref(), Some("record has no key"));
+        assert_eq!(header(first, DEAD_LETTER_HEADERS[1]).as_deref(), Some("400"));
+        assert_eq!(header(first, DEAD_LETTER_HEADERS[5]).as_deref(), Some("0"));
+        assert_eq!(header(first, DEAD_LETTER_HEADERS[6]).as_deref(), Some("inv_1"));
+        let (_, second) = &rows[1];
+        assert_eq!(header(second, DEAD_LETTER_HEADERS[0]).as_deref(), Some("boom"));
+        assert_eq!(header(second, DEAD_LETTER_HEADERS[5]).as_deref(), Some("2"));
+
+        let position =
+            |partition, offset| EgressPosition { cluster: "c".to_owned(), topic: "dlq".to_owned(), partition, offset };
+        let truncate = |upto, positions| Command::TruncateEgress { upto, positions };
+        assert_eq!(state.apply(truncate(None, vec![position(0, 5), position(1, 0)])), Response::Truncated { rows: 0 });
+        assert_eq!(
+            state.apply(truncate(Some(0), vec![position(0, 3), position(1, 7)])),
+            Response::Truncated { rows: 1 }
+        );
+        assert_eq!(state.partition().egress_positions().unwrap(), vec![position(0, 5), position(1, 7)]);
+        assert_eq!(state.partition().egress_pending().unwrap(), 1);
+        assert_eq!(state.apply(truncate(Some(1), vec![])), Response::Truncated { rows: 1 });
+        assert_eq!(state.partition().egress_pending().unwrap(), 0);
+        assert!(state.partition().egress(10, usize::MAX).unwrap().is_empty());
     }
 
     #[test]

@@ -37,11 +37,17 @@ pub enum Table {
     /// (workflow, key, promise name) -> a workflow promise: its result, or
     /// who awaits it.
     Promises,
+    /// sequence -> [`crate::wire::v1::KafkaRecord`]: records to produce to
+    /// Kafka (dead letters), in order.
+    Egress,
+    /// (cluster, topic, partition) -> offset: how far the egress has got in
+    /// each Kafka partition it produced to ([`crate::wire::v1::EgressPosition`]).
+    EgressPositions,
 }
 
 impl Table {
     /// Every table, in the order of [`Table::index`].
-    pub const ALL: [Table; 12] = [
+    pub const ALL: [Table; 14] = [
         Table::Invocations,
         Table::Runnable,
         Table::Timers,
@@ -54,6 +60,8 @@ impl Table {
         Table::Counters,
         Table::Outbox,
         Table::Promises,
+        Table::Egress,
+        Table::EgressPositions,
     ];
 
     /// The position of this table in [`Table::ALL`].
@@ -76,6 +84,8 @@ impl Table {
             Table::Counters => "counters",
             Table::Outbox => "outbox",
             Table::Promises => "promises",
+            Table::Egress => "egress",
+            Table::EgressPositions => "egress_positions",
         }
     }
 }
@@ -239,6 +249,23 @@ pub mod key {
     /// Reads a big-endian u64 value or key.
     pub fn u64_of(bytes: &[u8]) -> Option<u64> {
         Some(u64::from_be_bytes(*bytes.first_chunk::<8>()?))
+    }
+
+    /// The row of Kafka partition `partition` of `topic` of `cluster` in
+    /// [`super::Table::EgressPositions`].
+    pub fn egress_position(cluster: &str, topic: &str, partition: i32) -> Vec<u8> {
+        let mut row = Vec::with_capacity(12 + cluster.len() + topic.len());
+        push_str(&mut row, cluster);
+        push_str(&mut row, topic);
+        row.extend_from_slice(&partition.to_be_bytes());
+        row
+    }
+
+    /// (cluster, topic, partition) of an [`egress_position`] row.
+    pub fn egress_position_parts(row: &[u8]) -> Option<(&str, &str, i32)> {
+        let (cluster, rest) = take_str(row)?;
+        let (topic, rest) = take_str(rest)?;
+        Some((cluster, topic, i32::from_be_bytes(*rest.first_chunk::<4>()?)))
     }
 }
 

@@ -7,7 +7,8 @@
 //! * `Sink/handle` (service): accepts any payload (any content type, or none),
 //!   and records the invocation id plus the request headers it sees (e.g. the
 //!   Kafka metadata headers) to `$FERRY_TEST_RECORD_DIR/sink.jsonl`, after
-//!   holding the call `hold_ms` if a JSON payload says so.
+//!   holding the call `hold_ms` if a JSON payload says so; a payload with a
+//!   `fail` message then fails with a terminal error (code 422).
 //! * `Counter` (virtual object): exclusive `add` counts calls and checks the
 //!   per-key ordering of `{"seq": N}` payloads (and fails, retryably, for
 //!   `{"poison": true}`); exclusive `reset` takes a JSON number as the new
@@ -228,13 +229,16 @@ struct Sink;
 #[restate_sdk::service]
 impl Sink {
     /// Records the invocation id, headers and payload of every attempt,
-    /// after holding it `hold_ms` if the payload says so.
+    /// after holding it `hold_ms` if the payload says so; then fails with a
+    /// terminal error if it has a `fail` message.
     #[handler]
     async fn handle(&self, ctx: Context<'_>, payload: AnyPayload) -> Result<(), HandlerError> {
         let started_ms = unix_millis();
-        if let Some(hold_ms) = payload.as_json().and_then(|p| p.get("hold_ms").and_then(Value::as_u64)) {
+        let json = payload.as_json();
+        if let Some(hold_ms) = json.as_ref().and_then(|p| p.get("hold_ms").and_then(Value::as_u64)) {
             tokio::time::sleep(std::time::Duration::from_millis(hold_ms)).await;
         }
+        let fail = json.as_ref().and_then(|p| p.get("fail").and_then(Value::as_str).map(str::to_owned));
         let record = json!({
             "started_ms": started_ms,
             "invocation_id": ctx.invocation_id(),
@@ -245,7 +249,10 @@ impl Sink {
         });
         tracing::debug!(invocation_id = ctx.invocation_id(), "Sink/handle");
         append_record(SINK_FILE, &record)?;
-        Ok(())
+        match fail {
+            Some(message) => Err(TerminalError::new_with_code(422, message).into()),
+            None => Ok(()),
+        }
     }
 }
 

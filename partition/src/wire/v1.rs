@@ -37,6 +37,58 @@ pub enum Command {
     Attach(Vec<Attach>),
     /// An operator replaces the state of a Virtual Object or Workflow key.
     SetState(SetState),
+    /// Drop the egress rows up to `upto` (none without it: a new leader's
+    /// first entry): they are in Kafka. The partitions they went to have
+    /// reached `positions` (each only ever moves forward): a new leader reads
+    /// from there to find rows already produced.
+    TruncateEgress { upto: Option<u64>, positions: Vec<EgressPosition> },
+}
+
+/// How far a partition's egress has got in one Kafka topic partition: every
+/// record it produced there before `offset` is accounted for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EgressPosition {
+    pub cluster: String,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// A record for Kafka, kept in a partition's egress table until produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KafkaRecord {
+    /// Names the record among all that any Ferry cluster produces (the
+    /// invocation it comes from and why), in its [`EGRESS_ID_HEADER`].
+    pub id: String,
+    pub cluster: String,
+    pub topic: String,
+    pub key: Option<Bytes>,
+    pub value: Bytes,
+    pub headers: Vec<(String, Bytes)>,
+}
+
+/// The header of every record the egress produces that names it
+/// ([`KafkaRecord::id`]): how a new leader finds what its predecessor produced.
+pub const EGRESS_ID_HEADER: &str = "ferry.egress.id";
+
+/// The headers a dead-letter record carries besides the record's own: the
+/// failure's message and code, the subscription and Kafka coordinates the
+/// record came from, and the invocation that failed.
+pub const DEAD_LETTER_HEADERS: [&str; 7] = [
+    "ferry.dead-letter.reason",
+    "ferry.dead-letter.code",
+    "ferry.dead-letter.subscription",
+    "ferry.dead-letter.topic",
+    "ferry.dead-letter.partition",
+    "ferry.dead-letter.offset",
+    "ferry.dead-letter.invocation",
+];
+
+/// A Kafka topic of a cluster Ferry knows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KafkaTopic {
+    pub cluster: String,
+    pub topic: String,
 }
 
 /// Replace the state of `key` of `service` with `state`: only while no
@@ -313,7 +365,8 @@ pub enum Response {
     Forgotten {
         producers: u32,
     },
-    /// How many rows a [`Command::TruncateOutbox`] dropped.
+    /// How many rows a [`Command::TruncateOutbox`] or
+    /// [`Command::TruncateEgress`] dropped.
     Truncated {
         rows: u32,
     },
@@ -529,6 +582,9 @@ pub struct KafkaSource {
     /// Of a subscription ordered per Kafka partition (`ferry.ordering`):
     /// it runs after the record before it in its Kafka partition completed.
     pub ordered: bool,
+    /// Where the record goes if its invocation ends failed
+    /// (`ferry.dead-letter.topic`).
+    pub dead_letter: Option<KafkaTopic>,
 }
 
 /// The service name of the inboxes that order records per Kafka partition,
