@@ -278,6 +278,7 @@ impl Broker {
                                 .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
                                 .collect()
                         }),
+                        timestamp_ms: m.timestamp().to_millis(),
                     });
                 }
             }
@@ -459,6 +460,8 @@ pub struct TopicRecord {
     pub key: Option<Vec<u8>>,
     pub payload: Vec<u8>,
     pub headers: Vec<(String, Vec<u8>)>,
+    /// The record's timestamp, in milliseconds since the Unix epoch.
+    pub timestamp_ms: Option<i64>,
 }
 
 impl TopicRecord {
