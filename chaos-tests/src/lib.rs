@@ -331,6 +331,36 @@ impl Broker {
             .create()?)
     }
 
+    /// Produces to `topic` at `rate` records per second for `seconds`, a
+    /// burst every 10 ms, record `n` keyed `key-{n % 1000}` with
+    /// `payload(n)` made as it is sent; answers how many once all are
+    /// delivered.
+    pub async fn produce_at_rate(
+        &self,
+        topic: &str,
+        rate: usize,
+        seconds: u64,
+        payload: impl Fn(usize) -> String,
+    ) -> Result<usize> {
+        let producer = self.batching_producer(1)?;
+        let mut interval = tokio::time::interval(Duration::from_millis(10));
+        let per_tick = (rate / 100).max(1);
+        let end = tokio::time::Instant::now() + Duration::from_secs(seconds);
+        let mut sent = 0usize;
+        while tokio::time::Instant::now() < end {
+            interval.tick().await;
+            for n in sent..sent + per_tick {
+                let (key, payload) = (format!("key-{}", n % 1000), payload(n));
+                let record = FutureRecord::<str, str>::to(topic).key(&key).payload(&payload);
+                // Delivery is awaited by the flush below; the send itself only queues.
+                drop(producer.send_result(record).map_err(|(e, _)| e)?);
+            }
+            sent += per_tick;
+        }
+        rdkafka::producer::Producer::flush(&producer, Duration::from_secs(30))?;
+        Ok(sent)
+    }
+
     /// Produces a backlog of `count` records `{"seq": n}` with keys
     /// `key-{n % keys}` to `topic`, in batches.
     pub async fn produce_backlog(&self, topic: &str, count: usize, keys: usize) -> Result<()> {

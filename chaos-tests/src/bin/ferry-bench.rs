@@ -12,9 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use ferry_chaos_tests::{eventually, peak_rss_kib, produce, Broker, Handlers, Node, Record};
-use rdkafka::producer::{FutureRecord, Producer};
-use serde_json::json;
+use ferry_chaos_tests::{eventually, node_with_handlers, peak_rss_kib, produce, Node, Record};
 
 #[derive(Parser)]
 #[command(about = "Measures Kafka -> durable invocation throughput and latency on one Ferry node")]
@@ -70,14 +68,7 @@ async fn quantile(node: &Node, subscription: &str, q: f64) -> Result<f64> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let broker = Broker::start().await?;
-    let handlers = Handlers::start().await?;
-    let dir = tempfile::tempdir()?;
-    let node = Node::start(&dir.path().join("node"), &broker).await?;
-    let (status, body) = node.post("/deployments", json!({ "uri": handlers.uri })).await?;
-    if status != 201 {
-        bail!("register deployment: {status} {body}");
-    }
+    let (broker, _handlers, _dir, node) = node_with_handlers(&[]).await?;
 
     // Phase 1: a backlog, consumed as fast as the node can.
     broker.create_topic("backlog", args.partitions).await?;
@@ -124,23 +115,7 @@ async fn main() -> Result<()> {
     broker.create_topic("steady", args.partitions).await?;
     let steady = node.subscribe_from_start("steady", &args.sink).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let producer = broker.batching_producer(1)?;
-    let tick = Duration::from_millis(10);
-    let per_tick = (args.rate / 100).max(1);
-    let mut interval = tokio::time::interval(tick);
-    let phase_end = Instant::now() + Duration::from_secs(args.seconds);
-    let mut sent = 0usize;
-    while Instant::now() < phase_end {
-        interval.tick().await;
-        for i in 0..per_tick {
-            let key = format!("key-{}", (sent + i) % 1000);
-            let record = FutureRecord::<str, str>::to("steady").key(&key).payload("{}");
-            // Delivery is awaited by the flush below; the send itself only queues.
-            drop(producer.send_result(record).map_err(|(e, _)| e)?);
-        }
-        sent += per_tick;
-    }
-    producer.flush(Duration::from_secs(30))?;
+    let sent = broker.produce_at_rate("steady", args.rate, args.seconds, |_| "{}".to_owned()).await?;
     eventually(Duration::from_secs(120), "the steady records to be appended", || async {
         Ok((node.metric("ferry_ingress_records_appended_total").await? >= total + sent as f64).then_some(()))
     })

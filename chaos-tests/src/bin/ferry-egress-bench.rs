@@ -15,8 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use ferry_chaos_tests::{eventually, produce, Broker, Handlers, Node, Record};
-use rdkafka::producer::FutureRecord;
+use ferry_chaos_tests::{eventually, node_with_handlers, produce, Node, Record};
 use serde_json::{json, Value};
 
 #[derive(Parser)]
@@ -49,14 +48,7 @@ async fn subscribe(node: &Node, topic: &str, dead: &str) -> Result<String> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let broker = Broker::start().await?;
-    let handlers = Handlers::start().await?;
-    let dir = tempfile::tempdir()?;
-    let node = Node::start(&dir.path().join("node"), &broker).await?;
-    let (status, body) = node.post("/deployments", json!({ "uri": handlers.uri })).await?;
-    if status != 201 {
-        bail!("register deployment: {status} {body}");
-    }
+    let (broker, _handlers, _dir, node) = node_with_handlers(&[]).await?;
     for topic in ["backlog", "backlog-dead", "steady", "steady-dead"] {
         broker.create_topic(topic, args.partitions).await?;
     }
@@ -106,23 +98,11 @@ async fn main() -> Result<()> {
     let throughput = args.records as f64 / elapsed.as_secs_f64();
 
     // Phase 2: a steady rate; latency from a record's send to its dead letter.
-    let producer = broker.batching_producer(1)?;
-    let mut interval = tokio::time::interval(Duration::from_millis(10));
-    let per_tick = (args.rate / 100).max(1);
-    let phase_end = Instant::now() + Duration::from_secs(args.seconds);
-    let mut sent = 0usize;
-    while Instant::now() < phase_end {
-        interval.tick().await;
-        for i in 0..per_tick {
-            let key = format!("key-{}", (sent + i) % 1000);
-            let payload = json!({"seq": sent + i, "fail": "refused", "sent_ms": now_ms()}).to_string();
-            let record = FutureRecord::<str, str>::to("steady").key(&key).payload(&payload);
-            // Delivery is awaited by the flush below; the send itself only queues.
-            drop(producer.send_result(record).map_err(|(e, _)| e)?);
-        }
-        sent += per_tick;
-    }
-    rdkafka::producer::Producer::flush(&producer, Duration::from_secs(30))?;
+    let sent = broker
+        .produce_at_rate("steady", args.rate, args.seconds, |n| {
+            json!({"seq": n, "fail": "refused", "sent_ms": now_ms()}).to_string()
+        })
+        .await?;
     let dead = eventually(Duration::from_secs(120), "a dead letter for each steady record", || async {
         let dead = broker.read_topic("steady-dead", args.partitions).await?;
         Ok((dead.len() > sent).then_some(dead))
