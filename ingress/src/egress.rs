@@ -48,7 +48,7 @@ const FENCE: Duration = Duration::from_secs(7);
 /// Most rows produced in one batch, and most bytes of them.
 const BATCH_ROWS: usize = 1_000;
 const BATCH_BYTES: usize = 4 << 20;
-/// How long a metadata or watermark request, or a whole read back, may take.
+/// How long a metadata request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a read back may go without a record or an end of partition
 /// before it is given up (and tried again with a new consumer).
