@@ -904,6 +904,27 @@ impl Node {
         Ok((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
     }
 
+    /// Waits, polling every 20 ms, until metric `name` reaches `target`,
+    /// printing progress every 5 s; fails after 900 s.
+    pub async fn wait_for_metric(&self, name: &str, target: f64) -> Result<()> {
+        let started = std::time::Instant::now();
+        let mut last_report = started;
+        loop {
+            let value = self.metric(name).await?;
+            if value >= target {
+                return Ok(());
+            }
+            if started.elapsed() > Duration::from_secs(900) {
+                bail!("{name} reached only {value} of {target} after 900 s");
+            }
+            if last_report.elapsed() > Duration::from_secs(5) {
+                eprintln!("{name}: {value} / {target} after {:.1?}", started.elapsed());
+                last_report = std::time::Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// The sum of a Prometheus counter over all its label sets, from `/metrics`.
     pub async fn metric(&self, name: &str) -> Result<f64> {
         let text = self.http.get(format!("http://127.0.0.1:{}/metrics", self.node_port)).send().await?.text().await?;

@@ -11,13 +11,14 @@ use serde_json::{json, Value};
 const SUBSCRIBE_COUNTER: &str = "service://Counter/add";
 
 async fn subscribe(node: &Node, topic: &str, sink: &str) -> Result<String> {
-    let (status, body) = node
-        .post(
-            "/subscriptions",
-            json!({ "source": format!("kafka://my-cluster/{topic}"), "sink": sink,
-                    "options": { "auto.offset.reset": "earliest" } }),
-        )
-        .await?;
+    subscribe_to(node, "my-cluster", topic, sink, json!({ "auto.offset.reset": "earliest" })).await
+}
+
+/// Subscribes `sink` to `topic` of `cluster` with `options`; answers its id.
+async fn subscribe_to(node: &Node, cluster: &str, topic: &str, sink: &str, options: Value) -> Result<String> {
+    let source = format!("kafka://{cluster}/{topic}");
+    let (status, body) =
+        node.post("/subscriptions", json!({ "source": source, "sink": sink, "options": options })).await?;
     assert_eq!(status, 201, "{body}");
     Ok(body["id"].as_str().context("subscription id")?.to_owned())
 }
@@ -53,15 +54,9 @@ async fn subscribe_through(
     properties.insert("bootstrap.servers".to_owned(), json!(broker.bootstrap()));
     let (status, created) = node.post("/kafka-clusters", json!({ "name": name, "properties": properties })).await?;
     assert_eq!(status, 201, "{created}");
-    let (status, body) = node
-        .post(
-            "/subscriptions",
-            json!({ "source": format!("kafka://{name}/{topic}"), "sink": SUBSCRIBE_COUNTER,
-                    "options": { "ferry.start.position": "earliest" } }),
-        )
-        .await?;
-    assert_eq!(status, 201, "{body}");
-    Ok((properties, body["id"].as_str().context("id")?.to_owned()))
+    let options = json!({ "ferry.start.position": "earliest" });
+    let id = subscribe_to(node, name, topic, SUBSCRIBE_COUNTER, options).await?;
+    Ok((properties, id))
 }
 
 /// Registers Kafka cluster `name` with `properties`, subscribes `Counter/add`

@@ -89,21 +89,7 @@ async fn main() -> Result<()> {
     let started = Instant::now();
     let sub = node.subscribe_from_start("backlog", &args.sink).await?;
     let total = args.records as f64;
-    let mut last_report = Instant::now();
-    loop {
-        let appended = node.metric("ferry_ingress_records_appended_total").await?;
-        if appended >= total {
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(900) {
-            bail!("only {appended} of {total} records appended after 900 s");
-        }
-        if last_report.elapsed() > Duration::from_secs(5) {
-            eprintln!("{appended} / {total} appended after {:.1?}", started.elapsed());
-            last_report = Instant::now();
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    node.wait_for_metric("ferry_ingress_records_appended_total", total).await?;
     let elapsed = started.elapsed();
     let throughput = total / elapsed.as_secs_f64();
     let first = node.get(&format!("/invocations?subscription={sub}&limit=1")).await?;

@@ -78,22 +78,7 @@ async fn main() -> Result<()> {
     let before = node.metric("ferry_egress_records_total").await?;
     let started = Instant::now();
     subscribe(&node, "backlog", "backlog-dead").await?;
-    let target = before + args.records as f64;
-    let mut last_report = Instant::now();
-    loop {
-        let produced = node.metric("ferry_egress_records_total").await?;
-        if produced >= target {
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(900) {
-            bail!("only {} of {} dead letters after 900 s", produced - before, args.records);
-        }
-        if last_report.elapsed() > Duration::from_secs(5) {
-            eprintln!("{} / {} dead letters after {:.1?}", produced - before, args.records, started.elapsed());
-            last_report = Instant::now();
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    node.wait_for_metric("ferry_egress_records_total", before + args.records as f64).await?;
     let elapsed = started.elapsed();
     let throughput = args.records as f64 / elapsed.as_secs_f64();
 
